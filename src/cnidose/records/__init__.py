@@ -1,0 +1,1 @@
+"""Persistence and interchange (NONMEM CSV now; database and FHIR later)."""

@@ -1,0 +1,23 @@
+"""Shared fixtures: where the reference suites live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """``$CNIDOSE_SHARED`` or ``../shared`` beside the repository."""
+    return Path(os.environ.get("CNIDOSE_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    d = shared_dir()
+    if not (d / "validation").is_dir():
+        pytest.fail(f"reference suites not found at {d}/validation (set CNIDOSE_SHARED)")
+    return d
