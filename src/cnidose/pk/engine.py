@@ -159,8 +159,8 @@ def _as_batch(params: Mapping[str, ArrayLike], n_records: int) -> tuple[dict[str
     batch = 1
     for k, a in arrays.items():
         if a.ndim == 2:
-            if a.shape[1] != n_records:
-                raise ValueError(f"parameter {k} has {a.shape[1]} records, expected {n_records}")
+            if a.shape[1] not in (1, n_records):
+                raise ValueError(f"parameter {k} has {a.shape[1]} records, expected 1 or {n_records}")
             if batch not in (1, a.shape[0]):
                 raise ValueError(f"parameter {k} has batch {a.shape[0]}, others {batch}")
             batch = a.shape[0]
@@ -191,8 +191,8 @@ def simulate(
     individual : Individual
         Validated records (:func:`cnidose.pk.events.split_individuals`).
     params : mapping of str to array-like
-        Each value a scalar, an array of shape (R,) (one per record) or
-        (B, R) (per batch member and record): the structure's rate
+        Each value a scalar, an array of shape (R,) (one per record), (B, 1)
+        (one per batch member) or (B, R) (per batch member and record): the structure's rate
         parameters, and optionally ``F<n>``, ``ALAG<n>`` (h), ``R<n>``,
         ``D<n>`` (h), ``S<n>`` per compartment n.
     method : {"auto", "closed", "expm", "ode"}
@@ -219,9 +219,9 @@ def simulate(
     >>> from cnidose.pk.events import split_individuals
     >>> from cnidose.pk.structure import one_compartment
     >>> ind, = split_individuals({"ID": [1, 1], "TIME": [0, 24], "AMT": [100, 0], "CMT": [1, 2]})
-    >>> sim = simulate(one_compartment(), ind, {"CL": 1.1, "V": 20, "KA": 1.5})
-    >>> round(float(sim.prediction[0, 1]), 4)
-    1.3137
+    >>> sim = simulate(one_compartment(), ind, {"CL": 1.1, "V": 20, "KA": 1.5, "S2": 20})
+    >>> round(float(sim.prediction[0, 1]), 4)  # mg/L at 24 h after 100 mg
+    1.3865
     """
     R = len(individual)
     P, B = _as_batch(params, R)
@@ -244,7 +244,7 @@ def simulate(
             if method in ("auto", "closed"):
                 es = EigenSolver(structure, B)
                 es.set_params(pi)
-                if np.all(np.isfinite(es.lam)) and EigenSolver.usable(structure.rate_matrix(pi)):
+                if es.usable:
                     if used_method != "expm":
                         used_method = "eigen"
                     return es

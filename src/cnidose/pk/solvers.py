@@ -91,22 +91,20 @@ class EigenSolver(Solver):
         self.structure = structure
         self._cache: dict[float, tuple[FloatArray, FloatArray]] = {}
 
-    @staticmethod
-    def usable(K: FloatArray) -> bool:
-        """True when every K of the batch has real, well-separated eigenvalues."""
-        lam, V = np.linalg.eig(K)
-        if np.iscomplexobj(lam) and np.max(np.abs(lam.imag)) > 0:
-            return False
-        cond = np.linalg.cond(V.real)
-        return bool(np.all(np.isfinite(cond)) and np.max(cond) < 1e6)
-
     def set_params(self, params: Params) -> None:
         K = self.structure.rate_matrix(params)
         K = np.broadcast_to(K, (self.batch, self.n, self.n))
         lam, V = np.linalg.eig(K)
+        real = not np.iscomplexobj(lam) or bool(np.all(lam.imag == 0))
         self.lam = np.ascontiguousarray(lam.real)
         self.V = np.ascontiguousarray(V.real)
-        self.W = np.linalg.inv(self.V)
+        with np.errstate(all="ignore"):
+            self.W = np.linalg.inv(self.V)
+            # Infinity-norm condition number of V: large when eigenvalues (nearly) repeat,
+            # where the decomposition loses digits and the matrix exponential must be used.
+            cond = np.abs(self.V).sum(axis=2).max(axis=1) * np.abs(self.W).sum(axis=2).max(axis=1)
+        self.usable = bool(real and np.all(np.isfinite(self.lam)) and np.all(np.isfinite(cond))
+                           and np.max(cond) < 1e6)
         self._cache = {}
 
     def to_internal(self, x: FloatArray) -> FloatArray:
