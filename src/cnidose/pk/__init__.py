@@ -3,7 +3,7 @@
 No I/O and no imports from the rest of cnidose (enforced by import-linter).
 """
 
-from cnidose.pk.engine import Simulation, simulate
+from cnidose.pk.engine import Simulation, simulate, simulate_many
 from cnidose.pk.events import Individual, split_individuals
 from cnidose.pk.structure import (
     Flow,
@@ -23,6 +23,7 @@ __all__ = [
     "Simulation",
     "one_compartment",
     "simulate",
+    "simulate_many",
     "split_individuals",
     "three_compartment",
     "transit_absorption",

@@ -30,7 +30,7 @@ replayed until the state stops changing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import ceil
 from typing import Literal
@@ -43,7 +43,7 @@ from cnidose.pk.events import Individual
 from cnidose.pk.solvers import EigenSolver, ExpmSolver, OdeSolver, Solver
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
-__all__ = ["Method", "Simulation", "simulate"]
+__all__ = ["Method", "Simulation", "simulate", "simulate_many"]
 
 FloatArray = NDArray[np.float64]
 Method = Literal["auto", "closed", "expm", "ode"]
@@ -409,3 +409,48 @@ def _check_compartments(structure: LinearStructure | OdeStructure, ind: Individu
             f"compartment {int(ind.cmt[j])} does not exist; the model has "
             + ", ".join(f"{k + 1}={nm}" for k, nm in enumerate(structure.compartments)),
             row=int(ind.rows[j]), column="CMT")
+
+
+def simulate_many(
+    structure: LinearStructure | OdeStructure,
+    individuals: Sequence[Individual],
+    params: Sequence[Mapping[str, ArrayLike]],
+    *,
+    method: Method = "auto",
+) -> list[Simulation]:
+    """Simulate many individuals, batching those that share an event schedule.
+
+    Individuals whose records (times, doses, compartments) are identical are
+    stacked into one batch -- the common case of a population simulation, and
+    of draws for one patient -- so the cost per individual falls with batch
+    size. Parameters are per individual, as in :func:`simulate` (covariates
+    already applied). Results come back in input order.
+    """
+    if len(individuals) != len(params):
+        raise ValueError("one parameter mapping per individual is needed")
+    groups: dict[bytes, list[int]] = {}
+    for k, ind in enumerate(individuals):
+        groups.setdefault(ind.schedule_key(), []).append(k)
+    results: list[Simulation | None] = [None] * len(individuals)
+    for members in groups.values():
+        first = individuals[members[0]]
+        R = len(first)
+        batches = [_as_batch(params[k], R) for k in members]
+        names = set(batches[0][0])
+        if len(members) == 1 or any(set(b[0]) != names for b in batches):
+            for k in members:
+                results[k] = simulate(structure, individuals[k], params[k], method=method)
+            continue
+        stacked = {nm: np.concatenate([b[0][nm] for b in batches], axis=0) for nm in names}
+        try:
+            sim = simulate(structure, first, stacked, method=method)
+        except DataError:
+            # Re-run one by one so the message names the right individual's row.
+            for k in members:
+                results[k] = simulate(structure, individuals[k], params[k], method=method)
+            raise AssertionError("a batched error did not recur individually") from None
+        start = 0
+        for k, (_, b) in zip(members, batches, strict=True):
+            results[k] = Simulation(sim.prediction[start:start + b], None, sim.method)
+            start += b
+    return [r for r in results if r is not None]
