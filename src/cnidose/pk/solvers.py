@@ -83,18 +83,24 @@ class Solver(ABC):
         """Steady state under a constant input rate."""
 
 
-class EigenSolver(Solver):
-    """Closed form by eigen-decomposition (diagonalisable rate matrix)."""
+class _LinearSolver(Solver, ABC):
+    """Common part of the closed-form solvers: a rate matrix and a per-dt cache."""
 
     def __init__(self, structure: LinearStructure, batch: int):
         super().__init__(structure.n, batch)
         self.structure = structure
         self._cache: dict[float, tuple[FloatArray, FloatArray]] = {}
 
+    def rate_matrix(self, params: Params) -> FloatArray:
+        self._cache = {}
+        return np.broadcast_to(self.structure.rate_matrix(params), (self.batch, self.n, self.n))
+
+
+class EigenSolver(_LinearSolver):
+    """Closed form by eigen-decomposition (diagonalisable rate matrix)."""
+
     def set_params(self, params: Params) -> None:
-        K = self.structure.rate_matrix(params)
-        K = np.broadcast_to(K, (self.batch, self.n, self.n))
-        lam, V = np.linalg.eig(K)
+        lam, V = np.linalg.eig(self.rate_matrix(params))
         real = not np.iscomplexobj(lam) or bool(np.all(lam.imag == 0))
         self.lam = np.ascontiguousarray(lam.real)
         self.V = np.ascontiguousarray(V.real)
@@ -157,18 +163,11 @@ class EigenSolver(Solver):
         return -ry / self.lam
 
 
-class ExpmSolver(Solver):
+class ExpmSolver(_LinearSolver):
     """Closed form by matrix exponential (any linear system)."""
 
-    def __init__(self, structure: LinearStructure, batch: int):
-        super().__init__(structure.n, batch)
-        self.structure = structure
-        self._cache: dict[float, tuple[FloatArray, FloatArray]] = {}
-
     def set_params(self, params: Params) -> None:
-        K = self.structure.rate_matrix(params)
-        self.K = np.ascontiguousarray(np.broadcast_to(K, (self.batch, self.n, self.n)))
-        self._cache = {}
+        self.K = np.ascontiguousarray(self.rate_matrix(params))
 
     def _phi_gamma(self, dt: DT) -> tuple[FloatArray, FloatArray]:
         scalar = np.ndim(dt) == 0
