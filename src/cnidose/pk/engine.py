@@ -78,6 +78,15 @@ class _Atom:
     cmt: int  # 0-based
     kind: int  # _BOLUS (amount) or _RATE (rate change)
     value: FloatArray  # (B,)
+    lo: float = np.inf  # earliest and latest finite time (scalar checks avoid touching arrays)
+    hi: float = -np.inf
+    uniform: bool = False  # every batch member has the same, finite time
+
+    def __post_init__(self) -> None:
+        finite = self.time[np.isfinite(self.time)]
+        if finite.size:
+            self.lo, self.hi = float(finite.min()), float(finite.max())
+            self.uniform = finite.size == self.time.size and self.lo == self.hi
 
 
 class _State:
@@ -122,36 +131,33 @@ class _State:
 
     def advance(self, t0: float, t1: float) -> None:
         """Advance from t0 to t1, applying pending atoms in (t0, t1]."""
-        due = [a for a in self.pending if np.any((a.time > t0) & (a.time <= t1))]
+        due = [a for a in self.pending if a.hi > t0 and a.lo <= t1]
         if not due:
             self.step(t1 - t0)
+        elif all(a.uniform for a in due):  # every batch member has the same atom times
+            cur = t0
+            for a in sorted(due, key=lambda a: a.lo):
+                self.step(a.lo - cur)
+                cur = max(cur, a.lo)
+                self.apply(a, None)
+            self.step(t1 - cur)
         else:
             T = np.stack([np.where((a.time > t0) & (a.time <= t1), a.time, np.inf) for a in due], axis=1)
-            tmin, tmax = T.min(axis=0), T.max(axis=0)
-            if np.all(tmin == tmax):  # every batch member has the same atom times
-                cur = t0
-                for j in np.argsort(tmin, kind="stable"):
-                    tau = float(tmin[j])
-                    self.step(tau - cur)
-                    cur = max(cur, tau)
-                    self.apply(due[j], None)
-                self.step(t1 - cur)
-            else:
-                order = np.argsort(T, axis=1, kind="stable")
-                rows = np.arange(self.batch)
-                cur_v = np.full(self.batch, t0)
-                for j in range(T.shape[1]):
-                    idx = order[:, j]
-                    tj = T[rows, idx]
-                    act = np.isfinite(tj)
-                    if not act.any():
-                        break
-                    self.step(np.where(act, tj - cur_v, 0.0))
-                    cur_v = np.where(act, tj, cur_v)
-                    for m in np.unique(idx[act]):
-                        self.apply(due[int(m)], act & (idx == m))
-                self.step(t1 - cur_v)
-        self.pending = [a for a in self.pending if np.any(np.isfinite(a.time) & (a.time > t1))]
+            order = np.argsort(T, axis=1, kind="stable")
+            rows = np.arange(self.batch)
+            cur_v = np.full(self.batch, t0)
+            for j in range(T.shape[1]):
+                idx = order[:, j]
+                tj = T[rows, idx]
+                act = np.isfinite(tj)
+                if not act.any():
+                    break
+                self.step(np.where(act, tj - cur_v, 0.0))
+                cur_v = np.where(act, tj, cur_v)
+                for m in np.unique(idx[act]):
+                    self.apply(due[int(m)], act & (idx == m))
+            self.step(t1 - cur_v)
+        self.pending = [a for a in self.pending if a.hi > t1]
 
 
 def _as_batch(params: Mapping[str, ArrayLike], n_records: int) -> tuple[dict[str, FloatArray], int]:
@@ -350,7 +356,7 @@ def _schedule(st: _State, start: FloatArray, c: int, amount: FloatArray,
         due = a.time == now
         if due.any():
             st.apply(a, due)
-        if np.any(np.isfinite(a.time) & (a.time > now)):
+        if a.hi > now:
             st.pending.append(a)
 
 
