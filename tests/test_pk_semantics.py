@@ -93,3 +93,23 @@ def test_simulate_many_batches_shared_schedules() -> None:
     many = simulate_many(two_compartment(), [a, b, c], params)
     for ind, p, sim in zip([a, b, c], params, many, strict=True):
         np.testing.assert_allclose(sim.prediction, simulate(two_compartment(), ind, p).prediction, rtol=1e-13)
+
+
+def test_unusable_parameters_name_record_and_parameter() -> None:
+    ind, = split_individuals({"ID": [1, 1, 1], "TIME": [0, 1, 2], "AMT": [100, 0, 0]}, rows=[2, 3, 4])
+    base = {"CL": 1.0, "V": 10.0, "KA": 1.0, "S2": 10.0}
+    with pytest.raises(DataError, match=r"row 4, column CL: .*>= 0, got -1"):
+        simulate(one_compartment(), ind, {**base, "CL": [1.0, 1.0, -1.0]})
+    with pytest.raises(DataError, match=r"row 3, column KA: .*finite"):
+        simulate(one_compartment(), ind, {**base, "KA": [1.0, np.nan, 1.0]})
+    with pytest.raises(DataError, match=r"row 2, column S2: .*> 0.*batch member 2"):
+        simulate(one_compartment(), ind, {**base, "S2": np.array([[10.0], [0.0]])})
+
+
+def test_simulate_many_error_names_the_individual_at_fault() -> None:
+    rec = {"ID": [1, 1], "TIME": [0, 1], "AMT": [5, 0]}
+    a, = split_individuals(rec, rows=[2, 3])
+    b, = split_individuals({**rec, "ID": [2, 2]}, rows=[4, 5])
+    good = {"CL": 1.0, "V": 10.0, "KA": 1.0}
+    with pytest.raises(DataError, match=r"row 4, column F1"):
+        simulate_many(one_compartment(), [a, b], [good, {**good, "F1": -1.0}])

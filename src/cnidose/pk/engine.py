@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from math import ceil
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -238,6 +238,7 @@ def simulate(
         raise DataError(f"model parameter(s) {', '.join(missing)} not supplied", column=missing[0])
 
     rate_names = structure.rate_parameters
+    _check_parameters(structure, individual, P)
     used_method = "ode"
 
     def make_solver(i: int) -> Solver:
@@ -407,6 +408,34 @@ def _add_steady_state(st: _State, structure: LinearStructure | OdeStructure, t: 
     st.pending.extend(sub.pending)
 
 
+def _check_parameters(structure: LinearStructure | OdeStructure, ind: Individual,
+                      P: Mapping[str, FloatArray]) -> None:
+    """Refuse parameters no solution can use, naming the first record that has one.
+
+    Rate parameters of a linear structure (clearances, volumes, rate
+    constants) must be finite and >= 0; those of an ODE structure finite;
+    every scale ``S<n>`` finite and > 0.
+    """
+    linear = isinstance(structure, LinearStructure)
+    checks = [(k, "finite and >= 0" if linear else "finite") for k in structure.rate_parameters]
+    checks += [(k, "finite and > 0") for k in P if k[:1] == "S" and k[1:].isdigit()]
+    for name, rule in checks:
+        a = P[name]
+        # Broadcast views (a value shared by records or batch members) are checked once.
+        a = a[:1] if a.strides[0] == 0 else a
+        a = a[:, :1] if a.strides[1] == 0 else a
+        bad = ~np.isfinite(a)
+        if rule == "finite and >= 0":
+            bad |= a < 0
+        elif rule == "finite and > 0":
+            bad |= a <= 0
+        if bad.any():
+            b, i = np.argwhere(bad)[0]
+            raise DataError(f"model parameter {name} must be {rule}, got {a[b, i]:g}"
+                            + (f" (batch member {b + 1})" if a.shape[0] > 1 else ""),
+                            row=int(ind.rows[i]), column=name)
+
+
 def _check_compartments(structure: LinearStructure | OdeStructure, ind: Individual) -> None:
     bad = np.flatnonzero(ind.cmt > structure.n)
     if bad.size:
@@ -430,7 +459,7 @@ def simulate_many(
     stacked into one batch -- the common case of a population simulation, and
     of draws for one patient -- so the cost per individual falls with batch
     size. Parameters are per individual, as in :func:`simulate` (covariates
-    already applied). Results come back in input order.
+    already applied). Results come back in input order, without amounts.
     """
     if len(individuals) != len(params):
         raise ValueError("one parameter mapping per individual is needed")
@@ -451,12 +480,14 @@ def simulate_many(
         try:
             sim = simulate(structure, first, stacked, method=method)
         except DataError:
-            # Re-run one by one so the message names the right individual's row.
+            # The batch carries the first member's rows: re-run one by one so the
+            # message names the individual (and row) at fault.
             for k in members:
-                results[k] = simulate(structure, individuals[k], params[k], method=method)
-            raise AssertionError("a batched error did not recur individually") from None
+                simulate(structure, individuals[k], params[k], method=method)
+            raise
         start = 0
         for k, (_, b) in zip(members, batches, strict=True):
             results[k] = Simulation(sim.prediction[start:start + b], None, sim.method)
             start += b
-    return [r for r in results if r is not None]
+    assert all(r is not None for r in results)
+    return cast(list[Simulation], results)
