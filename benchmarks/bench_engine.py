@@ -60,6 +60,8 @@ def main() -> None:
     n = args.patients
     rng = np.random.default_rng(1)
 
+    # Illustrative values of tacrolimus-like magnitude (not a published model): this
+    # measures speed only; the model library supplies the real numbers.
     def draw(tv: float, cv: float) -> np.ndarray:
         return tv * np.exp(rng.normal(0.0, cv, size=(n, 1)))
 

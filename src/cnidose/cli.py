@@ -57,7 +57,7 @@ def simulate(
         m = resolve_model(model)
         ds = read_nonmem_csv(data)
         table = simulate_dataset(m, ds, method=method)  # type: ignore[arg-type]
-        inds = ds.individuals(extra=table.eta_columns)
+        inds = table.individuals
         evid = np.concatenate([i.evid for i in inds]) if inds else np.zeros(0, int)
         cmt_eff = np.concatenate([
             np.where(i.cmt > 0, i.cmt, np.where(i.evid == 0, m.structure.default_obs, m.structure.default_dose))

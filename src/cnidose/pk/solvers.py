@@ -91,16 +91,20 @@ class _LinearSolver(Solver, ABC):
         self.structure = structure
         self._cache: dict[float, tuple[FloatArray, FloatArray]] = {}
 
-    def rate_matrix(self, params: Params) -> FloatArray:
+    def set_params(self, params: Params) -> None:
         self._cache = {}
-        return np.broadcast_to(self.structure.rate_matrix(params), (self.batch, self.n, self.n))
+        self._setup(np.broadcast_to(self.structure.rate_matrix(params), (self.batch, self.n, self.n)))
+
+    @abstractmethod
+    def _setup(self, K: FloatArray) -> None:
+        """Prepare for the rate matrices K of shape (B, n, n)."""
 
 
 class EigenSolver(_LinearSolver):
     """Closed form by eigen-decomposition (diagonalisable rate matrix)."""
 
-    def set_params(self, params: Params) -> None:
-        lam, V = np.linalg.eig(self.rate_matrix(params))
+    def _setup(self, K: FloatArray) -> None:
+        lam, V = np.linalg.eig(K)
         real = not np.iscomplexobj(lam) or bool(np.all(lam.imag == 0))
         self.lam = np.ascontiguousarray(lam.real)
         self.V = np.ascontiguousarray(V.real)
@@ -111,7 +115,6 @@ class EigenSolver(_LinearSolver):
             cond = np.abs(self.V).sum(axis=2).max(axis=1) * np.abs(self.W).sum(axis=2).max(axis=1)
         self.usable = bool(real and np.all(np.isfinite(self.lam)) and np.all(np.isfinite(cond))
                            and np.max(cond) < 1e6)
-        self._cache = {}
 
     def to_internal(self, x: FloatArray) -> FloatArray:
         return np.einsum("bij,bj->bi", self.W, x)
@@ -166,8 +169,8 @@ class EigenSolver(_LinearSolver):
 class ExpmSolver(_LinearSolver):
     """Closed form by matrix exponential (any linear system)."""
 
-    def set_params(self, params: Params) -> None:
-        self.K = np.ascontiguousarray(self.rate_matrix(params))
+    def _setup(self, K: FloatArray) -> None:
+        self.K = np.ascontiguousarray(K)
 
     def _phi_gamma(self, dt: DT) -> tuple[FloatArray, FloatArray]:
         scalar = np.ndim(dt) == 0

@@ -9,6 +9,7 @@ does not know are kept and written back unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -57,13 +58,6 @@ class DataSet:
                 raise DataError(f"expected a finite number, got {text!r}", row=self.lines[i], column=name.upper())
         return out
 
-    def is_numeric(self, name: str) -> bool:
-        try:
-            self.numeric(name)
-        except DataError:
-            return False
-        return True
-
     def individuals(self, extra: Iterable[str] = ()) -> tuple[Individual, ...]:
         """Validate the event columns and ``extra`` columns (numeric) into individuals.
 
@@ -77,8 +71,11 @@ class DataSet:
                 raise DataError(f"column {w} is required and missing from {self.source}", column=w)
         cols = {}
         for name in names:
-            if name in EVENT_COLUMNS or name in wanted or (name != "C" and self.is_numeric(name)):
+            if name in EVENT_COLUMNS or name in wanted:
                 cols[name] = self.numeric(name)
+            elif name != "C":
+                with contextlib.suppress(DataError):  # a text column: kept for output, not a covariate
+                    cols[name] = self.numeric(name)
         return split_individuals(cols, rows=self.lines)
 
 
@@ -153,6 +150,7 @@ class SimulatedTable:
     ipred: NDArray[np.float64]
     eta_columns: tuple[str, ...]  # the data columns IPRED used, empty when IPRED == PRED
     methods: tuple[str, ...]
+    individuals: tuple[Individual, ...]  # the validated records the predictions belong to
 
 
 def simulate_dataset(model: Model, data: DataSet, *, method: Method = "auto") -> SimulatedTable:
@@ -192,4 +190,4 @@ def simulate_dataset(model: Model, data: DataSet, *, method: Method = "auto") ->
     empty = np.zeros(0)
     return SimulatedTable(np.concatenate(pred_parts) if pred_parts else empty,
                           np.concatenate(ipred_parts) if ipred_parts else empty,
-                          tuple(eta_cols), tuple(methods))
+                          tuple(eta_cols), tuple(methods), inds)
