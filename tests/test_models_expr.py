@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cnidose.errors import ExpressionError, ModelFileError
+from cnidose.errors import DataError, ExpressionError, ModelFileError
 from cnidose.models import load_model, parse_model
 from cnidose.models.expr import compile_expression
 from cnidose.pk import split_individuals
@@ -33,22 +33,26 @@ def test_model_hash_changes_with_content() -> None:
     m1 = load_model(path)
     m2 = parse_model(raw.replace(b"value = 1.1", b"value = 1.2"))
     assert m1.content_hash != m2.content_hash and len(m1.content_hash) == 64
-    assert m2.parameters["THETA_CL"] == 1.2
+    assert m2.parameters["THETA_CL"].value == 1.2
 
 
 def test_undeclared_name_is_rejected() -> None:
     raw = (REPO / "validation" / "nonmem-dosing" / "model.toml").read_bytes()
     with pytest.raises(ModelFileError, match=r"pk.CL.*WT"):
-        parse_model(raw.replace(b'CL = "THETA_CL * exp(ETA_CL)"', b'CL = "THETA_CL * WT"'))
+        parse_model(raw.replace(b'"THETA_CL * exp(ETA_CL)"', b'"THETA_CL * WT"'))
 
 
 def test_covariate_range_and_missing_value() -> None:
     m = load_model(REPO / "validation" / "nonmem-dosing" / "model-tv.toml")
     ind, = split_individuals({"ID": [1, 1], "TIME": [0, 1], "AMT": [100, 0], "WT": [70, 900]}, rows=[2, 3])
-    with pytest.raises(Exception, match=r"row 3, column WT.*range"):
+    with pytest.raises(DataError, match=r"row 3, column WT.*not a plausible total body weight in kg"):
         m.simulate(ind)
+    ind, = split_individuals({"ID": [1, 1], "TIME": [0, 1], "AMT": [100, 0], "WT": [70, 350]}, rows=[2, 3])
+    notices = m.simulate(ind).notices
+    assert [(n.kind, n.covariate, n.row) for n in notices] == [("domain", "WT", 3)]
+    assert "outside the domain of model nmtests-2001 (1-300 kg)" in notices[0].message
     ind, = split_individuals({"ID": [1, 1], "TIME": [0, 1], "AMT": [100, 0], "WT": [70, np.nan]}, rows=[2, 3])
-    with pytest.raises(Exception, match=r"row 3, column WT.*missing"):
+    with pytest.raises(DataError, match=r"row 3, column WT.*missing"):
         m.simulate(ind)
 
 

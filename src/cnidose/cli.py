@@ -7,20 +7,26 @@ failure. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import typer
 
 from cnidose.errors import CnidoseError, InputError
-from cnidose.models.library import resolve_model
+from cnidose.models.checks import run_checks
+from cnidose.models.describe import describe_model, summarize_model
+from cnidose.models.library import library_models, resolve_model
 from cnidose.records.nonmem import read_nonmem_csv, simulate_dataset, write_csv
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="cnidose: calcineurin-inhibitor pharmacokinetics and dosing.")
+models_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                         help="The model library: list, show and check models.")
+app.add_typer(models_app, name="models")
 
 T = TypeVar("T")
 
@@ -57,6 +63,8 @@ def simulate(
         m = resolve_model(model)
         ds = read_nonmem_csv(data)
         table = simulate_dataset(m, ds, method=method)  # type: ignore[arg-type]
+        for note in table.notices:
+            typer.echo(f"warning: {note}", err=True)
         inds = table.individuals
         evid = np.concatenate([i.evid for i in inds]) if inds else np.zeros(0, int)
         cmt_eff = np.concatenate([
@@ -84,6 +92,165 @@ def simulate(
                        f"sha256 {m.content_hash[:12]}, method {'/'.join(sorted(set(table.methods)))})", err=True)
 
     _run(work)
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+@models_app.command("list")
+def models_list(
+    drug: Annotated[str | None, typer.Option(help="tacrolimus | cyclosporine")] = None,
+    formulation: Annotated[str | None, typer.Option(help="e.g. Prograf, Advagraf, Neoral")] = None,
+    organ: Annotated[str | None, typer.Option(help="kidney | lung | hsct ...")] = None,
+    age_group: Annotated[str | None, typer.Option("--age-group", help="adult | paediatric")] = None,
+    population: Annotated[str | None, typer.Option(help="text the population description contains")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List library models, filtered by drug, formulation, organ, age group or population."""
+
+    def work() -> None:
+        rows = [summarize_model(m) for m in library_models()]
+
+        def keep(r: dict[str, Any]) -> bool:
+            forms = [str(f).lower() for f in r["formulations"]]
+            return ((drug is None or _drug_matches(drug, str(r["drug"])))
+                    and (formulation is None or formulation.lower() in forms)
+                    and (organ is None or organ.lower() == str(r["organ"]).lower())
+                    and (age_group is None or age_group.lower() == str(r["age_group"]).lower())
+                    and (population is None or population.lower() in str(r["population"]).lower()))
+
+        rows = [r for r in rows if keep(r)]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+            return
+        if not rows:
+            typer.echo("no model matches", err=True)
+            return
+        header = ("id", "drug", "formulations", "organ", "age", "confirmed")
+        table = [(str(r["id"]), str(r["drug"]), ", ".join(r["formulations"]), str(r["organ"]),
+                  str(r["age_group"]), "yes" if r["confirmed"] else "no") for r in rows]
+        widths = [max(len(h), *(len(t[k]) for t in table)) for k, h in enumerate(header)]
+        typer.echo("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+        for t in table:
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(t, widths, strict=True)).rstrip())
+
+    _run(work)
+
+
+def _drug_matches(asked: str, drug: str) -> bool:
+    aliases = {"ciclosporin": "cyclosporine", "cyclosporin": "cyclosporine", "csa": "cyclosporine",
+               "tac": "tacrolimus", "fk506": "tacrolimus"}
+    a = asked.lower()
+    return aliases.get(a, a) == drug.lower()
+
+
+@models_app.command("show")
+def models_show(
+    model: Annotated[str, typer.Argument(help="library id or model file")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a model: citation, population and domain, parameters, variability, covariates, equations, checks."""
+
+    def work() -> None:
+        d = describe_model(resolve_model(model))
+        if as_json:
+            typer.echo(json.dumps(d, indent=2, ensure_ascii=False))
+            return
+        for line in _show_lines(d):
+            typer.echo(line)
+
+    _run(work)
+
+
+def _show_lines(d: dict[str, Any]) -> list[str]:
+    c = d["citation"]
+    out = [f"{d['title']}", f"  id {d['id']}  version {d['version']}  sha256 {str(d['content_hash'])[:12]}",
+           f"  {c.get('authors', '')}. {c.get('title', '')}. {c.get('journal', '')}. doi:{c.get('doi', '')}".rstrip(),
+           f"  drug {d['drug']}; formulations {', '.join(d['formulations'])}; "
+           f"release {d['release']}; route {', '.join(d['route'])}",
+           f"  population: {d['population']}", f"  matrix: {d['matrix']}; assay: {d['assay']}",
+           f"  confirmed: {'yes' if d['confirmed'] else 'NO'} - {d['confirmation']}"]
+    dom = d["domain"]
+    if dom.get("description"):
+        out.append(f"  domain: {dom['description']}")
+    s = d["structure"]
+    out.append(f"compartments: {', '.join(s['compartments'])}; doses into {s['default_dose']}, "
+               f"observed in {s['default_obs']}")
+    for f in s.get("flows", []):
+        out.append(f"  {f['from']} -> {f['to'] or '(out)'} at {f['rate']}")
+    out.append("parameters:")
+    for p in d["parameters"]:
+        fixed = " (fixed)" if p["fixed"] else ""
+        out.append(f"  {p['name']:<14} {p['value']:>12g} {p['unit']:<8} {p['description']}{fixed}  [{p['source']}]")
+    for key, label in (("random_effects", "between-subject variability"), ("iov", "between-occasion variability")):
+        re = d[key]
+        if re and re["names"]:
+            occ = f"; occasion column {re['occasion']}" if re["occasion"] else ""
+            out.append(f"{label}: {re['published']}{occ}")
+            for n, v in zip(re["names"], re["variance"], strict=True):
+                out.append(f"  {n:<12} omega2 {v:.6g}")
+            for a, b, r in re["correlations"]:
+                out.append(f"  corr({a}, {b}) = {r:.3g}")
+    out.append("covariates (data unit -> model unit; domain):")
+    for cv in d["covariates"]:
+        bits = [f"{cv['data_unit']} -> {cv['unit']}" if cv["data_unit"] != cv["unit"] else cv["unit"]]
+        if cv["domain"]:
+            bits.append(f"domain {cv['domain'][0]:g}-{cv['domain'][1]:g}")
+        if cv["default"] is not None:
+            bits.append(f"default {cv['default']:g} ({cv['default_note']})")
+        if cv["derive"]:
+            bits.append(f"derived by {cv['derive']} if absent")
+        if cv["levels"]:
+            bits.append("; ".join(f"{k} = {v}" for k, v in cv["levels"].items()))
+        if cv["domain_only"]:
+            bits.append("domain check only")
+        out.append(f"  {cv['name']:<12} {cv['description']}: " + ", ".join(bits))
+    out.append("equations:")
+    for e in d["pk"]:
+        out.append(f"  {e['name']} = {e['expr']}" + (f"  [{e['unit']}]" if e["unit"] else ""))
+    for o in d["observations"]:
+        err = o["error"] or {}
+        terms = ", ".join(f"{k} {v}" for k, v in err.items() if k != "model" and v)
+        out.append(f"observation {o['name']}: {o['compartment']} amount / {o['scale']} [{o['scale_unit']}] in "
+                   f"{o['unit']}" + (f", then {o['transform']}" if o["transform"] else "")
+                   + (f"; error {err.get('model')} ({terms})" if err else ""))
+    notes = d["notes"]
+    if notes:
+        out.append("notes:")
+        out += [f"  - {n}" for n in notes]
+    checks = d["checks"]
+    if checks:
+        out.append(f"reference checks ({len(checks)}): run `cnidose models check {d['id']}`")
+    return out
+
+
+@models_app.command("check")
+def models_check(
+    models: Annotated[list[str] | None, typer.Argument(help="library ids or model files (default: the library)")]
+    = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run every model's reference checks; exit 1 if any fails."""
+
+    def work() -> int:
+        loaded = [resolve_model(m) for m in models] if models else list(library_models())
+        results = [r for m in loaded for r in run_checks(m)]
+        if as_json:
+            typer.echo(json.dumps([{"model": r.model, "check": r.name, "statement": r.statement, "source": r.source,
+                                    "expected": r.expected, "actual": r.actual, "rtol": r.rtol,
+                                    "passed": r.passed, "error": r.error} for r in results], indent=2,
+                                  ensure_ascii=False))
+        else:
+            for r in results:
+                status = "PASS" if r.passed else "FAIL"
+                detail = r.error or f"expected {r.expected:g}, got {r.actual:.6g} (rtol {r.rtol:g})"
+                typer.echo(f"{status}  {r.model}: {r.name}: {detail}")
+            n_fail = sum(not r.passed for r in results)
+            typer.echo(f"{len(results) - n_fail} passed, {n_fail} failed, {len(loaded)} model(s)", err=True)
+        return sum(not r.passed for r in results)
+
+    if _run(work):
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,13 +71,18 @@ class ModelFileError(InputError):
         File path or library id.
     field : str or None
         Dotted path of the offending field, e.g. ``pk.CL``.
+    line : int or None
+        1-based line of the field in the file, where it can be located.
     """
 
-    def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
+    def __init__(self, message: str, *, source: str | None = None, field: str | None = None,
+                 line: int | None = None):
         self.source = source
         self.field = field
+        self.line = line
         self.detail = message
-        where = " ".join(p for p in (source, f"[{field}]" if field else None) if p)
+        loc = f"{source}:{line}" if source and line else source
+        where = " ".join(p for p in (loc, f"[{field}]" if field else None) if p)
         super().__init__(f"{where}: {message}" if where else message)
 
 

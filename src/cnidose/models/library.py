@@ -6,9 +6,10 @@ from importlib import resources
 from pathlib import Path
 
 from cnidose.errors import ModelFileError
-from cnidose.models.model import Model, load_model
+from cnidose.models.fileformat import load_model
+from cnidose.models.model import Model
 
-__all__ = ["library_ids", "resolve_model"]
+__all__ = ["library_ids", "library_models", "resolve_model"]
 
 
 def _library_dir() -> Path:
@@ -33,3 +34,9 @@ def resolve_model(ref: str) -> Model:
         return load_model(candidate)
     have = ", ".join(library_ids()) or "none yet"
     raise ModelFileError(f"not a model file and not a library id (library: {have})", source=ref)
+
+
+def library_models() -> tuple[Model, ...]:
+    """Every library model, loaded (a malformed file raises ModelFileError naming it)."""
+    d = _library_dir()
+    return tuple(load_model(d / f"{i}.toml") for i in library_ids())

@@ -1,66 +1,203 @@
-"""Model files (TOML) and the :class:`Model` value they load into.
+"""The :class:`Model` value: a validated model file, ready to evaluate.
 
-This is the first version of the format (``format = 1``), enough for the
-engine's validation suites; the library issue extends it. A file has:
+A model is loaded from TOML by :func:`cnidose.models.fileformat.parse_model`
+(the format is described there). Evaluating it for an individual goes in two
+steps:
 
-``id``, ``version``, ``title``
-    identity; the SHA-256 of the file's bytes is the model's ``content_hash``.
-``[citation]``
-    where the numbers come from.
-``[structure]``
-    ``compartments`` (names, CMT 1..n in order), ``default_dose``,
-    ``default_obs`` and ``[[structure.flows]]`` (``from``, optional ``to``,
-    ``rate``, optional ``per``: rate constant = rate/per), or ``kind =
-    "ode"`` with ``[structure.ode]`` equations ``d<CMT> = "expression"``.
-``[parameters.NAME]``
-    ``value``, ``unit``, ``description`` (fixed effects).
-``[random_effects]``
-    ``names`` (ordered: ETA1, ETA2, ... in data sets) and ``omega`` (the
-    diagonal variances).
-``[covariates.NAME]``
-    ``unit``, ``description``, optional ``range = [low, high]``, optional
-    ``default`` (used where the data lack a value; otherwise a missing value
-    is an error).
-``[pk]``
-    ordered assignments ``NAME = "expression"`` evaluated at every record;
-    they must define every rate parameter of the structure and may define
-    ``F<n>``, ``ALAG<n>``, ``R<n>``, ``D<n>``, ``S<n>``.
+1. :meth:`Model.prepare` binds the individual's records to the model once:
+   covariates are taken from the data (standard names and data units, see
+   :mod:`cnidose.models.covariates`), derived or defaulted where the model
+   allows it, checked for plausibility (an error) and against the model's
+   validity domain (a :class:`Notice` that travels with every result), and
+   converted to the units the model was written in.
+2. :meth:`Model.individual_parameters`, :meth:`Model.simulate` and
+   :meth:`Model.residual_variance` evaluate the ``[pk]`` block for any batch
+   of random effects.
+
+Every result names the model (``id``, ``version``, ``content_hash``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from cnidose.errors import DataError, ModelFileError
-from cnidose.models.expr import Expression, compile_expression
+from cnidose.errors import DataError
+from cnidose.models.covariates import DERIVATIONS, STANDARD_COVARIATES
+from cnidose.models.expr import Expression
 from cnidose.pk.engine import Method, Simulation, simulate
-from cnidose.pk.events import Individual
-from cnidose.pk.structure import Flow, LinearStructure, OdeStructure
+from cnidose.pk.events import Individual, split_individuals
+from cnidose.pk.structure import LinearStructure, OdeStructure
 
-__all__ = ["Covariate", "Model", "load_model", "parse_model"]
+__all__ = [
+    "Check",
+    "Covariate",
+    "ErrorModel",
+    "Model",
+    "ModelSimulation",
+    "Notice",
+    "Observation",
+    "Parameter",
+    "Prepared",
+    "RandomEffects",
+]
 
 FloatArray = NDArray[np.float64]
-_DOSE_PARAM_PREFIXES = ("F", "ALAG", "R", "D", "S")
+IntArray = NDArray[np.int64]
+ErrorKind = Literal["proportional", "additive", "combined", "exponential"]
+
+
+@dataclass(frozen=True, slots=True)
+class Parameter:
+    """A fixed effect as published."""
+
+    name: str
+    value: float
+    unit: str
+    description: str = ""
+    source: str = ""
+    fixed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Covariate:
-    """A covariate the model reads from the data."""
+    """A covariate the model reads.
+
+    ``unit`` is the unit the model's equations use; data values (in the
+    standard data unit where the name is standard) are converted to it by
+    ``factor``. ``domain`` is the model's validity domain (outside: a notice);
+    ``default`` is used where the data lack a value (a notice says so);
+    ``derive`` names a function of :data:`~cnidose.models.covariates.DERIVATIONS`.
+    """
 
     name: str
     unit: str
     description: str = ""
-    low: float | None = None
-    high: float | None = None
+    domain: tuple[float, float] | None = None
     default: float | None = None
+    default_note: str = ""
+    levels: Mapping[int, str] = field(default_factory=dict)
+    derive: str | None = None
+    derive_note: str = ""
+    factor: float = 1.0  # data unit -> model unit
+    data_unit: str = ""
+    domain_only: bool = False  # not in the equations: only checked against the domain when present
+
+
+@dataclass(frozen=True, slots=True)
+class RandomEffects:
+    """Named random effects and their covariance, with how it was obtained from the paper."""
+
+    names: tuple[str, ...]
+    omega: FloatArray
+    published: str = ""  # e.g. "CV% 38.6, 49.2; omega2 = (CV/100)^2"
+    occasion: str | None = None  # data column that numbers occasions (IOV only)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorModel:
+    """Residual error of one observation type. Magnitudes are standard deviations.
+
+    ``proportional`` (fraction of the prediction), ``additive`` (observation
+    unit), ``exponential`` (SD on the log scale): each an expression of the
+    model's names, evaluated per record. Variance: proportional ``(p·f)²``,
+    additive ``a²``, combined ``(p·f)² + a²`` (NONMEM ``Y = F + F·ε₁ + ε₂``),
+    exponential ``s²`` on the log scale (``log Y = log F + ε``).
+    """
+
+    kind: ErrorKind
+    proportional: Expression | None = None
+    additive: Expression | None = None
+    exponential: Expression | None = None
+
+    @property
+    def log_scale(self) -> bool:
+        return self.kind == "exponential"
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """An observation type: compartment, concentration scaling, optional transform, error."""
+
+    name: str
+    compartment: int  # 1-based CMT
+    scale: Expression  # volume expression, in ``scale_unit``
+    scale_unit: str
+    unit: str
+    factor: float  # (dose unit / scale unit) -> ``unit``
+    error: ErrorModel | None
+    transform: Expression | None = None  # of C (the scaled concentration) and model names
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """A reference check: a published (or independently computed) statement the model reproduces."""
+
+    name: str
+    kind: Literal["value", "ratio", "steady_state"]
+    statement: str
+    source: str
+    expr: Expression | None
+    covariates: Mapping[str, float]
+    expected: float
+    rtol: float
+    versus: Mapping[str, float] = field(default_factory=dict)
+    dose: float = 0.0
+    tau: float = 0.0
+    metric: Literal["trough", "cavg", "cmax"] = "trough"
+    observation: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something a result must show: a covariate outside the model's domain, a default or derived value."""
+
+    kind: Literal["domain", "default", "derived"]
+    covariate: str
+    message: str
+    row: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.message} (row {self.row})" if self.row is not None else self.message
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Prepared:
+    """An individual bound to a model: covariates in model units, occasions, observation types."""
+
+    individual: Individual
+    covariates: Mapping[str, FloatArray]
+    occasion: IntArray  # per record, 0..n_occasions-1
+    n_occasions: int
+    obs_type: IntArray  # per record: index into Model.observations, -1 if none
+    notices: tuple[Notice, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSimulation:
+    """Predictions of a model for one individual, with the notices that apply and the model's identity."""
+
+    prediction: FloatArray  # (B, R), observation scale (transform applied)
+    simulation: Simulation
+    parameters: Mapping[str, FloatArray]
+    notices: tuple[Notice, ...]
+    model: str  # "id version sha256:abcd..."
+
+    @property
+    def method(self) -> str:
+        return self.simulation.method
+
+    @property
+    def amounts(self) -> FloatArray | None:
+        return self.simulation.amounts
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,29 +209,196 @@ class Model:
     title: str
     content_hash: str
     structure: LinearStructure | OdeStructure
-    parameters: Mapping[str, float]
-    eta_names: tuple[str, ...]
-    omega: FloatArray
+    parameters: Mapping[str, Parameter]
+    iiv: RandomEffects
+    iov: RandomEffects | None
     covariates: Mapping[str, Covariate]
     pk: tuple[tuple[str, Expression], ...]
-    citation: Mapping[str, str] = field(default_factory=dict)
+    pk_units: Mapping[str, str]
+    observations: tuple[Observation, ...]
+    units: Mapping[str, str]
+    checks: tuple[Check, ...] = ()
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    citation: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
 
-    def individual_parameters(self, individual: Individual, etas: ArrayLike | None = None) -> dict[str, FloatArray]:
-        """Evaluate ``[pk]`` at every record.
+    # -- identity ---------------------------------------------------------------------------------------------------
+    @property
+    def ref(self) -> str:
+        """``id version sha256:<first 12 hex>``: how results cite the model."""
+        return f"{self.id} {self.version} sha256:{self.content_hash[:12]}"
+
+    @property
+    def eta_names(self) -> tuple[str, ...]:
+        return self.iiv.names
+
+    @property
+    def omega(self) -> FloatArray:
+        return self.iiv.omega
+
+    # -- binding an individual ------------------------------------------------------------------------------------
+    def prepare(self, individual: Individual | Prepared) -> Prepared:
+        """Resolve covariates, occasions and observation types for ``individual`` (once)."""
+        if isinstance(individual, Prepared):
+            return individual
+        ind = individual
+        notices: list[Notice] = []
+        covs = {}
+        for name, cov in self.covariates.items():
+            if cov.domain_only:
+                if name in ind.covariates:
+                    self._domain_only(ind, cov, notices)
+                continue
+            covs[name] = self._covariate(ind, cov, notices)
+        R = len(ind)
+        occasion = np.zeros(R, dtype=np.int64)
+        n_occ = 1
+        if self.iov is not None and self.iov.occasion is not None:
+            col = ind.covariates.get(self.iov.occasion)
+            if col is not None:
+                if np.isnan(col).any():
+                    j = int(np.flatnonzero(np.isnan(col))[0])
+                    raise DataError("occasion number is missing", row=int(ind.rows[j]), column=self.iov.occasion)
+                _, first, inverse = np.unique(col, return_index=True, return_inverse=True)
+                # number occasions in order of first appearance
+                order = np.argsort(np.argsort(first))
+                occasion = order[inverse].astype(np.int64)
+                n_occ = int(occasion.max()) + 1 if R else 1
+        obs_cmt = np.where((ind.evid == 0) & (ind.cmt > 0), ind.cmt, self.structure.default_obs)
+        obs_type = np.full(R, -1, dtype=np.int64)
+        for k, ob in enumerate(self.observations):
+            obs_type[obs_cmt == ob.compartment] = k
+        return Prepared(ind, covs, occasion, n_occ, obs_type, tuple(notices))
+
+    def _covariate(self, ind: Individual, cov: Covariate, notices: list[Notice]) -> FloatArray:
+        R = len(ind)
+        raw = ind.covariates.get(cov.name)
+        values = np.full(R, np.nan) if raw is None else np.array(raw, dtype=np.float64)
+        missing = np.isnan(values)
+        if missing.any() and cov.derive is not None:
+            d = DERIVATIONS[cov.derive]
+            absent = [n for n in d.inputs if n not in ind.covariates]
+            if not absent:
+                inputs = [self._standard_input(ind, n) for n in d.inputs]
+                derived = d(*inputs)
+                fill = missing & np.isfinite(derived)
+                if fill.any():
+                    values[fill] = derived[fill]
+                    j = int(np.flatnonzero(fill)[0])
+                    notices.append(Notice("derived", cov.name,
+                                          f"{cov.name} derived from {', '.join(d.inputs)} by {d.name} ({d.citation})"
+                                          + (f"; {cov.derive_note}" if cov.derive_note else ""),
+                                          int(ind.rows[j])))
+                missing = np.isnan(values)
+        if missing.any():
+            j = int(np.flatnonzero(missing)[0])
+            if cov.default is None:
+                how = f" (or {', '.join(DERIVATIONS[cov.derive].inputs)} to derive it)" if cov.derive else ""
+                what = "missing" if raw is not None else "absent from the data"
+                raise DataError(f"covariate {cov.name} ({cov.data_unit or cov.unit}) is required by model {self.id} "
+                                f"and is {what}{how}", row=int(ind.rows[j]) if raw is not None else None,
+                                column=cov.name)
+            default_data = cov.default / cov.factor
+            values[missing] = default_data
+            notices.append(Notice("default", cov.name,
+                                  f"{cov.name} not in the data: model default "
+                                  f"{cov.default:g}{_unit_suffix(cov.unit)} used"
+                                  + (f" ({cov.default_note})" if cov.default_note else ""),
+                                  int(ind.rows[j]) if raw is not None else None))
+        std = STANDARD_COVARIATES.get(cov.name)
+        if std is not None:
+            lo, hi = std.plausible
+            bad = (values < lo) | (values > hi)
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                raise DataError(f"{cov.name} = {values[j]:g} is not a plausible {std.description} in {std.unit} "
+                                f"(expected {lo:g}-{hi:g} {std.unit}; check the unit)",
+                                row=int(ind.rows[j]), column=cov.name)
+        if cov.levels:
+            bad = ~np.isin(values, list(cov.levels))
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                codes = ", ".join(f"{k} = {v}" for k, v in cov.levels.items())
+                raise DataError(f"{cov.name} = {values[j]:g} is not a valid code ({codes})",
+                                row=int(ind.rows[j]), column=cov.name)
+        out = values * cov.factor
+        if cov.domain is not None:
+            lo, hi = cov.domain
+            bad = (out < lo) | (out > hi)
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                notices.append(Notice("domain", cov.name,
+                                      f"{cov.name} = {out[j]:g}{_unit_suffix(cov.unit)} is outside the domain of model "
+                                      f"{self.id} ({lo:g}-{hi:g}{_unit_suffix(cov.unit)}) "
+                                      f"in {int(bad.sum())} record(s)",
+                                      int(ind.rows[j])))
+        return out
+
+    def _domain_only(self, ind: Individual, cov: Covariate, notices: list[Notice]) -> None:
+        values = np.array(ind.covariates[cov.name], dtype=np.float64)
+        present = ~np.isnan(values)
+        std = STANDARD_COVARIATES.get(cov.name)
+        if std is not None:
+            lo, hi = std.plausible
+            bad = present & ((values < lo) | (values > hi))
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                raise DataError(f"{cov.name} = {values[j]:g} is not a plausible {std.description} in {std.unit} "
+                                f"(expected {lo:g}-{hi:g} {std.unit}; check the unit)",
+                                row=int(ind.rows[j]), column=cov.name)
+        if cov.domain is not None:
+            v = values * cov.factor
+            lo, hi = cov.domain
+            bad = present & ((v < lo) | (v > hi))
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                notices.append(Notice("domain", cov.name,
+                                      f"{cov.name} = {v[j]:g}{_unit_suffix(cov.unit)} is outside the domain of model "
+                                      f"{self.id} ({lo:g}-{hi:g}{_unit_suffix(cov.unit)}) "
+                                      f"in {int(bad.sum())} record(s)",
+                                      int(ind.rows[j])))
+
+    @staticmethod
+    def _standard_input(ind: Individual, name: str) -> FloatArray:
+        v = np.array(ind.covariates[name], dtype=np.float64)
+        lo, hi = STANDARD_COVARIATES[name].plausible
+        bad = (v < lo) | (v > hi)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{name} = {v[j]:g} is not plausible in {STANDARD_COVARIATES[name].unit} "
+                            f"(expected {lo:g}-{hi:g}; check the unit)", row=int(ind.rows[j]), column=name)
+        return v
+
+    # -- evaluation -------------------------------------------------------------------------------------------------
+    def _env(self, covariates: Mapping[str, FloatArray], eta: FloatArray, kappa: FloatArray | None) -> dict[str, Any]:
+        env: dict[str, Any] = {n: p.value for n, p in self.parameters.items()}
+        for k, name in enumerate(self.iiv.names):
+            env[name] = eta[..., k]
+        if self.iov is not None:
+            for k, name in enumerate(self.iov.names):
+                env[name] = 0.0 if kappa is None else kappa[..., k]
+        env.update(covariates)
+        return env
+
+    def individual_parameters(self, individual: Individual | Prepared, etas: ArrayLike | None = None,
+                              kappas: ArrayLike | None = None) -> dict[str, FloatArray]:
+        """Evaluate ``[pk]`` (and the observation scales ``S<n>``) at every record.
 
         Parameters
         ----------
-        individual : Individual
+        individual : Individual or Prepared
         etas : array-like, shape (B, n_eta) or (B, R, n_eta), optional
-            Random effects; None means the typical individual (all zero).
+            Between-subject random effects; None means all zero (the typical individual).
+        kappas : array-like, shape (B, n_occasions, n_kappa), optional
+            Between-occasion random effects; None means all zero.
 
         Returns
         -------
         dict of str to ndarray of shape (B, R)
         """
-        R = len(individual)
-        n_eta = len(self.eta_names)
+        prep = self.prepare(individual)
+        R = len(prep.individual)
+        n_eta = len(self.iiv)
         if etas is None:
             eta = np.zeros((1, 1, n_eta))
         else:
@@ -102,176 +406,125 @@ class Model:
             if eta.ndim == 2:
                 eta = eta[:, None, :]
             if eta.ndim != 3 or eta.shape[-1] != n_eta:
-                raise ValueError(f"etas must have {n_eta} columns ({', '.join(self.eta_names)})")
-        B = eta.shape[0]
-        env: dict[str, Any] = dict(self.parameters)
-        for k, name in enumerate(self.eta_names):
-            env[name] = eta[:, :, k]
-        for name, cov in self.covariates.items():
-            env[name] = self._covariate(individual, cov)[None, :]
+                raise ValueError(f"etas must have {n_eta} columns ({', '.join(self.iiv.names)})")
+        kappa_r = None
+        if kappas is not None:
+            if self.iov is None:
+                raise ValueError(f"model {self.id} has no between-occasion random effects")
+            kap = np.asarray(kappas, dtype=np.float64)
+            if kap.ndim != 3 or kap.shape[1:] != (prep.n_occasions, len(self.iov)):
+                raise ValueError(f"kappas must have shape (B, {prep.n_occasions}, {len(self.iov)})")
+            kappa_r = kap[:, prep.occasion, :]
+        B = max(eta.shape[0], 1 if kappa_r is None else kappa_r.shape[0])
+        env = self._env({k: v[None, :] for k, v in prep.covariates.items()}, eta, kappa_r)
         out: dict[str, FloatArray] = {}
         for name, expr in self.pk:
             v = np.broadcast_to(np.asarray(expr(env), dtype=np.float64), (B, R))
             env[name] = v
             out[name] = v
+        for ob in self.observations:
+            scale = np.broadcast_to(np.asarray(ob.scale(env), dtype=np.float64), (B, R))
+            out[f"S{ob.compartment}"] = scale / ob.factor
         return out
 
-    def _covariate(self, ind: Individual, cov: Covariate) -> FloatArray:
-        values = ind.covariates.get(cov.name)
-        if values is None:
-            if cov.default is None:
-                raise DataError(f"covariate {cov.name} ({cov.unit}) is required by model {self.id} and missing",
-                                column=cov.name)
-            return np.full(len(ind), cov.default)
-        values = values.copy()
-        missing = np.isnan(values)
-        if missing.any():
-            if cov.default is None:
-                j = int(np.flatnonzero(missing)[0])
-                raise DataError(f"covariate {cov.name} is missing and model {self.id} has no default",
-                                row=int(ind.rows[j]), column=cov.name)
-            values[missing] = cov.default
-        for bound, bad in ((cov.low, values < (cov.low if cov.low is not None else -np.inf)),
-                           (cov.high, values > (cov.high if cov.high is not None else np.inf))):
-            if bound is not None and bad.any():
-                j = int(np.flatnonzero(bad)[0])
-                raise DataError(f"{cov.name}={values[j]:g} {cov.unit} is outside the model's range "
-                                f"[{cov.low:g}, {cov.high:g}]", row=int(ind.rows[j]), column=cov.name)
-        return values
+    def simulate(self, individual: Individual | Prepared, etas: ArrayLike | None = None, *,
+                 kappas: ArrayLike | None = None, method: Method = "auto",
+                 return_amounts: bool = False) -> ModelSimulation:
+        """Predict every record of ``individual`` on the observation scale.
 
-    def simulate(self, individual: Individual, etas: ArrayLike | None = None, *,
-                 method: Method = "auto", return_amounts: bool = False) -> Simulation:
-        """Predict every record of ``individual`` (see :func:`cnidose.pk.simulate`)."""
-        return simulate(self.structure, individual, self.individual_parameters(individual, etas),
-                        method=method, return_amounts=return_amounts)
+        The engine (:func:`cnidose.pk.simulate`) gives amount / scale; each
+        observation type's ``transform`` is then applied to its records.
+        """
+        prep = self.prepare(individual)
+        params = self.individual_parameters(prep, etas, kappas)
+        sim = simulate(self.structure, prep.individual, params, method=method, return_amounts=return_amounts)
+        pred = self._transform(prep, params, sim.prediction)
+        return ModelSimulation(pred, sim, params, prep.notices, self.ref)
 
+    def _transform(self, prep: Prepared, params: Mapping[str, FloatArray], conc: FloatArray) -> FloatArray:
+        out = conc
+        for k, ob in enumerate(self.observations):
+            if ob.transform is None:
+                continue
+            mask = prep.obs_type == k
+            if not mask.any():
+                continue
+            env: dict[str, Any] = {n: p.value for n, p in self.parameters.items()}
+            env.update({n: v[None, mask] for n, v in prep.covariates.items()})
+            env.update({n: v[:, mask] for n, v in params.items()})
+            env["C"] = conc[:, mask]
+            if out is conc:
+                out = conc.copy()
+            out[:, mask] = np.broadcast_to(np.asarray(ob.transform(env), dtype=np.float64), conc[:, mask].shape)
+        return out
 
-def load_model(path: str | Path) -> Model:
-    """Load and validate a model file."""
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise ModelFileError(f"cannot read model file: {exc.strerror}", source=str(p)) from None
-    return parse_model(raw, source=str(p))
+    def residual_variance(self, individual: Individual | Prepared, params: Mapping[str, FloatArray],
+                          prediction: FloatArray) -> tuple[FloatArray, NDArray[np.bool_]]:
+        """Residual variance at every record, and whether it is on the log scale.
 
+        Records of no observation type get NaN.
+        """
+        prep = self.prepare(individual)
+        B, R = prediction.shape
+        var = np.full((B, R), np.nan)
+        log_scale = np.zeros(R, dtype=bool)
+        for k, ob in enumerate(self.observations):
+            mask = prep.obs_type == k
+            if ob.error is None or not mask.any():
+                continue
+            env: dict[str, Any] = {n: p.value for n, p in self.parameters.items()}
+            env.update({n: v[None, mask] for n, v in prep.covariates.items()})
+            env.update({n: v[:, mask] for n, v in params.items()})
+            f = prediction[:, mask]
+            e = ob.error
 
-def parse_model(raw: bytes, *, source: str = "<string>") -> Model:
-    """Parse model-file bytes (TOML) into a :class:`Model`."""
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"not valid TOML: {exc}", source=source) from None
+            def sd(x: Expression | None, _env: dict[str, Any] = env, _f: FloatArray = f) -> FloatArray:
+                if x is None:
+                    return np.zeros_like(_f)
+                return np.broadcast_to(np.asarray(x(_env), dtype=np.float64), _f.shape)
 
-    def need(table: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
-        if key not in table:
-            raise ModelFileError("missing", source=source, field=f"{where}{key}")
-        v = table[key]
-        if not isinstance(v, typ):
-            raise ModelFileError(f"expected {getattr(typ, '__name__', typ)}", source=source, field=f"{where}{key}")
-        return v
+            if e.kind == "exponential":
+                v = sd(e.exponential) ** 2
+                log_scale[mask] = True
+            else:
+                v = (sd(e.proportional) * f) ** 2 + sd(e.additive) ** 2
+            var[:, mask] = v
+        return var, log_scale
 
-    if doc.get("format") != 1:
-        raise ModelFileError("unsupported or missing format (expected format = 1)", source=source, field="format")
-    mid = need(doc, "id", str, "")
-    version = need(doc, "version", str, "")
-    title = doc.get("title", mid)
+    # -- typical-subject helpers (checks, tables) -------------------------------------------------------------------
+    def individual_from_covariates(self, covariates: Mapping[str, float], times: ArrayLike, *,
+                                   dose: float = 0.0, tau: float = 0.0, steady_state: bool = False,
+                                   observation: str | None = None) -> Individual:
+        """A synthetic individual: one dose at time 0 (optionally at steady state) and observations at ``times``.
 
-    params: dict[str, float] = {}
-    for name, spec in need(doc, "parameters", dict, "").items():
-        if not isinstance(spec, dict) or not isinstance(spec.get("value"), (int, float)):
-            raise ModelFileError("expected a table with a numeric value", source=source, field=f"parameters.{name}")
-        need(spec, "unit", str, f"parameters.{name}.")
-        params[name] = float(spec["value"])
+        Covariate values are in data units (standard names) and constant.
+        """
+        t = np.asarray(times, dtype=np.float64)
+        obs_cmt = self.structure.default_obs
+        if observation is not None:
+            matches = [o.compartment for o in self.observations if o.name == observation]
+            if not matches:
+                raise ValueError(f"model {self.id} has no observation {observation!r}")
+            obs_cmt = matches[0]
+        n = 1 + len(t)
+        cols: dict[str, Any] = {
+            "ID": np.ones(n), "TIME": np.concatenate([[0.0], t]),
+            "EVID": np.array([1 if dose > 0 else 2] + [0] * len(t), dtype=float),
+            "AMT": np.array([dose] + [0.0] * len(t)),
+            "CMT": np.array([self.structure.default_dose] + [obs_cmt] * len(t), dtype=float),
+            "II": np.array([tau if steady_state else 0.0] + [0.0] * len(t)),
+            "SS": np.array([1.0 if steady_state else 0.0] + [0.0] * len(t)),
+        }
+        for k, v in covariates.items():
+            cols[k.upper()] = np.full(n, float(v))
+        return split_individuals(cols)[0]
 
-    re = doc.get("random_effects", {})
-    eta_names = tuple(re.get("names", []))
-    omega = np.asarray(re.get("omega", [0.0] * len(eta_names)), dtype=np.float64)
-    if omega.shape != (len(eta_names),) or np.any(omega < 0):
-        raise ModelFileError("omega must list one non-negative variance per name", source=source,
-                             field="random_effects.omega")
-
-    covs: dict[str, Covariate] = {}
-    for name, spec in doc.get("covariates", {}).items():
-        where = f"covariates.{name}."
-        unit = need(spec, "unit", str, where)
-        rng = spec.get("range")
-        low = high = None
-        if rng is not None:
-            if not (isinstance(rng, list) and len(rng) == 2 and rng[0] <= rng[1]):
-                raise ModelFileError("range must be [low, high]", source=source, field=where + "range")
-            low, high = float(rng[0]), float(rng[1])
-        default = spec.get("default")
-        covs[name.upper()] = Covariate(name.upper(), unit, spec.get("description", ""), low, high,
-                                       None if default is None else float(default))
-
-    structure = _structure(need(doc, "structure", dict, ""), source)
-    known = set(params) | set(eta_names) | set(covs)
-    pk: list[tuple[str, Expression]] = []
-    for name, text in need(doc, "pk", dict, "").items():
-        expr = compile_expression(text, field=f"pk.{name}") if isinstance(text, str) else None
-        if expr is None:
-            raise ModelFileError("expected an expression string", source=source, field=f"pk.{name}")
-        unknown = sorted(expr.names - known)
-        if unknown:
-            raise ModelFileError(f"unknown name(s) {', '.join(unknown)} (declare covariates in [covariates])",
-                                 source=source, field=f"pk.{name}")
-        pk.append((name, expr))
-        known.add(name)
-    defined = {n for n, _ in pk}
-    missing = [p for p in structure.rate_parameters if p not in defined and p not in params]
-    if missing:
-        raise ModelFileError(f"structure needs {', '.join(missing)}, not defined in [pk]", source=source, field="pk")
-    # Fixed effects used directly by the structure are passed through as constants.
-    for p in structure.rate_parameters:
-        if p not in defined:
-            pk.append((p, compile_expression(p)))
-    return Model(
-        id=mid, version=version, title=title, content_hash=hashlib.sha256(raw).hexdigest(),
-        structure=structure, parameters=params, eta_names=eta_names, omega=omega, covariates=covs,
-        pk=tuple(pk), citation={k: str(v) for k, v in doc.get("citation", {}).items()}, source=source,
-    )
+    def pk_at(self, covariates: Mapping[str, float], etas: ArrayLike | None = None) -> dict[str, float]:
+        """``[pk]`` values for constant covariates (data units); a dict of floats."""
+        ind = self.individual_from_covariates(covariates, [1.0])
+        params = self.individual_parameters(ind, etas)
+        return {k: float(v[0, 0]) for k, v in params.items()}
 
 
-def _structure(spec: Mapping[str, Any], source: str) -> LinearStructure | OdeStructure:
-    comps = spec.get("compartments")
-    if not (isinstance(comps, list) and comps and all(isinstance(c, str) for c in comps)):
-        raise ModelFileError("expected a list of compartment names", source=source, field="structure.compartments")
-    names = tuple(comps)
-
-    def cmt(value: Any, where: str) -> int:
-        if value not in names:
-            raise ModelFileError(f"{value!r} is not one of {', '.join(names)}", source=source, field=where)
-        return names.index(value) + 1
-
-    dose = cmt(spec.get("default_dose"), "structure.default_dose")
-    obs = cmt(spec.get("default_obs"), "structure.default_obs")
-    kind = spec.get("kind", "linear")
-    if kind == "linear":
-        flows = []
-        for k, f in enumerate(spec.get("flows", [])):
-            where = f"structure.flows[{k}]"
-            if not isinstance(f.get("rate"), str):
-                raise ModelFileError("rate must name a parameter", source=source, field=where + ".rate")
-            flows.append(Flow(cmt(f.get("from"), where + ".from"),
-                              cmt(f["to"], where + ".to") if "to" in f else None, f["rate"], f.get("per")))
-        return LinearStructure(names, dose, obs, tuple(flows))
-    if kind == "ode":
-        eqs = spec.get("ode", {})
-        exprs = []
-        for c in names:
-            text = eqs.get(f"d{c}")
-            if not isinstance(text, str):
-                raise ModelFileError(f"missing equation d{c}", source=source, field=f"structure.ode.d{c}")
-            exprs.append(compile_expression(text, field=f"structure.ode.d{c}"))
-        needed = sorted(set().union(*(e.names for e in exprs)) - set(names))
-
-        def rhs(x: FloatArray, p: Mapping[str, FloatArray]) -> FloatArray:
-            env: dict[str, Any] = {k: np.asarray(v)[:, None] if np.ndim(v) else v for k, v in p.items()}
-            for j, c in enumerate(names):
-                env[c] = x[:, j:j + 1]
-            return np.concatenate([np.broadcast_to(np.asarray(e(env), dtype=np.float64), (x.shape[0], 1))
-                                   for e in exprs], axis=1)
-
-        return OdeStructure(names, dose, obs, rhs, tuple(needed))
-    raise ModelFileError(f"unknown kind {kind!r} (linear or ode)", source=source, field="structure.kind")
+def _unit_suffix(unit: str) -> str:
+    return "" if unit in ("", "1") else f" {unit}"

@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cnidose.errors import DataError
-from cnidose.models.model import Model
+from cnidose.models.model import Model, Notice
 from cnidose.pk.engine import Method
 from cnidose.pk.events import EVENT_COLUMNS, Individual, split_individuals
 
@@ -151,6 +151,7 @@ class SimulatedTable:
     eta_columns: tuple[str, ...]  # the data columns IPRED used, empty when IPRED == PRED
     methods: tuple[str, ...]
     individuals: tuple[Individual, ...]  # the validated records the predictions belong to
+    notices: tuple[Notice, ...] = ()  # covariate domain, defaults and derivations, per individual
 
 
 def simulate_dataset(model: Model, data: DataSet, *, method: Method = "auto") -> SimulatedTable:
@@ -173,6 +174,7 @@ def simulate_dataset(model: Model, data: DataSet, *, method: Method = "auto") ->
             break
     inds = data.individuals(extra=eta_cols)
     pred_parts, ipred_parts, methods = [], [], []
+    notices: list[Notice] = []
     for ind in inds:
         if eta_cols:
             eta = np.stack([ind.covariates[c] for c in eta_cols], axis=-1)
@@ -184,10 +186,11 @@ def simulate_dataset(model: Model, data: DataSet, *, method: Method = "auto") ->
         else:
             etas = None
         sim = model.simulate(ind, etas, method=method)
+        notices.extend(sim.notices)
         pred_parts.append(sim.prediction[0])
         ipred_parts.append(sim.prediction[-1])
         methods.append(sim.method)
     empty = np.zeros(0)
     return SimulatedTable(np.concatenate(pred_parts) if pred_parts else empty,
                           np.concatenate(ipred_parts) if ipred_parts else empty,
-                          tuple(eta_cols), tuple(methods), inds)
+                          tuple(eta_cols), tuple(methods), inds, tuple(notices))
