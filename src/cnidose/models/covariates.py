@@ -57,7 +57,7 @@ STANDARD_COVARIATES: Mapping[str, StandardCovariate] = dict([
     _std("BSA", "m2", "body surface area", 0.1, 3.5),
     _std("LBW", "kg", "lean body weight", 0.3, 200),
     _std("FFM", "kg", "fat-free mass", 0.3, 200),
-    _std("HCT", "L/L", "haematocrit, as a fraction", 0.05, 0.75),
+    _std("HCT", "L/L", "haematocrit, as a fraction", 0.05, 0.85),
     _std("SCR", "umol/L", "serum creatinine", 5, 3000),
     _std("ALB", "g/L", "serum albumin", 5, 70),
     _std("TCHOL", "mmol/L", "total plasma cholesterol", 0.5, 40),

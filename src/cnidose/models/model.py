@@ -306,7 +306,7 @@ class Model:
                                   + (f" ({cov.default_note})" if cov.default_note else ""),
                                   int(ind.rows[j]) if raw is not None else None))
         std = STANDARD_COVARIATES.get(cov.name)
-        if std is not None:
+        if std is not None and not std.levels:
             lo, hi = std.plausible
             bad = (values < lo) | (values > hi)
             if bad.any():
@@ -338,7 +338,7 @@ class Model:
         values = np.array(ind.covariates[cov.name], dtype=np.float64)
         present = ~np.isnan(values)
         std = STANDARD_COVARIATES.get(cov.name)
-        if std is not None:
+        if std is not None and not std.levels:
             lo, hi = std.plausible
             bad = present & ((values < lo) | (values > hi))
             if bad.any():
@@ -361,11 +361,19 @@ class Model:
     @staticmethod
     def _standard_input(ind: Individual, name: str) -> FloatArray:
         v = np.array(ind.covariates[name], dtype=np.float64)
-        lo, hi = STANDARD_COVARIATES[name].plausible
+        std = STANDARD_COVARIATES[name]
+        if std.levels:
+            bad = ~np.isnan(v) & ~np.isin(v, list(std.levels))
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                codes = ", ".join(f"{k} = {lab}" for k, lab in std.levels.items())
+                raise DataError(f"{name} = {v[j]:g} is not a valid code ({codes})", row=int(ind.rows[j]), column=name)
+            return v
+        lo, hi = std.plausible
         bad = (v < lo) | (v > hi)
         if bad.any():
             j = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{name} = {v[j]:g} is not plausible in {STANDARD_COVARIATES[name].unit} "
+            raise DataError(f"{name} = {v[j]:g} is not a plausible {std.description} in {std.unit} "
                             f"(expected {lo:g}-{hi:g}; check the unit)", row=int(ind.rows[j]), column=name)
         return v
 
