@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -20,6 +20,7 @@ from cnidose.errors import CnidoseError, InputError
 from cnidose.models.checks import run_checks
 from cnidose.models.describe import describe_model, summarize_model
 from cnidose.models.library import library_models, resolve_model
+from cnidose.models.model import Notice
 from cnidose.records.nonmem import read_nonmem_csv, simulate_dataset, write_csv
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -63,8 +64,7 @@ def simulate(
         m = resolve_model(model)
         ds = read_nonmem_csv(data)
         table = simulate_dataset(m, ds, method=method)  # type: ignore[arg-type]
-        for note in table.notices:
-            typer.echo(f"warning: {note}", err=True)
+        _echo_notices(table.notices)
         inds = table.individuals
         evid = np.concatenate([i.evid for i in inds]) if inds else np.zeros(0, int)
         cmt_eff = np.concatenate([
@@ -85,13 +85,26 @@ def simulate(
                 + [float(table.pred[k]), float(table.ipred[k])]
                 for k, row in enumerate(ds.cells))
         text = write_csv(out, header, rows)
+        methods = "/".join(sorted(set(table.methods)))
         if out is None:
             sys.stdout.write(text)
+            typer.echo(f"model {m.ref}, method {methods}", err=True)
         else:
-            typer.echo(f"wrote {len(ds.cells)} rows to {out} (model {m.id} {m.version}, "
-                       f"sha256 {m.content_hash[:12]}, method {'/'.join(sorted(set(table.methods)))})", err=True)
+            typer.echo(f"wrote {len(ds.cells)} rows to {out} (model {m.ref}, method {methods})", err=True)
 
     _run(work)
+
+
+def _echo_notices(notices: Sequence[Notice]) -> None:
+    """One warning line per distinct notice; the first record it applies to, and how many individuals."""
+    seen: dict[str, list[Notice]] = {}
+    for n in notices:
+        seen.setdefault(n.message, []).append(n)
+    for message, group in seen.items():
+        first = group[0]
+        where = f" (first at row {first.row})" if first.row is not None else ""
+        count = f" [{len(group)} individuals]" if len(group) > 1 else ""
+        typer.echo(f"warning: {message}{where}{count}", err=True)
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
