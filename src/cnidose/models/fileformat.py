@@ -76,7 +76,7 @@ _RE = {"names", "variance", "sd", "cv_percent", "cv_conversion", "correlations",
 _COV = {"unit", "description", "domain", "default", "default_note", "levels", "derive", "derive_note", "source",
         "note", "domain_only"}
 _OBS = {"compartment", "scale", "scale_unit", "unit", "transform", "description", "error"}
-_ERR = {"model", "proportional", "additive", "sd", "source", "note"}
+_ERR = {"model", "proportional", "additive", "sd", "source", "note", "prediction_if_zero"}
 _CHECK = {"name", "statement", "source", "kind", "expr", "covariates", "versus", "expected", "rtol", "dose", "tau",
           "metric", "observation", "note"}
 _DOSE_PARAM = re.compile(r"^(F|ALAG|R|D|S)(\d+)$")
@@ -675,7 +675,10 @@ def _error(ctx: _Ctx, spec: Any, where: str, known: set[str]) -> ErrorModel:
             if not (math.isfinite(v) and v >= 0):
                 ctx.fail("a standard deviation must be finite and non-negative", f"{where}.{key}")
         exprs[key] = e
-    return ErrorModel(kind, exprs.get("proportional"), exprs.get("additive"), exprs.get("sd"))
+    pz = ctx.number(spec, "prediction_if_zero", where, None)
+    if pz is not None and "proportional" not in needs[kind]:
+        ctx.fail("prediction_if_zero applies to proportional terms", f"{where}.prediction_if_zero")
+    return ErrorModel(kind, exprs.get("proportional"), exprs.get("additive"), exprs.get("sd"), pz)
 
 
 def _checks(ctx: _Ctx, items: Any, known: set[str], observations: tuple[Observation, ...]) -> tuple[Check, ...]:

@@ -116,6 +116,7 @@ class ErrorModel:
     proportional: Expression | None = None
     additive: Expression | None = None
     exponential: Expression | None = None
+    prediction_if_zero: float | None = None  # NONMEM idiom W = F + DEL: f used in p·f where f == 0
 
     @property
     def log_scale(self) -> bool:
@@ -424,14 +425,23 @@ class Model:
                 raise ValueError(f"kappas must have shape (B, {prep.n_occasions}, {len(self.iov)})")
             kappa_r = kap[:, prep.occasion, :]
         B = max(eta.shape[0], 1 if kappa_r is None else kappa_r.shape[0])
-        env = self._env({k: v[None, :] for k, v in prep.covariates.items()}, eta, kappa_r)
+        return self.evaluate_pk({k: v[None, :] for k, v in prep.covariates.items()}, eta, kappa_r, (B, R))
+
+    def evaluate_pk(self, covariates: Mapping[str, FloatArray], eta: FloatArray, kappa: FloatArray | None,
+                    shape: tuple[int, ...]) -> dict[str, FloatArray]:
+        """``[pk]`` and observation scales ``S<n>`` for arrays that broadcast to ``shape``.
+
+        ``covariates`` are in model units; ``eta[..., k]`` and ``kappa[..., k]`` broadcast to ``shape``.
+        Used per record (shape (B, R)) and for a whole cohort with constant covariates (shape (N, B)).
+        """
+        env = self._env(covariates, eta, kappa)
         out: dict[str, FloatArray] = {}
         for name, expr in self.pk:
-            v = np.broadcast_to(np.asarray(expr(env), dtype=np.float64), (B, R))
+            v = np.broadcast_to(np.asarray(expr(env), dtype=np.float64), shape)
             env[name] = v
             out[name] = v
         for ob in self.observations:
-            scale = np.broadcast_to(np.asarray(ob.scale(env), dtype=np.float64), (B, R))
+            scale = np.broadcast_to(np.asarray(ob.scale(env), dtype=np.float64), shape)
             out[f"S{ob.compartment}"] = scale / ob.factor
         return out
 
@@ -495,7 +505,8 @@ class Model:
                 v = sd(e.exponential) ** 2
                 log_scale[mask] = True
             else:
-                v = (sd(e.proportional) * f) ** 2 + sd(e.additive) ** 2
+                fp = f if e.prediction_if_zero is None else np.where(f == 0, e.prediction_if_zero, f)
+                v = (sd(e.proportional) * fp) ** 2 + sd(e.additive) ** 2
             var[:, mask] = v
         return var, log_scale
 
