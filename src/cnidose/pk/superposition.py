@@ -70,6 +70,7 @@ class Design:
     pair_rate: FloatArray  # given RATE (kind _RATE, _CONST_INF)
     pair_ss: IntArray  # 1: the term is the series of earlier doses of a steady-state regimen
     pair_ii: FloatArray
+    pair_addl: IntArray  # bolus doses: number of additional doses the term stands for (a finite series)
     dose_cmts: tuple[int, ...]  # compartments (0-based) that receive doses
 
 
@@ -95,7 +96,7 @@ def compile_design(structure: LinearStructure, individuals: Sequence[Individual]
     obs_time: list[float] = []
     obs_start = [0]
     pairs: dict[str, list[float]] = {k: [] for k in ("obs", "ind", "cmt", "tobs", "tdose", "kind", "amt", "rate",
-                                                     "ss", "ii")}
+                                                     "ss", "ii", "addl")}
     dose_cmts: set[int] = set()
     n_obs_total = 0
     for i, ind in enumerate(individuals):
@@ -117,22 +118,25 @@ def compile_design(structure: LinearStructure, individuals: Sequence[Individual]
             obs_cmt.append(c - 1)
             obs_rec.append(int(r))
             obs_time.append(float(ind.time[r]))
-        # rec, time, cmt, kind, amt, rate, ss, ii
-        terms: list[tuple[int, float, int, int, float, float, int, float]] = []
+        # rec, time, cmt, kind, amt, rate, ss, ii, addl
+        terms: list[tuple[int, float, int, int, float, float, int, float, int]] = []
         for r in np.flatnonzero((ind.evid == 1) | (ind.evid == 4)).tolist():
             c = (int(ind.cmt[r]) or structure.default_dose) - 1
             dose_cmts.add(c)
             amt, rate, ii, ss = float(ind.amt[r]), float(ind.rate[r]), float(ind.ii[r]), int(ind.ss[r])
             t = float(ind.time[r])
             if ss == 1 and amt == 0 and rate > 0 and ii == 0:
-                terms.append((int(r), t, c, _CONST_INF, 0.0, rate, 0, 0.0))
+                terms.append((int(r), t, c, _CONST_INF, 0.0, rate, 0, 0.0, 0))
                 continue
             kind = _BOLUS if rate == 0 else _RATE if rate > 0 else _MODEL_RATE if rate == -1 else _MODEL_DUR
-            for k in range(int(ind.addl[r]) + 1):
-                terms.append((int(r), t + k * ii, c, kind, amt, rate, 0, ii))
+            if kind == _BOLUS:  # the dose and its ADDL doses: one finite geometric series
+                terms.append((int(r), t, c, kind, amt, rate, 0, ii, int(ind.addl[r])))
+            else:
+                for k in range(int(ind.addl[r]) + 1):
+                    terms.append((int(r), t + k * ii, c, kind, amt, rate, 0, ii, 0))
             if ss in (1, 2):
-                terms.append((int(r), t, c, kind, amt, rate, 1, ii))
-        for rec, t, c, kind, amt, rate, ss, ii in terms:
+                terms.append((int(r), t, c, kind, amt, rate, 1, ii, 0))
+        for rec, t, c, kind, amt, rate, ss, ii, addl in terms:
             for o in obs_idx.tolist():
                 if not (rec < o < next_reset[rec]):
                     continue
@@ -148,6 +152,7 @@ def compile_design(structure: LinearStructure, individuals: Sequence[Individual]
                 pairs["rate"].append(rate)
                 pairs["ss"].append(ss)
                 pairs["ii"].append(ii)
+                pairs["addl"].append(addl)
         n_obs_total += len(obs_idx)
         obs_start.append(n_obs_total)
     order = np.argsort(np.asarray(pairs["obs"], dtype=np.int64), kind="stable")
@@ -164,20 +169,127 @@ def compile_design(structure: LinearStructure, individuals: Sequence[Individual]
         pair_tobs=arr("tobs", np.float64), pair_tdose=arr("tdose", np.float64), pair_kind=arr("kind", np.int64),
         pair_amt=arr("amt", np.float64),
         pair_rate=arr("rate", np.float64), pair_ss=arr("ss", np.int64), pair_ii=arr("ii", np.float64),
+        pair_addl=arr("addl", np.int64),
         dose_cmts=tuple(sorted(dose_cmts)),
     )
 
 
-def _eigen(K: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray, NDArray[np.bool_]]:
-    """Batched real eigen-decomposition; ``bad`` marks members to leave to the engine."""
-    lam_c, V_c = np.linalg.eig(K)
-    imag = np.max(np.abs(lam_c.imag), axis=-1) > 1e-10 * (1.0 + np.max(np.abs(lam_c.real), axis=-1))
-    lam, V = lam_c.real, V_c.real
-    cond = np.linalg.cond(V)
-    bad = imag | ~np.isfinite(cond) | (cond > 1e6)
-    V_safe = np.where(bad[..., None, None], np.eye(K.shape[-1]), V)
+def _blocks(structure: LinearStructure) -> list[list[int]]:
+    """Strongly connected components of the flow graph, in topological order (0-based compartments).
+
+    Ordered this way the rate matrix is block lower-triangular, so its eigen-decomposition reduces to
+    that of the (small) diagonal blocks.
+    """
+    n = structure.n
+    adj = [[False] * n for _ in range(n)]
+    for f in structure.flows:
+        if f.target is not None:
+            adj[f.source - 1][f.target - 1] = True
+    reach = [row[:] for row in adj]
+    for k in range(n):
+        for i in range(n):
+            if reach[i][k]:
+                for j in range(n):
+                    if reach[k][j]:
+                        reach[i][j] = True
+    comps: list[list[int]] = []
+    seen: set[int] = set()
+    for i in range(n):
+        if i in seen:
+            continue
+        comp = [i] + [j for j in range(n) if j != i and reach[i][j] and reach[j][i]]
+        seen.update(comp)
+        comps.append(sorted(comp))
+    # topological order: a component goes after every component that reaches it
+    order: list[list[int]] = []
+    remaining = comps[:]
+    while remaining:
+        for c in remaining:
+            if not any(reach[j][c[0]] and j not in c for other in remaining if other is not c for j in other):
+                order.append(c)
+                remaining.remove(c)
+                break
+    return order
+
+
+def _eigen(K: FloatArray, blocks: list[list[int]] | None = None
+           ) -> tuple[FloatArray, FloatArray, FloatArray, NDArray[np.bool_]]:
+    """Batched real eigen-decomposition; ``bad`` marks members to leave to the engine.
+
+    With ``blocks`` (strongly connected components in topological order, all of size 1 or 2) the
+    decomposition is computed in closed form; otherwise by LAPACK. A member is bad when an eigenvalue is
+    complex or two eigenvalues nearly coincide (relative gap below 1e-6): the eigenvector matrix is then
+    close to singular and the closed form loses digits.
+    """
+    n = K.shape[-1]
+    if blocks is not None and all(len(b) <= 2 for b in blocks):
+        lam, V, imag = _eigen_blocks(K, blocks)
+    else:
+        lam_c, V_c = np.linalg.eig(K)
+        scale = 1.0 + np.max(np.abs(lam_c.real), axis=-1)
+        imag = np.max(np.abs(lam_c.imag), axis=-1) > 1e-10 * scale
+        lam, V = lam_c.real, V_c.real
+    gap = np.where(np.eye(n, dtype=bool), np.inf, np.abs(lam[..., :, None] - lam[..., None, :]))
+    rel = gap / np.maximum(np.maximum(np.abs(lam[..., :, None]), np.abs(lam[..., None, :])), 1e-300)
+    bad = imag | (np.min(rel, axis=(-1, -2)) < 1e-6) | ~np.isfinite(V).all(axis=(-1, -2))
+    V_safe = np.where(bad[..., None, None], np.eye(n), V)
     Vinv = np.linalg.inv(V_safe)
+    bad |= ~np.isfinite(Vinv).all(axis=(-1, -2))
     return lam, V_safe, Vinv, bad
+
+
+def _eigen_blocks(K: FloatArray, blocks: list[list[int]]) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
+    """Closed-form eigen-decomposition of a block lower-triangular matrix with 1x1 and 2x2 blocks."""
+    shape = K.shape[:-2]
+    n = K.shape[-1]
+    lam = np.zeros((*shape, n))
+    V = np.zeros((*shape, n, n))
+    imag = np.zeros(shape, dtype=bool)
+    col = 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for bi, b in enumerate(blocks):
+            if len(b) == 1:
+                pairs = [(K[..., b[0], b[0]], {b[0]: np.ones(shape)})]
+            else:
+                i, j = b
+                a, bb, c, d = K[..., i, i], K[..., i, j], K[..., j, i], K[..., j, j]
+                tr, det = a + d, a * d - bb * c
+                disc = tr * tr / 4.0 - det
+                imag |= disc < 0
+                sq = np.sqrt(np.maximum(disc, 0.0))
+                l1 = tr / 2.0 + np.where(tr >= 0, sq, -sq)  # larger magnitude root, then the stable one
+                l2 = np.where(l1 != 0, det / np.where(l1 != 0, l1, 1.0), tr / 2.0)
+                pairs = []
+                for lv in (l1, l2):
+                    # (K_b - lam I) u = 0: u = (bb, lam - a) or (lam - d, c), whichever is larger
+                    u1 = np.stack([bb, lv - a], axis=-1)
+                    u2 = np.stack([lv - d, c], axis=-1)
+                    use1 = np.linalg.norm(u1, axis=-1) >= np.linalg.norm(u2, axis=-1)
+                    u = np.where(use1[..., None], u1, u2)
+                    nrm = np.linalg.norm(u, axis=-1, keepdims=True)
+                    u = u / np.where(nrm > 0, nrm, 1.0)
+                    pairs.append((lv, {i: u[..., 0], j: u[..., 1]}))
+            for lv, comp in pairs:
+                v = np.zeros((*shape, n))
+                for idx, val in comp.items():
+                    v[..., idx] = val
+                # later blocks: v_c = (lam I - K_cc)^-1 sum_{a before c} K_ca v_a
+                for c_blk in blocks[bi + 1:]:
+                    rhs = np.stack([np.einsum("...k,...k->...", K[..., r, :], v) for r in c_blk], axis=-1)
+                    if len(c_blk) == 1:
+                        r = c_blk[0]
+                        v[..., r] = rhs[..., 0] / (lv - K[..., r, r])
+                    else:
+                        r, s2 = c_blk
+                        m11, m12 = lv - K[..., r, r], -K[..., r, s2]
+                        m21, m22 = -K[..., s2, r], lv - K[..., s2, s2]
+                        det2 = m11 * m22 - m12 * m21
+                        v[..., r] = (m22 * rhs[..., 0] - m12 * rhs[..., 1]) / det2
+                        v[..., s2] = (-m21 * rhs[..., 0] + m11 * rhs[..., 1]) / det2
+                lam[..., col] = lv
+                V[..., :, col] = v
+                col += 1
+    return lam, V, imag
 
 
 def _expm1_over(lam: FloatArray, m: FloatArray) -> FloatArray:
@@ -205,7 +317,8 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         Amount / S at each observation record.
     bad : ndarray of bool, shape (N, B)
         Members whose eigen-decomposition is ill-conditioned (or complex, or whose steady state does not
-        exist); their predictions are not to be used (simulate them with the engine).
+        exist); their predictions are not to be used (simulate them with the engine). Members whose
+        parameters are not finite or not valid (negative rate constants, F or lag) get NaN predictions.
     """
     N = design.n_individuals
     first = next(iter(params.values()))
@@ -217,7 +330,13 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         K[:, :, f.source - 1, f.source - 1] -= k
         if f.target is not None:
             K[:, :, f.target - 1, f.source - 1] += k
-    lam, V, Vinv, bad = _eigen(K)
+    finite: NDArray[np.bool_] = np.asarray(np.isfinite(K).all(axis=(-1, -2)))
+    Kf = np.where(finite[..., None, None], K, 0.0)
+    diag = np.einsum("...ii->...i", Kf)
+    off = Kf - diag[..., None] * np.eye(n)
+    invalid_params: NDArray[np.bool_] = ~finite | (diag > 0).any(-1) | (off < 0).any(axis=(-1, -2))
+    K = np.where(invalid_params[..., None, None], -np.eye(n), K)
+    lam, V, Vinv, bad = _eigen(K, _blocks(structure))
     ones = np.ones((N, B))
     zeros = np.zeros((N, B))
 
@@ -233,70 +352,116 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
     if P == 0:
         return pred, bad
     w = V[pi, :, po, :] * Vinv[pi, :, :, pc]  # (P, B, n): V[o, k] Vinv[k, c]
-    lam_p = lam[pi]  # (P, B, n)
-    lag = np.where(design.pair_kind[:, None] == _CONST_INF, 0.0, Lc[pi, :, pc])  # (P, B)
-    dt = design.pair_tobs[:, None] - (design.pair_tdose[:, None] + lag)  # time since the dose entered (as the engine)
-    amount = Fc[pi, :, pc] * design.pair_amt[:, None]
-    kind = design.pair_kind[:, None]
-    rate_given = np.broadcast_to(design.pair_rate[:, None], dt.shape)
-    rho = np.where(kind == _RATE, rate_given,
-                   np.where(kind == _MODEL_RATE, Rc[pi, :, pc],
-                            np.where(kind == _MODEL_DUR, amount / np.where(Dc[pi, :, pc] > 0, Dc[pi, :, pc], 1.0),
-                                     rate_given)))
-    dur = np.where(kind == _MODEL_DUR, Dc[pi, :, pc], amount / np.where(rho > 0, rho, 1.0))
-    is_inf = (kind == _RATE) | (kind == _MODEL_RATE) | (kind == _MODEL_DUR)
-    invalid = ((kind == _MODEL_DUR) & ~(Dc[pi, :, pc] > 0)) | ((kind == _MODEL_RATE) & ~(Rc[pi, :, pc] > 0))
-    bad = bad | _scatter_any(invalid, pi, N, B)
-    ss = design.pair_ss[:, None] == 1
-    ii_safe = np.where(design.pair_ii > 0, design.pair_ii, 1.0)
-    ii = ii_safe[:, None, None]
-    L3 = lam_p
+    kind_all = design.pair_kind
+    ss_all = design.pair_ss == 1
     contrib = np.zeros((P, B, n))
-    # -- bolus, single dose
-    m = (kind == _BOLUS) & ~ss & (dt >= 0)
-    contrib += np.where(m[..., None], amount[..., None] * np.exp(L3 * np.where(m, dt, 0.0)[..., None]), 0.0)
-    # -- zero-order input, single dose
-    m = is_inf & ~ss & (dt >= 0)
-    mp = np.minimum(np.where(m, dt, 0.0), np.where(m, dur, 0.0))[..., None]
-    contrib += np.where(m[..., None], rho[..., None] * np.exp(L3 * (np.where(m, dt, 0.0)[..., None] - mp))
-                        * _expm1_over(L3, mp), 0.0)
+    ii_all = np.where(design.pair_ii > 0, design.pair_ii, 1.0)
+
+    def sub(mask: NDArray[np.bool_]) -> IntArray:
+        return np.flatnonzero(mask)
+
+    def common(q: IntArray) -> tuple[FloatArray, FloatArray, FloatArray, IntArray]:
+        qi, qc = pi[q], pc[q]
+        lag = Lc[qi, :, qc]
+        dt = design.pair_tobs[q, None] - (design.pair_tdose[q, None] + lag)  # as the engine computes entry times
+        amount = Fc[qi, :, qc] * design.pair_amt[q, None]
+        return lag, dt, amount, qi
+
+    # -- bolus doses with their ADDL doses (finite series), not steady state
+    q = sub((kind_all == _BOLUS) & ~ss_all)
+    if q.size:
+        lag, dt, amount, qi = common(q)
+        L3 = lam[qi]
+        ii = ii_all[q, None]
+        addl = design.pair_addl[q, None]
+        # index of the last dose that has entered: K = min(ADDL, floor(dt / ii)), checked like the engine
+        K = np.where(addl > 0, np.minimum(addl, np.floor(np.maximum(dt, 0.0) / ii)), 0.0)
+        t0 = design.pair_tdose[q, None]
+        tobs = design.pair_tobs[q, None]
+        over = (K > 0) & ((t0 + K * ii) + lag > tobs)
+        K = np.where(over, K - 1, K)
+        under = (addl > K) & ((t0 + (K + 1) * ii) + lag <= tobs)
+        K = np.where(under, K + 1, K)
+        entered = dt >= 0
+        dK = np.where(entered, tobs - ((t0 + K * ii) + lag), 0.0)[..., None]
+        series = np.where(np.abs(L3 * ii[..., None]) < 1e-12, (K + 1)[..., None],
+                          np.expm1(L3 * ii[..., None] * (K + 1)[..., None])
+                          / np.where(np.abs(L3 * ii[..., None]) < 1e-12, 1.0, np.expm1(L3 * ii[..., None])))
+        series = np.where((addl > 0)[..., None], series, 1.0)
+        contrib[q] = np.where(entered[..., None], amount[..., None] * np.exp(L3 * dK) * series, 0.0)
+    zero_order = (kind_all == _RATE) | (kind_all == _MODEL_RATE) | (kind_all == _MODEL_DUR)
+    if zero_order.any():
+        zq = np.flatnonzero(zero_order)
+        invalid = (((kind_all[zq] == _MODEL_DUR)[:, None] & ~(Dc[pi[zq], :, pc[zq]] > 0))
+                   | ((kind_all[zq] == _MODEL_RATE)[:, None] & ~(Rc[pi[zq], :, pc[zq]] > 0)))
+        bad = bad | _scatter_any(invalid, pi[zq], N, B)
+    # -- zero-order inputs (expanded ADDL), not steady state
+    q = sub(((kind_all == _RATE) | (kind_all == _MODEL_RATE) | (kind_all == _MODEL_DUR)) & ~ss_all)
+    if q.size:
+        lag, dt, amount, qi = common(q)
+        rho, dur = _rate_duration(kind_all[q], design.pair_rate[q], amount, Rc[qi, :, pc[q]], Dc[qi, :, pc[q]])
+        L3 = lam[qi]
+        m = dt >= 0
+        d_ = np.where(m, dt, 0.0)[..., None]
+        mp = np.minimum(d_, np.where(m, dur, 0.0)[..., None])
+        contrib[q] = np.where(m[..., None], rho[..., None] * np.exp(L3 * (d_ - mp)) * _expm1_over(L3, mp), 0.0)
     # -- constant infusion at steady state, stopped at its record
-    m = (kind == _CONST_INF) & (dt >= 0)
-    if m.any():
+    q = sub(kind_all == _CONST_INF)
+    if q.size:
+        qi = pi[q]
+        L3 = lam[qi]
+        dt = np.broadcast_to((design.pair_tobs[q] - design.pair_tdose[q])[:, None], (q.size, B))
+        m = dt >= 0
         safe = np.where(L3 < 0, L3, -1.0)
-        contrib += np.where(m[..., None], rate_given[..., None] * np.exp(L3 * np.where(m, dt, 0.0)[..., None])
-                            / -safe, 0.0)
-        bad |= _scatter_any(((L3 >= 0) & (np.abs(w) > 1e-12)).any(-1) & m, pi, N, B)
+        decay = np.exp(L3 * np.where(m, dt, 0.0)[..., None])
+        contrib[q] = np.where(m[..., None], design.pair_rate[q, None, None] * decay / -safe, 0.0)
+        bad |= _scatter_any(((L3 >= 0) & (np.abs(w[q]) > 1e-12)).any(-1) & m, qi, N, B)
     # -- steady-state series of the earlier doses: entries at dt + j*ii, j >= 1
-    if ss.any():
+    q = sub(ss_all)
+    if q.size:
+        lag, dt, amount, qi = common(q)
+        L3 = lam[qi]
+        iiv = ii_all[q, None]
         geo_ok = L3 < 0
-        denom = np.where(geo_ok, -np.expm1(L3 * ii), 1.0)  # 1 - e^(lam ii)
-        j0 = np.maximum(1.0, np.ceil(-dt / ii_safe[:, None]))  # first dose that has entered
-        m = (kind == _BOLUS) & ss
-        if m.any():
-            d0 = (dt + j0 * ii_safe[:, None])[..., None]
-            term = amount[..., None] * np.exp(L3 * np.where(m[..., None], d0, 0.0)) / denom
-            contrib += np.where(m[..., None], term, 0.0)
-        m = is_inf & ss
-        if m.any():
-            iiv = ii_safe[:, None]
-            j1 = np.maximum(j0, np.ceil((dur - dt) / iiv))  # first earlier infusion already complete
-            d1 = np.where(m, dt + j1 * iiv - dur, 0.0)[..., None]
-            full = rho[..., None] * np.exp(L3 * d1) * _expm1_over(L3, np.where(m, dur, 0.0)[..., None]) / denom
-            contrib += np.where(m[..., None], full, 0.0)
-            n_partial = int(np.max(np.where(m, j1 - j0, 0)))
-            for q in range(n_partial):
-                j = j0 + q
-                mq = m & (j < j1)
-                dq = np.where(mq, dt + j * iiv, 0.0)[..., None]
-                part = rho[..., None] * _expm1_over(L3, dq)
-                # partial infusion still running: integral over [0, dq] of e^(lam (dq - s)) ds
-                contrib += np.where(mq[..., None], part, 0.0)
-        bad |= _scatter_any((~geo_ok & (np.abs(w) > 1e-12)).any(-1) & ss, pi, N, B)
+        denom = np.where(geo_ok, -np.expm1(L3 * iiv[..., None]), 1.0)  # 1 - e^(lam ii)
+        j0 = np.maximum(1.0, np.ceil(-dt / iiv))  # first earlier dose that has entered
+        is_bolus = (kind_all[q] == _BOLUS)[:, None]
+        d0 = (dt + j0 * iiv)[..., None]
+        part_bolus = amount[..., None] * np.exp(L3 * d0) / denom
+        rho, dur = _rate_duration(kind_all[q], design.pair_rate[q], amount, Rc[qi, :, pc[q]], Dc[qi, :, pc[q]])
+        j1 = np.maximum(j0, np.ceil((dur - dt) / iiv))  # first earlier infusion already complete
+        d1 = (dt + j1 * iiv - dur)[..., None]
+        part_inf = rho[..., None] * np.exp(L3 * d1) * _expm1_over(L3, dur[..., None]) / denom
+        n_partial = int(np.max(np.where(~is_bolus, j1 - j0, 0))) if (~is_bolus).any() else 0
+        for step in range(n_partial):
+            j = j0 + step
+            mk = ~is_bolus & (j < j1)
+            dq = np.where(mk, dt + j * iiv, 0.0)[..., None]
+            part_inf = part_inf + np.where(mk[..., None], rho[..., None] * _expm1_over(L3, dq), 0.0)
+        contrib[q] = np.where(is_bolus[..., None], part_bolus, part_inf)
+        no_ss: NDArray[np.bool_] = np.asarray((~geo_ok & (np.abs(w[q]) > 1e-12)).any(-1))
+        bad |= _scatter_any(no_ss, qi, N, B)
     vals = np.einsum("pbk,pbk->pb", w, contrib)
     np.add.at(pred, design.pair_obs, vals)
     scale = Sc[design.obs_ind, :, design.obs_cmt]
-    return pred / scale, bad
+    out = pred / scale
+    # parameters that are not finite or not valid rates give NaN (an impossible parameter set, not a failure)
+    dose_ok = np.all(np.isfinite(Fc) & (Fc >= 0) & np.isfinite(Lc) & (Lc >= 0), axis=-1)
+    invalid_params |= ~dose_ok
+    if invalid_params.any():
+        out = np.where(invalid_params[design.obs_ind], np.nan, out)
+        bad &= ~invalid_params
+    return out, bad
+
+
+def _rate_duration(kind: IntArray, rate: FloatArray, amount: FloatArray, R: FloatArray, D: FloatArray
+                   ) -> tuple[FloatArray, FloatArray]:
+    """Input rate and duration of zero-order doses (P', B): given RATE, modelled rate R or modelled duration D."""
+    k = kind[:, None]
+    given = np.broadcast_to(rate[:, None], amount.shape)
+    rho = np.where(k == _RATE, given, np.where(k == _MODEL_RATE, R, amount / np.where(D > 0, D, 1.0)))
+    dur = np.where(k == _MODEL_DUR, D, amount / np.where(rho > 0, rho, 1.0))
+    return rho, dur
 
 
 def _scatter_any(mask: NDArray[np.bool_], ind: IntArray, N: int, B: int) -> NDArray[np.bool_]:

@@ -1,0 +1,510 @@
+"""Maximum a posteriori (MAP) Bayesian estimation of individual random effects.
+
+The objective is NONMEM's (see :mod:`cnidose.estimation.observations`). The optimiser works on a whole
+group of individuals at once: each iteration predicts every active individual at its estimate and at
+central finite-difference perturbations in one vectorised call, forms the gradient and the expected
+(Fisher) information, takes a Newton step with a backtracking line search on the exact objective, and
+drops the individuals that have converged. Individuals whose optimum is doubtful (not converged,
+information not positive definite, an observation far outside its error model, or an observation the
+model predicts as exactly zero) are restarted from the best of a fixed set of prior draws, and keep
+whichever optimum is lower. Every individual gets a status; one individual's bad data never stops the
+batch.
+
+Uncertainty at the optimum: ``covariance="expected"`` (default) is NONMEM's conditional covariance, the
+inverse of the expected Fisher information ``[Σ Jᵀ (1/V + ½ (∂V/∂f / V)²) J + Ω⁻¹]⁻¹``;
+``covariance="exact"`` inverts half the finite-difference Hessian of the objective. The result says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cnidose.estimation.cohort import Group, Member, build_groups
+from cnidose.estimation.observations import terms
+from cnidose.models.model import Model, Notice
+from cnidose.pk.events import Individual
+
+
+def _inv(a: NDArray[np.floating]) -> NDArray[np.float64]:  # type: ignore[type-arg]
+    return np.asarray(np.linalg.inv(a), dtype=np.float64)
+
+
+__all__ = ["MapResult", "fit_map", "objective"]
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+Status = Literal["converged", "prior-only", "not-converged", "error"]
+CovMethod = Literal["expected", "exact"]
+
+_H = 1e-4  # central-difference step on the random effects
+
+
+@dataclass(frozen=True, slots=True)
+class MapResult:
+    """The MAP estimate of one individual."""
+
+    id: float
+    status: Status
+    message: str
+    eta: FloatArray  # the model's random effects (IIV), in declared order; zeros where not estimated
+    kappa: FloatArray | None  # between-occasion effects, (n_occasions, n_kappa), or None
+    ofv: float  # objective at the estimate
+    covariance: FloatArray | None  # over the estimated effects, see names
+    covariance_method: CovMethod
+    names: tuple[str, ...]  # estimated effects, in the covariance's order
+    iterations: int
+    ipred: FloatArray  # predictions at the observation records (estimate)
+    pred: FloatArray  # predictions at the observation records (typical individual)
+    obs_records: IntArray  # record indices of those observations
+    notices: tuple[Notice, ...] = ()
+    n_observations: int = 0
+    n_blq: int = 0
+    starts: int = 1
+    model: str = ""
+
+
+@dataclass(slots=True)
+class _State:
+    theta: FloatArray  # (G, d)
+    ofv: FloatArray  # (G,)
+    iters: IntArray
+    done: NDArray[np.bool_]
+    converged: NDArray[np.bool_]
+    info: FloatArray = field(default_factory=lambda: np.zeros((0, 0, 0)))  # (G, d, d) expected information / 2
+
+
+def _segment_sum(values: FloatArray, starts: IntArray, G: int) -> FloatArray:
+    """Sum rows of ``values`` (O, ...) over each member's observation segment -> (G, ...)."""
+    out = np.zeros((G, *values.shape[1:]))
+    counts = np.diff(starts)
+    idx = np.repeat(np.arange(G), counts)
+    np.add.at(out, idx, values)
+    return out
+
+
+def _obs_slices(g: Group, which: IntArray) -> tuple[IntArray, IntArray]:
+    """Observation indices (into the group's arrays) of members ``which``, and their segment starts."""
+    counts = np.diff(g.obs_start)[which]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    idx = np.concatenate([np.arange(g.obs_start[w], g.obs_start[w + 1]) for w in which]) if which.size else \
+        np.zeros(0, np.int64)
+    return idx.astype(np.int64), starts
+
+
+def _ofv(g: Group, which: IntArray, theta: FloatArray, f: FloatArray) -> FloatArray:
+    """Objective of members ``which`` at ``theta`` (G', B, d) with predictions ``f`` (O', B) -> (G', B)."""
+    idx, starts = _obs_slices(g, which)
+    t, _, _, _ = terms(f, g.y[idx], g.blq[idx], g.limit[idx], g.log[idx], g.prop[idx], g.add[idx],
+                       g.sd_log[idx], g.if_zero[idx], derivatives=False)
+    data = _segment_sum(t, starts, which.size)
+    prior = np.einsum("gbi,ij,gbj->gb", theta, g.precision, theta)
+    return data + prior
+
+
+def objective(model: Model, individual: Individual, eta: Any, kappa: Any = None) -> float:
+    """The MAP objective of one individual at given random effects (e.g. NONMEM's, to compare)."""
+    groups, members = build_groups(model, [individual], fast=False)
+    if members[0].error:
+        raise ValueError(members[0].error)
+    g = groups[0]
+    full = np.asarray(eta, dtype=np.float64).ravel()
+    if kappa is not None:
+        full = np.concatenate([full, np.asarray(kappa, dtype=np.float64).ravel()])
+    theta = full[g.estimated][None, None, :]
+    f = g.predict(theta)
+    return float(_ofv(g, np.arange(1), theta, f)[0, 0])
+
+
+def _derivatives(g: Group, which: IntArray, theta: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray,
+                                                                       FloatArray, FloatArray]:
+    """f, J, ofv, gradient and half the expected information for members ``which`` at ``theta`` (G', d)."""
+    G, d = theta.shape
+    offs = np.zeros((1 + 2 * d, d))
+    offs[1:1 + d] = np.eye(d) * _H
+    offs[1 + d:] = -np.eye(d) * _H
+    pts = theta[:, None, :] + offs[None]
+    F = g.predict(pts, which)  # (O', 1 + 2d)
+    f = F[:, 0]
+    J = (F[:, 1:1 + d] - F[:, 1 + d:]) / (2 * _H)  # (O', d)
+    idx, starts = _obs_slices(g, which)
+    t, dt, w, _ = terms(f[:, None], g.y[idx], g.blq[idx], g.limit[idx], g.log[idx], g.prop[idx], g.add[idx],
+                        g.sd_log[idx], g.if_zero[idx])
+    assert dt is not None and w is not None
+    t, dt, w = t[:, 0], dt[:, 0], w[:, 0]
+    dt = np.where(np.isfinite(dt), dt, 0.0)
+    w = np.where(np.isfinite(w), w, 0.0)
+    ofv = _segment_sum(t, starts, G) + np.einsum("gi,ij,gj->g", theta, g.precision, theta)
+    grad = _segment_sum(dt[:, None] * J, starts, G) + 2.0 * theta @ g.precision
+    info_half = _segment_sum(0.5 * w[:, None, None] * J[:, :, None] * J[:, None, :], starts, G) + g.precision
+    return f, J, ofv, grad, info_half
+
+
+def _hessian_fd(g: Group, which: IntArray, theta: FloatArray, h: float = 1e-3) -> FloatArray:
+    """Exact Hessian of the objective by central second differences, for every member at once -> (G', d, d)."""
+    G, d = theta.shape
+    offs = [np.zeros(d)]
+    for i in range(d):
+        e = np.zeros(d)
+        e[i] = h
+        offs += [e, -e]
+    pairs = [(i, j) for i in range(d) for j in range(i + 1, d)]
+    for i, j in pairs:
+        for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+            e = np.zeros(d)
+            e[i], e[j] = si * h, sj * h
+            offs.append(e)
+    offsets = np.asarray(offs)
+    pts = theta[:, None, :] + offsets[None]
+    vals = _ofv(g, which, pts, g.predict(pts, which))  # (G', n_pts)
+    H = np.zeros((G, d, d))
+    f0 = vals[:, 0]
+    for i in range(d):
+        H[:, i, i] = (vals[:, 1 + 2 * i] - 2 * f0 + vals[:, 2 + 2 * i]) / (h * h)
+    k = 1 + 2 * d
+    for i, j in pairs:
+        pp, pm, mp, mm = vals[:, k], vals[:, k + 1], vals[:, k + 2], vals[:, k + 3]
+        H[:, i, j] = H[:, j, i] = (pp - pm - mp + mm) / (4 * h * h)
+        k += 4
+    return H
+
+
+def _optimise(g: Group, theta0: FloatArray, which: IntArray, *, max_iter: int = 100, tol: float = 1e-10,
+              newton_after: int = 8) -> _State:
+    G, d = theta0.shape
+    theta = theta0.copy()
+    ofv = _ofv(g, which, theta[:, None, :], g.predict(theta[:, None, :], which))[:, 0]
+    st = _State(theta, ofv, np.zeros(G, np.int64), np.zeros(G, bool), np.zeros(G, bool))
+    st.done |= ~np.isfinite(ofv)
+    if d == 0:
+        st.done[:] = True
+        st.converged[:] = np.isfinite(ofv)
+        return st
+    for _ in range(max_iter):
+        act = np.flatnonzero(~st.done)
+        if act.size == 0:
+            break
+        _, _, ofv_a, grad, info = _derivatives(g, which[act], st.theta[act])
+        st.ofv[act] = ofv_a
+        st.iters[act] += 1
+        H = 2.0 * info
+        late = np.flatnonzero(st.iters[act] > newton_after)
+        if late.size:  # slow linear convergence of scoring: switch to Newton on the exact Hessian where it is PD
+            He = _hessian_fd(g, which[act[late]], st.theta[act[late]])
+            pd = np.all(np.linalg.eigvalsh(He) > 0, axis=1) & np.all(np.isfinite(He), axis=(1, 2))
+            H[late[pd]] = He[pd]
+        try:
+            step = -np.linalg.solve(H, grad[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            step = -grad * 0.1
+        decrement = -np.einsum("gi,gi->g", grad, step)
+        small = (decrement < tol) | (np.max(np.abs(step), axis=1) < 1e-9)
+        st.done[act[small]] = True
+        st.converged[act[small]] = True
+        todo = act[~small]
+        alpha = np.ones(todo.size)
+        pending = np.arange(todo.size)
+        stp = step[~small]
+        dec = decrement[~small]
+        for _ls in range(40):
+            if pending.size == 0:
+                break
+            cand = st.theta[todo[pending]] + alpha[pending, None] * stp[pending]
+            f = g.predict(cand[:, None, :], which[todo[pending]])
+            new = _ofv(g, which[todo[pending]], cand[:, None, :], f)[:, 0]
+            ok = np.isfinite(new) & (new <= st.ofv[todo[pending]] - 1e-4 * alpha[pending] * dec[pending])
+            acc = pending[ok]
+            st.theta[todo[acc]] = cand[ok]
+            st.ofv[todo[acc]] = new[ok]
+            pending = pending[~ok]
+            alpha[pending] *= 0.5
+        if pending.size:  # no decrease along the Newton direction: stationary to working precision
+            st.done[todo[pending]] = True
+            st.converged[todo[pending]] = np.abs(dec[pending]) < 1e-6
+    return st
+
+
+def _doubtful(g: Group, which: IntArray, st: _State) -> NDArray[np.bool_]:
+    """Members whose optimum deserves restarts."""
+    out = ~st.converged | ~np.isfinite(st.ofv)
+    ok = np.flatnonzero(~out)
+    if ok.size:
+        f = g.predict(st.theta[ok][:, None, :], which[ok])[:, 0]
+        idx, starts = _obs_slices(g, which[ok])
+        fp = np.where(g.log[idx], np.log(np.maximum(f, 1e-300)), f)
+        f_eff = np.where(np.isfinite(g.if_zero[idx]) & (f == 0), g.if_zero[idx], f)
+        V = np.where(g.log[idx], g.sd_log[idx] ** 2, (g.prop[idx] * f_eff) ** 2 + g.add[idx] ** 2)
+        z = np.abs(np.where(g.blq[idx], 0.0, g.y[idx] - fp)) / np.sqrt(V)
+        flag = (z > 5.0) | ((f == 0) & ~g.blq[idx])
+        out[ok] |= _segment_sum(flag.astype(float), starts, ok.size) > 0
+        # information not positive definite, or an estimate far in the prior's tail
+        far = np.einsum("gi,ij,gj->g", st.theta[ok], g.precision, st.theta[ok]) > 25.0
+        out[ok] |= far
+    return out
+
+
+def _restarts(g: Group, which: IntArray, st: _State, n_draws: int = 40, n_best: int = 3, seed: int = 20211,
+              everyone: bool = False) -> int:
+    """Restart doubtful members (or everyone) from the best prior draws; keep the lower optimum."""
+    doubt = np.arange(which.size) if everyone else np.flatnonzero(_doubtful(g, which, st))
+    if doubt.size == 0 or g.dim == 0:
+        return 0
+    rng = np.random.default_rng(seed)
+    cov = np.linalg.inv(g.precision)
+    draws = rng.multivariate_normal(np.zeros(g.dim), cov, size=n_draws)
+    draws = np.concatenate([draws, 2.0 * draws[: n_draws // 2], -2.0 * draws[: n_draws // 2]])
+    D = draws.shape[0]
+    pts = np.broadcast_to(draws[None], (doubt.size, D, g.dim)).copy()
+    f = g.predict(pts, which[doubt])
+    vals = _ofv(g, which[doubt], pts, f)  # (G', D)
+    vals = np.where(np.isfinite(vals), vals, np.inf)
+    best = np.argsort(vals, axis=1)[:, :n_best]
+    starts = pts[np.arange(doubt.size)[:, None], best].reshape(-1, g.dim)
+    rep = np.repeat(doubt, n_best)
+    sub = _optimise(g, starts, which[rep])
+    for k, member in enumerate(rep):
+        better = np.isfinite(sub.ofv[k]) and (not np.isfinite(st.ofv[member]) or sub.ofv[k] < st.ofv[member] - 1e-9
+                                              or (not st.converged[member] and sub.converged[k]
+                                                  and sub.ofv[k] <= st.ofv[member] + 1e-9))
+        if better:
+            st.theta[member] = sub.theta[k]
+            st.ofv[member] = sub.ofv[k]
+            st.converged[member] = sub.converged[k]
+            st.iters[member] += sub.iters[k]
+    return int(doubt.size)
+
+
+def _polish(g: Group, which: IntArray, st: _State, members: IntArray, *, start_step: float = 0.02,
+            min_step: float = 1e-7, max_iter: int = 400) -> None:
+    """Derivative-free compass search from the current estimates of ``members`` (for non-smooth optima).
+
+    Directions: the coordinate axes and the eigenvectors of the information matrix. Each iteration
+    evaluates every direction both ways for every member at once; a member moves to its best
+    improvement or halves its step. Marks members converged when the step falls below ``min_step``.
+    """
+    if members.size == 0 or g.dim == 0:
+        return
+    d = g.dim
+    theta = st.theta[members].copy()
+    ofv = st.ofv[members].copy()
+    _, _, _, _, info = _derivatives(g, which[members], theta)
+    dirs = np.empty((members.size, 4 * d, d))
+    for k in range(members.size):
+        try:
+            _, vec = np.linalg.eigh(info[k])
+            vec = vec / np.sqrt(np.maximum(np.linalg.eigvalsh(info[k]), 1e-12))[None, :]
+            vec = vec / np.max(np.abs(vec), axis=0, keepdims=True)
+        except np.linalg.LinAlgError:
+            vec = np.eye(d)
+        base = np.concatenate([np.eye(d), vec.T])
+        dirs[k] = np.concatenate([base, -base])
+    step = np.full(members.size, start_step)
+    active = np.arange(members.size)
+    for _ in range(max_iter):
+        if active.size == 0:
+            break
+        pts = theta[active, None, :] + step[active, None, None] * dirs[active]
+        f = g.predict(pts, which[members[active]])
+        vals = _ofv(g, which[members[active]], pts, f)
+        vals = np.where(np.isfinite(vals), vals, np.inf)
+        best = np.argmin(vals, axis=1)
+        bv = vals[np.arange(active.size), best]
+        improve = bv < ofv[active] - 1e-12
+        mv = active[improve]
+        theta[mv] = pts[np.flatnonzero(improve), best[improve]]
+        ofv[mv] = bv[improve]
+        step[active[~improve]] *= 0.5
+        active = active[step[active] >= min_step]
+    better = ofv <= st.ofv[members]
+    st.theta[members[better]] = theta[better]
+    st.ofv[members[better]] = ofv[better]
+    st.converged[members] = True
+
+
+def _timing_effects(g: Group) -> IntArray:
+    """Estimated effects that move dose timing (lag, modelled duration or rate): the objective has kinks."""
+    model = g.model
+    m = g.members[0]
+    if m.prep is None or g.dim == 0:
+        return np.zeros(0, np.int64)
+    n_eta = len(model.iiv)
+    base = model.individual_parameters(m.prep, g.expand(np.zeros((1, g.dim)))[:, :n_eta])
+    keys = [k for k in base if k.startswith(("ALAG", "D", "R")) and k[-1].isdigit()]
+    out = []
+    for j in range(g.dim):
+        e = np.zeros((1, g.dim))
+        e[0, j] = 0.1
+        p1 = model.individual_parameters(m.prep, g.expand(e)[:, :n_eta])
+        if any(not np.allclose(base[k], p1[k]) for k in keys):
+            out.append(j)
+    return np.asarray(out, dtype=np.int64)
+
+
+def _timing_scan(g: Group, which: IntArray, st: _State, effects: IntArray, n_grid: int = 25,
+                 n_starts: int = 2) -> None:
+    """For each effect that moves dose timing, scan it over its prior range (others at the estimate), restart
+    from the best grid points that are not the current basin, keep the lower optimum."""
+    if effects.size == 0 or which.size == 0:
+        return
+    sd = np.sqrt(np.diag(np.linalg.inv(g.precision)))
+    for j in effects.tolist():
+        grid = np.linspace(-3.0, 3.0, n_grid) * sd[j]
+        pts = np.repeat(st.theta[:, None, :], n_grid, axis=1)
+        pts[:, :, j] = grid[None, :]
+        vals = _ofv(g, which, pts, g.predict(pts, which))
+        vals = np.where(np.isfinite(vals), vals, np.inf)
+        far = np.abs(grid[None, :] - st.theta[:, j:j + 1]) > 0.25 * sd[j]
+        vals = np.where(far, vals, np.inf)
+        best = np.argsort(vals, axis=1)[:, :n_starts]
+        starts = pts[np.arange(which.size)[:, None], best].reshape(-1, g.dim)
+        rep = np.repeat(np.arange(which.size), n_starts)
+        okv = np.isfinite(vals[np.arange(which.size)[:, None], best].ravel())
+        rep, starts = rep[okv], starts[okv]
+        if rep.size == 0:
+            continue
+        sub = _optimise(g, starts, which[rep])
+        for k, member in enumerate(rep):
+            if np.isfinite(sub.ofv[k]) and sub.ofv[k] < st.ofv[member] - 1e-9:
+                st.theta[member] = sub.theta[k]
+                st.ofv[member] = sub.ofv[k]
+                st.converged[member] = sub.converged[k]
+                st.iters[member] += sub.iters[k]
+
+
+def _exact_covariance(g: Group, which: int, theta: FloatArray) -> FloatArray | None:
+    """(½ ∇² OFV)⁻¹ by central second differences of the objective."""
+    d = theta.size
+    h = 1e-3
+    pts = [theta]
+    for i in range(d):
+        for j in range(d):
+            for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+                p = theta.copy()
+                p[i] += si * h
+                p[j] += sj * h
+                pts.append(p)
+    P = np.asarray(pts)[None]
+    w = np.array([which])
+    vals = _ofv(g, w, P, g.predict(P, w))[0]
+    H = np.zeros((d, d))
+    k = 1
+    for i in range(d):
+        for j in range(d):
+            pp, pm, mp, mm = vals[k:k + 4]
+            H[i, j] = (pp - pm - mp + mm) / (4 * h * h)
+            k += 4
+    H = 0.5 * (H + H.T)
+    try:
+        out: FloatArray = _inv(0.5 * H)
+        return out
+    except np.linalg.LinAlgError:
+        return None
+
+
+def fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovMethod = "expected",
+            fast: bool = True, restarts: bool = True,
+            progress: Callable[[int, int], None] | None = None) -> list[MapResult]:
+    """MAP estimates for every individual (in input order), each with a status.
+
+    Parameters
+    ----------
+    model : Model
+    individuals : sequence of Individual
+        Records with a ``DV`` column (and optionally ``BLQ``, ``LLOQ``, the IOV occasion column).
+    covariance : {"expected", "exact"}
+        NONMEM's expected-information conditional covariance, or the inverse of half the exact Hessian.
+    fast : bool
+        Use the vectorised superposition path where it applies (the engine otherwise).
+    restarts : bool
+        Restart doubtful individuals from prior draws.
+    progress : callable(done, total), optional
+    """
+    groups, members = build_groups(model, individuals, fast=fast)
+    results: dict[int, MapResult] = {}
+    total = len(members)
+    done = 0
+    for m in members:
+        if m.error:
+            results[m.index] = _failed(model, m)
+            done += 1
+    for g in groups:
+        which = np.arange(g.size)
+        has_obs = np.diff(g.obs_start) > 0
+        theta0 = np.zeros((g.size, g.dim))
+        fit_idx = which[has_obs]
+        st = _optimise(g, theta0[fit_idx], fit_idx)
+        timing = _timing_effects(g)
+        n_restart = _restarts(g, fit_idx, st, everyone=timing.size > 0) if restarts else 0
+        if restarts:
+            _timing_scan(g, fit_idx, st, timing)
+        _polish(g, fit_idx, st, np.flatnonzero(~st.converged & np.isfinite(st.ofv)))
+        theta = np.zeros((g.size, g.dim))
+        theta[fit_idx] = st.theta
+        f_est = g.predict(theta[:, None, :])[:, 0]
+        f_typ = g.predict(np.zeros((g.size, 1, g.dim)))[:, 0]
+        cov_all: list[FloatArray | None] = [None] * g.size
+        if g.dim:
+            if covariance == "expected":
+                _, _, _, _, info = _derivatives(g, which, theta)
+                for k in range(g.size):
+                    try:
+                        cov_all[k] = np.linalg.inv(info[k])
+                    except np.linalg.LinAlgError:
+                        cov_all[k] = None
+            else:
+                for k in range(g.size):
+                    cov_all[k] = _exact_covariance(g, k, theta[k])
+        pos = {int(k): j for j, k in enumerate(fit_idx)}
+        for k, m in enumerate(g.members):
+            lo, hi = g.obs_start[k], g.obs_start[k + 1]
+            full = g.expand(theta[k])
+            n_eta = len(model.iiv)
+            kappa = full[n_eta:].reshape(m.n_occasions, len(model.iov)) if model.iov is not None and \
+                full.size > n_eta else None
+            assert m.obs is not None
+            if k in pos:
+                j = pos[k]
+                ok = bool(st.converged[j]) and np.isfinite(st.ofv[j])
+                status: Status = "converged" if ok else "not-converged"
+                msg = "" if ok else _remedy(float(st.ofv[j]))
+                ofv, iters = float(st.ofv[j]), int(st.iters[j])
+                if cov_all[k] is None and g.dim:
+                    status, msg = "not-converged", ("the information matrix at the estimate is singular; "
+                                                    "the data do not identify every random effect")
+            else:
+                status, msg, ofv, iters = "prior-only", "no observations: the estimate is the prior (typical " \
+                    "individual) and the covariance is Omega", 0.0, 0
+                prior_cov: FloatArray = _inv(g.precision) if g.dim else np.zeros((0, 0))
+                cov_all[k] = prior_cov
+            results[m.index] = MapResult(
+                id=float(m.individual.id), status=status, message=msg, eta=full[:n_eta], kappa=kappa, ofv=ofv,
+                covariance=cov_all[k], covariance_method=covariance, names=g.names, iterations=iters,
+                ipred=f_est[lo:hi], pred=f_typ[lo:hi], obs_records=m.obs.rec, notices=m.notices,
+                n_observations=int(hi - lo), n_blq=int(m.obs.blq.sum()), starts=1 + (n_restart > 0),
+                model=model.ref)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return [results[k] for k in range(len(members))]
+
+
+def _remedy(ofv: float) -> str:
+    if not np.isfinite(ofv):
+        return ("an observation is impossible under the model (predicted exactly 0 with a proportional-only "
+                "error, or a non-positive prediction on the log scale): check dose and sampling times, or mark "
+                "the level BLQ")
+    return ("the optimiser did not reach a stationary point; the estimate is the best found — check the data "
+            "for outliers, or compare with covariance='exact'")
+
+
+def _failed(model: Model, m: Member) -> MapResult:
+    n_eta = len(model.iiv)
+    empty = np.zeros(0)
+    return MapResult(id=float(m.individual.id), status="error", message=m.error, eta=np.full(n_eta, np.nan),
+                     kappa=None, ofv=float("nan"), covariance=None, covariance_method="expected", names=(),
+                     iterations=0, ipred=empty, pred=empty, obs_records=np.zeros(0, np.int64), notices=m.notices,
+                     model=model.ref)

@@ -1,0 +1,196 @@
+"""The observations an individual contributes to the objective, and the per-observation objective terms.
+
+Data items read from each individual's records (case-insensitive columns):
+
+``DV``
+    the measured level, in the observation type's unit, on observation records (EVID 0, MDV 0).
+``BLQ``
+    optional; 1 marks a level below the limit of quantification. The likelihood of such a record
+    is the M3 term, the probability that the model's level lies below the limit.
+``LLOQ``
+    optional; the limit (same unit as DV). Without it, DV on a BLQ record is taken as the limit.
+
+An observation type with an ``exponential`` error model is fitted on the log scale.
+
+Objective (the NONMEM definition of the shared validation suite; no 2π, no ln|Ω|)::
+
+    OFV(η) = Σ_j [ (y_j − f_j)² / V_j + ln V_j ] + Σ_BLQ −2 ln Φ((L_j − f_j) / √V_j) + ηᵀ Ω⁻¹ η
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.special import log_ndtr
+
+from cnidose.errors import DataError
+from cnidose.models.model import Model, Prepared
+
+__all__ = ["ObservationData", "observation_data", "terms"]
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
+
+
+@dataclass(frozen=True, slots=True)
+class ObservationData:
+    """One individual's observations, ready for the objective (arrays of length O)."""
+
+    rec: IntArray  # record index within the individual
+    rows: IntArray  # source rows, for messages
+    y: FloatArray  # DV, log-transformed for log-scale types
+    blq: BoolArray
+    limit: FloatArray  # LLOQ (transformed like y) where blq
+    log: BoolArray  # fitted on the log scale
+    prop: FloatArray  # proportional SD
+    add: FloatArray  # additive SD (observation unit)
+    sd_log: FloatArray  # SD on the log scale (exponential error)
+    if_zero: FloatArray  # prediction used in the proportional term where the prediction is 0 (NaN: none)
+
+    def __len__(self) -> int:
+        return int(self.rec.size)
+
+
+def observation_data(model: Model, prep: Prepared) -> ObservationData:
+    """Collect and check the observations of ``prep``; DataError names the record and the field."""
+    ind = prep.individual
+    covs = ind.covariates
+    dv = covs.get("DV")
+    sel = (ind.evid == 0) & (ind.mdv == 0)
+    rec = np.flatnonzero(sel)
+    if rec.size and dv is None:
+        raise DataError("observation records need a DV column", column="DV")
+    if not rec.size:
+        empty = np.zeros(0)
+        return ObservationData(rec, ind.rows[rec], empty, np.zeros(0, bool), empty, np.zeros(0, bool),
+                               empty, empty, empty, empty)
+    assert dv is not None
+    y = dv[rec].astype(np.float64)
+    rows = ind.rows[rec]
+    blq_col = covs.get("BLQ")
+    blq = np.zeros(rec.size, bool) if blq_col is None else np.nan_to_num(blq_col[rec]) == 1
+    if blq_col is not None:
+        bad = ~np.isin(np.nan_to_num(blq_col[rec], nan=0.0), (0.0, 1.0))
+        if bad.any():
+            raise DataError("BLQ must be 0 or 1", row=int(rows[np.flatnonzero(bad)[0]]), column="BLQ")
+    lloq_col = covs.get("LLOQ")
+    limit = np.full(rec.size, np.nan)
+    if blq.any():
+        limit[blq] = y[blq] if lloq_col is None else lloq_col[rec][blq]
+        missing = blq & ~np.isfinite(limit)
+        if missing.any():
+            raise DataError("a BLQ record needs its limit (LLOQ column, or DV)",
+                            row=int(rows[np.flatnonzero(missing)[0]]), column="LLOQ")
+    nan = ~blq & ~np.isfinite(y)
+    if nan.any():
+        raise DataError("observation record without a level (DV is missing or NaN); set MDV=1 to keep it "
+                        "as a prediction-only record", row=int(rows[np.flatnonzero(nan)[0]]), column="DV")
+    types = prep.obs_type[rec]
+    if np.any(types < 0):
+        j = int(np.flatnonzero(types < 0)[0])
+        cmt = int(ind.cmt[rec[j]]) or model.structure.default_obs
+        raise DataError(f"model {model.id} has no observation type for compartment {cmt}",
+                        row=int(rows[j]), column="CMT")
+    prop, add, sd_log, if_zero = (np.zeros(rec.size) for _ in range(4))
+    if_zero[:] = np.nan
+    log = np.zeros(rec.size, bool)
+    env0 = _error_env(model, prep, rec)
+    for k, ob in enumerate(model.observations):
+        m = types == k
+        if not m.any():
+            continue
+        e = ob.error
+        if e is None:
+            raise DataError(f"observation type {ob.name} of model {model.id} has no error model; it cannot be "
+                            "fitted", row=int(rows[np.flatnonzero(m)[0]]), column="DV")
+
+        def value(expr: Any, _m: BoolArray = m) -> FloatArray:
+            return np.zeros(int(_m.sum())) if expr is None else np.broadcast_to(
+                np.asarray(expr(env0), dtype=np.float64), (rec.size,))[_m]
+
+        prop[m], add[m], sd_log[m] = value(e.proportional), value(e.additive), value(e.exponential)
+        if e.prediction_if_zero is not None:
+            if_zero[m] = e.prediction_if_zero
+        log[m] = e.log_scale
+    for name, arr in (("proportional SD", prop), ("additive SD", add), ("log-scale SD", sd_log)):
+        if np.any(~np.isfinite(arr) | (arr < 0)):
+            j = int(np.flatnonzero(~np.isfinite(arr) | (arr < 0))[0])
+            raise DataError(f"the model's {name} is not a finite non-negative number here", row=int(rows[j]))
+    level = np.where(blq, limit, y)
+    negative = level < 0
+    if negative.any():
+        raise DataError(f"impossible level {level[np.flatnonzero(negative)[0]]:g} (negative)",
+                        row=int(rows[np.flatnonzero(negative)[0]]), column="DV")
+    nonpos_log = log & (level <= 0)
+    if nonpos_log.any():
+        raise DataError("a level of 0 cannot be fitted on the log scale (exponential error): mark it BLQ",
+                        row=int(rows[np.flatnonzero(nonpos_log)[0]]), column="DV")
+    y = np.where(log & ~blq, np.log(np.where(log & ~blq, y, 1.0)), y)
+    limit = np.where(log & blq, np.log(np.where(log & blq, limit, 1.0)), limit)
+    return ObservationData(rec, rows, y, blq, limit, log, prop, add, sd_log, if_zero)
+
+
+def _error_env(model: Model, prep: Prepared, rec: IntArray) -> dict[str, Any]:
+    """Names the error expressions may use, at the observation records (typical individual)."""
+    needed: set[str] = set()
+    for ob in model.observations:
+        if ob.error is not None:
+            for e in (ob.error.proportional, ob.error.additive, ob.error.exponential):
+                if e is not None:
+                    needed |= e.names
+    env: dict[str, Any] = {n: p.value for n, p in model.parameters.items()}
+    env.update({n: v[rec] for n, v in prep.covariates.items()})
+    if needed - set(env):  # the error depends on [pk] values: evaluate them (typical individual)
+        params = model.individual_parameters(prep)
+        env.update({n: v[0, rec] for n, v in params.items()})
+        for n in model.iiv.names + (model.iov.names if model.iov else ()):
+            env[n] = 0.0
+    return env
+
+
+def terms(f: FloatArray, y: FloatArray, blq: BoolArray, limit: FloatArray, log: BoolArray, prop: FloatArray,
+          add: FloatArray, sd_log: FloatArray, if_zero: FloatArray, *, derivatives: bool = True
+          ) -> tuple[FloatArray, FloatArray | None, FloatArray | None, FloatArray | None]:
+    """Objective terms of observations for predictions ``f`` (natural scale), shape (O, B).
+
+    Returns ``t`` (the terms), and with ``derivatives``: ``dt`` (∂t/∂f on the natural scale), ``w``
+    (the expected-information weight, ∂²t/∂f² in expectation, natural scale) and ``dfp`` (∂f'/∂f:
+    1, or 1/f on the log scale), all (O, B). Non-finite ``t`` marks an impossible observation.
+    """
+    col = (slice(None), None)
+    y, limit = y[col], limit[col]
+    blq, log = blq[col], log[col]
+    prop, add, sd_log, if_zero = prop[col], add[col], sd_log[col], if_zero[col]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fp = np.where(log, np.log(np.where(f > 0, f, np.nan)), f)
+        fp = np.where(log & ~(f > 0), -np.inf, fp)
+        f_eff = np.where(np.isfinite(if_zero) & (f == 0), if_zero, f)
+        V = np.where(log, sd_log**2, (prop * f_eff) ** 2 + add**2)
+        dV = np.where(log | (np.isfinite(if_zero) & (f == 0)), 0.0, 2.0 * prop**2 * f)  # dV/df' (f' = f here)
+        target = np.where(blq, limit, y)
+        r = target - fp
+        normal = r**2 / V + np.log(V)
+        normal = np.where((V == 0) & (r == 0), -np.inf, normal)  # degenerate exact fit; flagged below
+        z = r / np.sqrt(V)
+        lphi = log_ndtr(z)
+        t = np.where(blq, -2.0 * lphi, normal)
+        t = np.where(np.isnan(t) | (V <= 0), np.inf, t)
+        if not derivatives:
+            return t, None, None, None
+        dfp = np.where(log, 1.0 / f, 1.0)
+        # d t / d f'
+        d_normal = -2.0 * r / V + (1.0 / V - r**2 / V**2) * dV
+        mills = np.exp(-0.5 * z**2 - 0.5 * np.log(2 * np.pi) - lphi)  # phi(z)/Phi(z)
+        dz = -1.0 / np.sqrt(V) - r * dV / (2.0 * V**1.5)
+        d_blq = -2.0 * mills * dz
+        dtp = np.where(blq, d_blq, d_normal)
+        w_normal = 2.0 / V + (dV / V) ** 2
+        # M3: exact second derivative of -2 ln Phi(z) w.r.t. f' (z linear in f' when V is constant;
+        # the V(f) part is neglected in the weight), clipped at 0
+        w_blq = np.maximum(2.0 * mills * (z + mills) * dz**2, 0.0)
+        wp = np.where(blq, w_blq, w_normal)
+    return t, dtp * dfp, wp * dfp**2, dfp
