@@ -95,6 +95,104 @@ def simulate(
     _run(work)
 
 
+@app.command()
+def fit(
+    model: Annotated[str, typer.Option("--model", "-m", help="model file (.toml) or library id")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="NONMEM-format CSV with DV (and BLQ, LLOQ)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="estimates CSV (default: standard output)")] = None,
+    predictions: Annotated[Path | None, typer.Option("--predictions", "-p",
+                                                     help="per-record CSV with IPRED and PRED")] = None,
+    covariance: Annotated[str, typer.Option(help="expected (NONMEM) | exact")] = "expected",
+    eta_names: Annotated[str, typer.Option("--eta-names", help="model | positional (ETA1..ETAn)")] = "model",
+    progress: Annotated[bool, typer.Option(help="progress bar on standard error")] = True,
+) -> None:
+    """MAP Bayesian estimates of every individual's random effects (NONMEM's objective).
+
+    One row per individual: ID, the random effects in the model's declared order, their posterior SDs,
+    OFV (the objective at the estimate), STATUS and MESSAGE. An individual that cannot be fitted gets
+    STATUS error and a message naming its record; the others are fitted regardless.
+    """
+    if covariance not in ("expected", "exact") or eta_names not in ("model", "positional"):
+        typer.echo("error: --covariance is expected or exact; --eta-names is model or positional", err=True)
+        raise typer.Exit(2)
+
+    def work() -> None:
+        from cnidose.estimation import fit_map
+
+        m = resolve_model(model)
+        ds = read_nonmem_csv(data)
+        inds = ds.individuals()
+        bar_ctx: Any = None
+        callback = None
+        if progress and len(inds) >= 200 and sys.stderr.isatty():
+            bar_ctx = typer.progressbar(length=len(inds), label="fitting", file=sys.stderr)
+            bar = bar_ctx.__enter__()
+            last = [0]
+
+            def callback(done: int, total: int) -> None:
+                bar.update(done - last[0])
+                last[0] = done
+        try:
+            results = fit_map(m, inds, covariance=covariance, progress=callback)  # type: ignore[arg-type]
+        finally:
+            if bar_ctx is not None:
+                bar_ctx.__exit__(None, None, None)
+        names = list(m.eta_names) if eta_names == "model" else [f"ETA{k + 1}" for k in range(len(m.eta_names))]
+        header = ["ID", *names, *(f"SD_{n}" for n in names), "OFV", "STATUS", "MESSAGE"]
+        rows = []
+        for r in results:
+            sd = [float("nan")] * len(names)
+            if r.covariance is not None:
+                for k, nm in enumerate(r.names):
+                    sd[m.eta_names.index(nm)] = float(np.sqrt(r.covariance[k, k])) if nm in m.eta_names else sd[0]
+            rows.append([_id(r.id), *(float(x) for x in r.eta), *sd, float(r.ofv), r.status, r.message])
+        text = write_csv(out, header, rows)
+        if out is None:
+            sys.stdout.write(text)
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        typer.echo(f"{len(results)} individuals: {summary} (model {m.ref}, covariance {covariance})", err=True)
+        _echo_notices([n for r in results for n in r.notices])
+        for r in results:
+            if r.status == "error":
+                typer.echo(f"error: ID {_id(r.id)}: {r.message}", err=True)
+        if predictions is not None:
+            _write_predictions(m, ds, inds, results, predictions)
+
+    _run(work)
+
+
+def _id(v: float) -> int | float:
+    return int(v) if float(v).is_integer() else v
+
+
+def _write_predictions(m: Any, ds: Any, inds: Sequence[Any], results: Sequence[Any], path: Path) -> None:
+    """Every record with IPRED (at the estimate) and PRED (typical individual); '.' where not computable."""
+    ipred_all: list[float] = []
+    pred_all: list[float] = []
+    for ind, r in zip(inds, results, strict=True):
+        n = len(ind)
+        if r.status == "error":
+            ipred_all += [float("nan")] * n
+            pred_all += [float("nan")] * n
+            continue
+        etas = np.vstack([np.zeros(len(m.eta_names)), r.eta])
+        kappas = None
+        if m.iov is not None:
+            k = r.kappa if r.kappa is not None else np.zeros((1, len(m.iov)))
+            kappas = np.stack([np.zeros_like(k), k])
+        sim = m.simulate(ind, etas, kappas=kappas)
+        pred_all += [float(x) for x in sim.prediction[0]]
+        ipred_all += [float(x) for x in sim.prediction[1]]
+    keep = [j for j, nm in enumerate(ds.names) if nm not in ("PRED", "IPRED")]
+    header = [ds.header[j] for j in keep] + ["IPRED", "PRED"]
+    rows = ([row[j] for j in keep] + [ipred_all[k], pred_all[k]] for k, row in enumerate(ds.cells))
+    write_csv(path, header, rows)
+    typer.echo(f"wrote {len(ds.cells)} rows to {path}", err=True)
+
+
 def _echo_notices(notices: Sequence[Notice]) -> None:
     """One warning line per distinct notice; the first record it applies to, and how many individuals."""
     seen: dict[str, list[Notice]] = {}

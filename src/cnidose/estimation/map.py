@@ -42,6 +42,11 @@ Status = Literal["converged", "prior-only", "not-converged", "error"]
 CovMethod = Literal["expected", "exact"]
 
 _H = 1e-4  # central-difference step on the random effects
+# Distant optima (flip-flop of absorption and elimination, ridges) are searched for when some random effect
+# has a prior SD above this: only then can a basin far from the prior mode compete. With narrower priors
+# the prior penalty of a distant basin (> (1.5/0.6)^2 = 6 for a flip-flop of ~1.5 log units) outweighs
+# any equal-fit alternative.
+_WIDE_PRIOR_SD = 0.6
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +380,99 @@ def _timing_scan(g: Group, which: IntArray, st: _State, effects: IntArray, n_gri
                 st.iters[member] += sub.iters[k]
 
 
+def _ray_scan(g: Group, which: IntArray, st: _State, members: IntArray, *, n_best: int = 3,
+              margin: float = 3.0) -> None:
+    """Look for other basins along rays from the estimate: every axis and every diagonal pair of axes
+    (e_i, e_i + e_j, e_i - e_j), both ways, 0.5-4 units of the effects. The flip-flop of absorption and
+    elimination, for one, moves the log volume and the log absorption rate by the same amount (an
+    e_i + e_j ray). Restarts from the best ray points; keeps the lower optimum.
+    """
+    if members.size == 0 or g.dim == 0:
+        return
+    wide = members
+    d = g.dim
+    dirs = [np.eye(d)[i] for i in range(d)]
+    for i in range(d):
+        for j in range(i + 1, d):
+            for sgn in (1.0, -1.0):
+                v = np.zeros(d)
+                v[i], v[j] = 1.0, sgn
+                dirs.append(v)
+    D = np.asarray(dirs)  # raw effect units: a flip-flop moves two log-parameters by the same amount
+    steps = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 4.0])
+    rays = np.concatenate([np.concatenate([a * D for a in steps]), np.concatenate([-a * D for a in steps])])
+    pts = st.theta[wide][:, None, :] + rays[None]
+    vals = _ofv(g, which[wide], pts, g.predict(pts, which[wide]))
+    vals = np.where(np.isfinite(vals), vals, np.inf)
+    best = np.argsort(vals, axis=1)[:, :n_best]
+    S = pts[np.arange(wide.size)[:, None], best].reshape(-1, d)
+    own = np.repeat(wide, n_best)
+    okv = np.isfinite(vals[np.arange(wide.size)[:, None], best].ravel())
+    S, own = S[okv], own[okv]
+    if own.size == 0:
+        return
+    probe = _optimise(g, S, which[own], max_iter=6)
+    go = np.isfinite(probe.ofv) & (probe.ofv < st.ofv[own] + margin)
+    if not go.any():
+        return
+    full = _optimise(g, probe.theta[go], which[own[go]])
+    for k, member in enumerate(own[go]):
+        if np.isfinite(full.ofv[k]) and full.ofv[k] < st.ofv[member] - 1e-9:
+            st.theta[member] = full.theta[k]
+            st.ofv[member] = full.ofv[k]
+            st.converged[member] = full.converged[k]
+            st.iters[member] += full.iters[k]
+
+
+def _global_screen(g: Group, which: IntArray, st: _State, members: IntArray, *, n_points: int = 1024,
+                   n_best: int = 5, margin: float = 3.0, inflate: float = 1.5, chunk: int = 200) -> None:
+    """Screen a scrambled-Sobol cloud covering the prior (SDs inflated by ``inflate``) for every member;
+    restart from its best distinct points far from the estimate; keep the lower optimum."""
+    if members.size == 0 or g.dim == 0:
+        return
+    from scipy.stats import norm, qmc
+
+    d = g.dim
+    u = qmc.Sobol(d, scramble=True, seed=11).random(n_points)
+    z = norm.ppf(np.clip(u, 1e-6, 1 - 1e-6))
+    chol = np.linalg.cholesky(_inv(g.precision))
+    cloud = inflate * z @ chol.T  # (n_points, d)
+    starts, owners = [], []
+    for lo in range(0, members.size, chunk):
+        part = members[lo:lo + chunk]
+        pts = np.broadcast_to(cloud[None], (part.size, n_points, d)).copy()
+        vals = _ofv(g, which[part], pts, g.predict(pts, which[part]))
+        diff = pts - st.theta[part][:, None, :]
+        far = np.einsum("gni,ij,gnj->gn", diff, g.precision, diff) > 1.0
+        vals = np.where(np.isfinite(vals) & far, vals, np.inf)
+        order = np.argsort(vals, axis=1)
+        for r, member in enumerate(part):
+            chosen: list[FloatArray] = []
+            for idx in order[r]:
+                if not np.isfinite(vals[r, idx]) or len(chosen) == n_best:
+                    break
+                p = pts[r, idx]
+                if all(float((p - c) @ g.precision @ (p - c)) > 1.0 for c in chosen):
+                    chosen.append(p)
+            starts += chosen
+            owners += [member] * len(chosen)
+    if not starts:
+        return
+    S = np.asarray(starts)
+    own = np.asarray(owners, dtype=np.int64)
+    probe = _optimise(g, S, which[own], max_iter=6)
+    go = np.isfinite(probe.ofv) & (probe.ofv < st.ofv[own] + margin)
+    if not go.any():
+        return
+    full = _optimise(g, probe.theta[go], which[own[go]])
+    for k, member in enumerate(own[go]):
+        if np.isfinite(full.ofv[k]) and full.ofv[k] < st.ofv[member] - 1e-9:
+            st.theta[member] = full.theta[k]
+            st.ofv[member] = full.ofv[k]
+            st.converged[member] = full.converged[k]
+            st.iters[member] += full.iters[k]
+
+
 def _exact_covariance(g: Group, which: int, theta: FloatArray) -> FloatArray | None:
     """(½ ∇² OFV)⁻¹ by central second differences of the objective."""
     d = theta.size
@@ -441,6 +539,10 @@ def fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovM
         n_restart = _restarts(g, fit_idx, st, everyone=timing.size > 0) if restarts else 0
         if restarts:
             _timing_scan(g, fit_idx, st, timing)
+            if g.dim and np.max(np.sqrt(np.diag(_inv(g.precision)))) > _WIDE_PRIOR_SD:
+                everyone_idx = np.arange(fit_idx.size)
+                _ray_scan(g, fit_idx, st, everyone_idx)
+                _global_screen(g, fit_idx, st, everyone_idx)
         _polish(g, fit_idx, st, np.flatnonzero(~st.converged & np.isfinite(st.ofv)))
         theta = np.zeros((g.size, g.dim))
         theta[fit_idx] = st.theta

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.integrate import simpson
 
 from cnidose.errors import CnidoseError
 from cnidose.models.model import Check, Model, Notice
@@ -75,6 +74,8 @@ def steady_state_metric(model: Model, covariates: Mapping[str, float], dose: flo
         return float(c[-1]), sim.notices
     if metric == "cmax":
         return float(c.max()), sim.notices
+    from scipy.integrate import simpson
+
     return float(simpson(c, x=times) / tau), sim.notices
 
 

@@ -24,9 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 
 import numpy as np
-import scipy.linalg
 from numpy.typing import NDArray
-from scipy.integrate import solve_ivp
 
 from cnidose.errors import NumericalError
 from cnidose.pk.structure import LinearStructure, OdeStructure
@@ -181,6 +179,8 @@ class ExpmSolver(_LinearSolver):
         M[:, :n, :n] = self.K
         M[:, :n, n:] = self._eye
         M *= (float(dt) if scalar else np.asarray(dt)[:, None, None])
+        import scipy.linalg  # imported where used: keeps the command line quick to start
+
         E = scipy.linalg.expm(M)
         out = (E[:, :n, :n], E[:, :n, n:])
         if scalar:
@@ -251,6 +251,8 @@ class OdeSolver(Solver):
         def fun(_s: float, z: FloatArray) -> FloatArray:
             x = z.reshape(B, n)
             return ((rhs(x) + r) * scale).ravel()
+
+        from scipy.integrate import solve_ivp
 
         sol = solve_ivp(fun, (0.0, 1.0), y.ravel(), method="DOP853", rtol=self.rtol, atol=self.atol)
         if not sol.success:

@@ -44,18 +44,22 @@ class DataSet:
     def numeric(self, name: str) -> NDArray[np.float64]:
         """Column ``name`` (case-insensitive) as floats; NaN where missing."""
         j = self.names.index(name.upper())
-        out = np.empty(len(self.cells))
-        for i, row in enumerate(self.cells):
-            text = row[j].strip()
-            if text in _MISSING:
-                out[i] = np.nan
-                continue
-            try:
-                out[i] = float(text)
-            except ValueError:
-                raise DataError(f"expected a number, got {text!r}", row=self.lines[i], column=name.upper()) from None
-            if not np.isfinite(out[i]):
-                raise DataError(f"expected a finite number, got {text!r}", row=self.lines[i], column=name.upper())
+        texts = [row[j].strip() for row in self.cells]
+        cleaned = ["nan" if t in _MISSING else t for t in texts]
+        try:
+            out = np.array(cleaned, dtype=np.float64)
+        except ValueError:
+            out = np.empty(len(cleaned))
+            for i, text in enumerate(cleaned):
+                try:
+                    out[i] = float(text)
+                except ValueError:
+                    raise DataError(f"expected a number, got {texts[i]!r}", row=self.lines[i],
+                                    column=name.upper()) from None
+        bad = np.isinf(out) | (np.isnan(out) & np.array([t not in _MISSING for t in texts], dtype=bool))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"expected a finite number, got {texts[i]!r}", row=self.lines[i], column=name.upper())
         return out
 
     def individuals(self, extra: Iterable[str] = ()) -> tuple[Individual, ...]:
