@@ -116,7 +116,9 @@ class Group:
             else _subset(self.design, which)
         covs = {k: v[which][:, None] for k, v in self._covs.items()}
         G, B = full.shape[0], full.shape[1]
-        params = model.evaluate_pk(covs, full, None, (G, B))
+        n_eta = len(model.iiv)
+        params = model.evaluate_pk(covs, full[..., :n_eta], full[..., n_eta:] if model.iov is not None else None,
+                                   (G, B))
         conc, bad = predict_design(design, model.structure, params)
         if bad.any():
             for g in np.flatnonzero(bad.any(axis=1)):
@@ -124,7 +126,8 @@ class Group:
                 assert m.prep is not None and m.obs is not None
                 lo, hi = design.obs_start[g], design.obs_start[g + 1]
                 try:
-                    raw = model.simulate(m.prep, full[g][:, : len(model.iiv)]).simulation.prediction
+                    kap = None if model.iov is None else full[g][:, n_eta:].reshape(B, 1, len(model.iov))
+                    raw = model.simulate(m.prep, full[g][:, :n_eta], kappas=kap).simulation.prediction
                     conc[lo:hi] = raw[:, m.obs.rec].T
                 except (CnidoseError, FloatingPointError, np.linalg.LinAlgError):
                     conc[lo:hi] = np.nan
@@ -203,12 +206,22 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
             m.error = str(exc)
             continue
         m.n_occasions = m.prep.n_occasions
-        eligible = (fast and isinstance(model.structure, LinearStructure) and model.iov is None
+        eligible = (fast and isinstance(model.structure, LinearStructure)
+                    and (model.iov is None or m.n_occasions == 1)
                     and _constant_covariates(m.prep) and design_supports(model.structure, m.individual))
         (fast_members if eligible else slow_members).append(m)
     groups: list[Group] = []
+    def layout(n_occ: int) -> tuple[IntArray, FloatArray, int]:
+        if model.iov is None:
+            return est, prec_eta, n_eta
+        kest = np.flatnonzero(np.diag(model.iov.omega) > 0)
+        est_full = np.concatenate([est, n_eta + (np.arange(n_occ)[:, None] * len(model.iov)
+                                                 + kest[None, :]).ravel()]).astype(np.int64)
+        prec_k: FloatArray = _inv(model.iov.omega[np.ix_(kest, kest)]) if kest.size else np.zeros((0, 0))
+        return est_full, _block_diag([prec_eta] + [prec_k] * n_occ), n_eta + n_occ * len(model.iov)
+
     if fast_members:
-        g = _group(model, fast_members, est, prec_eta, n_eta, fast=True)
+        g = _group(model, fast_members, *layout(1), fast=True)
         assert isinstance(model.structure, LinearStructure)
         g.design = compile_design(model.structure, [m.individual for m in fast_members],
                                   observe=[_mask(m) for m in fast_members])
@@ -217,17 +230,7 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
                                                                   fast_members[0].prep else {})}
         groups.append(g)
     for m in slow_members:
-        if model.iov is not None:
-            iov_var = np.diag(model.iov.omega)
-            kest = np.flatnonzero(iov_var > 0)
-            est_full = np.concatenate([est, n_eta + (np.arange(m.n_occasions)[:, None] * len(model.iov)
-                                                     + kest[None, :]).ravel()]).astype(np.int64)
-            prec_k: FloatArray = _inv(model.iov.omega[np.ix_(kest, kest)]) if kest.size else np.zeros((0, 0))
-            prec = _block_diag([prec_eta] + [prec_k] * m.n_occasions)
-            g = _group(model, [m], est_full, prec, n_eta + m.n_occasions * len(model.iov), fast=False)
-        else:
-            g = _group(model, [m], est, prec_eta, n_eta, fast=False)
-        groups.append(g)
+        groups.append(_group(model, [m], *layout(m.n_occasions), fast=False))
     return groups, members
 
 

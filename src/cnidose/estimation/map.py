@@ -178,29 +178,59 @@ def _hessian_fd(g: Group, which: IntArray, theta: FloatArray, h: float = 1e-3) -
     return H
 
 
+def _final(g: Group, theta: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """Predictions at the estimate and for the typical individual, and half the expected information,
+    from one vectorised prediction."""
+    G, d = theta.shape
+    which = np.arange(G)
+    offs = np.zeros((2 + 2 * d, d))
+    offs[2:2 + d] = np.eye(d) * _H
+    offs[2 + d:] = -np.eye(d) * _H
+    pts = theta[:, None, :] + offs[None]
+    pts[:, 1, :] = 0.0
+    F = g.predict(pts, which)
+    f, f_typ = F[:, 0], F[:, 1]
+    if d == 0:
+        return f, f_typ, np.zeros((G, 0, 0))
+    J = (F[:, 2:2 + d] - F[:, 2 + d:]) / (2 * _H)
+    idx, starts = _obs_slices(g, which)
+    _, _, w, _ = terms(f[:, None], g.y[idx], g.blq[idx], g.limit[idx], g.log[idx], g.prop[idx], g.add[idx],
+                       g.sd_log[idx], g.if_zero[idx])
+    assert w is not None
+    w1 = np.where(np.isfinite(w[:, 0]), w[:, 0], 0.0)
+    info = _segment_sum(0.5 * w1[:, None, None] * J[:, :, None] * J[:, None, :], starts, G) + g.precision
+    return f, f_typ, info
+
+
 def _optimise(g: Group, theta0: FloatArray, which: IntArray, *, max_iter: int = 100, tol: float = 1e-10,
-              newton_after: int = 8) -> _State:
+              newton_after: int = 4) -> _State:
+    """Newton-type minimisation of every member's objective at once.
+
+    Each iteration evaluates the full step together with the finite-difference points around it (one
+    vectorised prediction); where the step decreases the objective enough, those derivatives serve the
+    next iteration. Elsewhere the step is halved until it does (one cheap prediction per halving).
+    """
     G, d = theta0.shape
     theta = theta0.copy()
-    ofv = _ofv(g, which, theta[:, None, :], g.predict(theta[:, None, :], which))[:, 0]
-    st = _State(theta, ofv, np.zeros(G, np.int64), np.zeros(G, bool), np.zeros(G, bool))
-    st.done |= ~np.isfinite(ofv)
     if d == 0:
-        st.done[:] = True
-        st.converged[:] = np.isfinite(ofv)
+        ofv = _ofv(g, which, theta[:, None, :], g.predict(theta[:, None, :], which))[:, 0]
+        st = _State(theta, ofv, np.zeros(G, np.int64), np.ones(G, bool), np.isfinite(ofv))
         return st
+    _, _, ofv, grad, info = _derivatives(g, which, theta)
+    st = _State(theta, ofv, np.zeros(G, np.int64), ~np.isfinite(ofv), np.zeros(G, bool))
+    grad_all, info_all = grad, info
     for _ in range(max_iter):
         act = np.flatnonzero(~st.done)
         if act.size == 0:
             break
-        _, _, ofv_a, grad, info = _derivatives(g, which[act], st.theta[act])
-        st.ofv[act] = ofv_a
         st.iters[act] += 1
-        H = 2.0 * info
+        grad = grad_all[act]
+        H = 2.0 * info_all[act]
         late = np.flatnonzero(st.iters[act] > newton_after)
         if late.size:  # slow linear convergence of scoring: switch to Newton on the exact Hessian where it is PD
             He = _hessian_fd(g, which[act[late]], st.theta[act[late]])
-            pd = np.all(np.linalg.eigvalsh(He) > 0, axis=1) & np.all(np.isfinite(He), axis=(1, 2))
+            pd = np.all(np.isfinite(He), axis=(1, 2))
+            pd[pd] = np.all(np.linalg.eigvalsh(He[pd]) > 0, axis=1)
             H[late[pd]] = He[pd]
         try:
             step = -np.linalg.solve(H, grad[..., None])[..., 0]
@@ -211,25 +241,41 @@ def _optimise(g: Group, theta0: FloatArray, which: IntArray, *, max_iter: int = 
         st.done[act[small]] = True
         st.converged[act[small]] = True
         todo = act[~small]
-        alpha = np.ones(todo.size)
-        pending = np.arange(todo.size)
+        if todo.size == 0:
+            continue
         stp = step[~small]
         dec = decrement[~small]
+        # the full step, with its derivatives
+        cand = st.theta[todo] + stp
+        _, _, new, g_new, i_new = _derivatives(g, which[todo], cand)
+        ok = np.isfinite(new) & (new <= st.ofv[todo] - 1e-4 * dec)
+        acc = todo[ok]
+        st.theta[acc], st.ofv[acc] = cand[ok], new[ok]
+        grad_all[acc], info_all[acc] = g_new[ok], i_new[ok]
+        # backtracking for the others
+        pending = np.flatnonzero(~ok)
+        alpha = np.full(todo.size, 0.5)
+        moved = np.zeros(todo.size, bool)
         for _ls in range(40):
             if pending.size == 0:
                 break
             cand = st.theta[todo[pending]] + alpha[pending, None] * stp[pending]
             f = g.predict(cand[:, None, :], which[todo[pending]])
-            new = _ofv(g, which[todo[pending]], cand[:, None, :], f)[:, 0]
-            ok = np.isfinite(new) & (new <= st.ofv[todo[pending]] - 1e-4 * alpha[pending] * dec[pending])
-            acc = pending[ok]
-            st.theta[todo[acc]] = cand[ok]
-            st.ofv[todo[acc]] = new[ok]
-            pending = pending[~ok]
+            val = _ofv(g, which[todo[pending]], cand[:, None, :], f)[:, 0]
+            good = np.isfinite(val) & (val <= st.ofv[todo[pending]] - 1e-4 * alpha[pending] * dec[pending])
+            hit = pending[good]
+            st.theta[todo[hit]] = cand[good]
+            st.ofv[todo[hit]] = val[good]
+            moved[hit] = True
+            pending = pending[~good]
             alpha[pending] *= 0.5
         if pending.size:  # no decrease along the Newton direction: stationary to working precision
             st.done[todo[pending]] = True
             st.converged[todo[pending]] = np.abs(dec[pending]) < 1e-6
+        mv = todo[np.flatnonzero(moved)]
+        if mv.size:
+            _, _, o2, g2, i2 = _derivatives(g, which[mv], st.theta[mv])
+            st.ofv[mv], grad_all[mv], info_all[mv] = o2, g2, i2
     return st
 
 
@@ -424,17 +470,38 @@ def _ray_scan(g: Group, which: IntArray, st: _State, members: IntArray, *, n_bes
             st.iters[member] += full.iters[k]
 
 
+def _halton(n: int, d: int) -> FloatArray:
+    """The first ``n`` points (skipping 0) of the d-dimensional Halton sequence: an even, deterministic cover."""
+    primes = [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71]
+    while len(primes) < d:  # more dimensions than listed: next primes
+        c = primes[-1] + 2
+        while any(c % p == 0 for p in primes):
+            c += 2
+        primes.append(c)
+    out = np.zeros((n, d))
+    idx = np.arange(1, n + 1)
+    for k in range(d):
+        b = primes[k]
+        f, i, r = 1.0, idx.copy(), np.zeros(n)
+        while np.any(i > 0):
+            f /= b
+            r += f * (i % b)
+            i //= b
+        out[:, k] = r
+    return out
+
+
 def _global_screen(g: Group, which: IntArray, st: _State, members: IntArray, *, n_points: int = 1024,
                    n_best: int = 5, margin: float = 3.0, inflate: float = 1.5, chunk: int = 200) -> None:
-    """Screen a scrambled-Sobol cloud covering the prior (SDs inflated by ``inflate``) for every member;
+    """Screen a Halton cloud covering the prior (SDs inflated by ``inflate``) for every member;
     restart from its best distinct points far from the estimate; keep the lower optimum."""
     if members.size == 0 or g.dim == 0:
         return
-    from scipy.stats import norm, qmc
+    from scipy.special import ndtri
 
     d = g.dim
-    u = qmc.Sobol(d, scramble=True, seed=11).random(n_points)
-    z = norm.ppf(np.clip(u, 1e-6, 1 - 1e-6))
+    u = _halton(n_points, d)
+    z = ndtri(np.clip(u, 1e-6, 1 - 1e-6))
     chol = np.linalg.cholesky(_inv(g.precision))
     cloud = inflate * z @ chol.T  # (n_points, d)
     starts, owners = [], []
@@ -521,6 +588,13 @@ def fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovM
         Restart doubtful individuals from prior draws.
     progress : callable(done, total), optional
     """
+    with np.errstate(all="ignore"):  # trial points may overflow; such points are rejected, not reported
+        return _fit_map(model, individuals, covariance=covariance, fast=fast, restarts=restarts,
+                        progress=progress)
+
+
+def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovMethod, fast: bool,
+             restarts: bool, progress: Callable[[int, int], None] | None) -> list[MapResult]:
     groups, members = build_groups(model, individuals, fast=fast)
     results: dict[int, MapResult] = {}
     total = len(members)
@@ -546,12 +620,10 @@ def fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovM
         _polish(g, fit_idx, st, np.flatnonzero(~st.converged & np.isfinite(st.ofv)))
         theta = np.zeros((g.size, g.dim))
         theta[fit_idx] = st.theta
-        f_est = g.predict(theta[:, None, :])[:, 0]
-        f_typ = g.predict(np.zeros((g.size, 1, g.dim)))[:, 0]
+        f_est, f_typ, info = _final(g, theta)
         cov_all: list[FloatArray | None] = [None] * g.size
         if g.dim:
             if covariance == "expected":
-                _, _, _, _, info = _derivatives(g, which, theta)
                 for k in range(g.size):
                     try:
                         cov_all[k] = np.linalg.inv(info[k])

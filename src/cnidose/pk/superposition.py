@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
@@ -174,6 +175,7 @@ def compile_design(structure: LinearStructure, individuals: Sequence[Individual]
     )
 
 
+@lru_cache(maxsize=64)
 def _blocks(structure: LinearStructure) -> list[list[int]]:
     """Strongly connected components of the flow graph, in topological order (0-based compartments).
 
@@ -325,22 +327,22 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
     B = first.shape[1]
     n = structure.n
     K = np.zeros((N, B, n, n))
+    invalid_params = np.zeros((N, B), dtype=bool)
     for f in structure.flows:
         k = params[f.rate] / params[f.per] if f.per is not None else params[f.rate]
+        invalid_params |= ~(np.isfinite(k) & (k >= 0))
         K[:, :, f.source - 1, f.source - 1] -= k
         if f.target is not None:
             K[:, :, f.target - 1, f.source - 1] += k
-    finite: NDArray[np.bool_] = np.asarray(np.isfinite(K).all(axis=(-1, -2)))
-    Kf = np.where(finite[..., None, None], K, 0.0)
-    diag = np.einsum("...ii->...i", Kf)
-    off = Kf - diag[..., None] * np.eye(n)
-    invalid_params: NDArray[np.bool_] = ~finite | (diag > 0).any(-1) | (off < 0).any(axis=(-1, -2))
-    K = np.where(invalid_params[..., None, None], -np.eye(n), K)
+    if invalid_params.any():
+        K = np.where(invalid_params[..., None, None], -np.eye(n), K)
     lam, V, Vinv, bad = _eigen(K, _blocks(structure))
     ones = np.ones((N, B))
     zeros = np.zeros((N, B))
 
     def per_cmt(prefix: str, default: FloatArray) -> FloatArray:
+        if not any(f"{prefix}{c + 1}" in params for c in range(n)):
+            return np.broadcast_to(default[..., None], (N, B, n))
         return np.stack([params.get(f"{prefix}{c + 1}", default) for c in range(n)], axis=-1)  # (N, B, n)
 
     Fc, Lc, Rc, Dc, Sc = (per_cmt("F", ones), per_cmt("ALAG", zeros), per_cmt("R", zeros),
