@@ -129,7 +129,7 @@ def _sample(model: Model, individual: Individual, *, n_draws: int, method: Metho
             else np.zeros((n_draws, 0))
         return Posterior(model, individual, mr, g.expand(draws), "prior", float(n_draws), g.names, n_occ)
     mode = mr_theta(mr, g)
-    cov = mr.covariance if mr.covariance is not None else np.linalg.inv(g.precision)
+    cov: FloatArray = mr.covariance if mr.covariance is not None else np.asarray(np.linalg.inv(g.precision), np.float64)
     if method in ("auto", "sir"):
         draws, ess, n_prop = _sir(g, mode, cov, n_draws, rng)
         if method == "sir" or ess >= min_ess * n_prop:
