@@ -1,0 +1,126 @@
+"""MAP estimation speed figures (a script, not a test).
+
+Run: ``python benchmarks/bench_map.py [--shared ../shared] [--models 001 101] [--yardstick 100]``
+
+For each model of the mapbayr suite given (default 001 and 101), prints
+1. the median wall time of ``fit_map(model, [individual])`` (the public API, one individual at a time,
+   everything included: data binding, optimisation, restarts, covariance) over the first 200 individuals;
+2. the wall time of the command line, ``cnidose fit``, on the first 1,000 and on all 4,000 individuals
+   (a fresh process: interpreter start, imports, CSV reading, fitting, writing);
+3. the yardstick: a plain SciPy fit (L-BFGS-B on the same objective, one individual at a time through the
+   event engine), timed on ``--yardstick`` individuals and given per individual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from cnidose.estimation import fit_map  # noqa: E402
+from cnidose.estimation.cohort import build_groups  # noqa: E402
+from cnidose.estimation.map import _ofv  # noqa: E402
+from cnidose.models import load_model  # noqa: E402
+from cnidose.records.nonmem import read_nonmem_csv  # noqa: E402
+
+
+def plain_scipy(model, individual) -> float:  # type: ignore[no-untyped-def]
+    """The straightforward approach: L-BFGS-B on the objective, engine predictions, numerical gradient."""
+    from scipy.optimize import minimize
+
+    g = build_groups(model, [individual], fast=False)[0][0]
+    w = np.zeros(1, np.int64)
+
+    def f(x: np.ndarray) -> float:
+        pts = x[None, None, :]
+        v = float(_ofv(g, w, pts, g.predict(pts, w))[0, 0])
+        return v if np.isfinite(v) else 1e300
+
+    return float(minimize(f, np.zeros(g.dim), method="L-BFGS-B").fun)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=os.environ.get("CNIDOSE_SHARED", str(REPO.parent / "shared")))
+    ap.add_argument("--models", nargs="*", default=["001", "101"])
+    ap.add_argument("--yardstick", type=int, default=100)
+    args = ap.parse_args()
+    suite = Path(args.shared) / "validation" / "map-nonmem"
+    for run in args.models:
+        model_path = REPO / "validation" / "map-nonmem" / f"model{run}.toml"
+        data_path = suite / "data" / f"data_to_fit{run}.csv"
+        m = load_model(model_path)
+        inds = read_nonmem_csv(data_path).individuals()
+        fit_map(m, inds[:5])  # warm up imports
+        times = []
+        for ind in inds[:200]:
+            t0 = time.perf_counter()
+            fit_map(m, [ind])
+            times.append(time.perf_counter() - t0)
+        print(f"model {run}: public API, one individual: median {np.median(times) * 1e3:.1f} ms "
+              f"(p90 {np.percentile(times, 90) * 1e3:.1f} ms, 200 individuals)")
+        lines = data_path.read_text().splitlines()
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in (1000, 4000):
+                sub = Path(tmp) / f"d{n}.csv"
+                sub.write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if _id(ln) <= n]) + "\n")
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "cnidose.cli", "fit", "-m", str(model_path), "-d", str(sub),
+                                "-o", str(Path(tmp) / "out.csv"), "--no-progress"], check=True,
+                               capture_output=True)
+                print(f"model {run}: command line, {n} individuals: {time.perf_counter() - t0:.2f} s")
+        t0 = time.perf_counter()
+        for ind in inds[: args.yardstick]:
+            plain_scipy(m, ind)
+        per = (time.perf_counter() - t0) / args.yardstick
+        print(f"model {run}: yardstick plain SciPy L-BFGS-B + engine: {per * 1e3:.0f} ms per individual "
+              f"({args.yardstick} individuals; about {per * 4000:.0f} s for 4,000)")
+    posterior_figures()
+
+
+def posterior_figures() -> None:
+    """A tacrolimus patient (Andrews 2019, 5 mg every 12 h) with two troughs: MAP, 2,000 posterior draws and
+    the probability that the next trough is in 10-15 ng/mL."""
+    from cnidose.estimation.posterior import sample_posterior
+    from cnidose.models import resolve_model
+    from cnidose.pk.events import split_individuals
+
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    rows = [(0.0, 1, 5.0, 1, 12.0, 20, np.nan, 1), (59.5, 0, 0.0, 2, 0.0, 0, 12.0, 0),
+            (107.5, 0, 0.0, 2, 0.0, 0, 14.5, 0), (131.5, 2, 0.0, 2, 0.0, 0, np.nan, 1)]
+    cols = {k: [r[j] for r in rows] for j, k in enumerate(("TIME", "EVID", "AMT", "CMT", "II", "ADDL", "DV", "MDV"))}
+    cols["ID"] = [1] * 4
+    for k, v in {"CYP3A5": 0, "AGE": 50, "ALB": 40, "BSA": 1.9, "SCR": 150, "HCT": 0.32, "LBW": 60}.items():
+        cols[k] = [v] * 4
+    patient = split_individuals(cols)[0]
+    fit_map(m, [patient])  # warm-up
+    t_map, t_post = [], []
+    for seed in range(10):
+        t0 = time.perf_counter()
+        r = fit_map(m, [patient])[0]
+        t1 = time.perf_counter()
+        post = sample_posterior(m, patient, n_draws=2000, seed=seed, map_result=r)
+        p = post.probability_in_range(patient, 3, 10.0, 15.0)
+        t2 = time.perf_counter()
+        t_map.append(t1 - t0)
+        t_post.append(t2 - t1)
+    print(f"posterior (andrews2019, 2 troughs): MAP {np.median(t_map) * 1e3:.0f} ms; 2,000 draws ({post.method}, "
+          f"ESS {post.ess:.0f}) + probability in range {np.median(t_post) * 1e3:.0f} ms (median of 10); "
+          f"P(10-15 ng/mL) = {p:.3f}")
+
+
+def _id(line: str) -> int:
+    return int(line.split(",", 1)[0])
+
+
+if __name__ == "__main__":
+    main()
