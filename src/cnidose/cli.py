@@ -164,6 +164,116 @@ def fit(
     _run(work)
 
 
+@app.command()
+def recommend(
+    model: Annotated[str, typer.Option("--model", "-m", help="model file (.toml) or library id")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="NONMEM-format CSV: doses, levels (DV), covariates")],
+    patient: Annotated[str, typer.Option("--id", help="the patient's ID in the data")],
+    target: Annotated[str | None, typer.Option(help="target range LOW-HIGH (e.g. 7-10)")] = None,
+    organ: Annotated[str | None, typer.Option(help="look the target up: organ (kidney, liver, heart, lung)")] = None,
+    months: Annotated[float | None, typer.Option(help="look the target up: months since transplantation")] = None,
+    concomitant: Annotated[str, typer.Option(help="look the target up: azathioprine | mmf | corticosteroids")] = "any",
+    targets_file: Annotated[Path | None, typer.Option("--targets", help="a centre's targets file")] = None,
+    metric: Annotated[str, typer.Option(help="trough | c2 | auc | average")] = "trough",
+    interval: Annotated[float | None, typer.Option(help="dosing interval, h (default: the formulation's)")] = None,
+    formulation: Annotated[str | None, typer.Option(help="Prograf, Advagraf, Envarsus XR, Neoral ...")] = None,
+    draws: Annotated[int, typer.Option(help="posterior draws")] = 1000,
+    seed: Annotated[int, typer.Option(help="random seed (results are reproducible)")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Recommend the next regimen for one patient: the dose in marketed strengths, predicted exposure,
+    80 % interval and probability in range, with inputs, model, version and warnings."""
+
+    def work() -> None:
+        from cnidose.dosing import Target, find_target, load_targets, product
+        from cnidose.dosing import recommend as do_recommend
+
+        m = resolve_model(model)
+        drug = m.meta.get("drug", "")
+        inds = read_nonmem_csv(data).individuals()
+        match = [i for i in inds if f"{i.id:g}" == patient.strip()]
+        if not match:
+            raise InputError(f"ID {patient} is not in {data}")
+        if target is not None:
+            try:
+                low_s, high_s = target.replace(" ", "").split("-", 1)
+                tgt = Target(drug, float(low_s), float(high_s), metric=metric, source="given on the command line")
+            except ValueError:
+                raise InputError(f"--target must be LOW-HIGH, got {target!r}") from None
+        elif organ is not None and months is not None:
+            pool = load_targets(targets_file) if targets_file else None
+            tgt = find_target(drug, organ, m.meta.get("age_group", "adult"), months, concomitant=concomitant,
+                              metric=metric, targets=pool)
+        else:
+            raise InputError("give --target LOW-HIGH, or --organ and --months to look it up")
+        prod = product(formulation or _default_product(m), drug)
+        rec = do_recommend(m, match[0], tgt, prod, interval=interval, metric=metric, n_draws=draws, seed=seed)
+        if as_json:
+            typer.echo(json.dumps(rec.to_dict(), indent=2, default=float))
+            return
+        typer.echo(rec.summary())
+        typer.echo(f"target: {tgt}")
+        typer.echo(f"model {rec.model}; cnidose {rec.version}; posterior {rec.inputs['posterior_method']} "
+                   f"({draws} draws, seed {seed})")
+        typer.echo("  dose mg   median   80 % interval   P(in range)")
+        for c in rec.candidates:
+            mark = " <" if rec.chosen is not None and c.dose == rec.chosen.dose else ""
+            if c.median < tgt.low / 3 or c.median > tgt.high * 3:
+                continue
+            typer.echo(f"  {c.dose:7g} {c.median:8.3g}   {c.low:6.3g}-{c.high:<6.3g}   {c.p_in_range:9.0%}{mark}")
+        for w in rec.warnings:
+            typer.echo(f"warning: {w}", err=True)
+
+    _run(work)
+
+
+def _default_product(m: Any) -> str:
+    forms = list(m.meta.get("formulations", ()))
+    if not forms:
+        raise InputError(f"model {m.id} names no formulation: give --formulation")
+    return str(forms[0])
+
+
+@app.command()
+def evaluate(
+    models: Annotated[str, typer.Option("--model", "-m", help="model(s), comma-separated")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="NONMEM-format CSV with levels (DV)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="every forecast, as CSV")] = None,
+    max_step: Annotated[int | None, typer.Option(help="forecast at most this many steps ahead")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
+    MAPE, RMSE and share within 20 %, per model and per step."""
+
+    def work() -> None:
+        from cnidose.dosing.evaluate import evaluate as run_eval
+        from cnidose.dosing.evaluate import summarise
+
+        ms = [resolve_model(x.strip()) for x in models.split(",") if x.strip()]
+        inds = read_nonmem_csv(data).individuals()
+        problems: list[str] = []
+        fc = run_eval(ms, inds, max_step=max_step, problems=problems)
+        summary = summarise(fc)
+        for msg in problems:
+            typer.echo(f"skipped: {msg}", err=True)
+        if out is not None:
+            write_csv(out, ["MODEL", "ID", "STEP", "ROW", "DV", "PRED", "PE"],
+                      ([f.model, _id(f.id), f.step, f.row, f.observed, f.predicted, f.error] for f in fc))
+        if as_json:
+            from dataclasses import asdict
+
+            typer.echo(json.dumps([asdict(s) for s in summary], indent=2))
+            return
+        typer.echo(f"{'model':<36} {'step':>5} {'n':>6} {'bias %':>8} {'MAPE %':>8} {'RMSE %':>8} {'±20 %':>7}")
+        for s in summary:
+            step = "all" if s.step is None else str(s.step)
+            typer.echo(f"{s.model:<36} {step:>5} {s.n:>6} {s.median_pe:8.1f} {s.mape:8.1f} {s.rmse:8.1f} "
+                       f"{s.within_20:7.1f}")
+        typer.echo(f"{len(fc)} forecasts", err=True)
+
+    _run(work)
+
+
 def _id(v: float) -> int | float:
     return int(v) if float(v).is_integer() else v
 

@@ -1,0 +1,21 @@
+"""Dose individualisation: targets and products as data, start doses (label, CPIC, model-based) and
+regimen recommendations from a fit."""
+
+from cnidose.dosing.cpic import Phenotype, cpic_start_dose, cyp3a5_phenotype
+from cnidose.dosing.data import Product, Target, find_target, load_products, load_targets, product
+from cnidose.dosing.regimen import Candidate, Recommendation, recommend
+
+__all__ = [
+    "Candidate",
+    "Phenotype",
+    "Product",
+    "Recommendation",
+    "Target",
+    "cpic_start_dose",
+    "cyp3a5_phenotype",
+    "find_target",
+    "load_products",
+    "load_targets",
+    "product",
+    "recommend",
+]

@@ -1,0 +1,241 @@
+"""A-posteriori regimen recommendation: the dose, in marketed strengths, that puts a patient's
+steady-state exposure in the target.
+
+From the patient's fit (MAP, then posterior draws by :func:`cnidose.estimation.posterior.sample_posterior`)
+every candidate dose (every sum of the product's strengths, up to ``max_units`` units per
+administration) is simulated at steady state for every draw: the predicted metric's median and 80 %
+interval, and the probability that the true level lies in the target. The recommendation is the smallest
+candidate whose median lies in the target; when none does, the closest, with a warning. Predictions are
+for a future dosing occasion: between-occasion effects are drawn from their prior.
+
+Every recommendation carries its inputs, the model's identity (id, version, content hash), the package
+version, the random seed and its warnings, so that it can be reproduced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cnidose import __version__
+from cnidose.dosing.data import Product, Target
+from cnidose.errors import InputError
+from cnidose.estimation import fit_map
+from cnidose.estimation.posterior import sample_posterior
+from cnidose.models.model import Model
+from cnidose.pk.events import Individual, split_individuals
+
+__all__ = ["Candidate", "Recommendation", "candidate_doses", "recommend", "steady_state_metric_draws"]
+
+FloatArray = NDArray[np.float64]
+
+# Levels above these are flagged as implausible (likely a unit or sampling error), per drug.
+_IMPLAUSIBLE = {"tacrolimus": 100.0, "cyclosporine": 3000.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One regimen and its predicted steady-state exposure."""
+
+    dose: float  # mg per administration
+    units: dict[str, int]  # strength (mg, as text) -> units per administration
+    interval: float  # h
+    daily_dose: float
+    median: float
+    low: float  # 10th percentile
+    high: float  # 90th percentile
+    p_in_range: float
+    in_target: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    """The answer, with everything needed to reproduce it."""
+
+    chosen: Candidate | None
+    candidates: list[Candidate]
+    target: Target
+    product: str
+    metric: str
+    model: str  # id version sha256:...
+    version: str  # cnidose version
+    inputs: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target"] = asdict(self.target)
+        return d
+
+    def summary(self) -> str:
+        if self.chosen is None:
+            return "no recommendation"
+        c = self.chosen
+        units = " + ".join(f"{n} x {s} mg" for s, n in c.units.items() if n)
+        return (f"give {c.dose:g} mg {self.product} every {c.interval:g} h ({units}); predicted {self.metric} "
+                f"{c.median:.3g} {self.target.unit} (80 % interval {c.low:.3g}-{c.high:.3g}), "
+                f"{c.p_in_range:.0%} probability in {self.target.low:g}-{self.target.high:g}")
+
+
+def candidate_doses(strengths: tuple[float, ...], *, max_units: int = 6, max_dose: float = float("inf")
+                    ) -> list[tuple[float, dict[str, int]]]:
+    """Every dose that ``max_units`` or fewer units of the strengths make (fewest units per dose), sorted.
+
+    >>> [d for d, _ in candidate_doses((0.5, 1.0, 5.0), max_units=2)][:5]
+    [0.5, 1.0, 1.5, 2.0, 5.0]
+    """
+    best: dict[float, dict[str, int]] = {}
+    s = sorted(strengths)
+    for counts in itertools.product(range(max_units + 1), repeat=len(s)):
+        n = sum(counts)
+        if n == 0 or n > max_units:
+            continue
+        dose = round(sum(c * x for c, x in zip(counts, s, strict=True)), 6)
+        if dose > max_dose:
+            continue
+        units = {f"{x:g}": c for x, c in zip(s, counts, strict=True) if c}
+        if dose not in best or sum(best[dose].values()) > n:
+            best[dose] = units
+    return sorted(best.items())
+
+
+def _covariates_now(individual: Individual) -> dict[str, float]:
+    """The last value of every covariate column (the patient as now)."""
+    out = {}
+    for k, v in individual.covariates.items():
+        if k in ("DV", "MDV", "BLQ", "LLOQ"):
+            continue
+        finite = v[np.isfinite(v)]
+        if finite.size:
+            out[k] = float(finite[-1])
+    return out
+
+
+def steady_state_metric_draws(model: Model, covariates: dict[str, float], doses: FloatArray, interval: float,
+                              metric: str, eta: FloatArray, kappa: FloatArray | None = None,
+                              start: float = 0.0) -> FloatArray:
+    """Steady-state ``metric`` for each dose and each draw: (n_doses, n_draws).
+
+    One SS=1 dose at ``start`` (the regimen at steady state), observed over the following interval.
+    """
+    if metric == "trough":
+        times = np.array([interval])
+    elif metric == "c2":
+        times = np.array([2.0])
+    else:
+        times = np.linspace(0.0, interval, 97)
+    n_d, n_e = doses.size, eta.shape[0]
+    out = np.empty((n_d, n_e))
+    for i, dose in enumerate(doses):
+        ind = model.individual_from_covariates(covariates, start + times, dose=float(dose), tau=interval,
+                                               steady_state=True)
+        if start:
+            ind = _shift(ind, start)
+        sim = model.simulate(ind, eta, kappas=kappa)
+        c = sim.prediction[:, 1:]
+        if metric in ("trough", "c2"):
+            out[i] = c[:, 0]
+        else:
+            from scipy.integrate import simpson
+
+            auc = simpson(c, x=times, axis=1)
+            out[i] = auc if metric == "auc" else auc / interval
+    return out
+
+
+def _shift(ind: Individual, start: float) -> Individual:
+    cols: dict[str, Any] = {"ID": np.full(len(ind), ind.id), "TIME": ind.time, "EVID": ind.evid, "AMT": ind.amt,
+                            "CMT": ind.cmt, "II": ind.ii, "SS": ind.ss, "RATE": ind.rate, "ADDL": ind.addl}
+    cols["TIME"] = np.concatenate([[start], ind.time[1:]])
+    cols.update(ind.covariates)
+    return split_individuals(cols)[0]
+
+
+def recommend(model: Model, individual: Individual, target: Target, product: Product, *,
+              interval: float | None = None, metric: str | None = None, n_draws: int = 1000, seed: int = 0,
+              max_units: int = 6, max_dose: float | None = None) -> Recommendation:
+    """Recommend a regimen for ``individual`` (its doses and levels so far) from ``model``.
+
+    Raises InputError on inconsistent input (another drug's product or target, a non-positive interval,
+    no dose in the history); everything else clinical is reported as a warning on the result.
+    """
+    drug = model.meta.get("drug", "")
+    if product.drug != drug:
+        raise InputError(f"{product.name} is {product.drug}; model {model.id} is a {drug or 'non-drug'} model")
+    if target.drug and target.drug != drug:
+        raise InputError(f"the target is for {target.drug}; model {model.id} is a {drug} model")
+    tau = product.interval if interval is None else float(interval)
+    if not tau > 0:
+        raise InputError(f"the dosing interval must be positive, got {tau:g} h")
+    met = metric or target.metric
+    if met != target.metric:
+        raise InputError(f"the target is a {target.metric} range; asked to optimise {met}")
+    if not np.any((individual.evid == 1) | (individual.evid == 4)):
+        raise InputError(f"ID {individual.id:g}: the dose history has no dose; a recommendation needs at least one")
+    warnings: list[str] = []
+    fit = fit_map(model, [individual])[0]
+    if fit.status == "error":
+        raise InputError(f"ID {individual.id:g}: {fit.message}")
+    if fit.status == "not-converged":
+        warnings.append(f"the fit did not converge: {fit.message}")
+    if fit.status == "prior-only":
+        warnings.append("no levels in the data: this is an a-priori (population) recommendation")
+    warnings += [str(n) for n in fit.notices]
+    dv = individual.covariates.get("DV")
+    if dv is not None:
+        obs = dv[(individual.evid == 0) & (individual.mdv == 0)]
+        limit = _IMPLAUSIBLE.get(drug)
+        if limit is not None and np.any(obs > limit):
+            warnings.append(f"a level above {limit:g} {target.unit} is implausible for {drug}: check the unit and "
+                            "whether it was drawn from the infusion line")
+    post = sample_posterior(model, individual, n_draws=n_draws, seed=seed, map_result=fit)
+    if post.method == "mcmc":
+        warnings.append(f"the posterior was sampled by MCMC (SIR degenerated); effective sample size {post.ess:.0f}")
+    eta = post.eta
+    kappa = None
+    if model.iov is not None:
+        rng = np.random.default_rng(seed + 1)
+        nk = len(model.iov)
+        kappa = (rng.standard_normal((eta.shape[0], 1, nk)) @ np.linalg.cholesky(
+            model.iov.omega + 1e-300 * np.eye(nk)).T)
+    limit_dose = max_dose if max_dose is not None else (25.0 if drug == "tacrolimus" else 500.0)
+    cands = candidate_doses(product.strengths, max_units=max_units, max_dose=limit_dose)
+    if not cands:
+        raise InputError(f"no dose of {product.name} is possible with the limits given")
+    doses = np.array([d for d, _ in cands])
+    covs = _covariates_now(individual)
+    values = steady_state_metric_draws(model, covs, doses, tau, met, eta, kappa)
+    med = np.median(values, axis=1)
+    lo, hi = np.percentile(values, [10, 90], axis=1)
+    p_in = np.mean((values >= target.low) & (values <= target.high), axis=1)
+    per_day = 24.0 / tau
+    candidates = [Candidate(float(d), u, tau, float(d * per_day), float(m), float(a), float(b), float(p),
+                            bool(target.low <= m <= target.high))
+                  for (d, u), m, a, b, p in zip(cands, med, lo, hi, p_in, strict=True)]
+    chosen = next((c for c in candidates if c.in_target), None)
+    if chosen is None:
+        dist = [min(abs(np.log(c.median / target.low)), abs(np.log(c.median / target.high))) if c.median > 0
+                else np.inf for c in candidates]
+        chosen = candidates[int(np.argmin(dist))]
+        warnings.append(f"no dose of {product.name} up to {limit_dose:g} mg puts the predicted median {met} in "
+                        f"{target.low:g}-{target.high:g}; the closest is shown")
+    weight = covs.get("WT")
+    if weight and drug == "tacrolimus" and chosen.daily_dose / weight > 0.3:
+        warnings.append(f"{chosen.daily_dose / weight:.2f} mg/kg/day exceeds 0.3 mg/kg/day (CPIC ceiling for "
+                        "starting doses)")
+    records = np.column_stack([individual.time, individual.evid, individual.amt, individual.cmt,
+                               individual.covariates.get("DV", np.full(len(individual), np.nan))])
+    inputs = {
+        "id": float(individual.id), "records_sha256": hashlib.sha256(records.tobytes()).hexdigest(),
+        "n_records": len(individual), "covariates_now": covs, "interval": tau, "metric": met,
+        "product": product.name, "strengths": list(product.strengths), "product_source": product.source,
+        "max_units": max_units, "max_dose": limit_dose, "n_draws": n_draws, "seed": seed,
+        "fit_status": fit.status, "eta_map": [float(x) for x in fit.eta], "posterior_method": post.method,
+        "posterior_ess": post.ess,
+    }
+    return Recommendation(chosen, candidates, target, product.name, met, model.ref, __version__, inputs, warnings)
