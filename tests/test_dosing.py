@@ -221,7 +221,24 @@ def test_cli_recommend_and_evaluate() -> None:
     r = CliRunner().invoke(app, ["recommend", "-m", "andrews2019_tac_adult_kidney", "-d", str(PATIENTS), "--id", "1",
                                  "--target", "7-10", "--formulation", "Neoral"])
     assert r.exit_code == 2 and "Neoral is cyclosporine" in r.output
-    r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney,storset2014_tac_adult_kidney",
+    r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney,monchaud2012_tac_lung",
                                  "-d", str(PATIENTS)])
     assert r.exit_code == 0 and "andrews2019_tac_adult_kidney" in r.output and "5 forecasts" in r.output
-    assert "skipped: storset2014_tac_adult_kidney: ID 1" in r.output
+    assert "skipped: monchaud2012_tac_lung: ID 1" in r.output and "CF" in r.output
+
+
+def test_model_averaging_weights_and_pooled_recommendation() -> None:
+    from cnidose.dosing.averaging import recommend_averaged
+    from cnidose.records.nonmem import read_nonmem_csv
+
+    patient = read_nonmem_csv(PATIENTS).individuals()[1]
+    models = [resolve_model(x) for x in ("andrews2019_tac_adult_kidney", "woillard2011_tac_prograf_advagraf",
+                                         "storset2014_tac_adult_kidney", "monchaud2012_tac_lung")]
+    t = find_target("tacrolimus", "kidney", "adult", 0.5, concomitant="mmf")
+    rec, weights = recommend_averaged(models, patient, t, product("Prograf"), n_draws=600)
+    w = [x.weight for x in weights]
+    assert sum(w) == pytest.approx(1.0) and w[3] == 0.0 and weights[3].status == "error"
+    assert all(x > 0 for x in w[:3])
+    assert rec.values is not None and rec.values.shape[1] >= 600 - 3
+    assert rec.chosen is not None and rec.chosen.in_target
+    assert "weight" in rec.model and len(rec.inputs["models"]) == 3

@@ -166,7 +166,8 @@ def fit(
 
 @app.command()
 def recommend(
-    model: Annotated[str, typer.Option("--model", "-m", help="model file (.toml) or library id")],
+    model: Annotated[str, typer.Option("--model", "-m",
+                                       help="model file or library id; several, comma-separated, are averaged")],
     data: Annotated[Path, typer.Option("--data", "-d", help="NONMEM-format CSV: doses, levels (DV), covariates")],
     patient: Annotated[str, typer.Option("--id", help="the patient's ID in the data")],
     target: Annotated[str | None, typer.Option(help="target range LOW-HIGH (e.g. 7-10)")] = None,
@@ -188,8 +189,11 @@ def recommend(
         from cnidose.dosing import Target, find_target, load_targets, product
         from cnidose.dosing import recommend as do_recommend
 
-        m = resolve_model(model)
+        ms = [resolve_model(x.strip()) for x in model.split(",") if x.strip()]
+        m = ms[0]
         drug = m.meta.get("drug", "")
+        if any(x.meta.get("drug", "") != drug for x in ms):
+            raise InputError("the models given are for different drugs")
         inds = read_nonmem_csv(data).individuals()
         match = [i for i in inds if f"{i.id:g}" == patient.strip()]
         if not match:
@@ -207,22 +211,35 @@ def recommend(
         else:
             raise InputError("give --target LOW-HIGH, or --organ and --months to look it up")
         prod = product(formulation or _default_product(m), drug)
-        rec = do_recommend(m, match[0], tgt, prod, interval=interval, metric=metric, n_draws=draws, seed=seed)
+        weights = None
+        if len(ms) > 1:
+            from cnidose.dosing.averaging import recommend_averaged
+
+            if metric != tgt.metric:
+                raise InputError(f"the target is a {tgt.metric} range; asked to optimise {metric}")
+            rec, weights = recommend_averaged(ms, match[0], tgt, prod, n_draws=draws, seed=seed, interval=interval)
+        else:
+            rec = do_recommend(m, match[0], tgt, prod, interval=interval, metric=metric, n_draws=draws, seed=seed)
         if as_json:
             typer.echo(json.dumps(rec.to_dict(), indent=2, default=float))
             return
         typer.echo(rec.summary())
         typer.echo(f"target: {tgt}")
-        typer.echo(f"model {rec.model}; cnidose {rec.version}; posterior {rec.inputs['posterior_method']} "
-                   f"({draws} draws, seed {seed})")
+        if weights is not None:
+            for w in weights:
+                typer.echo(f"model {w.model}: weight {w.weight:.2f}" + (f" ({w.message})" if w.message else ""))
+            typer.echo(f"cnidose {rec.version}; {draws} pooled posterior draws, seed {seed}")
+        else:
+            typer.echo(f"model {rec.model}; cnidose {rec.version}; posterior {rec.inputs['posterior_method']} "
+                       f"({draws} draws, seed {seed})")
         typer.echo("  dose mg   median   80 % interval   P(in range)")
         for c in rec.candidates:
             mark = " <" if rec.chosen is not None and c.dose == rec.chosen.dose else ""
             if c.median < tgt.low / 3 or c.median > tgt.high * 3:
                 continue
             typer.echo(f"  {c.dose:7g} {c.median:8.3g}   {c.low:6.3g}-{c.high:<6.3g}   {c.p_in_range:9.0%}{mark}")
-        for w in rec.warnings:
-            typer.echo(f"warning: {w}", err=True)
+        for text in rec.warnings:
+            typer.echo(f"warning: {text}", err=True)
 
     _run(work)
 

@@ -66,9 +66,10 @@ class Recommendation:
     version: str  # cnidose version
     inputs: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    values: FloatArray | None = field(default=None, repr=False, compare=False)  # (candidates, draws)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "values"}
         d["target"] = asdict(self.target)
         return d
 
@@ -238,4 +239,26 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
         "fit_status": fit.status, "eta_map": [float(x) for x in fit.eta], "posterior_method": post.method,
         "posterior_ess": post.ess,
     }
-    return Recommendation(chosen, candidates, target, product.name, met, model.ref, __version__, inputs, warnings)
+    return Recommendation(chosen, candidates, target, product.name, met, model.ref, __version__, inputs, warnings,
+                          values)
+
+
+def choose(cands: list[tuple[float, dict[str, int]]], values: FloatArray, target: Target, tau: float
+           ) -> tuple[Candidate | None, list[Candidate], list[str]]:
+    """Summaries of every candidate and the choice: the smallest dose whose median is in the target."""
+    med = np.median(values, axis=1)
+    lo, hi = np.percentile(values, [10, 90], axis=1)
+    p_in = np.mean((values >= target.low) & (values <= target.high), axis=1)
+    per_day = 24.0 / tau
+    candidates = [Candidate(float(d), u, tau, float(d * per_day), float(m), float(a), float(b), float(p),
+                            bool(target.low <= m <= target.high))
+                  for (d, u), m, a, b, p in zip(cands, med, lo, hi, p_in, strict=True)]
+    warnings: list[str] = []
+    chosen = next((c for c in candidates if c.in_target), None)
+    if chosen is None and candidates:
+        dist = [min(abs(np.log(c.median / target.low)), abs(np.log(c.median / target.high))) if c.median > 0
+                else np.inf for c in candidates]
+        chosen = candidates[int(np.argmin(dist))]
+        warnings.append(f"no candidate dose puts the predicted median {target.metric} in "
+                        f"{target.low:g}-{target.high:g}; the closest is shown")
+    return chosen, candidates, warnings
