@@ -219,6 +219,12 @@ def _optimise(g: Group, theta0: FloatArray, which: IntArray, *, max_iter: int = 
     _, _, ofv, grad, info = _derivatives(g, which, theta)
     st = _State(theta, ofv, np.zeros(G, np.int64), ~np.isfinite(ofv), np.zeros(G, bool))
     grad_all, info_all = grad, info
+    # quasi-Newton memory for the late phase: BFGS updates of the Hessian from gradient differences,
+    # started from the exact (finite-difference) Hessian once, where that is positive definite
+    Hq = np.zeros((G, d, d))
+    have_q = np.zeros(G, bool)
+    prev_theta = theta.copy()
+    prev_grad = grad.copy()
     for _ in range(max_iter):
         act = np.flatnonzero(~st.done)
         if act.size == 0:
@@ -227,11 +233,30 @@ def _optimise(g: Group, theta0: FloatArray, which: IntArray, *, max_iter: int = 
         grad = grad_all[act]
         H = 2.0 * info_all[act]
         late = np.flatnonzero(st.iters[act] > newton_after)
-        if late.size:  # slow linear convergence of scoring: switch to Newton on the exact Hessian where it is PD
-            He = _hessian_fd(g, which[act[late]], st.theta[act[late]])
-            pd = np.all(np.isfinite(He), axis=(1, 2))
-            pd[pd] = np.all(np.linalg.eigvalsh(He[pd]) > 0, axis=1)
-            H[late[pd]] = He[pd]
+        if late.size:  # slow linear convergence of scoring: quasi-Newton from the exact Hessian
+            members = act[late]
+            new_q = members[~have_q[members]]
+            if new_q.size:
+                He = _hessian_fd(g, which[new_q], st.theta[new_q])
+                pd = np.all(np.isfinite(He), axis=(1, 2))
+                pd[pd] = np.all(np.linalg.eigvalsh(He[pd]) > 0, axis=1)
+                Hq[new_q[pd]] = He[pd]
+                have_q[new_q[pd]] = True
+            upd = members[have_q[members] & (st.iters[members] > newton_after + 1)]
+            if upd.size:
+                sv = st.theta[upd] - prev_theta[upd]
+                yv = grad_all[upd] - prev_grad[upd]
+                sy = np.einsum("gi,gi->g", sv, yv)
+                Hs = np.einsum("gij,gj->gi", Hq[upd], sv)
+                sHs = np.einsum("gi,gi->g", sv, Hs)
+                good = (sy > 1e-12) & (sHs > 1e-12)
+                u = upd[good]
+                Hq[u] += (np.einsum("gi,gj->gij", yv[good], yv[good]) / sy[good][:, None, None]
+                          - np.einsum("gi,gj->gij", Hs[good], Hs[good]) / sHs[good][:, None, None])
+            use = have_q[members]
+            H[late[use]] = Hq[members[use]]
+        prev_theta[act] = st.theta[act]
+        prev_grad[act] = grad_all[act]
         try:
             step = -np.linalg.solve(H, grad[..., None])[..., 0]
         except np.linalg.LinAlgError:
@@ -624,11 +649,13 @@ def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: Cov
         cov_all: list[FloatArray | None] = [None] * g.size
         if g.dim:
             if covariance == "expected":
+                ok_info = np.all(np.isfinite(info), axis=(1, 2))
+                ok_info[ok_info] = np.linalg.det(info[ok_info]) > 0
+                inv_all = np.full_like(info, np.nan)
+                if ok_info.any():
+                    inv_all[ok_info] = np.linalg.inv(info[ok_info])
                 for k in range(g.size):
-                    try:
-                        cov_all[k] = np.linalg.inv(info[k])
-                    except np.linalg.LinAlgError:
-                        cov_all[k] = None
+                    cov_all[k] = inv_all[k] if ok_info[k] else None
             else:
                 for k in range(g.size):
                     cov_all[k] = _exact_covariance(g, k, theta[k])

@@ -264,13 +264,14 @@ def _eigen_blocks(K: FloatArray, blocks: list[list[int]]) -> tuple[FloatArray, F
                 pairs = []
                 for lv in (l1, l2):
                     # (K_b - lam I) u = 0: u = (bb, lam - a) or (lam - d, c), whichever is larger
-                    u1 = np.stack([bb, lv - a], axis=-1)
-                    u2 = np.stack([lv - d, c], axis=-1)
-                    use1 = np.linalg.norm(u1, axis=-1) >= np.linalg.norm(u2, axis=-1)
-                    u = np.where(use1[..., None], u1, u2)
-                    nrm = np.linalg.norm(u, axis=-1, keepdims=True)
-                    u = u / np.where(nrm > 0, nrm, 1.0)
-                    pairs.append((lv, {i: u[..., 0], j: u[..., 1]}))
+                    n1 = np.hypot(bb, lv - a)
+                    n2 = np.hypot(lv - d, c)
+                    use1 = n1 >= n2
+                    nrm = np.where(use1, n1, n2)
+                    nrm = np.where(nrm > 0, nrm, 1.0)
+                    u0 = np.where(use1, bb, lv - d) / nrm
+                    u1 = np.where(use1, lv - a, c) / nrm
+                    pairs.append((lv, {i: u0, j: u1}))
             for lv, comp in pairs:
                 v = np.zeros((*shape, n))
                 for idx, val in comp.items():
@@ -281,13 +282,13 @@ def _eigen_blocks(K: FloatArray, blocks: list[list[int]]) -> tuple[FloatArray, F
                     if len(c_blk) == 1:
                         r = c_blk[0]
                         v[..., r] = rhs[..., 0] / (lv - K[..., r, r])
-                    else:
-                        r, s2 = c_blk
-                        m11, m12 = lv - K[..., r, r], -K[..., r, s2]
-                        m21, m22 = -K[..., s2, r], lv - K[..., s2, s2]
-                        det2 = m11 * m22 - m12 * m21
-                        v[..., r] = (m22 * rhs[..., 0] - m12 * rhs[..., 1]) / det2
-                        v[..., s2] = (-m21 * rhs[..., 0] + m11 * rhs[..., 1]) / det2
+                        continue
+                    r, s2 = c_blk
+                    m11, m12 = lv - K[..., r, r], -K[..., r, s2]
+                    m21, m22 = -K[..., s2, r], lv - K[..., s2, s2]
+                    det2 = m11 * m22 - m12 * m21
+                    v[..., r] = (m22 * rhs[..., 0] - m12 * rhs[..., 1]) / det2
+                    v[..., s2] = (-m21 * rhs[..., 0] + m11 * rhs[..., 1]) / det2
                 lam[..., col] = lv
                 V[..., :, col] = v
                 col += 1
@@ -341,9 +342,10 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
     zeros = np.zeros((N, B))
 
     def per_cmt(prefix: str, default: FloatArray) -> FloatArray:
-        if not any(f"{prefix}{c + 1}" in params for c in range(n)):
+        keys = [f"{prefix}{c + 1}" for c in range(n)]
+        if not any(k in params for k in keys):
             return np.broadcast_to(default[..., None], (N, B, n))
-        return np.stack([params.get(f"{prefix}{c + 1}", default) for c in range(n)], axis=-1)  # (N, B, n)
+        return np.stack([params.get(k, default) for k in keys], axis=-1)  # (N, B, n)
 
     Fc, Lc, Rc, Dc, Sc = (per_cmt("F", ones), per_cmt("ALAG", zeros), per_cmt("R", zeros),
                           per_cmt("D", zeros), per_cmt("S", ones))
