@@ -211,20 +211,9 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
     doses = np.array([d for d, _ in cands])
     covs = _covariates_now(individual)
     values = steady_state_metric_draws(model, covs, doses, tau, met, eta, kappa)
-    med = np.median(values, axis=1)
-    lo, hi = np.percentile(values, [10, 90], axis=1)
-    p_in = np.mean((values >= target.low) & (values <= target.high), axis=1)
-    per_day = 24.0 / tau
-    candidates = [Candidate(float(d), u, tau, float(d * per_day), float(m), float(a), float(b), float(p),
-                            bool(target.low <= m <= target.high))
-                  for (d, u), m, a, b, p in zip(cands, med, lo, hi, p_in, strict=True)]
-    chosen = next((c for c in candidates if c.in_target), None)
-    if chosen is None:
-        dist = [min(abs(np.log(c.median / target.low)), abs(np.log(c.median / target.high))) if c.median > 0
-                else np.inf for c in candidates]
-        chosen = candidates[int(np.argmin(dist))]
-        warnings.append(f"no dose of {product.name} up to {limit_dose:g} mg puts the predicted median {met} in "
-                        f"{target.low:g}-{target.high:g}; the closest is shown")
+    chosen, candidates, more = choose(cands, values, target, tau)
+    warnings += [w.replace("no candidate dose", f"no dose of {product.name} up to {limit_dose:g} mg") for w in more]
+    assert chosen is not None
     weight = covs.get("WT")
     if weight and drug == "tacrolimus" and chosen.daily_dose / weight > 0.3:
         warnings.append(f"{chosen.daily_dose / weight:.2f} mg/kg/day exceeds 0.3 mg/kg/day (CPIC ceiling for "

@@ -442,13 +442,7 @@ def _timing_scan(g: Group, which: IntArray, st: _State, effects: IntArray, n_gri
         rep, starts = rep[okv], starts[okv]
         if rep.size == 0:
             continue
-        sub = _optimise(g, starts, which[rep])
-        for k, member in enumerate(rep):
-            if np.isfinite(sub.ofv[k]) and sub.ofv[k] < st.ofv[member] - 1e-9:
-                st.theta[member] = sub.theta[k]
-                st.ofv[member] = sub.ofv[k]
-                st.converged[member] = sub.converged[k]
-                st.iters[member] += sub.iters[k]
+        _keep_lower(st, rep, _optimise(g, starts, which[rep]))
 
 
 def _ray_scan(g: Group, which: IntArray, st: _State, members: IntArray, *, n_best: int = 3,
@@ -482,17 +476,30 @@ def _ray_scan(g: Group, which: IntArray, st: _State, members: IntArray, *, n_bes
     S, own = S[okv], own[okv]
     if own.size == 0:
         return
-    probe = _optimise(g, S, which[own], max_iter=6)
-    go = np.isfinite(probe.ofv) & (probe.ofv < st.ofv[own] + margin)
-    if not go.any():
+    _probe_and_keep(g, which, st, S, own, margin)
+
+
+def _probe_and_keep(g: Group, which: IntArray, st: _State, starts: FloatArray, owners: IntArray, margin: float,
+                    probe_iters: int = 6) -> None:
+    """A few iterations from each start; those within ``margin`` of their member's objective are optimised
+    fully; a member keeps the lower optimum."""
+    if owners.size == 0:
         return
-    full = _optimise(g, probe.theta[go], which[own[go]])
-    for k, member in enumerate(own[go]):
-        if np.isfinite(full.ofv[k]) and full.ofv[k] < st.ofv[member] - 1e-9:
-            st.theta[member] = full.theta[k]
-            st.ofv[member] = full.ofv[k]
-            st.converged[member] = full.converged[k]
-            st.iters[member] += full.iters[k]
+    probe = _optimise(g, starts, which[owners], max_iter=probe_iters)
+    go = np.isfinite(probe.ofv) & (probe.ofv < st.ofv[owners] + margin)
+    if go.any():
+        full = _optimise(g, probe.theta[go], which[owners[go]])
+        _keep_lower(st, owners[go], full)
+
+
+def _keep_lower(st: _State, members: IntArray, sub: _State) -> None:
+    """Where ``sub`` (one row per entry of ``members``) found a lower objective, take it."""
+    for k, member in enumerate(members):
+        if np.isfinite(sub.ofv[k]) and sub.ofv[k] < st.ofv[member] - 1e-9:
+            st.theta[member] = sub.theta[k]
+            st.ofv[member] = sub.ofv[k]
+            st.converged[member] = sub.converged[k]
+            st.iters[member] += sub.iters[k]
 
 
 def _halton(n: int, d: int) -> FloatArray:
@@ -552,17 +559,7 @@ def _global_screen(g: Group, which: IntArray, st: _State, members: IntArray, *, 
         return
     S = np.asarray(starts)
     own = np.asarray(owners, dtype=np.int64)
-    probe = _optimise(g, S, which[own], max_iter=6)
-    go = np.isfinite(probe.ofv) & (probe.ofv < st.ofv[own] + margin)
-    if not go.any():
-        return
-    full = _optimise(g, probe.theta[go], which[own[go]])
-    for k, member in enumerate(own[go]):
-        if np.isfinite(full.ofv[k]) and full.ofv[k] < st.ofv[member] - 1e-9:
-            st.theta[member] = full.theta[k]
-            st.ofv[member] = full.ofv[k]
-            st.converged[member] = full.converged[k]
-            st.iters[member] += full.iters[k]
+    _probe_and_keep(g, which, st, S, own, margin)
 
 
 def _exact_covariance(g: Group, which: int, theta: FloatArray) -> FloatArray | None:

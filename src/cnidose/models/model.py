@@ -306,15 +306,7 @@ class Model:
                                   f"{cov.default:g}{_unit_suffix(cov.unit)} used"
                                   + (f" ({cov.default_note})" if cov.default_note else ""),
                                   int(ind.rows[j]) if raw is not None else None))
-        std = STANDARD_COVARIATES.get(cov.name)
-        if std is not None and not std.levels:
-            lo, hi = std.plausible
-            bad = (values < lo) | (values > hi)
-            if bad.any():
-                j = int(np.flatnonzero(bad)[0])
-                raise DataError(f"{cov.name} = {values[j]:g} is not a plausible {std.description} in {std.unit} "
-                                f"(expected {lo:g}-{hi:g} {std.unit}; check the unit)",
-                                row=int(ind.rows[j]), column=cov.name)
+        _check_plausible(ind, cov.name, values, np.ones(values.size, dtype=bool))
         if cov.levels:
             bad = ~np.isin(values, list(cov.levels))
             if bad.any():
@@ -323,41 +315,28 @@ class Model:
                 raise DataError(f"{cov.name} = {values[j]:g} is not a valid code ({codes})",
                                 row=int(ind.rows[j]), column=cov.name)
         out = values * cov.factor
-        if cov.domain is not None:
-            lo, hi = cov.domain
-            bad = (out < lo) | (out > hi)
-            if bad.any():
-                j = int(np.flatnonzero(bad)[0])
-                notices.append(Notice("domain", cov.name,
-                                      f"{cov.name} = {out[j]:g}{_unit_suffix(cov.unit)} is outside the domain of model "
-                                      f"{self.id} ({lo:g}-{hi:g}{_unit_suffix(cov.unit)}) "
-                                      f"in {int(bad.sum())} record(s)",
-                                      int(ind.rows[j])))
+        self._check_domain(ind, cov, out, np.ones(out.size, dtype=bool), notices)
         return out
+
+    def _check_domain(self, ind: Individual, cov: Covariate, values: FloatArray, present: NDArray[np.bool_],
+                      notices: list[Notice]) -> None:
+        """A notice (not an error) where values in model units fall outside the model's validity domain."""
+        if cov.domain is None:
+            return
+        lo, hi = cov.domain
+        bad = present & ((values < lo) | (values > hi))
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            u = _unit_suffix(cov.unit)
+            notices.append(Notice("domain", cov.name,
+                                  f"{cov.name} = {values[j]:g}{u} is outside the domain of model {self.id} "
+                                  f"({lo:g}-{hi:g}{u}) in {int(bad.sum())} record(s)", int(ind.rows[j])))
 
     def _domain_only(self, ind: Individual, cov: Covariate, notices: list[Notice]) -> None:
         values = np.array(ind.covariates[cov.name], dtype=np.float64)
         present = ~np.isnan(values)
-        std = STANDARD_COVARIATES.get(cov.name)
-        if std is not None and not std.levels:
-            lo, hi = std.plausible
-            bad = present & ((values < lo) | (values > hi))
-            if bad.any():
-                j = int(np.flatnonzero(bad)[0])
-                raise DataError(f"{cov.name} = {values[j]:g} is not a plausible {std.description} in {std.unit} "
-                                f"(expected {lo:g}-{hi:g} {std.unit}; check the unit)",
-                                row=int(ind.rows[j]), column=cov.name)
-        if cov.domain is not None:
-            v = values * cov.factor
-            lo, hi = cov.domain
-            bad = present & ((v < lo) | (v > hi))
-            if bad.any():
-                j = int(np.flatnonzero(bad)[0])
-                notices.append(Notice("domain", cov.name,
-                                      f"{cov.name} = {v[j]:g}{_unit_suffix(cov.unit)} is outside the domain of model "
-                                      f"{self.id} ({lo:g}-{hi:g}{_unit_suffix(cov.unit)}) "
-                                      f"in {int(bad.sum())} record(s)",
-                                      int(ind.rows[j])))
+        _check_plausible(ind, cov.name, values, present)
+        self._check_domain(ind, cov, values * cov.factor, present, notices)
 
     @staticmethod
     def _standard_input(ind: Individual, name: str) -> FloatArray:
@@ -543,6 +522,19 @@ class Model:
         ind = self.individual_from_covariates(covariates, [1.0])
         params = self.individual_parameters(ind, etas)
         return {k: float(v[0, 0]) for k, v in params.items()}
+
+
+def _check_plausible(ind: Individual, name: str, values: FloatArray, present: NDArray[np.bool_]) -> None:
+    """DataError naming row and column where a standard covariate is outside physiological limits."""
+    std = STANDARD_COVARIATES.get(name)
+    if std is None or std.levels:
+        return
+    lo, hi = std.plausible
+    bad = present & ((values < lo) | (values > hi))
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{name} = {values[j]:g} is not a plausible {std.description} in {std.unit} "
+                        f"(expected {lo:g}-{hi:g} {std.unit}; check the unit)", row=int(ind.rows[j]), column=name)
 
 
 def _unit_suffix(unit: str) -> str:
