@@ -206,7 +206,7 @@ def test_evaluation_on_data_simulated_from_the_model() -> None:
     assert 0.674 * 14.9 <= overall.mape <= 1.5 * 14.9
 
 
-def test_cli_recommend_and_evaluate() -> None:
+def test_cli_recommend_and_evaluate(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["recommend", "-m", "andrews2019_tac_adult_kidney", "-d", str(PATIENTS), "--id", "2",
                                  "--organ", "kidney", "--months", "0.5", "--concomitant", "mmf", "--draws", "300"])
     assert r.exit_code == 0, r.output
@@ -225,6 +225,11 @@ def test_cli_recommend_and_evaluate() -> None:
                                  "-d", str(PATIENTS)])
     assert r.exit_code == 0 and "andrews2019_tac_adult_kidney" in r.output and "5 forecasts" in r.output
     assert "skipped: monchaud2012_tac_lung: ID 1" in r.output and "CF" in r.output
+    svg = tmp_path / "plot.svg"
+    r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", str(PATIENTS),
+                                 "--plot", str(svg)])
+    text = svg.read_text()
+    assert r.exit_code == 0 and text.startswith("<svg") and text.count("<circle") == 5
 
 
 def test_model_averaging_weights_and_pooled_recommendation() -> None:

@@ -257,6 +257,7 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", "-d", help="NONMEM-format CSV with levels (DV)")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="every forecast, as CSV")] = None,
     max_step: Annotated[int | None, typer.Option(help="forecast at most this many steps ahead")] = None,
+    plot: Annotated[Path | None, typer.Option(help="forecast against observed, as an SVG file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
@@ -273,6 +274,10 @@ def evaluate(
         summary = summarise(fc)
         for msg in problems:
             typer.echo(f"skipped: {msg}", err=True)
+        if plot is not None:
+            from cnidose.dosing.evaluate import plot_svg
+
+            plot.write_text(plot_svg(fc), encoding="utf-8")
         if out is not None:
             write_csv(out, ["MODEL", "ID", "STEP", "ROW", "DV", "PRED", "PE"],
                       ([f.model, _id(f.id), f.step, f.row, f.observed, f.predicted, f.error] for f in fc))

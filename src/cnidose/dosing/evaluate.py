@@ -23,7 +23,7 @@ from cnidose.estimation import fit_map
 from cnidose.models.model import Model
 from cnidose.pk.events import Individual, split_individuals
 
-__all__ = ["Forecast", "Summary", "evaluate", "summarise"]
+__all__ = ["Forecast", "Summary", "evaluate", "plot_svg", "summarise"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +117,36 @@ def summarise(forecasts: Sequence[Forecast], *, by_step: bool = True) -> list[Su
             out.append(Summary(model, k, len(fs), float(np.median(pe)), float(np.median(np.abs(pe))),
                                float(np.sqrt(np.mean(pe**2))), float(np.mean(np.abs(pe) <= 20.0) * 100.0)))
     return out
+
+
+def plot_svg(forecasts: Sequence[Forecast], *, size: int = 420) -> str:
+    """Predicted against observed levels (log-log, one colour per model, the identity and ±20 % lines) as SVG."""
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    models = sorted({f.model for f in forecasts})
+    vals = [v for f in forecasts for v in (f.observed, f.predicted) if v > 0]
+    lo, hi = (min(vals), max(vals)) if vals else (1.0, 10.0)
+    lo, hi = np.log10(lo) - 0.05, np.log10(hi) + 0.05
+    pad = 50
+
+    def xy(obs: float, pred: float) -> tuple[float, float]:
+        x = pad + (np.log10(obs) - lo) / (hi - lo) * (size - 2 * pad)
+        y = size - pad - (np.log10(pred) - lo) / (hi - lo) * (size - 2 * pad)
+        return float(x), float(y)
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" font-family="sans-serif" '
+             f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for factor, dash in ((1.0, ""), (1.2, ' stroke-dasharray="4 3"'), (1 / 1.2, ' stroke-dasharray="4 3"')):
+        a, b = xy(10**lo, 10**lo * factor), xy(10**hi, 10**hi * factor)
+        parts.append(f'<line x1="{a[0]:.1f}" y1="{a[1]:.1f}" x2="{b[0]:.1f}" y2="{b[1]:.1f}" stroke="#888"{dash}/>')
+    for k, model in enumerate(models):
+        c = colours[k % len(colours)]
+        for f in forecasts:
+            if f.model == model and f.observed > 0 and f.predicted > 0:
+                x, y = xy(f.observed, f.predicted)
+                parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{c}" fill-opacity="0.6"/>')
+        parts.append(f'<text x="{pad}" y="{16 + 13 * k}" fill="{c}">{model}</text>')
+    parts.append(f'<text x="{size / 2:.0f}" y="{size - 12}" text-anchor="middle">observed (log scale)</text>')
+    parts.append(f'<text x="14" y="{size / 2:.0f}" transform="rotate(-90 14 {size / 2:.0f})" '
+                 'text-anchor="middle">forecast (log scale)</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
