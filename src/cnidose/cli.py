@@ -296,6 +296,48 @@ def evaluate(
     _run(work)
 
 
+@app.command()
+def assess(
+    record: Annotated[Path, typer.Argument(help="patient record, JSON (schema cnidose.patient/1)")],
+    as_of: Annotated[str | None, typer.Option("--as-of", help="assessment date YYYY-MM-DD (default: today)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Selection, interactions, monitoring alerts, exposure adjustments and the follow-up schedule."""
+
+    def work() -> None:
+        import datetime as dt
+        from dataclasses import asdict
+
+        from cnidose.clinical import assess as run_assess
+        from cnidose.clinical import load_record
+
+        try:
+            day = dt.date.fromisoformat(as_of) if as_of else dt.date.today()
+        except ValueError:
+            raise InputError(f"--as-of must be YYYY-MM-DD, got {as_of!r}") from None
+        rec = load_record(record, as_of=day)
+        a = run_assess(rec, day)
+        if as_json:
+            typer.echo(json.dumps(asdict(a), indent=2, default=str))
+            return
+        typer.echo(f"patient {a.patient}, {rec.agent} for {rec.indication}, as of {a.as_of}")
+        typer.echo(f"selection: {a.selection}")
+        for r in a.selection_reasons:
+            typer.echo(f"  - {r}")
+        for al in a.alerts:
+            when = f" ({al.date})" if al.date else ""
+            typer.echo(f"{al.severity.upper()}{when}: {al.message}\n    source: {al.source}")
+        for e in a.exposure:
+            end = e.end.isoformat() if e.end else "ongoing"
+            typer.echo(f"exposure x{e.factor:g} from {e.start} to {end} ({e.drug})")
+        for d in a.due:
+            typer.echo(f"due {d.date}: {d.what} [{d.source}]")
+        for n in a.notes:
+            typer.echo(f"note: {n}", err=True)
+
+    _run(work)
+
+
 def _id(v: float) -> int | float:
     return int(v) if float(v).is_integer() else v
 
