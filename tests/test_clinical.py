@@ -228,12 +228,96 @@ def test_every_rule_and_interaction_has_a_source() -> None:
             assert agent in ("tacrolimus", "cyclosporine", "voclosporin")
             assert eff["source"].strip() and eff["action"].strip()
             assert eff["severity"] in ("info", "warning", "critical")
-    known = {"egfr_fall", "egfr_not_improved", "creatinine_rise", "hypertension", "duration", "lab_threshold"}
+    known = {"egfr_fall", "egfr_not_improved", "creatinine_rise", "hypertension", "duration", "lab_threshold",
+             "egfr_fall_band"}
     for p in protocols["protocols"]:
         for r in p.get("rules", []):
             assert r["type"] in known and r["source"].strip() and r["action"].strip(), r["id"]
         for s in p.get("schedule", []):
             assert s["source"].strip()
+
+
+# -- voclosporin, topical agents, other protocols --------------------------------------------------------------------
+def lupus(**extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "schema": "cnidose.patient/1", "id": "L1", "birth_date": "1990-05-05", "sex": "female",
+        "agent": "voclosporin", "indication": "lupus nephritis", "therapy_start": START.isoformat(),
+        "labs": [creat(-7, 95)], "blood_pressure": [{"date": day(-7), "systolic": 130, "diastolic": 85}]}
+    for k, v in extra.items():
+        doc[k] = doc[k] + v if isinstance(v, list) and k in doc else v
+    return doc
+
+
+def _egfr_of(scr_umol: float, age: float = 35.8) -> float:
+    return float(DERIVATIONS["egfr_ckd_epi_2021"](np.array([scr_umol]), np.array([age]), np.array([1.0]))[0])
+
+
+@pytest.mark.parametrize(("scr", "reduce", "stop"), [
+    (95 * 1.12, False, False),  # eGFR 69 -> 60: fall 13 %
+    (95 * 1.27, True, False),  # -> 52: fall 25 %
+    (95 * 1.40, False, True),  # -> 46: fall 33 %
+])
+def test_voclosporin_egfr_rules(scr: float, reduce: bool, stop: bool) -> None:
+    """Lupkynis label: eGFR < 60 and fall > 20 % and < 30 % -> reduce 7.9 mg BID; >= 30 % -> discontinue."""
+    base = _egfr_of(95)
+    now = _egfr_of(scr)
+    a = rules(run(lupus(labs=[creat(30, scr)])))
+    assert now < 60 or not (reduce or stop)
+    assert ("vcs-reduce" in a) is reduce and ("vcs-stop" in a) is stop, (base, now)
+
+
+def test_voclosporin_selection() -> None:
+    assert run(lupus()).selection == "pass"
+    high = lupus(blood_pressure=[{"date": day(-2), "systolic": 170, "diastolic": 100}])
+    a = run(high)
+    assert a.selection == "stop" and "165/105" in a.selection_reasons[0]
+    low_egfr = lupus()
+    low_egfr["labs"] = [creat(-7, 150)]  # eGFR about 40
+    assert run(low_egfr).selection == "caution"
+    vori = run(lupus(medications=[{"name": "voriconazole", "start": day(5)}]))
+    assert rules(vori)["interaction:voriconazole"].message.endswith("Contraindicated: voclosporin with a strong "
+                                                                     "CYP3A4 inhibitor.")
+    assert vori.selection == "caution"
+    assert [d.date for d in run(lupus(), START + dt.timedelta(days=20)).due] == [START + dt.timedelta(days=28)] * 2
+
+
+@pytest.mark.parametrize(("birth", "agent", "strength", "selection"), [
+    ("2025-06-01", "tacrolimus", 0.03, "stop"),  # 1.6 years: under 2
+    ("2018-01-01", "tacrolimus", 0.03, "pass"),  # 8 years, 0.03 %
+    ("2018-01-01", "tacrolimus", 0.1, "stop"),  # 8 years, 0.1 % not allowed before 16
+    ("2005-01-01", "tacrolimus", 0.1, "pass"),  # 21 years
+    ("2025-06-01", "pimecrolimus", 1.0, "stop"),
+    ("2020-01-01", "pimecrolimus", 1.0, "pass"),
+])
+def test_topical_age_and_strength(birth: str, agent: str, strength: float, selection: str) -> None:
+    """Protopic: < 2 y not recommended; 2-15 y 0.03 % only; >= 16 y 0.03 or 0.1 %. Elidel: >= 2 y."""
+    doc = {"schema": "cnidose.patient/1", "id": "D1", "birth_date": birth, "sex": "male", "agent": agent,
+           "indication": "atopic dermatitis", "route": "topical", "strength_percent": strength,
+           "therapy_start": START.isoformat()}
+    a = run(doc)
+    assert a.selection == selection
+    assert any(x.rule.endswith(":counselling") and "Boxed warning" in x.message for x in a.alerts)
+
+
+def test_oral_cyclosporine_for_atopic_dermatitis_and_uc() -> None:
+    ad = psoriasis(indication="atopic dermatitis")
+    assert "ad-8-weeks" in rules(run(ad, START + dt.timedelta(days=57)))
+    assert "ad-8-weeks" not in rules(run(ad, START + dt.timedelta(days=56)))
+    uc = psoriasis(indication="ulcerative colitis")
+    assert "uc-bridge-6-months" in rules(run(uc, START + dt.timedelta(days=184)))
+
+
+def test_kidney_transplant_bk_schedule_and_codes() -> None:
+    due = run(transplant(), START + dt.timedelta(days=40)).due
+    assert due[0].what == "BK virus NAT (plasma)" and due[0].date == START + dt.timedelta(days=60)
+    # a verified LOINC code may stand for the lab name
+    a = run(transplant(labs=[{"name": "1558-6", "value": 7.2, "unit": "mmol/L", "date": day(40)}]))
+    assert "ptdm-fpg" in rules(a)
+    import tomllib
+    from importlib import resources
+
+    codes = tomllib.loads((resources.files("cnidose.clinical") / "data" / "codes.toml").read_text())
+    assert codes["loinc"]["tacrolimus"]["code"] == "11253-2" and codes["rxnorm"]["cyclosporine"]["rxcui"] == "3008"
 
 
 def test_cli_assess(tmp_path: Path) -> None:

@@ -146,14 +146,11 @@ def assess(record: PatientRecord, as_of: dt.date) -> Assessment:
     # -- protocols
     series = egfr(record) if record.lab("creatinine") else []
     for p in protocols.get("protocols", []):
-        if p["agent"] not in (agent, "any"):
+        if not _applies(p, record):
             continue
-        if p["indication"] == "transplant":
-            if "transplant" not in record.indication:
-                continue
-        elif p["indication"] != record.indication:
-            continue
-        selection, reasons = _selection(record, p, selection, reasons, as_of)
+        selection, reasons = _selection(record, p, selection, reasons, as_of, series)
+        if "counselling" in p:
+            alerts.append(Alert(f"{p['id']}:counselling", "info", p["counselling"], p["counselling_source"]))
         for rule in p.get("rules", []):
             alerts += _rule(record, rule, series, as_of)
     alerts.sort(key=lambda a: (-_RANK[a.severity], a.date or as_of))
@@ -164,8 +161,42 @@ def assess(record: PatientRecord, as_of: dt.date) -> Assessment:
     return Assessment(record.id, as_of, selection, reasons, alerts, exposure, due, series, notes)
 
 
-def _selection(record: PatientRecord, p: dict[str, Any], selection: Any, reasons: list[str], as_of: dt.date
-               ) -> tuple[Any, list[str]]:
+def _applies(p: dict[str, Any], record: PatientRecord) -> bool:
+    if p["agent"] not in (record.agent, "any"):
+        return False
+    if "route" in p and p["route"] != record.route:
+        return False
+    if p["indication"] == "transplant":
+        return "transplant" in record.indication
+    return bool(p["indication"] == record.indication)
+
+
+def _selection(record: PatientRecord, p: dict[str, Any], selection: Any, reasons: list[str], as_of: dt.date,
+               series: list[tuple[dt.date, float]]) -> tuple[Any, list[str]]:
+    age = record.age(record.therapy_start)
+    if "min_age_years" in p and age < p["min_age_years"]:
+        selection = "stop"
+        reasons.append(f"{p['title']}: not for patients under {p['min_age_years']:g} years ({p['age_source']})")
+    for lo, hi, allowed in p.get("age_strengths", []):
+        if lo <= age < hi and record.strength_percent is not None and record.strength_percent not in allowed:
+            selection = "stop"
+            reasons.append(f"{record.strength_percent:g} % is not for ages {lo:g}-{hi:g} (allowed: "
+                           f"{', '.join(f'{a:g} %' for a in allowed)}) ({p['age_source']})")
+    if "baseline_bp_max" in p:
+        s_max, d_max = p["baseline_bp_max"]
+        high = [b for b in record.blood_pressure if b.date <= record.therapy_start
+                and (b.systolic > s_max or b.diastolic > d_max)]
+        if high:
+            selection = "stop"
+            reasons.append(f"blood pressure {high[-1].systolic:g}/{high[-1].diastolic:g} mmHg above {s_max:g}/"
+                           f"{d_max:g} before starting ({p['baseline_bp_source']})")
+    if "baseline_egfr_min" in p:
+        pre = [v for d, v in series if d <= record.therapy_start]
+        if pre and float(np.mean(pre)) <= p["baseline_egfr_min"]:
+            if selection == "pass":
+                selection = "caution"
+            reasons.append(f"baseline eGFR {float(np.mean(pre)):.0f} <= {p['baseline_egfr_min']:g} "
+                           f"({p['baseline_egfr_source']})")
     contra = [c for c in p.get("contraindications", [])
               if any(c in cond for cond in record.conditions)
               or any(c in m.name and (m.stop is None or m.stop >= as_of) for m in record.medications)]
@@ -218,6 +249,18 @@ def _rule(record: PatientRecord, rule: dict[str, Any], series: list[tuple[dt.dat
                 return [Alert(rid, rule["severity"], f"eGFR still {f:.0f} % below baseline {(d - t1).days} days after "
                               f"the reduction: {rule['action']}", rule["source"], d)]
         return []
+    if kind == "egfr_fall_band":
+        pre = [v for d, v in series if d <= record.therapy_start]
+        if not pre or not after:
+            return []
+        base = float(np.mean(pre))
+        d, v = after[-1]
+        fall = 100.0 * (1 - v / base)
+        low_ok = fall >= rule["fall_above"] if rule.get("inclusive") else fall > rule["fall_above"]
+        if v < rule["egfr_below"] and low_ok and fall < rule["fall_below"]:
+            return [Alert(rid, rule["severity"], f"eGFR {v:.0f} (< {rule['egfr_below']:g}), {fall:.0f} % below "
+                          f"baseline {base:.0f}: {rule['action']}", rule["source"], d)]
+        return []
     if kind == "creatinine_rise":
         scr = record.lab("creatinine")
         pre = [x.value for x in scr if x.date <= record.therapy_start]
@@ -257,7 +300,7 @@ def _rule(record: PatientRecord, rule: dict[str, Any], series: list[tuple[dt.dat
 def _due(record: PatientRecord, protocols: dict[str, Any], as_of: dt.date) -> list[Due]:
     out: list[Due] = []
     for p in protocols.get("protocols", []):
-        if p["agent"] != record.agent or p["indication"] != record.indication:
+        if not _applies(p, record):
             continue
         for item in p.get("schedule", []):
             start = record.therapy_start + dt.timedelta(days=int(item.get("from_days", 0)))

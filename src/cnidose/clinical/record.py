@@ -11,6 +11,8 @@ Schema ``cnidose.patient/1``::
       "agent": "tacrolimus" | "cyclosporine" | "voclosporin",
       "indication": "psoriasis" | "kidney transplant" | ...,
       "region": "EU" | "US",                  optional, selects label variants (default EU)
+      "route": "oral" | "topical" | "intravenous",   optional (default oral)
+      "strength_percent": 0.1,                optional, topical products
       "therapy_start": "2026-01-10",
       "conditions": ["..."],                   optional, free text matched against contraindications
       "medications": [{"name": "voriconazole", "start": "2026-01-20", "stop": null, "daily_mg": 400}],
@@ -46,6 +48,8 @@ _LABS: dict[str, tuple[str, dict[str, float], tuple[float, float]]] = {
     "magnesium": ("mmol/L", {"mmol/L": 1.0, "mg/dL": 0.4114}, (0.1, 5.0)),
 }
 _HBA1C_RANGE = (3.0, 20.0)  # %
+# verified LOINC codes (clinical/data/codes.toml) accepted in place of lab names
+_LOINC_TO_NAME = {"2160-0": "creatinine", "1558-6": "fasting glucose", "4548-4": "hba1c", "2823-3": "potassium"}
 
 
 class RecordError(InputError):
@@ -88,6 +92,8 @@ class PatientRecord:
     indication: str
     therapy_start: dt.date
     region: str = "EU"
+    route: str = "oral"
+    strength_percent: float | None = None
     weight_kg: float | None = None
     height_cm: float | None = None
     conditions: tuple[str, ...] = ()
@@ -147,6 +153,8 @@ def parse_record(doc: Any, *, as_of: dt.date) -> PatientRecord:
         if not isinstance(x, dict) or "name" not in x or "value" not in x or "date" not in x:
             raise RecordError("a lab is {name, value, unit, date}", field=where)
         name = str(x["name"]).lower()
+        if name in _LOINC_TO_NAME:  # a verified LOINC code may stand for the name
+            name = _LOINC_TO_NAME[name]
         unit = x.get("unit", "")
         if name == "hba1c":
             if unit == "mmol/mol":
@@ -193,11 +201,19 @@ def parse_record(doc: Any, *, as_of: dt.date) -> PatientRecord:
     return PatientRecord(
         id=str(doc["id"]), birth_date=_date(doc["birth_date"], "birth_date", as_of), sex=sex, agent=agent,
         indication=str(doc["indication"]).lower(), therapy_start=_date(doc["therapy_start"], "therapy_start", None),
-        region=region,
+        region=region, route=_route(doc.get("route", "oral")),
+        strength_percent=None if doc.get("strength_percent") is None else _number(
+            doc["strength_percent"], "strength_percent", 0.001, 10.0, "%"),
         weight_kg=None if doc.get("weight_kg") is None else _number(doc["weight_kg"], "weight_kg", 0.3, 400, "kg"),
         height_cm=None if doc.get("height_cm") is None else _number(doc["height_cm"], "height_cm", 30, 250, "cm"),
         conditions=tuple(str(c).lower() for c in doc.get("conditions", [])), medications=tuple(meds),
         labs=tuple(labs), blood_pressure=tuple(bps), raw=doc)
+
+
+def _route(v: Any) -> str:
+    if v not in ("oral", "topical", "intravenous"):
+        raise RecordError(f"expected oral, topical or intravenous, got {v!r}", field="route")
+    return str(v)
 
 
 def load_record(path: str | Path, *, as_of: dt.date) -> PatientRecord:
