@@ -335,3 +335,21 @@ def test_cli_assess(tmp_path: Path) -> None:
     f.write_text(json.dumps(bad))
     r = CliRunner().invoke(app, ["assess", str(f), "--as-of", "2026-02-20"])
     assert r.exit_code == 2 and "labs[0].date" in r.output
+
+
+def test_unit_aware_calculators() -> None:
+    from cnidose.clinical import calculators as c
+
+    a = c.egfr_ckd_epi_2021(1.0, "mg/dL", 50, "female")
+    assert a == pytest.approx(c.egfr_ckd_epi_2021(88.4, "umol/L", 50, "female"))
+    assert a == pytest.approx(142 * (1.0 / 0.7) ** -1.2 * 0.9938**50 * 1.012, abs=0.05)
+    assert c.egfr_schwartz(0.5, "mg/dL", 120) == pytest.approx(99.1, abs=0.1)  # 0.413 x 120 / 0.5
+    assert c.ibw_devine(152.4, "male") == pytest.approx(50.0) and c.ibw_devine(182.88, "female") == pytest.approx(
+        45.5 + 2.3 * 12)
+    assert c.bsa(70, 175) == pytest.approx(np.sqrt(70 * 175 / 3600))
+    with pytest.raises(InputError, match="mg/dL"):
+        c.egfr_ckd_epi_2021(1.0, "mmol", 50, "female")
+    with pytest.raises(InputError, match="not a possible value"):
+        c.creatinine_umol_per_l(0, "umol/L")
+    with pytest.raises(InputError, match="children"):
+        c.egfr_ckd_epi_2021(0.5, "mg/dL", 10, "male")
