@@ -247,3 +247,23 @@ def test_model_averaging_weights_and_pooled_recommendation() -> None:
     assert rec.values is not None and rec.values.shape[1] >= 600 - 3
     assert rec.chosen is not None and rec.chosen.in_target
     assert "weight" in rec.model and len(rec.inputs["models"]) == 3
+
+
+def test_intervals_loading_and_conversions() -> None:
+    from cnidose.dosing import convert_daily_dose
+    from cnidose.records.nonmem import read_nonmem_csv
+
+    patient = read_nonmem_csv(PATIENTS).individuals()[1]
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    t = find_target("tacrolimus", "kidney", "adult", 0.5, concomitant="mmf")
+    r = recommend(m, patient, t, product("Prograf"), n_draws=300, intervals=[12.0, 24.0], loading=True)
+    assert {c.interval for c in r.candidates} == {12.0, 24.0}
+    in_target = [c for c in r.candidates if c.in_target]
+    assert r.chosen is not None and r.chosen.daily_dose == min(c.daily_dose for c in in_target)
+    assert r.loading is not None and t.low <= r.loading.median <= t.high
+    assert convert_daily_dose(2.0, "tacrolimus IV", "Prograf")[0] == pytest.approx(10.0)
+    assert convert_daily_dose(300.0, "Sandimmune", "Neoral")[0] == pytest.approx(300.0)
+    with pytest.raises(InputError, match="no published conversion"):
+        convert_daily_dose(5.0, "Advagraf", "Neoral")
+    with pytest.raises(InputError, match="interval must be positive"):
+        recommend(m, patient, t, product("Prograf"), n_draws=100, intervals=[-12.0])

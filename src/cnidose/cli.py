@@ -180,6 +180,8 @@ def recommend(
     formulation: Annotated[str | None, typer.Option(help="Prograf, Advagraf, Envarsus XR, Neoral ...")] = None,
     draws: Annotated[int, typer.Option(help="posterior draws")] = 1000,
     seed: Annotated[int, typer.Option(help="random seed (results are reproducible)")] = 0,
+    intervals: Annotated[str | None, typer.Option(help="also compare these intervals, e.g. 12,24")] = None,
+    loading: Annotated[bool, typer.Option(help="also propose a first (loading) dose")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Recommend the next regimen for one patient: the dose in marketed strengths, predicted exposure,
@@ -219,11 +221,20 @@ def recommend(
                 raise InputError(f"the target is a {tgt.metric} range; asked to optimise {metric}")
             rec, weights = recommend_averaged(ms, match[0], tgt, prod, n_draws=draws, seed=seed, interval=interval)
         else:
-            rec = do_recommend(m, match[0], tgt, prod, interval=interval, metric=metric, n_draws=draws, seed=seed)
+            try:
+                alt = [float(x) for x in intervals.split(",")] if intervals else None
+            except ValueError:
+                raise InputError(f"--intervals must be comma-separated hours, got {intervals!r}") from None
+            rec = do_recommend(m, match[0], tgt, prod, interval=interval, metric=metric, n_draws=draws, seed=seed,
+                               intervals=alt, loading=loading)
         if as_json:
             typer.echo(json.dumps(rec.to_dict(), indent=2, default=float))
             return
         typer.echo(rec.summary())
+        if rec.loading is not None:
+            ld = rec.loading
+            typer.echo(f"loading: first dose {ld.dose:g} mg now, then the regimen; predicted level one interval later "
+                       f"{ld.median:.3g} (80 % interval {ld.low:.3g}-{ld.high:.3g})")
         typer.echo(f"target: {tgt}")
         if weights is not None:
             for w in weights:

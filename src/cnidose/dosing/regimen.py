@@ -67,6 +67,7 @@ class Recommendation:
     inputs: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     values: FloatArray | None = field(default=None, repr=False, compare=False)  # (candidates, draws)
+    loading: Candidate | None = None  # a first dose that brings the next trough into the target
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "values"}
@@ -159,8 +160,13 @@ def _shift(ind: Individual, start: float) -> Individual:
 
 def recommend(model: Model, individual: Individual, target: Target, product: Product, *,
               interval: float | None = None, metric: str | None = None, n_draws: int = 1000, seed: int = 0,
-              max_units: int = 6, max_dose: float | None = None) -> Recommendation:
+              max_units: int = 6, max_dose: float | None = None, intervals: list[float] | None = None,
+              loading: bool = False) -> Recommendation:
     """Recommend a regimen for ``individual`` (its doses and levels so far) from ``model``.
+
+    ``intervals`` lists alternative dosing intervals to compare (the recommendation is then the smallest
+    daily dose in target over all of them). ``loading`` also proposes a first dose, given from the last
+    record on top of the current state, whose predicted level one interval later is in the target.
 
     Raises InputError on inconsistent input (another drug's product or target, a non-positive interval,
     no dose in the history); everything else clinical is reported as a warning on the result.
@@ -212,8 +218,22 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
     covs = _covariates_now(individual)
     values = steady_state_metric_draws(model, covs, doses, tau, met, eta, kappa)
     chosen, candidates, more = choose(cands, values, target, tau)
+    for other in intervals or []:
+        if not other > 0:
+            raise InputError(f"the dosing interval must be positive, got {other:g} h")
+        if other == tau:
+            continue
+        c2, cand2, _ = choose(cands, steady_state_metric_draws(model, covs, doses, other, met, eta, kappa),
+                              target, other)
+        candidates += cand2
+        if c2 is not None and c2.in_target and (chosen is None or not chosen.in_target
+                                                or c2.daily_dose < chosen.daily_dose - 1e-9):
+            chosen = c2
+    if chosen is not None and chosen.in_target:
+        more = []
     warnings += [w.replace("no candidate dose", f"no dose of {product.name} up to {limit_dose:g} mg") for w in more]
     assert chosen is not None
+    load = _loading(post, individual, cands, chosen.interval, target, seed) if loading else None
     weight = covs.get("WT")
     if weight and drug == "tacrolimus" and chosen.daily_dose / weight > 0.3:
         warnings.append(f"{chosen.daily_dose / weight:.2f} mg/kg/day exceeds 0.3 mg/kg/day (CPIC ceiling for "
@@ -229,7 +249,43 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
         "posterior_ess": post.ess,
     }
     return Recommendation(chosen, candidates, target, product.name, met, model.ref, __version__, inputs, warnings,
-                          values)
+                          values, load)
+
+
+def _loading(post: Any, individual: Individual, cands: list[tuple[float, dict[str, int]]], tau: float,
+             target: Target, seed: int) -> Candidate | None:
+    """The smallest single dose, given at the last record time on top of the current state, whose median
+    predicted level one interval later lies in the target."""
+    t0 = float(individual.time[-1])
+    occ = post.model.iov.occasion if post.model.iov is not None else None
+    tail: dict[str, list[float]] = {"ID": [individual.id] * 2, "TIME": [t0, t0 + tau], "EVID": [1, 2],
+                                    "AMT": [0.0, 0.0], "RATE": [0.0, 0.0], "II": [0.0, 0.0], "ADDL": [0, 0],
+                                    "SS": [0, 0], "CMT": [0, 0], "MDV": [1, 1]}
+    # additional doses (ADDL) scheduled at or after the decision time are not assumed given
+    ii = np.where(individual.ii > 0, individual.ii, 1.0)
+    given = np.ceil((t0 - individual.time) / ii) - 1
+    addl = np.where(individual.ii > 0, np.clip(np.minimum(individual.addl, given), 0, None), individual.addl)
+    head: dict[str, Any] = {"ID": np.full(len(individual), individual.id), "TIME": individual.time,
+                            "EVID": individual.evid, "AMT": individual.amt, "RATE": individual.rate,
+                            "II": individual.ii, "ADDL": addl, "SS": individual.ss,
+                            "CMT": individual.cmt, "MDV": individual.mdv}
+    for k, v in individual.covariates.items():
+        finite = v[np.isfinite(v)]
+        last = (float(np.max(finite)) + 1.0 if k == occ else float(finite[-1])) if finite.size else np.nan
+        head[k] = v
+        tail[k] = [last, last]
+    for dose, units in cands:
+        tail["AMT"] = [dose, 0.0]
+        cols = {k: np.concatenate([np.asarray(head[k], dtype=np.float64), np.asarray(tail[k], dtype=np.float64)])
+                for k in head}
+        ind = split_individuals(cols)[0]
+        level = post.predict(ind, seed=seed)[:, -1]
+        med = float(np.median(level))
+        if target.low <= med <= target.high:
+            lo, hi = np.percentile(level, [10, 90])
+            p_in = float(np.mean((level >= target.low) & (level <= target.high)))
+            return Candidate(dose, units, tau, dose, med, float(lo), float(hi), p_in, True)
+    return None
 
 
 def choose(cands: list[tuple[float, dict[str, int]]], values: FloatArray, target: Target, tau: float
