@@ -353,3 +353,11 @@ def test_unit_aware_calculators() -> None:
         c.creatinine_umol_per_l(0, "umol/L")
     with pytest.raises(InputError, match="children"):
         c.egfr_ckd_epi_2021(0.5, "mg/dL", 10, "male")
+
+
+def test_readme_example_record() -> None:
+    from .conftest import REPO
+
+    r = CliRunner().invoke(app, ["assess", str(REPO / "examples" / "psoriasis_patient.json"), "--as-of", "2026-02-20"])
+    assert r.exit_code == 0, r.output
+    assert "selection: caution" in r.output and "atorvastatin 20 mg/day exceeds 10 mg/day" in r.output
