@@ -361,3 +361,46 @@ def test_readme_example_record() -> None:
     r = CliRunner().invoke(app, ["assess", str(REPO / "examples" / "psoriasis_patient.json"), "--as-of", "2026-02-20"])
     assert r.exit_code == 0, r.output
     assert "selection: caution" in r.output and "atorvastatin 20 mg/day exceeds 10 mg/day" in r.output
+
+
+def _schema(name: str) -> Any:
+    from importlib import resources
+
+    return json.loads((resources.files("cnidose.clinical") / "data" / name).read_text())
+
+
+def test_knowledge_files_validate_against_their_schema() -> None:
+    import jsonschema
+
+    schema = _schema("knowledge.schema.json")
+    interactions, protocols = knowledge()
+    jsonschema.validate(interactions, schema)
+    jsonschema.validate(protocols, schema)
+    broken = copy.deepcopy(protocols)
+    del broken["protocols"][0]["rules"][0]["source"]  # a rule without a source fails
+    with pytest.raises(jsonschema.ValidationError, match="source"):
+        jsonschema.validate(broken, schema)
+
+
+def test_patient_record_schema() -> None:
+    import jsonschema
+
+    from .conftest import REPO
+
+    schema = _schema("patient.schema.json")
+    example = json.loads((REPO / "examples" / "psoriasis_patient.json").read_text())
+    jsonschema.validate(example, schema)
+    jsonschema.validate(psoriasis(), schema)
+    bad = copy.deepcopy(example)
+    bad["labs"][0]["colour"] = "red"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+@pytest.mark.parametrize(("values", "fires"), [([5000.0, 20000.0], False), ([20000.0, 15000.0], True),
+                                               ([20000.0, 9000.0], False)])
+def test_bk_viraemia_persistent(values: list[float], fires: bool) -> None:
+    """KDIGO 2009 R13.1.2: reduce immunosuppression when BKV NAT is persistently > 10^7 copies/L."""
+    labs = [{"name": "bk virus nat", "value": v, "unit": "copies/mL", "date": day(60 + 14 * k)}
+            for k, v in enumerate(values)]
+    assert ("bk-viraemia" in rules(run(transplant(labs=labs)))) is fires

@@ -289,6 +289,9 @@ def _rule(record: PatientRecord, rule: dict[str, Any], series: list[tuple[dt.dat
     if kind == "lab_threshold":
         labs = [x for x in record.lab(rule["lab"]) if x.date <= as_of]
         found = [x for x in labs if x.value >= rule["at_least"]]
+        if rule.get("consecutive", 1) > 1:  # "persistently": the last n readings all at or above
+            n = int(rule["consecutive"])
+            found = labs[-n:] if len(labs) >= n and all(x.value >= rule["at_least"] for x in labs[-n:]) else []
         if found:
             last = found[-1]
             return [Alert(rid, rule["severity"], f"{rule['lab']} {last.value:.3g} {last.unit}: {rule['action']}",

@@ -46,6 +46,7 @@ _LABS: dict[str, tuple[str, dict[str, float], tuple[float, float]]] = {
     "ogtt 2h glucose": ("mmol/L", {"mmol/L": 1.0, "mg/dL": 1 / 18.016}, (0.5, 60.0)),
     "potassium": ("mmol/L", {"mmol/L": 1.0, "mEq/L": 1.0}, (1.0, 10.0)),
     "magnesium": ("mmol/L", {"mmol/L": 1.0, "mg/dL": 0.4114}, (0.1, 5.0)),
+    "bk virus nat": ("copies/mL", {"copies/mL": 1.0, "copies/L": 1e-3}, (0.0, 1e12)),
 }
 _HBA1C_RANGE = (3.0, 20.0)  # %
 # verified LOINC codes (clinical/data/codes.toml) accepted in place of lab names
