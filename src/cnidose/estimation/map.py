@@ -17,6 +17,7 @@ inverse of the expected Fisher information ``[Σ Jᵀ (1/V + ½ (∂V/∂f / V)�
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -402,22 +403,25 @@ def _polish(g: Group, which: IntArray, st: _State, members: IntArray, *, start_s
 
 
 def _timing_effects(g: Group) -> IntArray:
-    """Estimated effects that move dose timing (lag, modelled duration or rate): the objective has kinks."""
+    """Estimated effects that move dose timing (lag, modelled duration or rate): the objective has kinks.
+
+    Found statically, from which random effects the ``ALAG<n>``, ``D<n>`` and ``R<n>`` assignments of
+    ``[pk]`` depend on (through earlier assignments).
+    """
     model = g.model
-    m = g.members[0]
-    if m.prep is None or g.dim == 0:
-        return np.zeros(0, np.int64)
-    n_eta = len(model.iiv)
-    base = model.individual_parameters(m.prep, g.expand(np.zeros((1, g.dim)))[:, :n_eta])
-    keys = [k for k in base if k.startswith(("ALAG", "D", "R")) and k[-1].isdigit()]
-    out = []
-    for j in range(g.dim):
-        e = np.zeros((1, g.dim))
-        e[0, j] = 0.1
-        p1 = model.individual_parameters(m.prep, g.expand(e)[:, :n_eta])
-        if any(not np.allclose(base[k], p1[k]) for k in keys):
-            out.append(j)
-    return np.asarray(out, dtype=np.int64)
+    effects = set(model.iiv.names) | (set(model.iov.names) if model.iov is not None else set())
+    deps: dict[str, set[str]] = {}
+    for name, expr in model.pk:
+        d: set[str] = set()
+        for n in expr.names:
+            d |= deps.get(n, {n} if n in effects else set())
+        deps[name] = d
+    timing: set[str] = set()
+    for name, d in deps.items():
+        if re.fullmatch(r"(ALAG|D|R)\d+", name):
+            timing |= d
+    return np.asarray([j for j, nm in enumerate(g.names) if re.sub(r"_OCC\d+$", "", nm) in timing],
+                      dtype=np.int64)
 
 
 def _timing_scan(g: Group, which: IntArray, st: _State, effects: IntArray, n_grid: int = 25,
