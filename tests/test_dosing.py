@@ -267,3 +267,28 @@ def test_intervals_loading_and_conversions() -> None:
         convert_daily_dose(5.0, "Advagraf", "Neoral")
     with pytest.raises(InputError, match="interval must be positive"):
         recommend(m, patient, t, product("Prograf"), n_draws=100, intervals=[-12.0])
+
+
+@given(st.floats(0.2, 40.0), st.floats(1.05, 4.0), st.floats(0.5, 3.0), st.integers(0, 10_000))
+@settings(max_examples=60, deadline=None)
+def test_choice_is_the_smallest_dose_in_target_or_the_closest(low: float, ratio: float, slope: float,
+                                                              seed: int) -> None:
+    """Property: with exposure rising with the dose, the choice is the smallest candidate whose median is in
+    the target; when none is, the closest (log scale) with a warning."""
+    from cnidose.dosing.regimen import choose
+
+    rng = np.random.default_rng(seed)
+    cands = candidate_doses((0.5, 1.0, 5.0), max_units=4)
+    doses = np.array([d for d, _ in cands])
+    noise = np.exp(rng.normal(0, 0.3, size=200))
+    values = slope * doses[:, None] * noise[None, :]
+    target = Target("tacrolimus", low, low * ratio)
+    chosen, candidates, warnings = choose(cands, values, target, 12.0)
+    med = np.median(values, axis=1)
+    inside = np.flatnonzero((med >= target.low) & (med <= target.high))
+    assert chosen is not None
+    if inside.size:
+        assert chosen.dose == doses[inside[0]] and not warnings
+    else:
+        dist = np.minimum(np.abs(np.log(med / target.low)), np.abs(np.log(med / target.high)))
+        assert chosen.dose == doses[int(np.argmin(dist))] and warnings
