@@ -283,7 +283,7 @@ def test_choice_is_the_smallest_dose_in_target_or_the_closest(low: float, ratio:
     noise = np.exp(rng.normal(0, 0.3, size=200))
     values = slope * doses[:, None] * noise[None, :]
     target = Target("tacrolimus", low, low * ratio)
-    chosen, candidates, warnings = choose(cands, values, target, 12.0)
+    chosen, _, warnings = choose(cands, values, target, 12.0)
     med = np.median(values, axis=1)
     inside = np.flatnonzero((med >= target.low) & (med <= target.high))
     assert chosen is not None
