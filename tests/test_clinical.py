@@ -404,3 +404,11 @@ def test_bk_viraemia_persistent(values: list[float], fires: bool) -> None:
     labs = [{"name": "bk virus nat", "value": v, "unit": "copies/mL", "date": day(60 + 14 * k)}
             for k, v in enumerate(values)]
     assert ("bk-viraemia" in rules(run(transplant(labs=labs)))) is fires
+
+
+def test_schwartz_published_worked_example() -> None:
+    """doctaverse.pages.dev 'Bedside Schwartz eGFR' worked example: height 100 cm, creatinine 0.4 mg/dL ->
+    103 mL/min/1.73 m2 (published rounded to an integer)."""
+    from cnidose.clinical import calculators as c
+
+    assert abs(c.egfr_schwartz(0.4, "mg/dL", 100) - 103) <= 0.5
