@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import copy
 import socket
-import subprocess
-import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cnidose.cohort import batch_fit
-from cnidose.cohort.trial import load_protocol, run_trial
+from cnidose.cohort import batch_evaluate, batch_fit
+from cnidose.cohort.executor import loopback_cluster
+from cnidose.cohort.trial import load_protocol, run_trial, trial_svg
+from cnidose.dosing.evaluate import evaluate
 from cnidose.errors import InputError
 from cnidose.models import load_model
+from cnidose.models.library import resolve_model
 from cnidose.records.nonmem import read_nonmem_csv
 
 from .conftest import REPO
@@ -42,28 +44,12 @@ def _free_port() -> int:
 def dask_cluster() -> Iterator[str]:
     """A real dask.distributed scheduler and two single-threaded workers, separate processes, on loopback."""
     pytest.importorskip("distributed", reason="install the dask extra: pip install -e '.[dev,dask]'")
-    port = _free_port()
-    addr = f"tcp://127.0.0.1:{port}"
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", str(port), "--no-dashboard"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)]
-    time.sleep(1.5)
-    for _ in range(2):
-        procs.append(subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads", "1",
-                                       "--no-dashboard", "--memory-limit", "0"], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
     from distributed import Client
 
-    deadline = time.time() + 60
-    with Client(addr, timeout=30) as c:
-        while len(c.scheduler_info()["workers"]) < 2 and time.time() < deadline:
-            time.sleep(0.5)
-        assert len(c.scheduler_info()["workers"]) == 2
-    yield addr
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        p.wait(timeout=30)
+    with loopback_cluster(2) as addr:
+        with Client(addr, timeout=30) as c:
+            assert len(c.scheduler_info()["workers"]) == 2
+        yield addr
 
 
 def test_batch_fit_on_dask_equals_serial(shared: Path, dask_cluster: str) -> None:
@@ -95,7 +81,7 @@ def test_trial_same_seed_same_result_on_every_backend(dask_cluster: str) -> None
 
 def test_trial_bad_input(tmp_path: Path) -> None:
     p = load_protocol(PROTOCOL)
-    with pytest.raises(InputError, match="must be positive"):
+    with pytest.raises(InputError, match="must be a positive whole number, got 0"):
         run_trial(p, n=0)
     bad = copy.deepcopy(p)
     bad["regimen"]["titrate_daily"] = True
@@ -109,6 +95,19 @@ def test_trial_bad_input(tmp_path: Path) -> None:
     nomodel["model"] = "voclosporin_model_that_does_not_exist"
     with pytest.raises(InputError, match="not a library id"):
         run_trial(nomodel, n=10)
+    for key, value, msg in (("method", "pid", r"\[adjust.method\]: unknown method 'pid'"),
+                            ("draws", 500, r"\[adjust.draws\]: applies to method = \"recommender\" only"),
+                            ("every_days", 0, r"\[adjust.every_days\]: must be a whole number >= 1")):
+        wrong = copy.deepcopy(p)
+        wrong["adjust"][key] = value
+        with pytest.raises(InputError, match=msg):
+            run_trial(wrong, n=10)
+    with pytest.raises(InputError, match="positive whole number"):
+        run_trial(p, n=-5)
+    fit_other = copy.deepcopy(p)
+    fit_other["adjust"] = {"method": "recommender", "every_days": 7, "model": "press2010_csa_adult_kidney"}
+    with pytest.raises(InputError, match=r"\[adjust.model\]: press2010_csa_adult_kidney is a cyclosporine model"):
+        run_trial(fit_other, n=10)
     missing = copy.deepcopy(p)
     del missing["covariates"]["SCR"]
     with pytest.raises(InputError, match=r"no values for covariate.*SCR"):
@@ -122,3 +121,88 @@ def test_unreachable_scheduler_fails_fast() -> None:
     with pytest.raises(InputError, match="does not answer"):
         run_trial(p, n=100, backend="dask", scheduler=f"tcp://127.0.0.1:{_free_port()}")
     assert time.perf_counter() - t0 < 15.0
+
+
+def test_trial_with_the_recommender_on_dask_equals_serial(dask_cluster: str) -> None:
+    p = load_protocol(PROTOCOL)
+    p["adjust"] = {"every_days": 7, "method": "recommender", "draws": 100}
+    p["days"] = 15
+    a = run_trial(p, n=24, chunk_size=12)
+    b = run_trial(p, n=24, chunk_size=12, backend="dask", scheduler=dask_cluster)
+    np.testing.assert_array_equal(a.percentiles, b.percentiles)
+    np.testing.assert_array_equal(a.mean_daily_dose, b.mean_daily_dose)
+    assert a.failures == [] and a.days == 15
+    # the recommender changed doses at day 7 and day 14, in strengths of Prograf (0.5 mg steps)
+    q = copy.deepcopy(p)
+    del q["adjust"]
+    fixed = run_trial(q, n=24, chunk_size=12)
+    assert not np.array_equal(a.mean_daily_dose[7:], fixed.mean_daily_dose[7:])
+    np.testing.assert_array_equal(a.mean_daily_dose[:7], fixed.mean_daily_dose[:7])
+    np.testing.assert_array_equal(a.percentiles[:, :7], fixed.percentiles[:, :7])
+
+
+def test_trial_failing_patients_are_reported_not_fatal() -> None:
+    """The recommender fits with a model that needs a covariate the protocol lacks: every patient's
+    recommendation fails, each is reported with its day, and the doses are kept."""
+    p = load_protocol(PROTOCOL)
+    fit_model = next(m for m in ("benkali2010_tac_advagraf", "woillard2011_tac_prograf_advagraf")
+                     if any(c not in p["covariates"] and cv.default is None and cv.derive is None and not cv.domain_only
+                            for c, cv in resolve_model(m).covariates.items()))
+    p["adjust"] = {"every_days": 7, "method": "recommender", "model": fit_model}
+    p["days"] = 10
+    r = run_trial(p, n=6, chunk_size=3)
+    assert [(who, day) for who, day, _ in r.failures] == [(k, 7) for k in range(1, 7)]
+    assert all("absent" in msg or "missing" in msg for _, _, msg in r.failures)
+    q = copy.deepcopy(p)
+    del q["adjust"]
+    np.testing.assert_array_equal(r.mean_daily_dose, run_trial(q, n=6, chunk_size=3).mean_daily_dose)
+
+
+def test_trial_bootstraps_a_covariate_table(tmp_path: Path) -> None:
+    table = tmp_path / "cohort.csv"
+    table.write_text("WT,AGE,CYP3A5,ALB,BSA,SCR,HCT,LBW\n"
+                     "60,40,0,40,1.7,100,0.30,48\n"
+                     "95,65,1,35,2.1,180,0.36,66\n"
+                     "80,55,0,.,.,120,0.33,58\n", encoding="utf-8")  # missing: default (ALB) or derived (BSA)
+    doc = PROTOCOL.read_text(encoding="utf-8").split("[covariates]")[0]
+    doc = doc.replace("days = 28\n", 'days = 28\ncovariate_table = "cohort.csv"\n')
+    (tmp_path / "trial.toml").write_text(doc + "[covariates]\nHT = 175.0\n", encoding="utf-8")
+    p = load_protocol(tmp_path / "trial.toml")
+    r = run_trial(p, n=300, chunk_size=100)
+    assert any("ALB" in m for m in r.notices) and any("BSA derived" in m for m in r.notices)
+    # three distinct patients' start doses: 0.1 mg/kg/day (x1.5 for the expresser), in 0.5 mg steps per dose
+    assert 0.1 * 60 <= r.mean_daily_dose[0] <= 0.15 * 95 + 1
+    # an implausible value (haematocrit in percent) is rejected, naming the covariate
+    table.write_text("WT,AGE,CYP3A5,ALB,BSA,SCR,HCT,LBW\n60,40,0,40,1.7,100,33,48\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"virtual patient 1, covariate HCT: .*33"):
+        run_trial(p, n=10)
+    table.write_text("WT,AGE\n60,forty\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"line 2, column AGE: 'forty' is not a number"):
+        run_trial(p, n=10)
+
+
+def test_trial_plot_is_svg() -> None:
+    r = run_trial(load_protocol(PROTOCOL), n=500, chunk_size=500)
+    root = ET.fromstring(trial_svg(r))
+    assert root.tag.endswith("svg")
+    lines = root.findall("{http://www.w3.org/2000/svg}polyline")
+    assert len(lines) == 2 and len(lines[0].get("points", "").split()) == r.days
+
+
+def test_batch_evaluate_equals_serial_on_every_backend(dask_cluster: str) -> None:
+    """Same chunks, same forecasts on every backend, bit for bit; and the same as the unchunked evaluation
+    (to rounding: individuals fitted together share vectorised arithmetic)."""
+    inds = read_nonmem_csv(REPO / "examples" / "tacrolimus_patients.csv").individuals()
+    models = [resolve_model("andrews2019_tac_adult_kidney"), resolve_model("storset2014_tac_adult_kidney")]
+    problems: list[str] = []
+    whole = evaluate(models, inds, problems=problems)
+    runs = []
+    for backend, sched in (("serial", None), ("processes", None), ("dask", dask_cluster)):
+        got: list[str] = []
+        runs.append(batch_evaluate(models, inds, backend=backend, scheduler=sched,  # type: ignore[arg-type]
+                                   chunk_size=1, problems=got))
+        assert got == problems
+    assert runs[0] == runs[1] == runs[2]
+    assert [(f.model, f.id, f.step, f.row) for f in runs[0]] == [(f.model, f.id, f.step, f.row) for f in whole]
+    np.testing.assert_allclose([f.predicted for f in runs[0]], [f.predicted for f in whole], rtol=1e-9)
+    assert whole and {f.model for f in whole} == {m.id for m in models}

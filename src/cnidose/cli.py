@@ -7,9 +7,10 @@ failure. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -41,6 +42,32 @@ def _run(fn: Callable[[], T]) -> T:
     except CnidoseError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(3) from None
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int, show: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on standard error (when it is a terminal): yields the callback (done, total)."""
+    if not show or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+
+        def update(done: int, of: int) -> None:
+            bar.update(task, completed=done, total=of)
+
+        yield update
 
 
 @app.callback()
@@ -106,8 +133,9 @@ def fit(
     eta_names: Annotated[str, typer.Option("--eta-names", help="model | positional (ETA1..ETAn)")] = "model",
     progress: Annotated[bool, typer.Option(help="progress bar on standard error")] = True,
     backend: Annotated[str, typer.Option(help="serial | processes | dask")] = "serial",
-    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address, tcp://HOST:PORT")] = None,
-    workers: Annotated[int | None, typer.Option(help="local processes (backend processes)")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address, tcp://HOST:PORT (none: a "
+                                                          "loopback cluster of --workers processes)")] = None,
+    workers: Annotated[int | None, typer.Option(help="local processes or loopback Dask workers")] = None,
     chunk_size: Annotated[int, typer.Option(help="individuals per chunk of work")] = 500,
 ) -> None:
     """MAP Bayesian estimates of every individual's random effects (NONMEM's objective).
@@ -126,17 +154,7 @@ def fit(
         m = resolve_model(model)
         ds = read_nonmem_csv(data)
         inds = ds.individuals()
-        bar_ctx: Any = None
-        callback = None
-        if progress and len(inds) >= 200 and sys.stderr.isatty():
-            bar_ctx = typer.progressbar(length=len(inds), label="fitting", file=sys.stderr)
-            bar = bar_ctx.__enter__()
-            last = [0]
-
-            def callback(done: int, total: int) -> None:
-                bar.update(done - last[0])
-                last[0] = done
-        try:
+        with _progress("fitting", len(inds), progress and len(inds) >= 200) as callback:
             if backend == "serial" and scheduler is None:
                 results = fit_map(m, inds, covariance=covariance, progress=callback)  # type: ignore[arg-type]
             else:
@@ -145,9 +163,6 @@ def fit(
                 results = batch_fit(m, inds, backend=backend, scheduler=scheduler,  # type: ignore[arg-type]
                                     workers=workers, chunk_size=chunk_size, covariance=covariance,
                                     progress=callback)
-        finally:
-            if bar_ctx is not None:
-                bar_ctx.__exit__(None, None, None)
         names = list(m.eta_names) if eta_names == "model" else [f"ETA{k + 1}" for k in range(len(m.eta_names))]
         header = ["ID", *names, *(f"SD_{n}" for n in names), "OFV", "STATUS", "MESSAGE"]
         rows = []
@@ -281,18 +296,28 @@ def evaluate(
     max_step: Annotated[int | None, typer.Option(help="forecast at most this many steps ahead")] = None,
     plot: Annotated[Path | None, typer.Option(help="forecast against observed, as an SVG file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    progress: Annotated[bool, typer.Option(help="progress bar on standard error")] = True,
+    backend: Annotated[str, typer.Option(help="serial | processes | dask")] = "serial",
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address, tcp://HOST:PORT (none: a "
+                                                          "loopback cluster of --workers processes)")] = None,
+    workers: Annotated[int | None, typer.Option(help="local processes or loopback Dask workers")] = None,
+    chunk_size: Annotated[int, typer.Option(help="individuals per chunk of work")] = 200,
 ) -> None:
     """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
     MAPE, RMSE and share within 20 %, per model and per step."""
 
     def work() -> None:
-        from cnidose.dosing.evaluate import evaluate as run_eval
+        from cnidose.cohort import batch_evaluate
         from cnidose.dosing.evaluate import summarise
 
         ms = [resolve_model(x.strip()) for x in models.split(",") if x.strip()]
         inds = read_nonmem_csv(data).individuals()
         problems: list[str] = []
-        fc = run_eval(ms, inds, max_step=max_step, problems=problems)
+        n_chunks = -(-len(inds) // max(chunk_size, 1))
+        with _progress("evaluating", n_chunks, progress and n_chunks > 1) as callback:
+            fc = batch_evaluate(ms, inds, max_step=max_step, backend=backend,  # type: ignore[arg-type]
+                                scheduler=scheduler, workers=workers, chunk_size=chunk_size, progress=callback,
+                                problems=problems)
         summary = summarise(fc)
         for msg in problems:
             typer.echo(f"skipped: {msg}", err=True)
@@ -367,17 +392,36 @@ def simulate_trial(
     seed: Annotated[int | None, typer.Option(help="random seed (default: the protocol's)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="daily attainment and percentiles, CSV")] = None,
     backend: Annotated[str, typer.Option(help="serial | processes | dask")] = "serial",
-    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address, tcp://HOST:PORT")] = None,
-    workers: Annotated[int | None, typer.Option(help="local processes (backend processes)")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address, tcp://HOST:PORT (none: a "
+                                                          "loopback cluster of --workers processes)")] = None,
+    workers: Annotated[int | None, typer.Option(help="local processes or loopback Dask workers")] = None,
     chunk_size: Annotated[int, typer.Option(help="virtual patients per chunk")] = 100_000,
+    plot: Annotated[Path | None, typer.Option(help="trough percentiles and attainment by day, as an SVG file")
+                    ] = None,
+    progress: Annotated[bool, typer.Option(help="progress bar on standard error")] = True,
 ) -> None:
-    """Simulate a dosing protocol over a virtual population: daily trough percentiles and target attainment."""
+    """Simulate a dosing protocol over a virtual population: daily trough percentiles and target attainment.
+
+    Patients whose recommendation fails keep their dose; each failure is listed on standard error.
+    """
 
     def work() -> None:
-        from cnidose.cohort.trial import load_protocol, run_trial
+        from cnidose.cohort.trial import load_protocol, run_trial, trial_svg
 
-        r = run_trial(load_protocol(protocol), n=n, seed=seed, backend=backend,  # type: ignore[arg-type]
-                      scheduler=scheduler, workers=workers, chunk_size=chunk_size)
+        spec = load_protocol(protocol)
+        total = n if n is not None else spec.get("n", 1000)
+        n_chunks = -(-int(total) // max(chunk_size, 1)) if isinstance(total, int) and total > 0 else 0
+        with _progress("simulating", n_chunks, progress and n_chunks > 1) as callback:
+            r = run_trial(spec, n=n, seed=seed, backend=backend,  # type: ignore[arg-type]
+                          scheduler=scheduler, workers=workers, chunk_size=chunk_size, progress=callback)
+        for msg in r.notices:
+            typer.echo(f"note: {msg}", err=True)
+        for who, day, msg in r.failures[:20]:
+            typer.echo(f"failed: virtual patient {who}, day {day}: {msg} (dose kept)", err=True)
+        if len(r.failures) > 20:
+            typer.echo(f"... {len(r.failures) - 20} more failures", err=True)
+        if plot is not None:
+            plot.write_text(trial_svg(r), encoding="utf-8")
         t = r.protocol["target"]
         header = ["DAY", "ATTAINMENT", "P05", "P50", "P95", "MEAN_DAILY_DOSE_MG"]
         rows = [[d + 1, float(r.attainment[d]), float(r.percentiles[0, d]), float(r.percentiles[1, d]),

@@ -1,4 +1,5 @@
-"""Batch MAP fitting of a whole data set, chunk by chunk, on any backend (identical results).
+"""Batch MAP fitting and forecast evaluation of a whole data set, chunk by chunk, on any backend
+(identical results).
 
 Models hold compiled expressions and are not sent between processes: each chunk carries the model
 file's bytes, parsed once per worker process (cached by content hash).
@@ -10,12 +11,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cnidose.cohort.executor import Backend, chunked, run_chunks
+from cnidose.dosing.evaluate import Forecast, evaluate
 from cnidose.estimation.map import MapResult, fit_map
 from cnidose.models.fileformat import parse_model
 from cnidose.models.model import Model
 from cnidose.pk.events import Individual
 
-__all__ = ["batch_fit", "model_payload"]
+__all__ = ["batch_evaluate", "batch_fit", "model_payload"]
 
 _MODELS: dict[str, Model] = {}
 
@@ -53,3 +55,27 @@ def batch_fit(model: Model, individuals: Sequence[Individual], *, backend: Backe
     parts = run_chunks(_fit_chunk, chunks, backend=backend, scheduler=scheduler, workers=workers,
                        progress=progress, extra=(payload, covariance))
     return [r for part in parts for r in part]
+
+
+def _evaluate_chunk(chunk: list[Individual], payloads: list[tuple[bytes, str]], max_step: int | None
+                    ) -> tuple[list[Forecast], list[str]]:
+    problems: list[str] = []
+    forecasts = evaluate([_model(p) for p in payloads], chunk, max_step=max_step, problems=problems)
+    return forecasts, problems
+
+
+def batch_evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_step: int | None = None,
+                   backend: Backend = "serial", scheduler: str | None = None, workers: int | None = None,
+                   chunk_size: int = 200, progress: Callable[[int, int], None] | None = None,
+                   problems: list[str] | None = None) -> list[Forecast]:
+    """:func:`cnidose.dosing.evaluate.evaluate` partitioned by individual, on any backend; the forecasts
+    (and skipped individuals' messages) come back in the serial order: model, step, individual."""
+    chunks = chunked(list(individuals), chunk_size)
+    payloads = [model_payload(m) for m in models]
+    parts = run_chunks(_evaluate_chunk, chunks, backend=backend, scheduler=scheduler, workers=workers,
+                       progress=progress, extra=(payloads, max_step))
+    rank = {m.id: k for k, m in enumerate(models)}
+    forecasts = sorted((f for part in parts for f in part[0]), key=lambda f: (rank[f.model], f.step))
+    if problems is not None:
+        problems += sorted((msg for part in parts for msg in part[1]), key=lambda msg: rank[msg.split(":", 1)[0]])
+    return forecasts
