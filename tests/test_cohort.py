@@ -206,3 +206,28 @@ def test_batch_evaluate_equals_serial_on_every_backend(dask_cluster: str) -> Non
     assert [(f.model, f.id, f.step, f.row) for f in runs[0]] == [(f.model, f.id, f.step, f.row) for f in whole]
     np.testing.assert_allclose([f.predicted for f in runs[0]], [f.predicted for f in whole], rtol=1e-9)
     assert whole and {f.model for f in whole} == {m.id for m in models}
+
+
+def test_cli_simulate_trial_and_evaluate_on_processes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cnidose.cli import app
+
+    out, svg = tmp_path / "trial.csv", tmp_path / "trial.svg"
+    r = CliRunner().invoke(app, ["simulate-trial", str(PROTOCOL), "--n", "2000", "--seed", "3", "--chunk-size", "500",
+                                 "--out", str(out), "--plot", str(svg)])
+    assert r.exit_code == 0, r.output
+    rows = out.read_text().splitlines()
+    assert rows[0] == "DAY,ATTAINMENT,P05,P50,P95,MEAN_DAILY_DOSE_MG" and len(rows) == 29
+    assert "2000 virtual patients" in r.output and "note: CYP3A4_22 not in the data" in r.output
+    assert ET.fromstring(svg.read_text()).tag.endswith("svg")
+    r2 = CliRunner().invoke(app, ["simulate-trial", str(PROTOCOL), "--n", "2000", "--seed", "3", "--chunk-size",
+                                  "500", "--backend", "processes", "--workers", "2"])
+    assert r2.exit_code == 0 and r2.stdout.splitlines() == rows
+    r = CliRunner().invoke(app, ["simulate-trial", str(PROTOCOL), "--n", "0"])
+    assert r.exit_code == 2 and "positive whole number" in r.output
+    patients = str(REPO / "examples" / "tacrolimus_patients.csv")
+    a = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", patients, "--chunk-size", "1"])
+    b = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", patients, "--chunk-size", "1",
+                                 "--backend", "processes", "--workers", "2"])
+    assert a.exit_code == b.exit_code == 0 and a.stdout == b.stdout and "5 forecasts" in b.output
