@@ -122,6 +122,12 @@ def simulate(
     _run(work)
 
 
+BackendOpt = Annotated[str, typer.Option(help="serial | processes | dask")]
+SchedulerOpt = Annotated[str | None, typer.Option(help="Dask scheduler address, tcp://HOST:PORT (none: a loopback "
+                                                  "cluster of --workers processes)")]
+WorkersOpt = Annotated[int | None, typer.Option(help="local processes or loopback Dask workers")]
+
+
 @app.command()
 def fit(
     model: Annotated[str, typer.Option("--model", "-m", help="model file (.toml) or library id")],
@@ -132,10 +138,9 @@ def fit(
     covariance: Annotated[str, typer.Option(help="expected (NONMEM) | exact")] = "expected",
     eta_names: Annotated[str, typer.Option("--eta-names", help="model | positional (ETA1..ETAn)")] = "model",
     progress: Annotated[bool, typer.Option(help="progress bar on standard error")] = True,
-    backend: Annotated[str, typer.Option(help="serial | processes | dask")] = "serial",
-    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address, tcp://HOST:PORT (none: a "
-                                                          "loopback cluster of --workers processes)")] = None,
-    workers: Annotated[int | None, typer.Option(help="local processes or loopback Dask workers")] = None,
+    backend: BackendOpt = "serial",
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
     chunk_size: Annotated[int, typer.Option(help="individuals per chunk of work")] = 500,
 ) -> None:
     """MAP Bayesian estimates of every individual's random effects (NONMEM's objective).
@@ -297,10 +302,9 @@ def evaluate(
     plot: Annotated[Path | None, typer.Option(help="forecast against observed, as an SVG file")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar on standard error")] = True,
-    backend: Annotated[str, typer.Option(help="serial | processes | dask")] = "serial",
-    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address, tcp://HOST:PORT (none: a "
-                                                          "loopback cluster of --workers processes)")] = None,
-    workers: Annotated[int | None, typer.Option(help="local processes or loopback Dask workers")] = None,
+    backend: BackendOpt = "serial",
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
     chunk_size: Annotated[int, typer.Option(help="individuals per chunk of work")] = 200,
 ) -> None:
     """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
@@ -391,10 +395,9 @@ def simulate_trial(
     n: Annotated[int | None, typer.Option(help="virtual patients (default: the protocol's)")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed (default: the protocol's)")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="daily attainment and percentiles, CSV")] = None,
-    backend: Annotated[str, typer.Option(help="serial | processes | dask")] = "serial",
-    scheduler: Annotated[str | None, typer.Option(help="Dask scheduler address, tcp://HOST:PORT (none: a "
-                                                          "loopback cluster of --workers processes)")] = None,
-    workers: Annotated[int | None, typer.Option(help="local processes or loopback Dask workers")] = None,
+    backend: BackendOpt = "serial",
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
     chunk_size: Annotated[int, typer.Option(help="virtual patients per chunk")] = 100_000,
     plot: Annotated[Path | None, typer.Option(help="trough percentiles and attainment by day, as an SVG file")
                     ] = None,
