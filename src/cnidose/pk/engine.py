@@ -265,6 +265,8 @@ def simulate(
     changed = np.zeros(R, dtype=bool)
     for name in rate_names:
         a = P[name]
+        if a.strides[1] == 0:  # one value for every record (a broadcast view): nothing changes
+            continue
         changed[1:] |= np.any(a[:, 1:] != a[:, :-1], axis=0)
     st = _State(make_solver(0), B, n)
     out = np.empty((B, R))
