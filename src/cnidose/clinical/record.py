@@ -35,7 +35,7 @@ from typing import Any
 
 from cnidose.errors import InputError
 
-__all__ = ["BP", "SCHEMA", "Lab", "Medication", "PatientRecord", "load_record", "parse_record"]
+__all__ = ["BP", "SCHEMA", "Lab", "Medication", "PatientRecord", "convert_lab", "load_record", "parse_record"]
 
 SCHEMA = "cnidose.patient/1"
 
@@ -130,6 +130,38 @@ def _number(v: Any, where: str, lo: float, hi: float, unit: str) -> float:
     return float(v)
 
 
+def convert_lab(name: Any, value: Any, unit: Any, where: str = "lab") -> tuple[str, float, str]:
+    """A lab result in its canonical unit: (name, value, unit). ``name`` may be a verified LOINC code.
+
+    RecordError (naming ``where`` and the sub-field) for an unknown lab or unit, a non-number, or a value
+    that is not possible in the stated unit -- the usual sign of a unit mix-up.
+
+    >>> convert_lab("creatinine", 1.2, "mg/dL")
+    ('creatinine', 106.08, 'umol/L')
+    """
+    name = str(name).lower()
+    if name in _LOINC_TO_NAME:  # a verified LOINC code may stand for the name
+        name = _LOINC_TO_NAME[name]
+    if name == "hba1c":
+        if unit == "mmol/mol":
+            return name, _number(value, where + ".value", 10.0, 200.0, unit) * 0.09148 + 2.152, "%"
+        if unit == "%":
+            return name, _number(value, where + ".value", *_HBA1C_RANGE, "%"), "%"
+        raise RecordError(f"unit {unit!r} for hba1c (use % or mmol/mol)", field=where + ".unit")
+    if name not in _LABS:
+        raise RecordError(f"unknown lab {name!r} (known: {', '.join([*_LABS, 'hba1c'])})", field=where + ".name")
+    canon, factors, (lo, hi) = _LABS[name]
+    if unit not in factors:
+        raise RecordError(f"unit {unit!r} for {name} (use {', '.join(factors)})", field=where + ".unit")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecordError(f"expected a number, got {value!r}", field=where + ".value")
+    v = float(value) * factors[unit]
+    if not lo <= v <= hi:
+        raise RecordError(f"{value:g} {unit} is not a possible {name} (expected {lo / factors[unit]:g}-"
+                          f"{hi / factors[unit]:g} {unit})", field=where + ".value")
+    return name, v, canon
+
+
 def parse_record(doc: Any, *, as_of: dt.date) -> PatientRecord:
     """Validate a record (already parsed JSON) as of ``as_of``; RecordError names the first bad field."""
     if not isinstance(doc, dict):
@@ -153,31 +185,7 @@ def parse_record(doc: Any, *, as_of: dt.date) -> PatientRecord:
         where = f"labs[{k}]"
         if not isinstance(x, dict) or "name" not in x or "value" not in x or "date" not in x:
             raise RecordError("a lab is {name, value, unit, date}", field=where)
-        name = str(x["name"]).lower()
-        if name in _LOINC_TO_NAME:  # a verified LOINC code may stand for the name
-            name = _LOINC_TO_NAME[name]
-        unit = x.get("unit", "")
-        if name == "hba1c":
-            if unit == "mmol/mol":
-                value = _number(x["value"], where + ".value", 10.0, 200.0, unit) * 0.09148 + 2.152
-            elif unit == "%":
-                value = _number(x["value"], where + ".value", *_HBA1C_RANGE, "%")
-            else:
-                raise RecordError(f"unit {unit!r} for hba1c (use % or mmol/mol)", field=where + ".unit")
-            labs.append(Lab(name, value, "%", _date(x["date"], where + ".date", as_of)))
-            continue
-        if name not in _LABS:
-            raise RecordError(f"unknown lab {name!r} (known: {', '.join([*_LABS, 'hba1c'])})", field=where + ".name")
-        canon, factors, (lo, hi) = _LABS[name]
-        if unit not in factors:
-            raise RecordError(f"unit {unit!r} for {name} (use {', '.join(factors)})", field=where + ".unit")
-        raw_v = x["value"]
-        if isinstance(raw_v, bool) or not isinstance(raw_v, (int, float)):
-            raise RecordError(f"expected a number, got {raw_v!r}", field=where + ".value")
-        value = float(raw_v) * factors[unit]
-        if not lo <= value <= hi:
-            raise RecordError(f"{raw_v:g} {unit} is not a possible {name} (expected {lo / factors[unit]:g}-"
-                              f"{hi / factors[unit]:g} {unit})", field=where + ".value")
+        name, value, canon = convert_lab(x["name"], x["value"], x.get("unit", ""), where)
         labs.append(Lab(name, value, canon, _date(x["date"], where + ".date", as_of)))
     meds = []
     for k, x in enumerate(doc.get("medications", [])):

@@ -1,0 +1,515 @@
+"""The clinical record's repository. Every read and write of patient data goes through a :class:`Store`
+method, which
+
+1. checks the actor's role against :data:`PERMISSIONS` (a patient reaches only their own record; an
+   administrator manages users and reads the audit log, not clinical data) -- a refusal raises
+   :class:`AccessDenied` and leaves a ``denied`` audit row;
+2. validates the input at the boundary (units, plausibility, time zones): errors name the field, and
+   nothing is stored;
+3. writes the change and its audit row in one transaction: there is never one without the other.
+
+Nothing clinical is deleted: :meth:`Store.mark_entered_in_error` keeps the entry with its reason. A signed
+assessment is immutable, and the audit log append-only, in the database itself (triggers).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from cnidose.errors import CnidoseError, InputError
+from cnidose.records import schema as S
+from cnidose.records.units import DRUGS, FieldError, covariate_value, dose_mg, level_ng_ml
+
+__all__ = ["PERMISSIONS", "SYSTEM", "AccessDenied", "Actor", "Chart", "NotFound", "Store"]
+
+#: action -> roles allowed. "patient" is allowed only on the patient's own record (checked per call).
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "read": frozenset({"clinician", "pharmacist", "patient", "system"}),
+    "write": frozenset({"clinician", "pharmacist", "system"}),
+    "sign": frozenset({"clinician", "pharmacist"}),
+    "book": frozenset({"clinician", "pharmacist", "patient", "system", "public"}),
+    "schedule": frozenset({"clinician", "pharmacist", "system"}),  # confirm, cancel, see the calendar
+    "users": frozenset({"admin", "system"}),
+    "audit": frozenset({"admin"}),
+}
+ENTRY_TABLES: dict[str, type[Any]] = {"covariate": S.Covariate, "regimen": S.Regimen, "dose": S.Dose,
+                                      "observation": S.Observation, "medication": S.Medication}
+
+
+class AccessDenied(CnidoseError):
+    """The actor's role does not allow this action on this object."""
+
+
+class NotFound(InputError):
+    """No such object (or not one the actor may know about)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who acts: a signed-in user (role, and for a patient their own record), the system, or the public."""
+
+    username: str
+    role: str
+    user_id: int | None = None
+    patient_id: int | None = None
+
+
+SYSTEM = Actor("system", "system")
+PUBLIC = Actor("public", "public")
+
+
+@dataclass(frozen=True, slots=True)
+class Chart:
+    """Everything stored about one patient, oldest first, entries in error included (with their status)."""
+
+    patient: dict[str, Any]
+    covariates: list[dict[str, Any]] = field(default_factory=list)
+    regimens: list[dict[str, Any]] = field(default_factory=list)
+    doses: list[dict[str, Any]] = field(default_factory=list)
+    observations: list[dict[str, Any]] = field(default_factory=list)
+    medications: list[dict[str, Any]] = field(default_factory=list)
+    assessments: list[dict[str, Any]] = field(default_factory=list)
+    appointments: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _aware(value: Any, field: str) -> dt.datetime:
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise FieldError(f"not an ISO date-time: {value!r}", field=field) from None
+    if not isinstance(value, dt.datetime):
+        raise FieldError(f"expected a date-time, got {value!r}", field=field)
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise FieldError(f"{value.isoformat()} has no time zone (give e.g. +01:00 or Z)", field=field)
+    return value.astimezone(dt.UTC)
+
+
+def _date(value: Any, field: str) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise FieldError(f"not an ISO date: {value!r}", field=field) from None
+
+
+def _text(value: Any, field: str, *, max_len: int, allow_empty: bool = False) -> str:
+    s = "" if value is None else str(value).strip()
+    if not s and not allow_empty:
+        raise FieldError("required", field=field)
+    if len(s) > max_len:
+        raise FieldError(f"at most {max_len} characters", field=field)
+    return s
+
+
+def _row(obj: Any) -> dict[str, Any]:
+    return {c.key: getattr(obj, c.key) for c in obj.__table__.columns}
+
+
+class Store:
+    """The repository over one database (see :mod:`cnidose.records.db` for engines and migrations)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @staticmethod
+    def _audit(session: Session, actor: Actor, action: str, object_type: str, object_id: Any = None,
+               patient_id: int | None = None, detail: Any = None) -> None:
+        session.add(S.AuditEntry(at=_now(), user_id=actor.user_id, username=actor.username, role=actor.role,
+                                 action=action, object_type=object_type,
+                                 object_id=None if object_id is None else str(object_id), patient_id=patient_id,
+                                 detail=None if detail is None else (detail if isinstance(detail, str)
+                                                                     else json.dumps(detail, default=str))))
+
+    def _check(self, actor: Actor, action: str, object_type: str, patient_id: int | None = None,
+               object_id: Any = None) -> None:
+        allowed = actor.role in PERMISSIONS[action]
+        if allowed and actor.role == "patient" and action != "book":
+            allowed = patient_id is not None and patient_id == actor.patient_id
+        if allowed and actor.role == "patient" and action == "book":
+            allowed = patient_id is None or patient_id == actor.patient_id
+        if allowed and actor.role == "public" and patient_id is not None:
+            allowed = False
+        if not allowed:
+            with self._tx() as s:
+                self._audit(s, actor, "denied", object_type, object_id, patient_id, {"wanted": action})
+            raise AccessDenied(f"{actor.username} ({actor.role}) may not {action} {object_type}"
+                               + (f" of patient {patient_id}" if patient_id is not None else ""))
+
+    @staticmethod
+    def _get(s: Session, model: type[Any], object_id: int, kind: str) -> Any:
+        obj = s.get(model, object_id)
+        if obj is None:
+            raise NotFound(f"no {kind} {object_id}")
+        return obj
+
+    def _patient(self, s: Session, patient_id: int) -> S.Patient:
+        p = s.get(S.Patient, patient_id)
+        if p is None:
+            raise NotFound(f"no patient {patient_id}")
+        return p
+
+    # -- users ----------------------------------------------------------------------------------------------
+    def create_user(self, actor: Actor, username: str, password_hash: str, role: str,
+                    patient_id: int | None = None) -> int:
+        """A user (the password already hashed by the caller, e.g. argon2). Admin or system only."""
+        self._check(actor, "users", "user")
+        name = _text(username, "username", max_len=64)
+        if role not in S.ROLES:
+            raise FieldError(f"unknown role {role!r} (known: {', '.join(S.ROLES)})", field="role")
+        if role == "patient" and patient_id is None:
+            raise FieldError("a patient account needs the patient it belongs to", field="patient_id")
+        try:
+            with self._tx() as s:
+                if patient_id is not None:
+                    self._patient(s, patient_id)
+                if s.scalar(select(S.User.id).where(S.User.username == name)) is not None:
+                    raise FieldError(f"{name!r} is taken", field="username")
+                u = S.User(username=name, password_hash=password_hash, role=role, patient_id=patient_id,
+                           active=True, created_at=_now())
+                s.add(u)
+                s.flush()
+                self._audit(s, actor, "create", "user", u.id, patient_id, {"username": name, "role": role})
+                return int(u.id)
+        except IntegrityError:
+            raise FieldError(f"{name!r} is taken", field="username") from None
+
+    def user(self, username: str) -> dict[str, Any] | None:
+        """The user record for signing in (no patient data; the caller audits the attempt)."""
+        with self._tx() as s:
+            u = s.scalar(select(S.User).where(S.User.username == username))
+            return None if u is None else _row(u)
+
+    def actor(self, user_id: int) -> Actor:
+        with self._tx() as s:
+            u = s.get(S.User, user_id)
+            if u is None or not u.active:
+                raise NotFound(f"no active user {user_id}")
+            return Actor(u.username, u.role, u.id, u.patient_id)
+
+    def record_event(self, actor: Actor, action: str, object_type: str, object_id: Any = None,
+                     patient_id: int | None = None, detail: Any = None) -> None:
+        """An audit row for an event that is not a data change (sign-in, sign-out, a failed attempt, an export)."""
+        with self._tx() as s:
+            self._audit(s, actor, action, object_type, object_id, patient_id, detail)
+
+    # -- patients -------------------------------------------------------------------------------------------
+    def add_patient(self, actor: Actor, *, mrn: str, family_name: str, given_name: str, birth_date: Any,
+                    sex: str, agent: str, indication: str, therapy_start: Any = None,
+                    transplant_date: Any = None) -> int:
+        self._check(actor, "write", "patient")
+        if sex not in ("female", "male", "other", "unknown"):
+            raise FieldError(f"expected female, male, other or unknown, got {sex!r}", field="sex")
+        born = _date(birth_date, "birth_date")
+        if born > _now().date():
+            raise FieldError(f"{born.isoformat()} is in the future", field="birth_date")
+        agent_l = _text(agent, "agent", max_len=32).lower()
+        if agent_l not in (*DRUGS, "pimecrolimus"):
+            raise FieldError(f"unknown agent {agent!r}", field="agent")
+        mrn_s = _text(mrn, "mrn", max_len=64)
+        with self._tx() as s:
+            if s.scalar(select(S.Patient.id).where(S.Patient.mrn == mrn_s)) is not None:
+                raise FieldError(f"a patient with MRN {mrn_s!r} exists", field="mrn")
+            now = _now()
+            p = S.Patient(mrn=mrn_s, family_name=_text(family_name, "family_name", max_len=128),
+                          given_name=_text(given_name, "given_name", max_len=128), birth_date=born, sex=sex,
+                          agent=agent_l, indication=_text(indication, "indication", max_len=64).lower(),
+                          therapy_start=None if therapy_start is None else _date(therapy_start, "therapy_start"),
+                          transplant_date=None if transplant_date is None else _date(transplant_date,
+                                                                                     "transplant_date"),
+                          created_at=now, updated_at=now)
+            s.add(p)
+            s.flush()
+            self._audit(s, actor, "create", "patient", p.id, p.id)
+            return int(p.id)
+
+    def patients(self, actor: Actor) -> list[dict[str, Any]]:
+        """Patients the actor may see (a patient: only their own), with their newest level and open alerts
+        left to the caller."""
+        if actor.role == "patient":
+            self._check(actor, "read", "patient", actor.patient_id)
+            where: Any = S.Patient.id == actor.patient_id
+        else:
+            self._check(actor, "read", "patient")
+            where = S.Patient.id.is_not(None)
+        with self._tx() as s:
+            rows = [_row(p) for p in s.scalars(select(S.Patient).where(where).order_by(S.Patient.family_name,
+                                                                                       S.Patient.id))]
+            self._audit(s, actor, "read", "patient-list", None, None, {"count": len(rows)})
+            return rows
+
+    def chart(self, actor: Actor, patient_id: int) -> Chart:
+        """Everything about one patient; audited as a read."""
+        self._check(actor, "read", "patient", patient_id, patient_id)
+        with self._tx() as s:
+            p = self._patient(s, patient_id)
+
+            def rows(model: Any, order: Any) -> list[dict[str, Any]]:
+                return [_row(x) for x in s.scalars(select(model).where(model.patient_id == patient_id)
+                                                   .order_by(order, model.id))]
+
+            chart = Chart(_row(p), rows(S.Covariate, S.Covariate.measured_at), rows(S.Regimen, S.Regimen.start_at),
+                          rows(S.Dose, S.Dose.given_at), rows(S.Observation, S.Observation.observed_at),
+                          rows(S.Medication, S.Medication.start_on), rows(S.Assessment, S.Assessment.created_at),
+                          rows(S.Appointment, S.Appointment.starts_at))
+            self._audit(s, actor, "read", "patient", patient_id, patient_id)
+            return chart
+
+    # -- clinical entries -----------------------------------------------------------------------------------
+    def _add(self, actor: Actor, patient_id: int, obj: Any, kind: str, detail: Any = None) -> int:
+        self._check(actor, "write", kind, patient_id)
+        with self._tx() as s:
+            self._patient(s, patient_id)
+            obj.patient_id = patient_id
+            obj.entered_by = actor.user_id
+            obj.entered_at = _now()
+            obj.status = "final"
+            s.add(obj)
+            s.flush()
+            self._audit(s, actor, "create", kind, obj.id, patient_id, detail)
+            return int(obj.id)
+
+    def add_covariate(self, actor: Actor, patient_id: int, name: str, value: Any, unit: str,
+                      measured_at: Any) -> int:
+        key, v, u = covariate_value(name, value, unit)
+        return self._add(actor, patient_id, S.Covariate(name=key, value=v, unit=u,
+                                                        measured_at=_aware(measured_at, "measured_at")), "covariate")
+
+    def add_regimen(self, actor: Actor, patient_id: int, *, drug: str, product: str, dose: Any, unit: str,
+                    interval_h: Any, start_at: Any, stop_at: Any = None, route: str = "oral") -> int:
+        mg = dose_mg(drug, dose, unit, field="dose")
+        tau = _number_pos(interval_h, "interval_h")
+        start = _aware(start_at, "start_at")
+        stop = None if stop_at in (None, "") else _aware(stop_at, "stop_at")
+        if stop is not None and stop <= start:
+            raise FieldError("stops before it starts", field="stop_at")
+        return self._add(actor, patient_id, S.Regimen(drug=drug.lower(), product=_text(product, "product", max_len=64),
+                                                      route=_route(route), dose_mg=mg, interval_h=tau,
+                                                      start_at=start, stop_at=stop), "regimen")
+
+    def add_dose(self, actor: Actor, patient_id: int, *, drug: str, product: str, amount: Any, unit: str,
+                 given_at: Any, route: str = "oral", infusion_h: Any = None, regimen_id: int | None = None) -> int:
+        mg = dose_mg(drug, amount, unit)
+        r = _route(route)
+        dur = None if infusion_h in (None, "") else _number_pos(infusion_h, "infusion_h")
+        if dur is not None and r != "intravenous":
+            raise FieldError("an infusion duration applies to intravenous doses only", field="infusion_h")
+        return self._add(actor, patient_id, S.Dose(drug=drug.lower(), product=_text(product, "product", max_len=64),
+                                                   route=r, amount_mg=mg, given_at=_aware(given_at, "given_at"),
+                                                   infusion_h=dur, regimen_id=regimen_id), "dose")
+
+    def add_level(self, actor: Actor, patient_id: int, *, drug: str, value: Any, unit: str, observed_at: Any,
+                  blq: bool = False, lloq: Any = None, assay: str | None = None) -> int:
+        v = level_ng_ml(drug, value, unit)
+        limit = None if lloq in (None, "") else level_ng_ml(drug, lloq, unit, field="lloq")
+        if blq and limit is None:
+            raise FieldError("a level below the limit of quantification needs the limit", field="lloq")
+        code = "11253-2" if drug.lower() == "tacrolimus" else None  # verified LOINC (clinical/data/codes.toml)
+        return self._add(actor, patient_id, S.Observation(category="level", name=f"{drug.lower()} level", code=code,
+                                                          value=v, unit="ng/mL",
+                                                          observed_at=_aware(observed_at, "observed_at"),
+                                                          blq=bool(blq), lloq=limit, assay=assay), "observation")
+
+    def add_lab(self, actor: Actor, patient_id: int, *, name: str, value: Any, unit: str, observed_at: Any) -> int:
+        from cnidose.clinical.record import RecordError, convert_lab
+
+        try:
+            lab, v, canon = convert_lab(name, value, unit, "lab")
+        except RecordError as exc:
+            raise FieldError(str(exc).split("] ", 1)[-1], field=exc.field.removeprefix("lab.")) from None
+        codes = {"creatinine": "2160-0", "potassium": "2823-3", "fasting glucose": "1558-6"}
+        return self._add(actor, patient_id, S.Observation(category="lab", name=lab, code=codes.get(lab), value=v,
+                                                          unit=canon, observed_at=_aware(observed_at, "observed_at"),
+                                                          blq=False), "observation")
+
+    def add_blood_pressure(self, actor: Actor, patient_id: int, *, systolic: Any, diastolic: Any,
+                           observed_at: Any) -> tuple[int, int]:
+        sys_v, dia_v = _number_pos(systolic, "systolic"), _number_pos(diastolic, "diastolic")
+        if not 50 <= sys_v <= 300:
+            raise FieldError(f"{sys_v:g} mmHg is not a possible systolic pressure (50-300)", field="systolic")
+        if not 20 <= dia_v <= 200 or dia_v >= sys_v:
+            raise FieldError(f"{dia_v:g} mmHg is not a possible diastolic pressure (20-200, below systolic)",
+                             field="diastolic")
+        at = _aware(observed_at, "observed_at")
+        a = self._add(actor, patient_id, S.Observation(category="vital", name="systolic blood pressure", code="8480-6",
+                                                       value=sys_v, unit="mm[Hg]", observed_at=at, blq=False),
+                      "observation")
+        b = self._add(actor, patient_id, S.Observation(category="vital", name="diastolic blood pressure",
+                                                       code="8462-4", value=dia_v, unit="mm[Hg]", observed_at=at,
+                                                       blq=False), "observation")
+        return a, b
+
+    def add_medication(self, actor: Actor, patient_id: int, *, name: str, start_on: Any, stop_on: Any = None,
+                       daily_mg: Any = None, rxnorm: str | None = None) -> int:
+        start = _date(start_on, "start_on")
+        stop = None if stop_on in (None, "") else _date(stop_on, "stop_on")
+        if stop is not None and stop < start:
+            raise FieldError("stops before it starts", field="stop_on")
+        daily = None if daily_mg in (None, "") else _number_pos(daily_mg, "daily_mg")
+        return self._add(actor, patient_id, S.Medication(name=_text(name, "name", max_len=64).lower(), rxnorm=rxnorm,
+                                                         daily_mg=daily, start_on=start, stop_on=stop), "medication")
+
+    def mark_entered_in_error(self, actor: Actor, kind: str, entry_id: int, reason: str) -> None:
+        """Withdraw a wrong entry without deleting it: it stays, with status and reason, and is audited."""
+        model = ENTRY_TABLES.get(kind)
+        if model is None:
+            raise FieldError(f"unknown entry kind {kind!r} (known: {', '.join(ENTRY_TABLES)})", field="kind")
+        why = _text(reason, "reason", max_len=2000)
+        with self._tx() as s:
+            pid = int(self._get(s, model, entry_id, kind).patient_id)
+        self._check(actor, "write", kind, pid, entry_id)
+        with self._tx() as s:
+            obj = self._get(s, model, entry_id, kind)
+            if obj.status == "entered-in-error":
+                raise FieldError(f"{kind} {entry_id} is already marked entered-in-error", field="status")
+            obj.status, obj.status_reason = "entered-in-error", why
+            self._audit(s, actor, "update", kind, entry_id, pid, {"status": "entered-in-error", "reason": why})
+
+    # -- assessments and recommendations --------------------------------------------------------------------
+    def save_assessment(self, actor: Actor, patient_id: int, *, kind: str, inputs: dict[str, Any],
+                        result: dict[str, Any], model_ref: str | None, package_version: str) -> int:
+        if kind not in ("recommendation", "assessment"):
+            raise FieldError(f"unknown kind {kind!r}", field="kind")
+        self._check(actor, "write", "assessment", patient_id)
+        payload_in = json.loads(json.dumps(inputs, default=str))  # JSON-safe, as stored
+        payload_out = json.loads(json.dumps(result, default=str))
+        with self._tx() as s:
+            self._patient(s, patient_id)
+            a = S.Assessment(patient_id=patient_id, kind=kind, inputs=payload_in, result=payload_out,
+                             model_ref=model_ref, package_version=package_version, created_by=actor.user_id,
+                             created_at=_now(), status="draft")
+            s.add(a)
+            s.flush()
+            self._audit(s, actor, "create", "assessment", a.id, patient_id, {"kind": kind, "model": model_ref})
+            return int(a.id)
+
+    def sign_assessment(self, actor: Actor, assessment_id: int, decision: str) -> None:
+        """Record the decision taken and sign: from then on the assessment cannot change."""
+        text = _text(decision, "decision", max_len=10_000)
+        with self._tx() as s:
+            pid = int(self._get(s, S.Assessment, assessment_id, "assessment").patient_id)
+        self._check(actor, "sign", "assessment", pid, assessment_id)
+        with self._tx() as s:
+            a = self._get(s, S.Assessment, assessment_id, "assessment")
+            if a.status == "signed":
+                raise FieldError(f"assessment {assessment_id} is signed and cannot change", field="status")
+            a.status, a.decision, a.signed_by, a.signed_at = "signed", text, actor.user_id, _now()
+            self._audit(s, actor, "sign", "assessment", assessment_id, pid, {"decision": text})
+
+    # -- appointments ---------------------------------------------------------------------------------------
+    def book(self, actor: Actor, *, department: str, starts_at: Any, minutes: int = 30, kind: str = "consultation",
+             patient_id: int | None = None, reason: str | None = None, contact_name: str | None = None,
+             contact_email: str | None = None, source: str | None = None) -> int:
+        """A booking request (patients, the public) or a booked visit (staff: confirmed at once). A slot that
+        overlaps a confirmed visit of the same department is refused."""
+        self._check(actor, "book", "appointment", patient_id)
+        start = _aware(starts_at, "starts_at")
+        if not isinstance(minutes, int) or not 5 <= minutes <= 480:
+            raise FieldError("a visit lasts 5-480 minutes", field="minutes")
+        if start < _now() - dt.timedelta(minutes=1):
+            raise FieldError(f"{start.isoformat()} is in the past", field="starts_at")
+        end = start + dt.timedelta(minutes=minutes)
+        if actor.role == "public":
+            _text(contact_name, "contact_name", max_len=128)
+            email = _text(contact_email, "contact_email", max_len=254)
+            if "@" not in email or email.startswith("@") or email.endswith("@"):
+                raise FieldError(f"{email!r} is not an e-mail address", field="contact_email")
+        staff = actor.role in PERMISSIONS["schedule"]
+        with self._tx() as s:
+            if patient_id is not None:
+                self._patient(s, patient_id)
+            dept = _text(department, "department", max_len=64).lower()
+            clash = s.scalar(select(S.Appointment.id).where(
+                S.Appointment.department == dept, S.Appointment.status == "confirmed",
+                S.Appointment.starts_at < end, S.Appointment.ends_at > start))
+            if clash is not None:
+                raise FieldError(f"the {dept} slot at {start.isoformat()} is taken", field="starts_at")
+            a = S.Appointment(patient_id=patient_id, department=dept, kind=_text(kind, "kind", max_len=32),
+                              starts_at=start, ends_at=end, status="confirmed" if staff else "requested",
+                              reason=reason, contact_name=contact_name, contact_email=contact_email, source=source,
+                              created_by=actor.user_id, created_at=_now())
+            s.add(a)
+            s.flush()
+            self._audit(s, actor, "create", "appointment", a.id, patient_id, {"department": dept,
+                                                                              "starts_at": start.isoformat()})
+            return int(a.id)
+
+    def set_appointment_status(self, actor: Actor, appointment_id: int, status: str) -> None:
+        if status not in ("confirmed", "cancelled", "done"):
+            raise FieldError(f"unknown status {status!r} (confirmed, cancelled, done)", field="status")
+        with self._tx() as s:
+            pid = self._get(s, S.Appointment, appointment_id, "appointment").patient_id
+        self._check(actor, "schedule", "appointment", None, appointment_id)
+        with self._tx() as s:
+            a = self._get(s, S.Appointment, appointment_id, "appointment")
+            if status == "confirmed":
+                clash = s.scalar(select(S.Appointment.id).where(
+                    S.Appointment.id != a.id, S.Appointment.department == a.department,
+                    S.Appointment.status == "confirmed", S.Appointment.starts_at < a.ends_at,
+                    S.Appointment.ends_at > a.starts_at))
+                if clash is not None:
+                    raise FieldError(f"the slot overlaps confirmed appointment {clash}", field="status")
+            old, a.status = a.status, status
+            self._audit(s, actor, "update", "appointment", appointment_id, pid, {"status": [old, status]})
+
+    def calendar(self, actor: Actor, department: str, start: Any, end: Any) -> list[dict[str, Any]]:
+        """Appointments of a department between two instants (staff)."""
+        self._check(actor, "schedule", "calendar")
+        a, b = _aware(start, "start"), _aware(end, "end")
+        with self._tx() as s:
+            rows = [_row(x) for x in s.scalars(select(S.Appointment).where(
+                S.Appointment.department == department.lower(), S.Appointment.starts_at < b,
+                S.Appointment.ends_at > a).order_by(S.Appointment.starts_at))]
+            self._audit(s, actor, "read", "calendar", department.lower(), None, {"count": len(rows)})
+            return rows
+
+    # -- audit ----------------------------------------------------------------------------------------------
+    def audit_log(self, actor: Actor, *, patient_id: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        """The newest audit rows (administrators)."""
+        self._check(actor, "audit", "audit-log")
+        with self._tx() as s:
+            q = select(S.AuditEntry).order_by(S.AuditEntry.id.desc()).limit(limit)
+            if patient_id is not None:
+                q = q.where(S.AuditEntry.patient_id == patient_id)
+            rows = [_row(x) for x in s.scalars(q)]
+            self._audit(s, actor, "read", "audit-log", None, patient_id)
+            return rows
+
+
+def _number_pos(value: Any, field: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise FieldError(f"expected a number, got {value!r}", field=field) from None
+    if not v > 0 or v == float("inf"):
+        raise FieldError(f"must be positive, got {value!r}", field=field)
+    return v
+
+
+def _route(route: str) -> str:
+    r = str(route).strip().lower()
+    if r not in ("oral", "intravenous", "sublingual"):
+        raise FieldError(f"unknown route {route!r} (oral, intravenous, sublingual)", field="route")
+    return r

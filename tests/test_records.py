@@ -1,0 +1,226 @@
+"""The clinical record on SQLite and on PostgreSQL: migrations, validation at the boundary, roles, the audit
+trail, immutability of signed assessments, append-only audit log, booking.
+
+PostgreSQL: ``CNIDOSE_TEST_POSTGRES_URL`` (default ``postgresql+psycopg:///postgres``, the local socket);
+each test gets a fresh database. Where no server answers the PostgreSQL cases are skipped -- unless
+``CNIDOSE_REQUIRE_POSTGRES=1`` (set by CI), where that is a failure.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from cnidose.records import schema as S
+from cnidose.records.db import HEAD, make_engine, revision, upgrade
+from cnidose.records.store import SYSTEM, AccessDenied, Actor, NotFound, Store
+from cnidose.records.units import FieldError
+
+PG_ADMIN = os.environ.get("CNIDOSE_TEST_POSTGRES_URL", "postgresql+psycopg:///postgres")
+UTC = dt.UTC
+
+
+def _pg_engine() -> Iterator[str]:
+    try:
+        admin = make_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as c:
+            c.execute(text("SELECT 1"))
+    except Exception as exc:
+        if os.environ.get("CNIDOSE_REQUIRE_POSTGRES") == "1":
+            raise AssertionError(f"PostgreSQL required but not reachable at {PG_ADMIN}: {exc}") from exc
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN} ({type(exc).__name__})")
+    name = f"cnidose_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'cnidose.db'}"
+    else:
+        yield from _pg_engine()
+
+
+@pytest.fixture
+def store(db_url: str) -> Iterator[Store]:
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield Store(engine)
+    engine.dispose()
+
+
+def _setup(store: Store) -> tuple[int, Actor, Actor, Actor]:
+    pid = store.add_patient(SYSTEM, mrn="K-1001", family_name="Doe", given_name="Jane", birth_date="1970-05-01",
+                            sex="female", agent="tacrolimus", indication="kidney transplant",
+                            transplant_date="2026-10-01")
+    clin = Actor("dr.a", "clinician", store.create_user(SYSTEM, "dr.a", "hash", "clinician"))
+    other = store.add_patient(SYSTEM, mrn="K-1002", family_name="Roe", given_name="Rick", birth_date="1960-01-01",
+                              sex="male", agent="tacrolimus", indication="kidney transplant")
+    me = Actor("jane", "patient", store.create_user(SYSTEM, "jane", "hash", "patient", patient_id=pid), pid)
+    return pid, clin, me, Actor("roe", "patient", store.create_user(SYSTEM, "roe", "hash", "patient", other), other)
+
+
+def test_migrations_create_the_schema_the_models_describe(db_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    engine = make_engine(db_url)
+    assert revision(engine) is None
+    upgrade(engine)
+    upgrade(engine)  # idempotent
+    assert revision(engine) == HEAD
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), S.Base.metadata)
+    assert diff == []
+    engine.dispose()
+
+
+def test_entries_are_validated_converted_and_audited(store: Store) -> None:
+    pid, clin, _, _ = _setup(store)
+    t0 = dt.datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+    store.add_regimen(clin, pid, drug="tacrolimus", product="Prograf", dose=4, unit="mg", interval_h=12,
+                      start_at=t0)
+    store.add_dose(clin, pid, drug="tacrolimus", product="Prograf", amount=4000, unit="ug", given_at=t0)
+    store.add_level(clin, pid, drug="tacrolimus", value=9.95, unit="nmol/L", observed_at="2026-11-02T07:50:00+01:00")
+    store.add_lab(clin, pid, name="creatinine", value=1.5, unit="mg/dL", observed_at=t0)
+    store.add_covariate(clin, pid, "hct", 31, "%", t0)
+    store.add_blood_pressure(clin, pid, systolic=150, diastolic=95, observed_at=t0)
+    chart = store.chart(clin, pid)
+    assert chart.doses[0]["amount_mg"] == pytest.approx(4.0)
+    level = next(o for o in chart.observations if o["category"] == "level")
+    assert level["value"] == pytest.approx(7.9998) and level["unit"] == "ng/mL" and level["code"] == "11253-2"
+    assert level["observed_at"] == dt.datetime(2026, 11, 2, 6, 50, tzinfo=UTC)  # stored in UTC, read back aware
+    lab = next(o for o in chart.observations if o["name"] == "creatinine")
+    assert lab["value"] == pytest.approx(132.6) and lab["unit"] == "umol/L"
+    assert chart.covariates[0]["name"] == "HCT" and chart.covariates[0]["value"] == pytest.approx(0.31)
+    # every write and the read left an audit row naming the user, the action and the object
+    log = store.audit_log(Actor("root", "admin", store.create_user(SYSTEM, "root", "hash", "admin")),
+                          patient_id=pid)
+    acts = [(r["username"], r["action"], r["object_type"]) for r in reversed(log)]
+    assert ("dr.a", "create", "dose") in acts and ("dr.a", "create", "regimen") in acts
+    assert acts.count(("dr.a", "create", "observation")) == 4 and ("dr.a", "read", "patient") in acts
+    assert all(r["at"].tzinfo is not None for r in log)
+
+
+@pytest.mark.parametrize(("call", "field", "message"), [
+    (lambda s, a, p: s.add_dose(a, p, drug="tacrolimus", product="Prograf", amount=500, unit="mg",
+                                given_at="2026-11-01T08:00:00Z"), "amount", "500 ug would be an ordinary dose"),
+    (lambda s, a, p: s.add_dose(a, p, drug="tacrolimus", product="Prograf", amount=2, unit="mg",
+                                given_at="2026-11-01T08:00:00"), "given_at", "no time zone"),
+    (lambda s, a, p: s.add_level(a, p, drug="tacrolimus", value=-1, unit="ng/mL",
+                                 observed_at="2026-11-01T08:00:00Z"), "value", "cannot be negative"),
+    (lambda s, a, p: s.add_level(a, p, drug="tacrolimus", value=8000, unit="ng/mL",
+                                 observed_at="2026-11-01T08:00:00Z"), "value", "if the unit is ng/L"),
+    (lambda s, a, p: s.add_level(a, p, drug="tacrolimus", value=8, unit="mmol/L",
+                                 observed_at="2026-11-01T08:00:00Z"), "value_unit", "unit 'mmol/L'"),
+    (lambda s, a, p: s.add_covariate(a, p, "HCT", 33, "L/L", "2026-11-01T08:00:00Z"), "value", "check the unit"),
+    (lambda s, a, p: s.add_covariate(a, p, "CYP3A5", 2, "1", "2026-11-01T08:00:00Z"), "value", "not a code"),
+    (lambda s, a, p: s.add_lab(a, p, name="creatinine", value=80, unit="mg/dL",
+                               observed_at="2026-11-01T08:00:00Z"), "value", "not a possible creatinine"),
+    (lambda s, a, p: s.add_blood_pressure(a, p, systolic=120, diastolic=130,
+                                          observed_at="2026-11-01T08:00:00Z"), "diastolic", "below systolic"),
+    (lambda s, a, p: s.add_medication(a, p, name="voriconazole", start_on="2026-11-05", stop_on="2026-11-01"),
+     "stop_on", "stops before it starts"),
+])
+def test_bad_input_names_the_field_and_stores_nothing(store: Store, call: object, field: str, message: str) -> None:
+    pid, clin, _, _ = _setup(store)
+    before = store.chart(clin, pid)
+    with pytest.raises(FieldError, match=message) as err:
+        call(store, clin, pid)  # type: ignore[operator]
+    assert err.value.field == field
+    after = store.chart(clin, pid)
+    assert (before.doses, before.observations, before.covariates, before.medications) == (
+        after.doses, after.observations, after.covariates, after.medications)
+
+
+def test_roles_and_patient_isolation(store: Store) -> None:
+    pid, clin, me, roe = _setup(store)
+    admin = Actor("root", "admin", store.create_user(SYSTEM, "root", "hash", "admin"))
+    assert store.chart(me, pid).patient["mrn"] == "K-1001"
+    assert [p["id"] for p in store.patients(me)] == [pid]
+    with pytest.raises(AccessDenied):
+        store.chart(roe, pid)
+    with pytest.raises(AccessDenied):
+        store.add_level(me, pid, drug="tacrolimus", value=8, unit="ng/mL", observed_at="2026-11-01T08:00:00Z")
+    with pytest.raises(AccessDenied):
+        store.chart(admin, pid)  # administrators manage users, not clinical data
+    with pytest.raises(AccessDenied):
+        store.audit_log(clin)
+    with pytest.raises(AccessDenied):
+        store.create_user(clin, "x", "hash", "admin")
+    denied = [r for r in store.audit_log(admin) if r["action"] == "denied"]
+    assert {(r["username"], r["object_type"]) for r in denied} >= {("roe", "patient"), ("jane", "observation"),
+                                                                  ("root", "patient"), ("dr.a", "audit-log")}
+    with pytest.raises(NotFound):
+        store.chart(clin, 99999)
+
+
+def test_signed_assessments_are_immutable_and_the_audit_log_append_only(store: Store) -> None:
+    pid, clin, me, _ = _setup(store)
+    aid = store.save_assessment(clin, pid, kind="recommendation", inputs={"levels": [7.1, 9.0]},
+                                result={"dose": 3.5}, model_ref="andrews2019 1.0.0 sha256:x", package_version="0.1.0")
+    with pytest.raises(AccessDenied):
+        store.sign_assessment(me, aid, "ok")
+    store.sign_assessment(clin, aid, "reduce to 3.5 mg twice daily")
+    with pytest.raises(FieldError, match="signed and cannot change"):
+        store.sign_assessment(clin, aid, "changed my mind")
+    # not even by hand: the database refuses
+    with store.engine.connect() as conn:
+        for sql in ("UPDATE assessments SET decision = 'x'", "DELETE FROM assessments",
+                    "UPDATE audit_log SET username = 'x'", "DELETE FROM audit_log"):
+            with pytest.raises(DBAPIError, match=r"immutable|append-only"), conn.begin():
+                conn.execute(text(sql))
+    a = store.chart(clin, pid).assessments[0]
+    assert a["status"] == "signed" and a["decision"] == "reduce to 3.5 mg twice daily"
+    assert a["signed_by"] == clin.user_id
+
+
+def test_entered_in_error_keeps_the_entry(store: Store) -> None:
+    pid, clin, _, _ = _setup(store)
+    lid = store.add_level(clin, pid, drug="tacrolimus", value=25, unit="ng/mL", observed_at="2026-11-01T09:00:00Z")
+    store.mark_entered_in_error(clin, "observation", lid, "drawn from the infusion line")
+    obs = store.chart(clin, pid).observations
+    assert len(obs) == 1 and obs[0]["status"] == "entered-in-error"
+    assert obs[0]["status_reason"] == "drawn from the infusion line"
+    with pytest.raises(FieldError, match="already marked"):
+        store.mark_entered_in_error(clin, "observation", lid, "again")
+
+
+def test_booking(store: Store) -> None:
+    pid, clin, me, roe = _setup(store)
+    public = Actor("public", "public")
+    start = dt.datetime.now(UTC).replace(microsecond=0) + dt.timedelta(days=3)
+    req = store.book(public, department="Dermatology", starts_at=start, reason="eczema, topical treatment failed",
+                     contact_name="Ann Example", contact_email="ann@example.org")
+    with pytest.raises(FieldError, match="not an e-mail") as err:
+        store.book(public, department="dermatology", starts_at=start, contact_name="B", contact_email="nope")
+    assert err.value.field == "contact_email"
+    with pytest.raises(AccessDenied):
+        store.book(roe, department="dermatology", starts_at=start, patient_id=pid)
+    mine = store.book(me, department="dermatology", starts_at=start + dt.timedelta(hours=1), patient_id=pid)
+    staff = store.book(clin, department="dermatology", starts_at=start, patient_id=pid, kind="follow-up",
+                       source="psoriasis-cyclosporine: creatinine every 2 weeks")
+    with pytest.raises(FieldError, match="slot overlaps confirmed appointment"):
+        store.set_appointment_status(clin, req, "confirmed")
+    with pytest.raises(AccessDenied):
+        store.set_appointment_status(me, mine, "confirmed")
+    store.set_appointment_status(clin, mine, "confirmed")
+    cal = store.calendar(clin, "dermatology", start - dt.timedelta(hours=1), start + dt.timedelta(days=1))
+    assert [(a["id"], a["status"]) for a in cal] == [(req, "requested"), (staff, "confirmed"), (mine, "confirmed")]
+    with pytest.raises(FieldError, match="in the past"):
+        store.book(clin, department="dermatology", starts_at=start - dt.timedelta(days=10))
