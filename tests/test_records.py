@@ -224,3 +224,56 @@ def test_booking(store: Store) -> None:
     assert [(a["id"], a["status"]) for a in cal] == [(req, "requested"), (staff, "confirmed"), (mine, "confirmed")]
     with pytest.raises(FieldError, match="in the past"):
         store.book(clin, department="dermatology", starts_at=start - dt.timedelta(days=10))
+
+
+def test_demo_chart_feeds_the_fit_the_recommender_and_the_assessment(store: Store, tmp_path: Path) -> None:
+    """The stored chart, exported as NONMEM rows, is what the engines read: the demo transplant patient's
+    troughs are fitted by a library model and a regimen is recommended; the document form is assessed."""
+    from cnidose.clinical import assess, parse_record
+    from cnidose.dosing import find_target, product, recommend
+    from cnidose.models.library import resolve_model
+    from cnidose.records.demo import seed_demo
+    from cnidose.records.exchange import chart_to_document, chart_to_nonmem
+    from cnidose.records.nonmem import read_nonmem_csv, write_csv
+
+    today = dt.date(2026, 11, 25)
+    ids = seed_demo(store, today)
+    clin = Actor("dr.a", "clinician", store.create_user(SYSTEM, "dr.a", "hash", "clinician"))
+    chart = store.chart(clin, ids["DEMO-TX-1"])
+    exp = chart_to_nonmem(chart)
+    assert exp.header[:10] == ["ID", "TIME", "EVID", "AMT", "RATE", "CMT", "DV", "MDV", "BLQ", "LLOQ"]
+    assert sum(1 for r in exp.rows if r[2] == 0) == 5 and sum(1 for r in exp.rows if r[2] == 1) == 40
+    assert exp.origin == dt.datetime(2026, 11, 5, 8, 0, tzinfo=UTC)
+    path = tmp_path / "patient.csv"
+    write_csv(path, exp.header, exp.rows)
+    ind = read_nonmem_csv(path).individuals()[0]
+    assert ind.time[-1] == pytest.approx(19 * 24 + 12)
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    target = find_target("tacrolimus", "kidney", "adult", 0.7, concomitant="mmf")
+    rec = recommend(m, ind, target, product("Prograf"), n_draws=300)
+    assert rec.chosen is not None and rec.chosen.in_target and rec.chosen.dose < 5.0  # troughs rose above range
+    doc = chart_to_document(store.chart(clin, ids["DEMO-DERM-1"]))
+    result = assess(parse_record(doc, as_of=today), today)
+    # creatinine 68-70 -> 88-90 umol/L on cyclosporine: the EU eGFR-fall and US creatinine-rise rules fire
+    assert {"eu-egfr-25", "us-creatinine-25"} <= {a.rule for a in result.alerts}
+
+
+def test_nonmem_import_is_atomic_and_round_trips(store: Store, tmp_path: Path) -> None:
+    from cnidose.records.exchange import chart_to_nonmem, import_nonmem_rows
+
+    pid, clin, _, _ = _setup(store)
+    origin = dt.datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+    header = ["ID", "TIME", "EVID", "AMT", "DV", "MDV"]
+    rows = [["1", "0", "1", "3", ".", "1"], ["1", "12", "1", "3", ".", "1"], ["1", "23.5", "0", "0", "8.2", "0"],
+            ["1", "24", "1", "3", ".", "1"], ["1", "47.5", "0", "0", "9100", "0"]]
+    with pytest.raises(FieldError, match=r"line 6: 9100 ng/mL is not a possible tacrolimus level") as err:
+        import_nonmem_rows(store, clin, pid, header, rows, origin=origin, drug="tacrolimus", product="Prograf")
+    assert err.value.field == "DV"
+    assert store.chart(clin, pid).doses == []  # nothing stored
+    rows[-1][4] = "9.1"
+    assert import_nonmem_rows(store, clin, pid, header, rows, origin=origin, drug="tacrolimus",
+                              product="Prograf") == (3, 2)
+    exp = chart_to_nonmem(store.chart(clin, pid))
+    got = [[float(r[1]), int(r[2]), float(r[3]), r[6]] for r in exp.rows]
+    assert got == [[0.0, 1, 3.0, "."], [12.0, 1, 3.0, "."], [23.5, 0, 0.0, 8.2], [24.0, 1, 3.0, "."],
+                   [47.5, 0, 0.0, 9.1]]

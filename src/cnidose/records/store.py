@@ -311,26 +311,33 @@ class Store:
 
     def add_dose(self, actor: Actor, patient_id: int, *, drug: str, product: str, amount: Any, unit: str,
                  given_at: Any, route: str = "oral", infusion_h: Any = None, regimen_id: int | None = None) -> int:
-        mg = dose_mg(drug, amount, unit)
-        r = _route(route)
-        dur = None if infusion_h in (None, "") else _number_pos(infusion_h, "infusion_h")
-        if dur is not None and r != "intravenous":
-            raise FieldError("an infusion duration applies to intravenous doses only", field="infusion_h")
-        return self._add(actor, patient_id, S.Dose(drug=drug.lower(), product=_text(product, "product", max_len=64),
-                                                   route=r, amount_mg=mg, given_at=_aware(given_at, "given_at"),
-                                                   infusion_h=dur, regimen_id=regimen_id), "dose")
+        return self._add(actor, patient_id, make_dose(drug=drug, product=product, amount=amount, unit=unit,
+                                                  given_at=given_at, route=route, infusion_h=infusion_h,
+                                                  regimen_id=regimen_id), "dose")
 
     def add_level(self, actor: Actor, patient_id: int, *, drug: str, value: Any, unit: str, observed_at: Any,
                   blq: bool = False, lloq: Any = None, assay: str | None = None) -> int:
-        v = level_ng_ml(drug, value, unit)
-        limit = None if lloq in (None, "") else level_ng_ml(drug, lloq, unit, field="lloq")
-        if blq and limit is None:
-            raise FieldError("a level below the limit of quantification needs the limit", field="lloq")
-        code = "11253-2" if drug.lower() == "tacrolimus" else None  # verified LOINC (clinical/data/codes.toml)
-        return self._add(actor, patient_id, S.Observation(category="level", name=f"{drug.lower()} level", code=code,
-                                                          value=v, unit="ng/mL",
-                                                          observed_at=_aware(observed_at, "observed_at"),
-                                                          blq=bool(blq), lloq=limit, assay=assay), "observation")
+        return self._add(actor, patient_id, make_level(drug=drug, value=value, unit=unit, observed_at=observed_at,
+                                                   blq=blq, lloq=lloq, assay=assay), "observation")
+
+    def add_doses_and_levels(self, actor: Actor, patient_id: int, doses: list[dict[str, Any]],
+                             levels: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """Many doses and levels (keyword arguments of :meth:`add_dose` / :meth:`add_level`) in one
+        transaction: all are validated first, and either all are stored or none (an import)."""
+        self._check(actor, "write", "import", patient_id)
+        objs = [("dose", make_dose(**d)) for d in doses] + [("observation", make_level(**lv)) for lv in levels]
+        ids: list[int] = []
+        with self._tx() as s:
+            self._patient(s, patient_id)
+            now = _now()
+            for _, obj in objs:
+                obj.patient_id, obj.entered_by, obj.entered_at, obj.status = patient_id, actor.user_id, now, "final"
+                s.add(obj)
+            s.flush()
+            for kind, obj in objs:
+                ids.append(int(obj.id))
+                self._audit(s, actor, "create", kind, obj.id, patient_id, {"via": "import"})
+        return ids[:len(doses)], ids[len(doses):]
 
     def add_lab(self, actor: Actor, patient_id: int, *, name: str, value: Any, unit: str, observed_at: Any) -> int:
         from cnidose.clinical.record import RecordError, convert_lab
@@ -513,3 +520,25 @@ def _route(route: str) -> str:
     if r not in ("oral", "intravenous", "sublingual"):
         raise FieldError(f"unknown route {route!r} (oral, intravenous, sublingual)", field="route")
     return r
+
+
+def make_dose(*, drug: str, product: str, amount: Any, unit: str, given_at: Any, route: str = "oral",
+          infusion_h: Any = None, regimen_id: int | None = None) -> S.Dose:
+    mg = dose_mg(drug, amount, unit)
+    r = _route(route)
+    dur = None if infusion_h in (None, "") else _number_pos(infusion_h, "infusion_h")
+    if dur is not None and r != "intravenous":
+        raise FieldError("an infusion duration applies to intravenous doses only", field="infusion_h")
+    return S.Dose(drug=drug.lower(), product=_text(product, "product", max_len=64), route=r, amount_mg=mg,
+                  given_at=_aware(given_at, "given_at"), infusion_h=dur, regimen_id=regimen_id)
+
+
+def make_level(*, drug: str, value: Any, unit: str, observed_at: Any, blq: bool = False, lloq: Any = None,
+           assay: str | None = None) -> S.Observation:
+    v = level_ng_ml(drug, value, unit)
+    limit = None if lloq in (None, "") else level_ng_ml(drug, lloq, unit, field="lloq")
+    if blq and limit is None:
+        raise FieldError("a level below the limit of quantification needs the limit", field="lloq")
+    code = "11253-2" if drug.lower() == "tacrolimus" else None  # verified LOINC (clinical/data/codes.toml)
+    return S.Observation(category="level", name=f"{drug.lower()} level", code=code, value=v, unit="ng/mL",
+                         observed_at=_aware(observed_at, "observed_at"), blq=bool(blq), lloq=limit, assay=assay)
