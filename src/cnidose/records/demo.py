@@ -43,7 +43,8 @@ def seed_demo(store: Store, today: dt.date | None = None) -> dict[str, int]:
         store.add_lab(SYSTEM, kid, name="creatinine", value=scr, unit="umol/L",
                       observed_at=at(tx + dt.timedelta(days=day), 7))
     for day, (sbp, dbp) in ((2, (138, 84)), (10, (146, 92)), (17, (152, 95))):
-        store.add_blood_pressure(SYSTEM, kid, systolic=sbp, diastolic=dbp, observed_at=at(tx + dt.timedelta(days=day), 9))
+        store.add_blood_pressure(SYSTEM, kid, systolic=sbp, diastolic=dbp,
+                                 observed_at=at(tx + dt.timedelta(days=day), 9))
     store.add_medication(SYSTEM, kid, name="mycophenolate mofetil", start_on=tx, daily_mg=2000)
     store.add_medication(SYSTEM, kid, name="prednisolone", start_on=tx, daily_mg=20)
 
