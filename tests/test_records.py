@@ -277,3 +277,65 @@ def test_nonmem_import_is_atomic_and_round_trips(store: Store, tmp_path: Path) -
     got = [[float(r[1]), int(r[2]), float(r[3]), r[6]] for r in exp.rows]
     assert got == [[0.0, 1, 3.0, "."], [12.0, 1, 3.0, "."], [23.5, 0, 0.0, 8.2], [24.0, 1, 3.0, "."],
                    [47.5, 0, 0.0, 9.1]]
+
+
+
+
+def test_fhir_round_trip_gives_an_equal_bundle(store: Store) -> None:
+    """export -> import -> export: equal bundles, including an
+    entered-in-error level, a BLQ level, an infusion, a regimen, another drug and a booked follow-up."""
+    import json
+
+    from cnidose.records.demo import seed_demo
+    from cnidose.records.fhir import export_bundle, import_bundle
+
+    ids = seed_demo(store, dt.date(2026, 11, 25))
+    clin = Actor("dr.a", "clinician", store.create_user(SYSTEM, "dr.a", "hash", "clinician"))
+    kid = ids["DEMO-TX-1"]
+    lid = store.add_level(clin, kid, drug="tacrolimus", value=31, unit="ng/mL", observed_at="2026-11-20T10:00:00Z")
+    store.mark_entered_in_error(clin, "observation", lid, "drawn from the infusion line")
+    store.add_level(clin, kid, drug="tacrolimus", value=0, unit="ng/mL", observed_at="2026-11-21T07:50:00Z",
+                    blq=True, lloq=1.0, assay="immunoassay")
+    store.add_dose(clin, kid, drug="tacrolimus", product="tacrolimus IV", amount=1, unit="mg",
+                   given_at="2026-11-21T09:00:00Z", route="intravenous", infusion_h=4)
+    store.book(clin, department="nephrology", starts_at=dt.datetime.now(UTC) + dt.timedelta(days=7), patient_id=kid,
+               kind="follow-up", source="tacrolimus trough in 1 week")
+    first = export_bundle(store.chart(clin, kid))
+    kinds = [e["resource"]["resourceType"] for e in first["entry"]]
+    assert {"Patient", "Observation", "MedicationAdministration", "MedicationRequest", "MedicationStatement",
+            "Appointment"} == set(kinds)
+    blq = [e["resource"] for e in first["entry"] if e["resource"].get("valueQuantity", {}).get("comparator")]
+    assert len(blq) == 1 and blq[0]["valueQuantity"]["value"] == 1.0
+    # imported as another patient (the MRN, and with it every resource id, renamed on the way in)
+    first = json.loads(json.dumps(first).replace("DEMO-TX-1", "DEMO-TX-1-copy"))
+    new_id = import_bundle(store, clin, first)
+    assert new_id != kid
+    second = export_bundle(store.chart(clin, new_id))
+    assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)
+
+
+@pytest.mark.parametrize(("mutate", "field", "message"), [
+    (lambda b: b["entry"][0]["resource"].update(birthDate="2999-01-01"), "entry[0].resource.birth_date",
+     "in the future"),
+    (lambda b: b["entry"][1]["resource"]["valueQuantity"].update(value=33, unit="L/L"), "entry[1].resource.value",
+     "check the unit"),
+    (lambda b: b["entry"][1]["resource"].update(subject={"reference": "Patient/someone-else"}),
+     "entry[1].resource.subject", "not the bundle's patient"),
+    (lambda b: b["entry"][1]["resource"].update(effectiveDateTime="2026-11-01T08:00:00"),
+     "entry[1].resource.effectiveDateTime", "not a valid FHIR"),
+    (lambda b: b["entry"][1]["resource"].update(status=12), "entry[1].resource", "not a valid FHIR"),
+])
+def test_fhir_import_errors_name_the_entry_and_store_nothing(store: Store, mutate: object, field: str,
+                                                             message: str) -> None:
+    from cnidose.records.fhir import export_bundle, import_bundle
+
+    pid, clin, _, _ = _setup(store)
+    store.add_covariate(clin, pid, "HCT", 0.31, "L/L", "2026-11-01T08:00:00Z")
+    bundle = export_bundle(store.chart(clin, pid))
+    bundle["entry"][0]["resource"]["identifier"][0]["value"] = "NEW-1"
+    mutate(bundle)  # type: ignore[operator]
+    n = len(store.patients(clin))
+    with pytest.raises(FieldError, match=message) as err:
+        import_bundle(store, clin, bundle)
+    assert err.value.field.startswith(field), err.value.field
+    assert len(store.patients(clin)) == n

@@ -220,30 +220,43 @@ class Store:
                     sex: str, agent: str, indication: str, therapy_start: Any = None,
                     transplant_date: Any = None) -> int:
         self._check(actor, "write", "patient")
-        if sex not in ("female", "male", "other", "unknown"):
-            raise FieldError(f"expected female, male, other or unknown, got {sex!r}", field="sex")
-        born = _date(birth_date, "birth_date")
-        if born > _now().date():
-            raise FieldError(f"{born.isoformat()} is in the future", field="birth_date")
-        agent_l = _text(agent, "agent", max_len=32).lower()
-        if agent_l not in (*DRUGS, "pimecrolimus"):
-            raise FieldError(f"unknown agent {agent!r}", field="agent")
-        mrn_s = _text(mrn, "mrn", max_len=64)
+        p = make_patient(mrn=mrn, family_name=family_name, given_name=given_name, birth_date=birth_date, sex=sex,
+                         agent=agent, indication=indication, therapy_start=therapy_start,
+                         transplant_date=transplant_date)
         with self._tx() as s:
-            if s.scalar(select(S.Patient.id).where(S.Patient.mrn == mrn_s)) is not None:
-                raise FieldError(f"a patient with MRN {mrn_s!r} exists", field="mrn")
-            now = _now()
-            p = S.Patient(mrn=mrn_s, family_name=_text(family_name, "family_name", max_len=128),
-                          given_name=_text(given_name, "given_name", max_len=128), birth_date=born, sex=sex,
-                          agent=agent_l, indication=_text(indication, "indication", max_len=64).lower(),
-                          therapy_start=None if therapy_start is None else _date(therapy_start, "therapy_start"),
-                          transplant_date=None if transplant_date is None else _date(transplant_date,
-                                                                                     "transplant_date"),
-                          created_at=now, updated_at=now)
-            s.add(p)
-            s.flush()
+            self._new_patient(s, p)
             self._audit(s, actor, "create", "patient", p.id, p.id)
             return int(p.id)
+
+    @staticmethod
+    def _new_patient(s: Session, p: S.Patient) -> None:
+        if s.scalar(select(S.Patient.id).where(S.Patient.mrn == p.mrn)) is not None:
+            raise FieldError(f"a patient with MRN {p.mrn!r} exists", field="mrn")
+        p.created_at = p.updated_at = _now()
+        s.add(p)
+        s.flush()
+
+    def import_patient(self, actor: Actor, patient: S.Patient, entries: list[tuple[str, Any]],
+                       appointments: list[S.Appointment], source: str) -> int:
+        """A whole patient (built by ``make_*``; entries keep their status) in one transaction: all or
+        nothing. ``source`` names where it came from, for the audit row."""
+        self._check(actor, "write", "import")
+        with self._tx() as s:
+            self._new_patient(s, patient)
+            now = _now()
+            for kind, obj in entries:
+                if kind not in ENTRY_TABLES:
+                    raise FieldError(f"unknown entry kind {kind!r}", field="kind")
+                obj.patient_id, obj.entered_by, obj.entered_at = patient.id, actor.user_id, now
+                obj.status = obj.status or "final"
+                s.add(obj)
+            for a in appointments:
+                a.patient_id, a.created_by, a.created_at = patient.id, actor.user_id, now
+                s.add(a)
+            s.flush()
+            self._audit(s, actor, "import", "patient", patient.id, patient.id,
+                        {"source": source, "entries": len(entries), "appointments": len(appointments)})
+            return int(patient.id)
 
     def patients(self, actor: Actor) -> list[dict[str, Any]]:
         """Patients the actor may see (a patient: only their own), with their newest level and open alerts
@@ -293,21 +306,14 @@ class Store:
 
     def add_covariate(self, actor: Actor, patient_id: int, name: str, value: Any, unit: str,
                       measured_at: Any) -> int:
-        key, v, u = covariate_value(name, value, unit)
-        return self._add(actor, patient_id, S.Covariate(name=key, value=v, unit=u,
-                                                        measured_at=_aware(measured_at, "measured_at")), "covariate")
+        return self._add(actor, patient_id, make_covariate(name=name, value=value, unit=unit,
+                                                           measured_at=measured_at), "covariate")
 
     def add_regimen(self, actor: Actor, patient_id: int, *, drug: str, product: str, dose: Any, unit: str,
                     interval_h: Any, start_at: Any, stop_at: Any = None, route: str = "oral") -> int:
-        mg = dose_mg(drug, dose, unit, field="dose")
-        tau = _number_pos(interval_h, "interval_h")
-        start = _aware(start_at, "start_at")
-        stop = None if stop_at in (None, "") else _aware(stop_at, "stop_at")
-        if stop is not None and stop <= start:
-            raise FieldError("stops before it starts", field="stop_at")
-        return self._add(actor, patient_id, S.Regimen(drug=drug.lower(), product=_text(product, "product", max_len=64),
-                                                      route=_route(route), dose_mg=mg, interval_h=tau,
-                                                      start_at=start, stop_at=stop), "regimen")
+        return self._add(actor, patient_id, make_regimen(drug=drug, product=product, dose=dose, unit=unit,
+                                                         interval_h=interval_h, start_at=start_at, stop_at=stop_at,
+                                                         route=route), "regimen")
 
     def add_dose(self, actor: Actor, patient_id: int, *, drug: str, product: str, amount: Any, unit: str,
                  given_at: Any, route: str = "oral", infusion_h: Any = None, regimen_id: int | None = None) -> int:
@@ -340,43 +346,18 @@ class Store:
         return ids[:len(doses)], ids[len(doses):]
 
     def add_lab(self, actor: Actor, patient_id: int, *, name: str, value: Any, unit: str, observed_at: Any) -> int:
-        from cnidose.clinical.record import RecordError, convert_lab
-
-        try:
-            lab, v, canon = convert_lab(name, value, unit, "lab")
-        except RecordError as exc:
-            raise FieldError(str(exc).split("] ", 1)[-1], field=exc.field.removeprefix("lab.")) from None
-        codes = {"creatinine": "2160-0", "potassium": "2823-3", "fasting glucose": "1558-6"}
-        return self._add(actor, patient_id, S.Observation(category="lab", name=lab, code=codes.get(lab), value=v,
-                                                          unit=canon, observed_at=_aware(observed_at, "observed_at"),
-                                                          blq=False), "observation")
+        return self._add(actor, patient_id, make_lab(name=name, value=value, unit=unit, observed_at=observed_at),
+                         "observation")
 
     def add_blood_pressure(self, actor: Actor, patient_id: int, *, systolic: Any, diastolic: Any,
                            observed_at: Any) -> tuple[int, int]:
-        sys_v, dia_v = _number_pos(systolic, "systolic"), _number_pos(diastolic, "diastolic")
-        if not 50 <= sys_v <= 300:
-            raise FieldError(f"{sys_v:g} mmHg is not a possible systolic pressure (50-300)", field="systolic")
-        if not 20 <= dia_v <= 200 or dia_v >= sys_v:
-            raise FieldError(f"{dia_v:g} mmHg is not a possible diastolic pressure (20-200, below systolic)",
-                             field="diastolic")
-        at = _aware(observed_at, "observed_at")
-        a = self._add(actor, patient_id, S.Observation(category="vital", name="systolic blood pressure", code="8480-6",
-                                                       value=sys_v, unit="mm[Hg]", observed_at=at, blq=False),
-                      "observation")
-        b = self._add(actor, patient_id, S.Observation(category="vital", name="diastolic blood pressure",
-                                                       code="8462-4", value=dia_v, unit="mm[Hg]", observed_at=at,
-                                                       blq=False), "observation")
-        return a, b
+        a, b = make_blood_pressure(systolic=systolic, diastolic=diastolic, observed_at=observed_at)
+        return self._add(actor, patient_id, a, "observation"), self._add(actor, patient_id, b, "observation")
 
     def add_medication(self, actor: Actor, patient_id: int, *, name: str, start_on: Any, stop_on: Any = None,
                        daily_mg: Any = None, rxnorm: str | None = None) -> int:
-        start = _date(start_on, "start_on")
-        stop = None if stop_on in (None, "") else _date(stop_on, "stop_on")
-        if stop is not None and stop < start:
-            raise FieldError("stops before it starts", field="stop_on")
-        daily = None if daily_mg in (None, "") else _number_pos(daily_mg, "daily_mg")
-        return self._add(actor, patient_id, S.Medication(name=_text(name, "name", max_len=64).lower(), rxnorm=rxnorm,
-                                                         daily_mg=daily, start_on=start, stop_on=stop), "medication")
+        return self._add(actor, patient_id, make_medication(name=name, start_on=start_on, stop_on=stop_on,
+                                                            daily_mg=daily_mg, rxnorm=rxnorm), "medication")
 
     def mark_entered_in_error(self, actor: Actor, kind: str, entry_id: int, reason: str) -> None:
         """Withdraw a wrong entry without deleting it: it stays, with status and reason, and is audited."""
@@ -542,3 +523,87 @@ def make_level(*, drug: str, value: Any, unit: str, observed_at: Any, blq: bool 
     code = "11253-2" if drug.lower() == "tacrolimus" else None  # verified LOINC (clinical/data/codes.toml)
     return S.Observation(category="level", name=f"{drug.lower()} level", code=code, value=v, unit="ng/mL",
                          observed_at=_aware(observed_at, "observed_at"), blq=bool(blq), lloq=limit, assay=assay)
+
+
+def make_covariate(*, name: str, value: Any, unit: str, measured_at: Any) -> S.Covariate:
+    key, v, u = covariate_value(name, value, unit)
+    return S.Covariate(name=key, value=v, unit=u, measured_at=_aware(measured_at, "measured_at"))
+
+
+def make_regimen(*, drug: str, product: str, dose: Any, unit: str, interval_h: Any, start_at: Any,
+                 stop_at: Any = None, route: str = "oral") -> S.Regimen:
+    mg = dose_mg(drug, dose, unit, field="dose")
+    tau = _number_pos(interval_h, "interval_h")
+    start = _aware(start_at, "start_at")
+    stop = None if stop_at in (None, "") else _aware(stop_at, "stop_at")
+    if stop is not None and stop <= start:
+        raise FieldError("stops before it starts", field="stop_at")
+    return S.Regimen(drug=drug.lower(), product=_text(product, "product", max_len=64), route=_route(route),
+                     dose_mg=mg, interval_h=tau, start_at=start, stop_at=stop)
+
+
+_LAB_CODES = {"creatinine": "2160-0", "potassium": "2823-3", "fasting glucose": "1558-6"}  # clinical/data/codes.toml
+
+
+def make_lab(*, name: str, value: Any, unit: str, observed_at: Any) -> S.Observation:
+    from cnidose.clinical.record import RecordError, convert_lab
+
+    try:
+        lab, v, canon = convert_lab(name, value, unit, "lab")
+    except RecordError as exc:
+        raise FieldError(str(exc).split("] ", 1)[-1], field=exc.field.removeprefix("lab.")) from None
+    return S.Observation(category="lab", name=lab, code=_LAB_CODES.get(lab), value=v, unit=canon,
+                         observed_at=_aware(observed_at, "observed_at"), blq=False)
+
+
+_VITALS = {"systolic blood pressure": ("8480-6", 50.0, 300.0), "diastolic blood pressure": ("8462-4", 20.0, 200.0)}
+
+
+def make_vital(*, name: str, value: Any, observed_at: Any) -> S.Observation:
+    """One blood-pressure component (mm[Hg])."""
+    if name not in _VITALS:
+        raise FieldError(f"unknown vital sign {name!r} (known: {', '.join(_VITALS)})", field="name")
+    code, lo, hi = _VITALS[name]
+    field = name.split()[0]
+    v = _number_pos(value, field)
+    if not lo <= v <= hi:
+        raise FieldError(f"{v:g} mmHg is not a possible {name} ({lo:g}-{hi:g})", field=field)
+    return S.Observation(category="vital", name=name, code=code, value=v, unit="mm[Hg]",
+                         observed_at=_aware(observed_at, "observed_at"), blq=False)
+
+
+def make_blood_pressure(*, systolic: Any, diastolic: Any, observed_at: Any) -> tuple[S.Observation, S.Observation]:
+    a = make_vital(name="systolic blood pressure", value=systolic, observed_at=observed_at)
+    b = make_vital(name="diastolic blood pressure", value=diastolic, observed_at=observed_at)
+    if b.value >= a.value:
+        raise FieldError(f"{b.value:g} mmHg is not a possible diastolic pressure (below systolic {a.value:g})",
+                         field="diastolic")
+    return a, b
+
+
+def make_medication(*, name: str, start_on: Any, stop_on: Any = None, daily_mg: Any = None,
+                    rxnorm: str | None = None) -> S.Medication:
+    start = _date(start_on, "start_on")
+    stop = None if stop_on in (None, "") else _date(stop_on, "stop_on")
+    if stop is not None and stop < start:
+        raise FieldError("stops before it starts", field="stop_on")
+    daily = None if daily_mg in (None, "") else _number_pos(daily_mg, "daily_mg")
+    return S.Medication(name=_text(name, "name", max_len=64).lower(), rxnorm=rxnorm, daily_mg=daily, start_on=start,
+                        stop_on=stop)
+
+
+def make_patient(*, mrn: str, family_name: str, given_name: str, birth_date: Any, sex: str, agent: str,
+                 indication: str, therapy_start: Any = None, transplant_date: Any = None) -> S.Patient:
+    if sex not in ("female", "male", "other", "unknown"):
+        raise FieldError(f"expected female, male, other or unknown, got {sex!r}", field="sex")
+    born = _date(birth_date, "birth_date")
+    if born > _now().date():
+        raise FieldError(f"{born.isoformat()} is in the future", field="birth_date")
+    agent_l = _text(agent, "agent", max_len=32).lower()
+    if agent_l not in (*DRUGS, "pimecrolimus"):
+        raise FieldError(f"unknown agent {agent!r}", field="agent")
+    return S.Patient(mrn=_text(mrn, "mrn", max_len=64), family_name=_text(family_name, "family_name", max_len=128),
+                     given_name=_text(given_name, "given_name", max_len=128), birth_date=born, sex=sex,
+                     agent=agent_l, indication=_text(indication, "indication", max_len=64).lower(),
+                     therapy_start=None if therapy_start is None else _date(therapy_start, "therapy_start"),
+                     transplant_date=None if transplant_date is None else _date(transplant_date, "transplant_date"))
