@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# hypothesis is imported here, up front: otherwise its pytest plugin first imports it in the terminal
+# summary, where, after the durability test's killed subprocesses, CPython 3.11.7's assertion-rewriting
+# compile fails with "AST constructor recursion depth mismatch" (an interpreter bug; every test had passed).
 
 
 def shared_dir() -> Path:
