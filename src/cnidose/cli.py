@@ -638,5 +638,54 @@ def models_check(
         raise typer.Exit(1)
 
 
+DEMO_USERS = (("clinician", "clinician", None), ("pharmacist", "pharmacist", None), ("admin", "admin", None),
+              ("karel", "patient", "DEMO-TX-1"), ("petra", "patient", "DEMO-DERM-1"))
+
+
+@app.command()
+def serve(
+    demo: Annotated[bool, typer.Option(help="a separate demo database with demo patients and users")] = False,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    database: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: CNIDOSE_DATABASE_URL, else "
+                                                      "SQLite in the user data directory)")] = None,
+) -> None:
+    """Run the clinician web app (and the JSON API under /api/v1)."""
+
+    def work() -> None:
+        import os
+
+        import uvicorn
+
+        from cnidose.records.db import database_url, make_engine, upgrade
+        from cnidose.records.store import SYSTEM, Store
+        from cnidose.web.app import create_app
+        from cnidose.web.security import hash_password
+
+        url = database
+        if url is None and demo:
+            base = database_url()
+            url = base.replace("cnidose.db", "cnidose-demo.db") if base.startswith("sqlite") else base
+        engine = make_engine(url)
+        upgrade(engine)
+        store = Store(engine)
+        if demo:
+            if not store.patients(SYSTEM):
+                from cnidose.records.demo import seed_demo
+
+                ids = seed_demo(store)
+                for name, role, mrn in DEMO_USERS:
+                    store.create_user(SYSTEM, name, hash_password(f"{name}-demo"), role,
+                                      patient_id=ids[mrn] if mrn else None)
+            typer.echo("demo users (password = user name + '-demo'): "
+                       + ", ".join(f"{n} ({r}) / {n}-demo" for n, r, _ in DEMO_USERS), err=True)
+        typer.echo(f"cnidose on http://{host}:{port}/ (database {engine.url.render_as_string(hide_password=True)})",
+                   err=True)
+        uvicorn.run(create_app(store, secret_key=os.environ.get("CNIDOSE_SECRET_KEY")), host=host, port=port,
+                    log_level="warning")
+
+    _run(work)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

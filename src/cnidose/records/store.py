@@ -165,6 +165,10 @@ class Store:
             raise NotFound(f"no {kind} {object_id}")
         return obj
 
+    def authorize(self, actor: Actor, action: str, object_type: str, patient_id: int | None = None) -> None:
+        """Raise AccessDenied (and audit it) unless the actor may ``action`` (a key of PERMISSIONS)."""
+        self._check(actor, action, object_type, patient_id)
+
     def _patient(self, s: Session, patient_id: int) -> S.Patient:
         p = s.get(S.Patient, patient_id)
         if p is None:
@@ -461,6 +465,16 @@ class Store:
                     raise FieldError(f"the slot overlaps confirmed appointment {clash}", field="status")
             old, a.status = a.status, status
             self._audit(s, actor, "update", "appointment", appointment_id, pid, {"status": [old, status]})
+
+    def appointment_patient(self, actor: Actor, appointment_id: int) -> int:
+        """The patient an appointment belongs to, when the actor may read that patient's record."""
+        with self._tx() as s:
+            pid = self._get(s, S.Appointment, appointment_id, "appointment").patient_id
+        if pid is None:  # an unattached consultation request: staff only
+            self._check(actor, "schedule", "appointment", None, appointment_id)
+            raise NotFound(f"appointment {appointment_id} belongs to no patient record")
+        self._check(actor, "read", "appointment", int(pid), appointment_id)
+        return int(pid)
 
     def calendar(self, actor: Actor, department: str, start: Any, end: Any) -> list[dict[str, Any]]:
         """Appointments of a department between two instants (staff)."""

@@ -1,0 +1,539 @@
+"""The clinician web app: FastAPI app factory, server-rendered pages and the JSON API under ``/api/v1``.
+
+Every page and API call goes through :class:`cnidose.records.store.Store`, so role checks and the audit trail
+are the same for both. Sessions are signed cookies carrying a CSRF token that every state-changing form
+(hidden field ``csrf``) and API call (header ``X-CSRF-Token``) must echo; anonymous forms (sign-in, the
+public booking request) use a signed double-submit cookie. Sign-in failures are throttled per user name
+and per client address. Times typed into forms are read in the app's time zone (``CNIDOSE_TIMEZONE``,
+default UTC) and stored in UTC. JavaScript and CSS are served by the app itself (Plotly from the installed
+``plotly`` package); nothing is fetched from elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, Field
+
+from cnidose import __version__
+from cnidose.errors import CnidoseError
+from cnidose.records.store import AccessDenied, Actor, NotFound, Store
+from cnidose.records.units import FieldError
+from cnidose.web.security import Sessions, Throttle, verify_password
+from cnidose.web.services import analyse, clinical_assessment, trends
+
+__all__ = ["create_app"]
+
+HERE = Path(__file__).resolve().parent
+ANON_CSRF = "cnidose_csrf"
+DEPARTMENT = "dermatology"  # the department that takes consultation requests
+
+
+class LevelIn(BaseModel):
+    value: float
+    unit: str = "ng/mL"
+    observed_at: dt.datetime
+    blq: bool = False
+    lloq: float | None = None
+    assay: str | None = Field(default=None, max_length=32)
+
+
+class DoseIn(BaseModel):
+    amount: float
+    unit: str = "mg"
+    given_at: dt.datetime
+    product: str = Field(default="Prograf", max_length=64)
+    route: str = "oral"
+    infusion_h: float | None = None
+
+
+class LabIn(BaseModel):
+    name: str = Field(max_length=64)
+    value: float
+    unit: str
+    observed_at: dt.datetime
+
+
+class SignIn(BaseModel):
+    decision: str = Field(min_length=1, max_length=10_000)
+
+
+class BookingIn(BaseModel):
+    starts_at: dt.datetime
+    minutes: int = 30
+    reason: str | None = Field(default=None, max_length=2000)
+    contact_name: str | None = Field(default=None, max_length=128)
+    contact_email: str | None = Field(default=None, max_length=254)
+    patient_id: int | None = None
+
+
+class LoginIn(BaseModel):
+    username: str = Field(max_length=64)
+    password: str = Field(max_length=1024)
+
+
+def _plotly_js() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("plotly")
+    if spec is None or spec.origin is None:
+        return None
+    p = Path(spec.origin).resolve().parent / "package_data" / "plotly.min.js"
+    return p if p.exists() else None
+
+
+def create_app(store: Store, *, secret_key: str | None = None, timezone: str | None = None,
+               today: Callable[[], dt.date] | None = None) -> FastAPI:
+    """The app over ``store``. ``secret_key`` signs sessions (default: random per process, so sessions end
+    when it restarts); ``today`` fixes the clinical date (tests, demos)."""
+    # no Swagger/ReDoc pages: they load their scripts from a CDN; the schema is at /api/v1/openapi.json
+    app = FastAPI(title="cnidose", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/api/v1/openapi.json")
+    sessions = Sessions(secret_key or os.environ.get("CNIDOSE_SECRET_KEY") or secrets.token_urlsafe(32))
+    throttle = Throttle()
+    tz = ZoneInfo(timezone or os.environ.get("CNIDOSE_TIMEZONE", "UTC"))
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    plotly_path = _plotly_js()
+
+    def the_day() -> dt.date:
+        return today() if today else dt.datetime.now(tz).date()
+
+    # -- who is asking ---------------------------------------------------------------------------------------
+    def current(request: Request) -> tuple[Actor, str] | None:
+        data = sessions.read(request.cookies.get(Sessions.cookie))
+        if data is None:
+            return None
+        try:
+            return store.actor(int(data["uid"])), str(data["csrf"])
+        except NotFound:
+            return None
+
+    def page_user(request: Request) -> tuple[Actor, str]:
+        who = current(request)
+        if who is None:
+            raise _Redirect("/login?next=" + request.url.path)
+        return who
+
+    def api_user(request: Request) -> tuple[Actor, str]:
+        who = current(request)
+        if who is None:
+            raise HTTPException(401, "sign in first: POST /api/v1/session")
+        if request.method not in ("GET", "HEAD") and not secrets.compare_digest(
+                request.headers.get("X-CSRF-Token", ""), who[1]):
+            raise HTTPException(403, "missing or wrong X-CSRF-Token header")
+        return who
+
+    def check_csrf(who: tuple[Actor, str], token: str) -> None:
+        if not secrets.compare_digest(token or "", who[1]):
+            raise HTTPException(403, "missing or wrong CSRF token: reload the page")
+
+    class _Redirect(Exception):
+        def __init__(self, to: str):
+            self.to = to
+
+    @app.exception_handler(_Redirect)
+    async def _redirect(_: Request, exc: _Redirect) -> Response:
+        return RedirectResponse(exc.to, status_code=303)
+
+    @app.exception_handler(AccessDenied)
+    async def _denied(request: Request, exc: AccessDenied) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": str(exc)}, status_code=403)
+        return HTMLResponse(f"<h1>Forbidden</h1><p>{_esc(str(exc))}</p>", status_code=403)
+
+    @app.exception_handler(NotFound)
+    async def _missing(request: Request, exc: NotFound) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": str(exc)}, status_code=404)
+        return HTMLResponse(f"<h1>Not found</h1><p>{_esc(str(exc))}</p>", status_code=404)
+
+    @app.exception_handler(FieldError)
+    async def _field(request: Request, exc: FieldError) -> Response:
+        return JSONResponse({"detail": [{"loc": ["body", exc.field], "msg": str(exc).split("] ", 1)[-1],
+                                         "type": "value_error"}]}, status_code=422)
+
+    @app.exception_handler(CnidoseError)
+    async def _cnidose(request: Request, exc: CnidoseError) -> Response:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return JSONResponse({"detail": json.loads(json.dumps(exc.errors(), default=str))}, status_code=422)
+
+    def render(request: Request, name: str, who: tuple[Actor, str] | None, status: int = 200,
+               **ctx: Any) -> HTMLResponse:
+        anon = None
+        if who is None:
+            anon = request.cookies.get(ANON_CSRF) or secrets.token_urlsafe(24)
+        resp = templates.TemplateResponse(request, name, {"actor": who[0] if who else None,
+                                                          "csrf": who[1] if who else anon, "version": __version__,
+                                                          **ctx}, status_code=status)
+        if anon is not None:
+            resp.set_cookie(ANON_CSRF, anon, httponly=True, samesite="strict")
+        return resp
+
+    def form_time(value: str, field: str) -> dt.datetime:
+        try:
+            t = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise FieldError(f"not a date and time: {value!r}", field=field) from None
+        return t if t.tzinfo else t.replace(tzinfo=tz)
+
+    # -- static ----------------------------------------------------------------------------------------------
+    @app.get("/vendor/plotly.min.js", include_in_schema=False)
+    def plotly_js() -> Response:
+        if plotly_path is None:
+            return PlainTextResponse("/* plotly is not installed: charts are off */", media_type="text/javascript")
+        return FileResponse(plotly_path, media_type="text/javascript")
+
+    # -- sign in / out ---------------------------------------------------------------------------------------
+    def _login(request: Request, username: str, password: str) -> tuple[Actor, str, str] | str:
+        addr = request.client.host if request.client else "unknown"
+        wait = throttle.blocked(f"user:{username}", f"addr:{addr}")
+        if wait > 0:
+            store.record_event(Actor(username or "?", "anonymous"), "login-throttled", "session", None, None,
+                               {"address": addr})
+            return f"too many failed sign-ins: try again in {int(wait) + 1} s"
+        u = store.user(username)
+        if u is None or not u["active"] or not verify_password(u["password_hash"], password):
+            throttle.fail(f"user:{username}", f"addr:{addr}")
+            store.record_event(Actor(username or "?", "anonymous"), "login-failed", "session", None, None,
+                               {"address": addr})
+            return "wrong user name or password"
+        throttle.clear(f"user:{username}")
+        actor = store.actor(int(u["id"]))
+        cookie, csrf = sessions.issue(int(u["id"]))
+        store.record_event(actor, "login", "session", u["id"], actor.patient_id, {"address": addr})
+        return actor, cookie, csrf
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_page(request: Request, next: str = "/") -> Response:
+        return render(request, "login.html", None, next=next, error=None)
+
+    @app.post("/login", include_in_schema=False)
+    def login_post(request: Request, username: str = Form(""), password: str = Form(""), csrf: str = Form(""),
+                   next: str = Form("/")) -> Response:
+        if not secrets.compare_digest(csrf, request.cookies.get(ANON_CSRF, "")) or not csrf:
+            return render(request, "login.html", None, 403, next=next, error="the form expired: please try again")
+        got = _login(request, username.strip(), password)
+        if isinstance(got, str):
+            return render(request, "login.html", None, 401, next=next, error=got, username=username)
+        resp = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
+        resp.set_cookie(Sessions.cookie, got[1], httponly=True, samesite="lax", max_age=sessions.max_age_s)
+        return resp
+
+    @app.post("/logout", include_in_schema=False)
+    def logout(request: Request, csrf: str = Form("")) -> Response:
+        who = current(request)
+        if who is not None:
+            check_csrf(who, csrf)
+            store.record_event(who[0], "logout", "session", who[0].user_id)
+        resp = RedirectResponse("/login", status_code=303)
+        resp.delete_cookie(Sessions.cookie)
+        return resp
+
+    @app.post("/api/v1/session", tags=["session"])
+    def api_login(request: Request, body: LoginIn) -> Response:
+        got = _login(request, body.username.strip(), body.password)
+        if isinstance(got, str):
+            return JSONResponse({"detail": got}, status_code=429 if got.startswith("too many") else 401)
+        resp = JSONResponse({"user": got[0].username, "role": got[0].role, "csrf": got[2]})
+        resp.set_cookie(Sessions.cookie, got[1], httponly=True, samesite="lax", max_age=sessions.max_age_s)
+        return resp
+
+    # -- pages -----------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def home(request: Request) -> Response:
+        who = current(request)
+        if who is None:
+            return RedirectResponse("/login", status_code=303)
+        a = who[0]
+        if a.role == "patient":
+            return RedirectResponse(f"/patients/{a.patient_id}", status_code=303)
+        if a.role == "admin":
+            return RedirectResponse("/admin/audit", status_code=303)
+        return RedirectResponse("/patients", status_code=303)
+
+    def _summaries(actor: Actor) -> list[dict[str, Any]]:
+        rows = store.patients(actor)
+        out = []
+        for p in rows:
+            chart = store.chart(actor, int(p["id"]))
+            clin = clinical_assessment(chart, the_day())
+            levels = [o for o in chart.observations if o["category"] == "level" and o["status"] == "final"]
+            out.append({**p, "alerts": clin["alerts"], "last_level": levels[-1] if levels else None})
+        return out
+
+    @app.get("/patients", response_class=HTMLResponse, include_in_schema=False)
+    def patient_list(request: Request, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        if who[0].role == "patient":
+            return RedirectResponse(f"/patients/{who[0].patient_id}", status_code=303)
+        return render(request, "patients.html", who, patients=_summaries(who[0]))
+
+    @app.get("/patients/{pid}", response_class=HTMLResponse, include_in_schema=False)
+    def patient_page(request: Request, pid: int, who: tuple[Actor, str] = Depends(page_user),
+                     error_field: str | None = None, error: str | None = None) -> Response:
+        chart = store.chart(who[0], pid)
+        clin = clinical_assessment(chart, the_day())
+        drafts = [a for a in chart.assessments if a["status"] == "draft"]
+        return render(request, "patient.html", who, chart=chart, clinical=clin, trends=trends(chart),
+                      staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
+                      latest=chart.assessments[-1] if chart.assessments else None, drafts=drafts,
+                      curve=(chart.assessments[-1]["result"].get("curve") if chart.assessments else None))
+
+    def _entry_form(request: Request, pid: int, who: tuple[Actor, str], add: Callable[[], Any]) -> Response:
+        try:
+            add()
+        except FieldError as exc:
+            chart = store.chart(who[0], pid)
+            return render(request, "patient.html", who, 422, chart=chart,
+                          clinical=clinical_assessment(chart, the_day()), trends=trends(chart), staff=True,
+                          error=str(exc).split("] ", 1)[-1], error_field=exc.field,
+                          latest=chart.assessments[-1] if chart.assessments else None,
+                          drafts=[a for a in chart.assessments if a["status"] == "draft"],
+                          curve=(chart.assessments[-1]["result"].get("curve") if chart.assessments else None))
+        return RedirectResponse(f"/patients/{pid}", status_code=303)
+
+    @app.post("/patients/{pid}/levels", include_in_schema=False)
+    def add_level_form(request: Request, pid: int, value: str = Form(""), unit: str = Form("ng/mL"),
+                       observed_at: str = Form(""), csrf: str = Form(""),
+                       who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        drug = store.chart(who[0], pid).patient["agent"]
+        return _entry_form(request, pid, who, lambda: store.add_level(
+            who[0], pid, drug=drug, value=_form_number(value, "value"), unit=unit,
+            observed_at=form_time(observed_at, "observed_at")))
+
+    @app.post("/patients/{pid}/doses", include_in_schema=False)
+    def add_dose_form(request: Request, pid: int, amount: str = Form(""), unit: str = Form("mg"),
+                      given_at: str = Form(""), product: str = Form("Prograf"), csrf: str = Form(""),
+                      who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        drug = store.chart(who[0], pid).patient["agent"]
+        return _entry_form(request, pid, who, lambda: store.add_dose(
+            who[0], pid, drug=drug, product=product, amount=_form_number(amount, "amount"), unit=unit,
+            given_at=form_time(given_at, "given_at")))
+
+    @app.post("/patients/{pid}/labs", include_in_schema=False)
+    def add_lab_form(request: Request, pid: int, name: str = Form(""), value: str = Form(""), unit: str = Form(""),
+                     observed_at: str = Form(""), csrf: str = Form(""),
+                     who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        return _entry_form(request, pid, who, lambda: store.add_lab(
+            who[0], pid, name=name, value=_form_number(value, "value"), unit=unit,
+            observed_at=form_time(observed_at, "observed_at")))
+
+    def _run_assessment(actor: Actor, pid: int) -> int:
+        chart = store.chart(actor, pid)
+        result = analyse(chart, the_day())
+        inputs = {"as_of": the_day().isoformat(), "chart_sha256": hashlib.sha256(
+            json.dumps([chart.doses, chart.observations, chart.covariates], default=str).encode()).hexdigest(),
+            "doses": len(chart.doses), "observations": len(chart.observations)}
+        return store.save_assessment(actor, pid, kind="recommendation" if "recommendation" in result
+                                     else "assessment", inputs=inputs, result=result,
+                                     model_ref=result.get("model"), package_version=__version__)
+
+    @app.post("/patients/{pid}/assess", include_in_schema=False)
+    def assess_form(request: Request, pid: int, csrf: str = Form(""),
+                    who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        aid = _run_assessment(who[0], pid)
+        return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
+
+    @app.post("/assessments/{aid}/sign", include_in_schema=False)
+    def sign_form(request: Request, aid: int, decision: str = Form(""), pid: int = Form(0), csrf: str = Form(""),
+                  who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        try:
+            store.sign_assessment(who[0], aid, decision)
+        except FieldError as exc:
+            return RedirectResponse(f"/patients/{pid}?error_field={exc.field}&error={_q(str(exc))}", status_code=303)
+        return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
+
+    @app.post("/patients/{pid}/follow-ups", include_in_schema=False)
+    def follow_ups(request: Request, pid: int, csrf: str = Form(""), department: str = Form("transplant clinic"),
+                   who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        """Book every follow-up the assessment says is due (09:00, the app's time zone), skipping taken slots."""
+        check_csrf(who, csrf)
+        store.authorize(who[0], "schedule", "follow-ups", pid)
+        chart = store.chart(who[0], pid)
+        for d in clinical_assessment(chart, the_day())["due"]:
+            day = dt.date.fromisoformat(d["date"])
+            if day < the_day() or any(a["source"] == d["source"] and a["starts_at"].date() == day
+                                      for a in chart.appointments):
+                continue
+            for hour in range(9, 17):
+                try:
+                    store.book(who[0], department=department, kind="follow-up",
+                               starts_at=dt.datetime(day.year, day.month, day.day, hour, tzinfo=tz),
+                               patient_id=pid, reason=d["what"], source=d["source"])
+                    break
+                except FieldError as exc:
+                    if exc.field != "starts_at":
+                        raise
+        return RedirectResponse(f"/patients/{pid}#appointments", status_code=303)
+
+    @app.get("/appointments/{appt_id}.ics", include_in_schema=False)
+    def ics(request: Request, appt_id: int, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        pid = store.appointment_patient(who[0], appt_id)
+        a = next(x for x in store.chart(who[0], pid).appointments if x["id"] == appt_id)
+        return Response(_ics(a), media_type="text/calendar",
+                        headers={"Content-Disposition": f'attachment; filename="appointment-{appt_id}.ics"'})
+
+    @app.get("/book", response_class=HTMLResponse, include_in_schema=False)
+    def book_page(request: Request) -> Response:
+        return render(request, "book.html", current(request), done=None, error=None, error_field=None, form={})
+
+    @app.post("/book", response_class=HTMLResponse, include_in_schema=False)
+    def book_post(request: Request, starts_at: str = Form(""), reason: str = Form(""), contact_name: str = Form(""),
+                  contact_email: str = Form(""), csrf: str = Form("")) -> Response:
+        who = current(request)
+        if who is not None:
+            check_csrf(who, csrf)
+        elif not csrf or not secrets.compare_digest(csrf, request.cookies.get(ANON_CSRF, "")):
+            raise HTTPException(403, "the form expired: please reload it")
+        actor = who[0] if who else Actor("public", "public")
+        form = {"starts_at": starts_at, "reason": reason, "contact_name": contact_name, "contact_email": contact_email}
+        try:
+            aid = store.book(actor, department=DEPARTMENT, starts_at=form_time(starts_at, "starts_at"),
+                             reason=reason or None, contact_name=contact_name or None,
+                             contact_email=contact_email or None,
+                             patient_id=actor.patient_id if actor.role == "patient" else None)
+        except FieldError as exc:
+            return render(request, "book.html", who, 422, done=None, error=str(exc).split("] ", 1)[-1],
+                          error_field=exc.field, form=form)
+        return render(request, "book.html", who, done=aid, error=None, error_field=None, form={})
+
+    @app.get("/calendar", response_class=HTMLResponse, include_in_schema=False)
+    def calendar_page(request: Request, department: str = DEPARTMENT, who: tuple[Actor, str] = Depends(page_user)
+                      ) -> Response:
+        start = dt.datetime.combine(the_day(), dt.time(0), tzinfo=tz)
+        rows = store.calendar(who[0], department, start, start + dt.timedelta(days=60))
+        return render(request, "calendar.html", who, rows=rows, department=department)
+
+    @app.post("/appointments/{appt_id}/status", include_in_schema=False)
+    def appt_status(request: Request, appt_id: int, status: str = Form(""), department: str = Form(DEPARTMENT),
+                    csrf: str = Form(""), who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        store.set_appointment_status(who[0], appt_id, status)
+        return RedirectResponse(f"/calendar?department={_q(department)}", status_code=303)
+
+    @app.get("/patients/{pid}/report", response_class=HTMLResponse, include_in_schema=False)
+    def report(request: Request, pid: int, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        chart = store.chart(who[0], pid)
+        return render(request, "report.html", who, chart=chart, clinical=clinical_assessment(chart, the_day()),
+                      latest=chart.assessments[-1] if chart.assessments else None, today=the_day())
+
+    @app.get("/admin/audit", response_class=HTMLResponse, include_in_schema=False)
+    def audit_page(request: Request, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        return render(request, "audit.html", who, rows=store.audit_log(who[0], limit=500))
+
+    # -- JSON API --------------------------------------------------------------------------------------------
+    def _chart_json(chart: Any) -> dict[str, Any]:
+        return json.loads(json.dumps({k: getattr(chart, k) for k in chart.__dataclass_fields__}, default=str))
+
+    @app.get("/api/v1/patients", tags=["patients"])
+    def api_patients(who: tuple[Actor, str] = Depends(api_user)) -> list[dict[str, Any]]:
+        return json.loads(json.dumps(store.patients(who[0]), default=str))
+
+    @app.get("/api/v1/patients/{pid}", tags=["patients"])
+    def api_patient(pid: int, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+        return _chart_json(store.chart(who[0], pid))
+
+    @app.post("/api/v1/patients/{pid}/levels", status_code=201, tags=["entries"])
+    def api_level(pid: int, body: LevelIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+        drug = store.chart(who[0], pid).patient["agent"]
+        return {"id": store.add_level(who[0], pid, drug=drug, value=body.value, unit=body.unit,
+                                      observed_at=body.observed_at, blq=body.blq, lloq=body.lloq, assay=body.assay)}
+
+    @app.post("/api/v1/patients/{pid}/doses", status_code=201, tags=["entries"])
+    def api_dose(pid: int, body: DoseIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+        drug = store.chart(who[0], pid).patient["agent"]
+        return {"id": store.add_dose(who[0], pid, drug=drug, product=body.product, amount=body.amount,
+                                     unit=body.unit, given_at=body.given_at, route=body.route,
+                                     infusion_h=body.infusion_h)}
+
+    @app.post("/api/v1/patients/{pid}/labs", status_code=201, tags=["entries"])
+    def api_lab(pid: int, body: LabIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+        return {"id": store.add_lab(who[0], pid, name=body.name, value=body.value, unit=body.unit,
+                                    observed_at=body.observed_at)}
+
+    @app.post("/api/v1/patients/{pid}/recommendation", status_code=201, tags=["assessments"])
+    def api_recommend(pid: int, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+        aid = _run_assessment(who[0], pid)
+        a = next(x for x in store.chart(who[0], pid).assessments if x["id"] == aid)
+        return json.loads(json.dumps(a, default=str))
+
+    @app.post("/api/v1/assessments/{aid}/sign", tags=["assessments"])
+    def api_sign(aid: int, body: SignIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+        store.sign_assessment(who[0], aid, body.decision)
+        return {"id": aid, "status": "signed"}
+
+    @app.post("/api/v1/bookings", status_code=201, tags=["appointments"])
+    def api_book(request: Request, body: BookingIn) -> dict[str, Any]:
+        who = current(request)
+        if who is not None and not secrets.compare_digest(request.headers.get("X-CSRF-Token", ""), who[1]):
+            raise HTTPException(403, "missing or wrong X-CSRF-Token header")
+        actor = who[0] if who else Actor("public", "public")
+        aid = store.book(actor, department=DEPARTMENT, starts_at=body.starts_at, minutes=body.minutes,
+                         reason=body.reason, contact_name=body.contact_name, contact_email=body.contact_email,
+                         patient_id=body.patient_id)
+        return {"id": aid, "status": "confirmed" if actor.role in ("clinician", "pharmacist") else "requested"}
+
+    @app.get("/api/v1/calendar", tags=["appointments"])
+    def api_calendar(start: dt.datetime, end: dt.datetime, department: str = DEPARTMENT,
+                     who: tuple[Actor, str] = Depends(api_user)) -> list[dict[str, Any]]:
+        return json.loads(json.dumps(store.calendar(who[0], department, start, end), default=str))
+
+    app.state.store = store
+    return app
+
+
+def _form_number(value: str, field: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise FieldError(f"expected a number, got {value!r}", field=field) from None
+
+
+def _esc(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _q(s: str) -> str:
+    from urllib.parse import quote
+
+    return quote(s, safe="")
+
+
+def _ics(a: dict[str, Any]) -> str:
+    """An iCalendar (RFC 5545) event for one appointment."""
+    def stamp(t: dt.datetime) -> str:
+        return t.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+    def text(s: str) -> str:
+        return s.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\n", "\\n")
+
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//cnidose//appointments//EN", "BEGIN:VEVENT",
+             f"UID:cnidose-appointment-{a['id']}", f"DTSTAMP:{stamp(a['created_at'])}",
+             f"DTSTART:{stamp(a['starts_at'])}", f"DTEND:{stamp(a['ends_at'])}",
+             f"SUMMARY:{text(a['department'].title() + ' ' + a['kind'])}",
+             f"STATUS:{'CONFIRMED' if a['status'] == 'confirmed' else 'TENTATIVE'}"]
+    if a.get("reason"):
+        lines.append(f"DESCRIPTION:{text(a['reason'])}")
+    lines += ["END:VEVENT", "END:VCALENDAR"]
+    return "\r\n".join(lines) + "\r\n"

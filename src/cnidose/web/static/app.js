@@ -1,0 +1,34 @@
+// cnidose pages: draw the charts from the JSON the server embedded (Plotly served by the app itself).
+(function () {
+  "use strict";
+  function data(id) { var el = document.getElementById(id); return el ? JSON.parse(el.textContent) : null; }
+  function ready() {
+    if (typeof Plotly === "undefined") { return; }
+    var c = data("curve-data");
+    if (c && document.getElementById("curve-plot")) {
+      var t0 = c.time[0], t1 = c.time[c.time.length - 1];
+      Plotly.newPlot("curve-plot", [
+        { x: c.time, y: c.p90, mode: "lines", line: { width: 0 }, showlegend: false, hoverinfo: "skip" },
+        { x: c.time, y: c.p10, mode: "lines", line: { width: 0 }, fill: "tonexty", fillcolor: "rgba(31,95,168,0.2)", name: "80 % band" },
+        { x: c.time, y: c.p50, mode: "lines", line: { color: "#1f5fa8" }, name: "individual fit" },
+        { x: c.observed_time, y: c.observed, mode: "markers", marker: { color: "#b3261e", size: 8 }, name: "measured" }
+      ], {
+        margin: { t: 10, r: 10, b: 40, l: 50 }, yaxis: { title: { text: c.unit }, rangemode: "tozero" },
+        shapes: [{ type: "rect", xref: "x", yref: "y", x0: t0, x1: t1, y0: c.target[0], y1: c.target[1],
+                   fillcolor: "rgba(26,127,55,0.12)", line: { width: 0 }, layer: "below" }],
+        legend: { orientation: "h" }
+      }, { displayModeBar: false, responsive: true });
+    }
+    var tr = data("trend-data");
+    if (tr && document.getElementById("trend-plot") && (tr.egfr.length || tr.bp.length)) {
+      Plotly.newPlot("trend-plot", [
+        { x: tr.egfr.map(function (r) { return r[0]; }), y: tr.egfr.map(function (r) { return r[1]; }), name: "eGFR (mL/min/1.73 m²)", mode: "lines+markers" },
+        { x: tr.bp.map(function (r) { return r[0]; }), y: tr.bp.map(function (r) { return r[1]; }), name: "systolic (mmHg)", mode: "lines+markers", yaxis: "y2" },
+        { x: tr.bp.map(function (r) { return r[0]; }), y: tr.bp.map(function (r) { return r[2]; }), name: "diastolic (mmHg)", mode: "lines+markers", yaxis: "y2" }
+      ], { margin: { t: 10, r: 50, b: 40, l: 50 }, yaxis: { title: { text: "eGFR" } },
+           yaxis2: { title: { text: "mmHg" }, overlaying: "y", side: "right" }, legend: { orientation: "h" } },
+         { displayModeBar: false, responsive: true });
+    }
+  }
+  if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", ready); } else { ready(); }
+})();

@@ -1,0 +1,284 @@
+"""The web app through its HTTP interface (FastAPI's test client): the role matrix over every route, sign-in
+throttling, CSRF, field errors (pages and API), the audit trail, iCalendar, and the OpenAPI schema."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from starlette.routing import Route
+
+from cnidose.records.db import make_engine, upgrade
+from cnidose.records.demo import seed_demo
+from cnidose.records.store import SYSTEM, Actor, Store
+from cnidose.web.app import create_app
+from cnidose.web.security import hash_password
+
+TODAY = dt.date(2026, 11, 25)
+USERS = {"clin": ("clinician", None), "pharm": ("pharmacist", None), "root": ("admin", None),
+         "karel": ("patient", "DEMO-TX-1"), "petra": ("patient", "DEMO-DERM-1")}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Store, dict[str, int]]]:
+    db = tmp_path_factory.mktemp("web") / "cnidose.db"
+    engine = make_engine(f"sqlite:///{db}")
+    upgrade(engine)
+    store = Store(engine)
+    ids = seed_demo(store, TODAY)
+    for name, (role, mrn) in USERS.items():
+        store.create_user(SYSTEM, name, hash_password(f"{name}-pw"), role, patient_id=ids[mrn] if mrn else None)
+    app = create_app(store, secret_key="test-secret", today=lambda: TODAY)
+    yield app, store, ids
+    engine.dispose()
+
+
+def _csrf(html: str) -> str:
+    m = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert m, "no CSRF field on the page"
+    return m.group(1)
+
+
+def client(app: Any, user: str | None) -> tuple[TestClient, str]:
+    """A client signed in as ``user`` (None: anonymous) and its CSRF token."""
+    c = TestClient(app, follow_redirects=False)
+    token = _csrf(c.get("/login").text)
+    if user is None:
+        return c, token
+    r = c.post("/login", data={"username": user, "password": f"{user}-pw", "csrf": token, "next": "/"})
+    assert r.status_code == 303, r.text
+    r = c.post("/api/v1/session", json={"username": user, "password": f"{user}-pw"})
+    return c, r.json()["csrf"]
+
+
+def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -> None:
+    """Every route of the app is in this table; each role reaches exactly the routes it should (no read or
+    write without the right role), and nothing answers 500."""
+    app, store, ids = site
+    kid, pso = ids["DEMO-TX-1"], ids["DEMO-DERM-1"]
+    staff = {"clin", "pharm"}
+    everyone = {None, "clin", "pharm", "root", "karel", "petra"}
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).replace(microsecond=0)
+    slot = iter(range(10_000))
+
+    def when() -> str:
+        return (future + dt.timedelta(hours=next(slot))).isoformat()
+
+    def draft() -> int:
+        return store.save_assessment(SYSTEM, kid, kind="assessment", inputs={}, result={}, model_ref=None,
+                                     package_version="test")
+
+    appt = store.book(SYSTEM, department="dermatology", starts_at=future - dt.timedelta(days=1), patient_id=kid)
+    at = "2026-11-24T08:00"
+    # (method, path template, allowed users, body maker)
+    table: list[tuple[str, str, set[str | None], Any]] = [
+        ("GET", "/", everyone - {None}, None), ("GET", "/login", everyone, None),
+        ("GET", "/patients", staff | {"karel", "petra"}, None),
+        ("GET", "/patients/{pid}", staff | {"karel"}, None),
+        ("POST", "/patients/{pid}/levels", staff, {"value": "8.1", "unit": "ng/mL", "observed_at": at}),
+        ("POST", "/patients/{pid}/doses", staff, {"amount": "3", "unit": "mg", "given_at": at, "product": "Prograf"}),
+        ("POST", "/patients/{pid}/labs", staff, {"name": "creatinine", "value": "120", "unit": "umol/L",
+                                                 "observed_at": at}),
+        ("POST", "/patients/{pid}/assess", staff, {}),
+        ("POST", "/assessments/{aid}/sign", staff, lambda: {"decision": "continue", "pid": str(kid)}),
+        ("POST", "/patients/{pid}/follow-ups", staff, {}),
+        ("GET", "/appointments/{appt_id}.ics", staff | {"karel"}, None),
+        ("GET", "/book", everyone, None),
+        ("POST", "/book", everyone - {"root"}, lambda: {"starts_at": when()[:16], "reason": "eczema",
+                                                        "contact_name": "A", "contact_email": "a@example.org"}),
+        ("GET", "/calendar", staff, None),
+        ("POST", "/appointments/{appt_id}/status", staff, {"status": "confirmed"}),
+        ("GET", "/patients/{pid}/report", staff | {"karel"}, None),
+        ("GET", "/admin/audit", {"root"}, None),
+        ("POST", "/login", everyone, None),  # exercised by client() for every user
+        ("POST", "/api/v1/session", everyone, None),
+        ("GET", "/api/v1/patients", staff | {"karel", "petra"}, None),
+        ("GET", "/api/v1/patients/{pid}", staff | {"karel"}, None),
+        ("POST", "/api/v1/patients/{pid}/levels", staff, {"value": 8.0, "observed_at": at + ":00Z"}),
+        ("POST", "/api/v1/patients/{pid}/doses", staff, {"amount": 3, "given_at": at + ":00Z"}),
+        ("POST", "/api/v1/patients/{pid}/labs", staff, {"name": "creatinine", "value": 120, "unit": "umol/L",
+                                                        "observed_at": at + ":00Z"}),
+        ("POST", "/api/v1/patients/{pid}/recommendation", staff, {}),
+        ("POST", "/api/v1/assessments/{aid}/sign", staff, {"decision": "continue"}),
+        ("POST", "/api/v1/bookings", everyone - {"root"}, lambda: {"starts_at": when(), "contact_name": "B",
+                                                        "contact_email": "b@example.org"}),
+        ("GET", "/api/v1/calendar", staff, None),
+        ("GET", "/api/v1/openapi.json", everyone, None), ("GET", "/vendor/plotly.min.js", everyone, None),
+        ("POST", "/logout", everyone, {}),  # last: it ends the session
+    ]
+    routes = {(m, r.path) for r in app.routes if isinstance(r, Route) for m in (r.methods or set()) - {"HEAD"}}
+    assert routes == {(m, p) for m, p, _, _ in table}, "a route is missing from the matrix"
+    for user in sorted(everyone, key=str):
+        c, token = client(app, user)
+        for method, template, allowed, body in table:
+            if template in ("/login", "/api/v1/session"):
+                continue
+            path = template.format(pid=kid, aid=draft() if "{aid}" in template else 0, appt_id=appt)
+            data = body() if callable(body) else body
+            if method == "GET":
+                r = c.get(path, params={"start": "2026-01-01T00:00:00Z", "end": "2027-12-31T00:00:00Z"}
+                          if path == "/api/v1/calendar" else None)
+            elif path.startswith("/api/"):
+                r = c.post(path, json=data, headers={"X-CSRF-Token": token})
+            else:
+                r = c.post(path, data={**(data or {}), "csrf": token})
+            denied = r.status_code in (401, 403) or (r.status_code == 303 and r.headers["location"].startswith(
+                "/login") and template != "/logout")
+            assert r.status_code < 500, (user, method, path, r.text[:300])
+            assert denied == (user not in allowed), (user, method, path, r.status_code, r.text[:200])
+        if user == "petra":  # a patient reaches their own record, not another's
+            c, _ = client(app, user)
+            assert c.get(f"/patients/{pso}").status_code == 200 and c.get(f"/patients/{kid}").status_code == 403
+
+
+def test_sign_in_is_throttled_and_audited(site: tuple[Any, Store, dict[str, int]]) -> None:
+    _, store, _ = site
+    app = create_app(store, secret_key="test-secret", today=lambda: TODAY)  # its own throttle (per address too)
+    c, token = client(app, None)
+    for _ in range(5):
+        r = c.post("/login", data={"username": "pharm", "password": "wrong", "csrf": token})
+        assert r.status_code == 401 and "wrong user name or password" in r.text
+    r = c.post("/login", data={"username": "pharm", "password": "pharm-pw", "csrf": token})
+    assert r.status_code == 401 and "too many failed sign-ins" in r.text
+    r = TestClient(app).post("/api/v1/session", json={"username": "pharm", "password": "pharm-pw"})
+    assert r.status_code == 429
+    log = store.audit_log(Actor("root", "admin", 3), limit=50)
+    assert sum(1 for x in log if x["action"] == "login-failed" and x["username"] == "pharm") >= 5
+    assert any(x["action"] == "login-throttled" for x in log)
+    # the form needs its CSRF cookie
+    r = TestClient(app, follow_redirects=False).post("/login", data={"username": "clin", "password": "clin-pw",
+                                                                     "csrf": "forged"})
+    assert r.status_code == 403
+
+
+def test_csrf_is_required_for_every_change(site: tuple[Any, Store, dict[str, int]]) -> None:
+    app, _, ids = site
+    c, _ = client(app, "clin")
+    r = c.post(f"/patients/{ids['DEMO-TX-1']}/levels", data={"value": "8", "unit": "ng/mL",
+                                                              "observed_at": "2026-11-24T08:00", "csrf": "x"})
+    assert r.status_code == 403
+    r = c.post(f"/api/v1/patients/{ids['DEMO-TX-1']}/levels", json={"value": 8, "observed_at": "2026-11-24T08:00Z"})
+    assert r.status_code == 403 and "X-CSRF-Token" in r.text
+
+
+def test_field_errors_are_shown_next_to_the_field_and_returned_as_422(site: tuple[Any, Store, dict[str, int]]
+                                                                       ) -> None:
+    app, store, ids = site
+    kid = ids["DEMO-TX-1"]
+    c, token = client(app, "clin")
+    before = len(store.chart(SYSTEM, kid).observations)
+    page = c.get(f"/patients/{kid}").text
+    r = c.post(f"/patients/{kid}/levels", data={"value": "8000", "unit": "ng/mL", "observed_at": "2026-11-24T08:00",
+                                                "csrf": _csrf(page)})
+    assert r.status_code == 422 and 'data-field="value"' in r.text and "if the unit is ng/L" in r.text
+    r = c.post(f"/patients/{kid}/levels", data={"value": "eight", "unit": "ng/mL", "observed_at": "2026-11-24T08:00",
+                                                "csrf": _csrf(page)})
+    assert r.status_code == 422 and 'data-field="value"' in r.text
+    r = c.post(f"/api/v1/patients/{kid}/levels", json={"value": -2, "observed_at": "2026-11-24T08:00:00Z"},
+               headers={"X-CSRF-Token": token})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "value"]
+    r = c.post(f"/api/v1/patients/{kid}/levels", json={"value": "x", "observed_at": "yesterday"},
+               headers={"X-CSRF-Token": token})
+    assert r.status_code == 422 and {tuple(d["loc"]) for d in r.json()["detail"]} == {("body", "value"),
+                                                                                       ("body", "observed_at")}
+    r = c.post(f"/api/v1/patients/{kid}/doses", json={"amount": 500, "given_at": "2026-11-24T08:00:00Z"},
+               headers={"X-CSRF-Token": token})
+    assert r.status_code == 422 and "ug would be an ordinary dose" in r.json()["detail"][0]["msg"]
+    assert len(store.chart(SYSTEM, kid).observations) == before
+
+
+def test_recommendation_through_the_api_is_stored_with_its_provenance_and_signed(
+        site: tuple[Any, Store, dict[str, int]]) -> None:
+    app, _, ids = site
+    kid = ids["DEMO-TX-1"]
+    c, token = client(app, "pharm")
+    r = c.post(f"/api/v1/patients/{kid}/recommendation", headers={"X-CSRF-Token": token})
+    assert r.status_code == 201, r.text
+    a = r.json()
+    rec = a["result"]["recommendation"]
+    assert a["status"] == "draft" and a["model_ref"].startswith("andrews2019_tac_adult_kidney 1.0.0 sha256:")
+    assert rec["chosen"]["dose"] > 0 and rec["target"]["source"] and a["result"]["curve"]["observed"]
+    assert a["inputs"]["chart_sha256"] and a["package_version"]
+    r = c.post(f"/api/v1/assessments/{a['id']}/sign", json={"decision": "as recommended"},
+               headers={"X-CSRF-Token": token})
+    assert r.status_code == 200
+    r = c.post(f"/api/v1/assessments/{a['id']}/sign", json={"decision": "again"}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 422 and "signed and cannot change" in r.text
+
+
+def test_every_patient_read_and_write_is_audited(site: tuple[Any, Store, dict[str, int]]) -> None:
+    app, store, ids = site
+    kid = ids["DEMO-TX-1"]
+    c, token = client(app, "clin")
+    admin = Actor("root", "admin", store.user("root")["id"])  # type: ignore[index]
+    n0 = len(store.audit_log(admin, patient_id=kid, limit=100_000))
+    c.get(f"/patients/{kid}")
+    c.post(f"/api/v1/patients/{kid}/levels", json={"value": 7.5, "observed_at": "2026-11-24T19:50:00Z"},
+           headers={"X-CSRF-Token": token})
+    c.get(f"/api/v1/patients/{kid}")
+    rows = store.audit_log(admin, patient_id=kid, limit=100_000)
+    new = [(r["username"], r["action"], r["object_type"]) for r in rows[: len(rows) - n0]]
+    assert ("clin", "read", "patient") in new and ("clin", "create", "observation") in new
+    assert all(r["at"] and r["username"] and r["action"] and r["object_type"] for r in rows)
+
+
+def test_icalendar_export(site: tuple[Any, Store, dict[str, int]]) -> None:
+    app, store, ids = site
+    start = (dt.datetime.now(dt.UTC) + dt.timedelta(days=40)).replace(hour=9, minute=0, second=0, microsecond=0)
+    aid = store.book(SYSTEM, department="nephrology", starts_at=start, patient_id=ids["DEMO-TX-1"],
+                     kind="follow-up", reason="trough, creatinine; review")
+    c, _ = client(app, "karel")
+    r = c.get(f"/appointments/{aid}.ics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/calendar")
+    assert f"DTSTART:{start.strftime('%Y%m%dT%H%M%SZ')}" in r.text and "trough\\, creatinine\\; review" in r.text
+    assert r.text.startswith("BEGIN:VCALENDAR\r\n") and r.text.endswith("END:VCALENDAR\r\n")
+
+
+def test_openapi_schema_lists_the_api(site: tuple[Any, Store, dict[str, int]]) -> None:
+    app, _, _ = site
+    spec = TestClient(app).get("/api/v1/openapi.json").json()
+    assert {"/api/v1/patients", "/api/v1/patients/{pid}/levels", "/api/v1/patients/{pid}/recommendation",
+            "/api/v1/assessments/{aid}/sign", "/api/v1/bookings", "/api/v1/session"} <= set(spec["paths"])
+    assert not any(p.startswith("/patients") for p in spec["paths"])  # pages are not API
+
+
+def test_serve_demo_starts_on_sqlite(tmp_path: Path) -> None:
+    """``cnidose serve --demo`` (the README's run command) on a fresh data directory: answers the sign-in page
+    and signs in a printed demo user."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}
+    env.pop("CNIDOSE_DATABASE_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cnidose.cli", "serve", "--demo", "--port", str(port)],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/login", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.3)
+        assert r.status_code == 200
+        r = httpx.post(f"http://127.0.0.1:{port}/api/v1/session", json={"username": "clinician",
+                                                                        "password": "clinician-demo"})
+        assert r.status_code == 200 and r.json()["role"] == "clinician"
+        assert (tmp_path / "cnidose" / "cnidose-demo.db").exists()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
