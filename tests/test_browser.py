@@ -1,0 +1,155 @@
+"""The pages in a real browser: Playwright driving Debian's Chromium (``/usr/bin/chromium``, headless; never a
+downloaded browser) against the app served by uvicorn on loopback, on a fresh SQLite database with the demo
+patients. ``CNIDOSE_SCREENSHOTS=DIR`` also saves screenshots of the main pages (docs/screenshots)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cnidose.records.db import make_engine, upgrade
+from cnidose.records.demo import seed_demo
+from cnidose.records.store import SYSTEM, Store
+from cnidose.web.app import create_app
+from cnidose.web.security import hash_password
+
+CHROMIUM = os.environ.get("CNIDOSE_CHROMIUM", "/usr/bin/chromium")
+SHOTS = os.environ.get("CNIDOSE_SCREENSHOTS")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, int]]]:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CNIDOSE_REQUIRE_BROWSER") == "1":
+            raise AssertionError(f"no Chromium at {CHROMIUM}")
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    import uvicorn
+
+    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('browser') / 'cnidose.db'}")
+    upgrade(engine)
+    store = Store(engine)
+    ids = seed_demo(store)
+    for name, role, mrn in (("clin", "clinician", None), ("karel", "patient", "DEMO-TX-1"),
+                            ("petra", "patient", "DEMO-DERM-1")):
+        store.create_user(SYSTEM, name, hash_password(f"{name}-pw"), role, patient_id=ids[mrn] if mrn else None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(store, secret_key="browser"), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", ids
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def browser(server: tuple[str, dict[str, int]]) -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+def _shot(page: object, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)  # type: ignore[attr-defined]
+
+
+def _sign_in(page: object, base: str, user: str) -> None:
+    page.goto(f"{base}/login")  # type: ignore[attr-defined]
+    page.fill("#username", user)  # type: ignore[attr-defined]
+    page.fill("#password", f"{user}-pw")  # type: ignore[attr-defined]
+    page.click("#sign-in")  # type: ignore[attr-defined]
+
+
+def test_clinician_adds_a_trough_gets_a_recommendation_signs_and_books(server: tuple[str, dict[str, int]],
+                                                                       browser: object) -> None:
+    from playwright.sync_api import expect
+
+    base, ids = server
+    page = browser.new_page(viewport={"width": 1200, "height": 900})  # type: ignore[attr-defined]
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    _sign_in(page, base, "clin")
+    expect(page.locator("#patients")).to_contain_text("DEMO-TX-1")
+    _shot(page, "patients")
+    page.click("text=Demo, Karel")
+    expect(page.locator("#patient-name")).to_have_text("Demo, Karel")
+    # a trough drawn this morning
+    now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0) - dt.timedelta(hours=1)
+    page.fill("#level-value", "11.2")
+    page.fill("#level-time", now.strftime("%Y-%m-%dT%H:%M"))
+    page.click("#add-level")
+    expect(page.locator("#timeline")).to_contain_text("11.2 ng/mL")
+    # fit and recommend: the curve is drawn (Plotly served by the app) and the recommendation shown
+    page.click("#run-assessment")
+    expect(page.locator(".recommendation").first).to_contain_text("give ")
+    expect(page.locator("#curve-plot .main-svg").first).to_be_visible()
+    expect(page.locator(".assessment").first).to_contain_text("andrews2019_tac_adult_kidney")
+    _shot(page, "patient")
+    # sign the decision
+    page.locator(".sign-button").first.click()
+    expect(page.locator(".assessment").first).to_contain_text("signed")
+    # book the follow-ups the assessment lists
+    page.click("#book-follow-ups")
+    expect(page.locator("#appointment-list")).to_contain_text("BK virus")
+    # a field error is shown next to the field, and nothing is stored
+    page.fill("#level-value", "8000")
+    page.fill("#level-time", now.strftime("%Y-%m-%dT%H:%M"))
+    page.click("#add-level")
+    expect(page.locator("#form-error")).to_contain_text("if the unit is ng/L")
+    page.click("#logout")
+    expect(page).to_have_url(f"{base}/login")
+    page.goto(f"{base}/patients/{ids['DEMO-TX-1']}")
+    expect(page).to_have_url(f"{base}/login?next=/patients/{ids['DEMO-TX-1']}")
+    assert all(u.startswith(base) for u in requests), [u for u in requests if not u.startswith(base)]
+    page.close()
+
+
+def test_patient_sees_own_record_not_another(server: tuple[str, dict[str, int]], browser: object) -> None:
+    from playwright.sync_api import expect
+
+    base, ids = server
+    page = browser.new_page()  # type: ignore[attr-defined]
+    _sign_in(page, base, "petra")
+    expect(page.locator("#patient-name")).to_have_text("Demo, Petra")
+    expect(page.locator("#alerts")).to_contain_text("eGFR")
+    assert page.locator("#level-form").count() == 0  # no entry forms for patients
+    response = page.goto(f"{base}/patients/{ids['DEMO-TX-1']}")
+    assert response is not None and response.status == 403
+    page.close()
+
+
+def test_public_booking_form(server: tuple[str, dict[str, int]], browser: object) -> None:
+    from playwright.sync_api import expect
+
+    base, _ = server
+    page = browser.new_page()  # type: ignore[attr-defined]
+    page.goto(f"{base}/book")
+    when = (dt.datetime.now(dt.UTC) + dt.timedelta(days=9)).replace(hour=10, minute=0)
+    page.fill("#starts-at", when.strftime("%Y-%m-%dT%H:%M"))
+    page.fill("#contact-name", "Ann Example")
+    page.fill("#contact-email", "ann@example.org")
+    page.fill("#reason", "atopic dermatitis, topical treatment not enough")
+    _shot(page, "booking")
+    page.click("#request-booking")
+    expect(page.locator("#booking-done")).to_contain_text("registered")
+    page.close()
