@@ -18,10 +18,11 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -40,6 +41,7 @@ __all__ = ["create_app"]
 HERE = Path(__file__).resolve().parent
 ANON_CSRF = "cnidose_csrf"
 DEPARTMENT = "dermatology"  # the department that takes consultation requests
+Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]  # database ids: a larger one is a 422, not a crash
 
 
 class LevelIn(BaseModel):
@@ -285,7 +287,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return render(request, "patients.html", who, patients=_summaries(who[0]))
 
     @app.get("/patients/{pid}", response_class=HTMLResponse, include_in_schema=False)
-    def patient_page(request: Request, pid: int, who: tuple[Actor, str] = Depends(page_user),
+    def patient_page(request: Request, pid: Id, who: tuple[Actor, str] = Depends(page_user),
                      error_field: str | None = None, error: str | None = None) -> Response:
         chart = store.chart(who[0], pid)
         clin = clinical_assessment(chart, the_day())
@@ -295,7 +297,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                       latest=chart.assessments[-1] if chart.assessments else None, drafts=drafts,
                       curve=(chart.assessments[-1]["result"].get("curve") if chart.assessments else None))
 
-    def _entry_form(request: Request, pid: int, who: tuple[Actor, str], add: Callable[[], Any]) -> Response:
+    def _entry_form(request: Request, pid: Id, who: tuple[Actor, str], add: Callable[[], Any]) -> Response:
         try:
             add()
         except FieldError as exc:
@@ -309,7 +311,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return RedirectResponse(f"/patients/{pid}", status_code=303)
 
     @app.post("/patients/{pid}/levels", include_in_schema=False)
-    def add_level_form(request: Request, pid: int, value: str = Form(""), unit: str = Form("ng/mL"),
+    def add_level_form(request: Request, pid: Id, value: str = Form(""), unit: str = Form("ng/mL"),
                        observed_at: str = Form(""), csrf: str = Form(""),
                        who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
@@ -319,7 +321,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             observed_at=form_time(observed_at, "observed_at")))
 
     @app.post("/patients/{pid}/doses", include_in_schema=False)
-    def add_dose_form(request: Request, pid: int, amount: str = Form(""), unit: str = Form("mg"),
+    def add_dose_form(request: Request, pid: Id, amount: str = Form(""), unit: str = Form("mg"),
                       given_at: str = Form(""), product: str = Form("Prograf"), csrf: str = Form(""),
                       who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
@@ -329,7 +331,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             given_at=form_time(given_at, "given_at")))
 
     @app.post("/patients/{pid}/labs", include_in_schema=False)
-    def add_lab_form(request: Request, pid: int, name: str = Form(""), value: str = Form(""), unit: str = Form(""),
+    def add_lab_form(request: Request, pid: Id, name: str = Form(""), value: str = Form(""), unit: str = Form(""),
                      observed_at: str = Form(""), csrf: str = Form(""),
                      who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
@@ -337,7 +339,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             who[0], pid, name=name, value=_form_number(value, "value"), unit=unit,
             observed_at=form_time(observed_at, "observed_at")))
 
-    def _run_assessment(actor: Actor, pid: int) -> int:
+    def _run_assessment(actor: Actor, pid: Id) -> int:
         chart = store.chart(actor, pid)
         result = analyse(chart, the_day())
         inputs = {"as_of": the_day().isoformat(), "chart_sha256": hashlib.sha256(
@@ -348,14 +350,14 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                                      model_ref=result.get("model"), package_version=__version__)
 
     @app.post("/patients/{pid}/assess", include_in_schema=False)
-    def assess_form(request: Request, pid: int, csrf: str = Form(""),
+    def assess_form(request: Request, pid: Id, csrf: str = Form(""),
                     who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         aid = _run_assessment(who[0], pid)
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/assessments/{aid}/sign", include_in_schema=False)
-    def sign_form(request: Request, aid: int, decision: str = Form(""), pid: int = Form(0), csrf: str = Form(""),
+    def sign_form(request: Request, aid: Id, decision: str = Form(""), pid: int = Form(0), csrf: str = Form(""),
                   who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         try:
@@ -365,7 +367,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/patients/{pid}/follow-ups", include_in_schema=False)
-    def follow_ups(request: Request, pid: int, csrf: str = Form(""), department: str = Form("transplant clinic"),
+    def follow_ups(request: Request, pid: Id, csrf: str = Form(""), department: str = Form("transplant clinic"),
                    who: tuple[Actor, str] = Depends(page_user)) -> Response:
         """Book every follow-up the assessment says is due (09:00, the app's time zone), skipping taken slots."""
         check_csrf(who, csrf)
@@ -388,7 +390,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return RedirectResponse(f"/patients/{pid}#appointments", status_code=303)
 
     @app.get("/appointments/{appt_id}.ics", include_in_schema=False)
-    def ics(request: Request, appt_id: int, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+    def ics(request: Request, appt_id: Id, who: tuple[Actor, str] = Depends(page_user)) -> Response:
         pid = store.appointment_patient(who[0], appt_id)
         a = next(x for x in store.chart(who[0], pid).appointments if x["id"] == appt_id)
         return Response(_ics(a), media_type="text/calendar",
@@ -426,14 +428,14 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return render(request, "calendar.html", who, rows=rows, department=department)
 
     @app.post("/appointments/{appt_id}/status", include_in_schema=False)
-    def appt_status(request: Request, appt_id: int, status: str = Form(""), department: str = Form(DEPARTMENT),
+    def appt_status(request: Request, appt_id: Id, status: str = Form(""), department: str = Form(DEPARTMENT),
                     csrf: str = Form(""), who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         store.set_appointment_status(who[0], appt_id, status)
         return RedirectResponse(f"/calendar?department={_q(department)}", status_code=303)
 
     @app.get("/patients/{pid}/report", response_class=HTMLResponse, include_in_schema=False)
-    def report(request: Request, pid: int, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+    def report(request: Request, pid: Id, who: tuple[Actor, str] = Depends(page_user)) -> Response:
         chart = store.chart(who[0], pid)
         return render(request, "report.html", who, chart=chart, clinical=clinical_assessment(chart, the_day()),
                       latest=chart.assessments[-1] if chart.assessments else None, today=the_day())
@@ -451,35 +453,35 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return json.loads(json.dumps(store.patients(who[0]), default=str))
 
     @app.get("/api/v1/patients/{pid}", tags=["patients"])
-    def api_patient(pid: int, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+    def api_patient(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
         return _chart_json(store.chart(who[0], pid))
 
     @app.post("/api/v1/patients/{pid}/levels", status_code=201, tags=["entries"])
-    def api_level(pid: int, body: LevelIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+    def api_level(pid: Id, body: LevelIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
         drug = store.chart(who[0], pid).patient["agent"]
         return {"id": store.add_level(who[0], pid, drug=drug, value=body.value, unit=body.unit,
                                       observed_at=body.observed_at, blq=body.blq, lloq=body.lloq, assay=body.assay)}
 
     @app.post("/api/v1/patients/{pid}/doses", status_code=201, tags=["entries"])
-    def api_dose(pid: int, body: DoseIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+    def api_dose(pid: Id, body: DoseIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
         drug = store.chart(who[0], pid).patient["agent"]
         return {"id": store.add_dose(who[0], pid, drug=drug, product=body.product, amount=body.amount,
                                      unit=body.unit, given_at=body.given_at, route=body.route,
                                      infusion_h=body.infusion_h)}
 
     @app.post("/api/v1/patients/{pid}/labs", status_code=201, tags=["entries"])
-    def api_lab(pid: int, body: LabIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+    def api_lab(pid: Id, body: LabIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
         return {"id": store.add_lab(who[0], pid, name=body.name, value=body.value, unit=body.unit,
                                     observed_at=body.observed_at)}
 
     @app.post("/api/v1/patients/{pid}/recommendation", status_code=201, tags=["assessments"])
-    def api_recommend(pid: int, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+    def api_recommend(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
         aid = _run_assessment(who[0], pid)
         a = next(x for x in store.chart(who[0], pid).assessments if x["id"] == aid)
         return json.loads(json.dumps(a, default=str))
 
     @app.post("/api/v1/assessments/{aid}/sign", tags=["assessments"])
-    def api_sign(aid: int, body: SignIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+    def api_sign(aid: Id, body: SignIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
         store.sign_assessment(who[0], aid, body.decision)
         return {"id": aid, "status": "signed"}
 
