@@ -6,8 +6,9 @@ NONMEM rows: TIME in hours from the patient's first dose (or first record), dose
 RATE = AMT / infusion duration for intravenous infusions), levels (EVID 0, DV in ng/mL, BLQ, LLOQ), CMT left
 empty so that each model uses its own dose and observation compartments. Covariates are the values in
 force at each record (the latest at or before it); before the first measurement the first value is used
-and the export says so. AGE (years, from the birth date), SEX (0 male, 1 female), POD (days since
-transplantation) and IMMUNOASSAY (from the level's assay) are computed per record. Entries marked
+and the export says so. AGE (years, from the birth date, at the first record: constant over the course, so
+that a model's parameters do not change daily for it), SEX (0 male, 1 female), POD (days since
+transplantation, per record) and IMMUNOASSAY (from the level's assay) are computed. Entries marked
 entered-in-error are left out.
 """
 
@@ -63,6 +64,7 @@ def chart_to_nonmem(chart: Chart, drug: str | None = None, *, ident: int | float
     extra = ["AGE", "SEX"] + (["POD"] if p.get("transplant_date") else []) + ["IMMUNOASSAY"]
     header = _BASE + [n for n in extra if n not in names] + names
     pid = ident if ident is not None else p["id"]
+    age = _years(p["birth_date"], origin)  # at the start of the record: constant over the course
     rows: list[list[float | str]] = []
     early: set[str] = set()
     for t, kind, e in events:
@@ -75,7 +77,7 @@ def chart_to_nonmem(chart: Chart, drug: str | None = None, *, ident: int | float
         else:
             row |= {"EVID": 0, "AMT": 0, "RATE": 0, "DV": e["value"], "MDV": 0, "BLQ": int(bool(e["blq"])),
                     "LLOQ": e["lloq"] if e["lloq"] is not None else "."}
-        row["AGE"] = _years(p["birth_date"], t)
+        row["AGE"] = age
         row["SEX"] = {"male": 0, "female": 1}.get(p["sex"], ".")
         if p.get("transplant_date"):
             row["POD"] = round((t.date() - p["transplant_date"]).days, 0)
