@@ -1,6 +1,6 @@
 """Load on the web API (a script, not a test).
 
-Run: ``python benchmarks/bench_web.py [--clients 50] [--seconds 60] [--mode read|recommend|both]``
+Run: ``python benchmarks/bench_web.py [--clients 50] [--seconds 60] [--mode read|recommend|both] [--workers N]``
 
 Starts ``cnidose serve`` (one uvicorn process) on loopback over a fresh SQLite demo database, signs in
 ``--clients`` concurrent clients, and for ``--seconds`` each client repeatedly
@@ -28,10 +28,11 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _start(port: int, data: str) -> subprocess.Popen[bytes]:
+def _start(port: int, data: str, workers: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "XDG_DATA_HOME": data, "CNIDOSE_SECRET_KEY": "bench"}
     env.pop("CNIDOSE_DATABASE_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cnidose.cli", "serve", "--demo", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "cnidose.cli", "serve", "--demo", "--port", str(port),
+                             "--workers", str(workers)],
                             env=env, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.monotonic() + 60
     while True:
@@ -82,20 +83,22 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--mode", choices=["read", "recommend", "both"], default="both")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as data:
-        proc = _start(port, data)
+        proc = _start(port, data, args.workers)
         try:
             for mode in (["read", "recommend"] if args.mode == "both" else [args.mode]):
                 lat, err = asyncio.run(_run(f"http://127.0.0.1:{port}", args.clients, args.seconds, mode))
                 lat.sort()
                 n = len(lat)
                 p50, p95 = lat[n // 2] * 1000, lat[min(n - 1, int(0.95 * n))] * 1000
-                print(f"{mode}: {args.clients} clients x {args.seconds:g} s: {n} requests, {n / args.seconds:.1f}/s, "
-                      f"p50 {p50:.0f} ms, p95 {p95:.0f} ms, max {lat[-1] * 1000:.0f} ms, {err} errors")
+                print(f"{mode} ({args.workers} worker(s)): {args.clients} clients x {args.seconds:g} s: {n} "
+                      f"requests, {n / args.seconds:.1f}/s, p50 {p50:.0f} ms, p95 {p95:.0f} ms, "
+                      f"max {lat[-1] * 1000:.0f} ms, {err} errors")
         finally:
             proc.terminate()
             proc.wait(timeout=30)

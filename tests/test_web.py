@@ -108,6 +108,8 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         ("POST", "/api/v1/bookings", everyone - {"root"}, lambda: {"starts_at": when(), "contact_name": "B",
                                                         "contact_email": "b@example.org"}),
         ("GET", "/api/v1/calendar", staff, None),
+        ("GET", "/api/v1/patients/{pid}/fhir", staff | {"karel"}, None),
+        ("POST", "/api/v1/fhir", staff, {"resourceType": "Bundle", "type": "collection", "entry": []}),
         ("GET", "/api/v1/openapi.json", everyone, None), ("GET", "/vendor/plotly.min.js", everyone, None),
         ("POST", "/logout", everyone, {}),  # last: it ends the session
     ]
@@ -247,9 +249,10 @@ def test_openapi_schema_lists_the_api(site: tuple[Any, Store, dict[str, int]]) -
     assert not any(p.startswith("/patients") for p in spec["paths"])  # pages are not API
 
 
-def test_serve_demo_starts_on_sqlite(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_demo_starts_on_sqlite(tmp_path: Path, workers: int) -> None:
     """``cnidose serve --demo`` (the README's run command) on a fresh data directory: answers the sign-in page
-    and signs in a printed demo user."""
+    and signs in a printed demo user; with two worker processes the session holds across them."""
     import os
     import socket
     import subprocess
@@ -263,8 +266,8 @@ def test_serve_demo_starts_on_sqlite(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path)}
     env.pop("CNIDOSE_DATABASE_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cnidose.cli", "serve", "--demo", "--port", str(port)],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "cnidose.cli", "serve", "--demo", "--port", str(port),
+                             "--workers", str(workers)], stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -278,6 +281,8 @@ def test_serve_demo_starts_on_sqlite(tmp_path: Path) -> None:
         r = httpx.post(f"http://127.0.0.1:{port}/api/v1/session", json={"username": "clinician",
                                                                         "password": "clinician-demo"})
         assert r.status_code == 200 and r.json()["role"] == "clinician"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", cookies=r.cookies) as c:
+            assert all(c.get("/api/v1/patients").status_code == 200 for _ in range(6))
         assert (tmp_path / "cnidose" / "cnidose-demo.db").exists()
     finally:
         proc.terminate()

@@ -649,6 +649,8 @@ def serve(
     port: Annotated[int, typer.Option(help="port")] = 8000,
     database: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: CNIDOSE_DATABASE_URL, else "
                                                       "SQLite in the user data directory)")] = None,
+    workers: Annotated[int, typer.Option(help="worker processes (sessions shared through CNIDOSE_SECRET_KEY; "
+                                              "sign-in throttling is per process)")] = 1,
 ) -> None:
     """Run the clinician web app (and the JSON API under /api/v1)."""
 
@@ -681,6 +683,15 @@ def serve(
                        + ", ".join(f"{n} ({r}) / {n}-demo" for n, r, _ in DEMO_USERS), err=True)
         typer.echo(f"cnidose on http://{host}:{port}/ (database {engine.url.render_as_string(hide_password=True)})",
                    err=True)
+        if workers > 1:
+            import secrets
+
+            os.environ["CNIDOSE_DATABASE_URL"] = engine.url.render_as_string(hide_password=False)
+            os.environ.setdefault("CNIDOSE_SECRET_KEY", secrets.token_urlsafe(32))  # one key for every worker
+            engine.dispose()
+            uvicorn.run("cnidose.web.app:app_from_env", factory=True, workers=workers, host=host, port=port,
+                        log_level="warning")
+            return
         uvicorn.run(create_app(store, secret_key=os.environ.get("CNIDOSE_SECRET_KEY")), host=host, port=port,
                     log_level="warning")
 

@@ -219,6 +219,7 @@ def _instant(v: Any, where: str) -> dt.datetime:
 def import_bundle(store: Store, actor: Actor, bundle: Any) -> int:
     """Store the patient of a bundle (as written by :func:`export_bundle`, or by another system using the same
     resources) in one transaction; returns the new patient's id. Errors name ``entry[k].element``."""
+    store.authorize(actor, "write", "import")  # before reading anything of the bundle
     _validate(bundle)
     if bundle.get("type") not in ("collection", "transaction", "batch", "document"):
         raise FieldError(f"unexpected bundle type {bundle.get('type')!r}", field="type")

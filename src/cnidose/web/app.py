@@ -501,8 +501,32 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                      who: tuple[Actor, str] = Depends(api_user)) -> list[dict[str, Any]]:
         return json.loads(json.dumps(store.calendar(who[0], department, start, end), default=str))
 
+    @app.get("/api/v1/patients/{pid}/fhir", tags=["interchange"])
+    def api_fhir_export(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+        """The patient as a FHIR bundle (type collection)."""
+        from cnidose.records.fhir import export_bundle
+
+        bundle = export_bundle(store.chart(who[0], pid))
+        store.record_event(who[0], "export", "fhir-bundle", pid, pid)
+        return bundle
+
+    @app.post("/api/v1/fhir", status_code=201, tags=["interchange"])
+    def api_fhir_import(body: dict[str, Any], who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+        """Create a patient from a FHIR bundle (one Patient and its resources), all or nothing."""
+        from cnidose.records.fhir import import_bundle
+
+        return {"id": import_bundle(store, who[0], body)}
+
     app.state.store = store
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app over ``CNIDOSE_DATABASE_URL`` (schema already migrated): the factory ``cnidose serve
+    --workers N`` gives each uvicorn worker process."""
+    from cnidose.records.db import make_engine
+
+    return create_app(Store(make_engine()))
 
 
 def _form_number(value: str, field: str) -> float:
