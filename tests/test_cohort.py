@@ -104,6 +104,10 @@ def test_trial_bad_input(tmp_path: Path) -> None:
             run_trial(wrong, n=10)
     with pytest.raises(InputError, match="positive whole number"):
         run_trial(p, n=-5)
+    rule = copy.deepcopy(p)
+    rule["adjust"] = {"method": "recommender", "every_days": 7, "choice": "median"}
+    with pytest.raises(InputError, match=r"\[adjust.choice\]: unknown choice rule 'median'"):
+        run_trial(rule, n=10)
     fit_other = copy.deepcopy(p)
     fit_other["adjust"] = {"method": "recommender", "every_days": 7, "model": "press2010_csa_adult_kidney"}
     with pytest.raises(InputError, match=r"\[adjust.model\]: press2010_csa_adult_kidney is a cyclosporine model"):

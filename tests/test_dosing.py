@@ -133,20 +133,29 @@ def rec() -> Any:
     return recommend(m, _patient(), t, product("Prograf"), n_draws=600, seed=4)
 
 
-def test_recommendation_is_the_dose_most_likely_in_target(rec: Any) -> None:
-    assert rec.chosen is not None
+def test_recommendation_is_smallest_dose_in_target(rec: Any) -> None:
+    assert rec.chosen is not None and rec.inputs["choice"] == "smallest"
     in_target = [c for c in rec.candidates if rec.target.low <= c.median <= rec.target.high]
-    assert len(in_target) >= 2 and rec.chosen in in_target
-    best = max(c.p_in_range for c in in_target)
-    assert rec.chosen.p_in_range == best
-    assert rec.chosen.dose == min(c.dose for c in in_target if c.p_in_range == best)
-    # not the low edge: the smallest dose in range is less likely in range than the choice
-    assert min(in_target, key=lambda c: c.dose).p_in_range < rec.chosen.p_in_range
+    assert rec.chosen.dose == min(c.dose for c in in_target)
+    assert all(c.dose < rec.chosen.dose for c in rec.candidates if c.median < rec.target.low)
     # doses are marketed-strength sums; medians rise with the dose; intervals bracket the median
     doses = [c.dose for c in rec.candidates]
     assert all(d * 2 == round(d * 2) for d in doses)  # 0.5-mg steps of Prograf 0.5/1/5 mg
     assert all(a.median < b.median for a, b in zip(rec.candidates, rec.candidates[1:], strict=False))
     assert all(c.low <= c.median <= c.high and 0 <= c.p_in_range <= 1 for c in rec.candidates)
+
+
+def test_most_likely_rule_aims_inside_the_range() -> None:
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    t = find_target("tacrolimus", "kidney", "adult", 1.0, concomitant="mmf")
+    r = recommend(m, _patient(), t, product("Prograf"), n_draws=600, seed=4, choice="most-likely")
+    in_target = [c for c in r.candidates if t.low <= c.median <= t.high]
+    best = max(c.p_in_range for c in in_target)
+    assert r.chosen is not None and r.inputs["choice"] == "most-likely" and r.chosen.p_in_range == best
+    assert r.chosen.dose == min(c.dose for c in in_target if c.p_in_range == best)
+    assert min(in_target, key=lambda c: c.dose).p_in_range < r.chosen.p_in_range  # not the low edge
+    with pytest.raises(InputError, match="unknown choice rule"):
+        recommend(m, _patient(), t, product("Prograf"), n_draws=100, choice="median")
 
 
 def test_recommendation_carries_provenance_and_is_reproducible(rec: Any) -> None:
@@ -263,9 +272,7 @@ def test_intervals_loading_and_conversions() -> None:
     r = recommend(m, patient, t, product("Prograf"), n_draws=300, intervals=[12.0, 24.0], loading=True)
     assert {c.interval for c in r.candidates} == {12.0, 24.0}
     in_target = [c for c in r.candidates if c.in_target]
-    best = max(c.p_in_range for c in in_target)  # over both intervals; the smaller daily dose of equals
-    assert r.chosen is not None and r.chosen.p_in_range == best
-    assert r.chosen.daily_dose == min(c.daily_dose for c in in_target if c.p_in_range == best)
+    assert r.chosen is not None and r.chosen.daily_dose == min(c.daily_dose for c in in_target)
     assert r.loading is not None and t.low <= r.loading.median <= t.high
     assert convert_daily_dose(2.0, "tacrolimus IV", "Prograf")[0] == pytest.approx(10.0)
     assert convert_daily_dose(300.0, "Sandimmune", "Neoral")[0] == pytest.approx(300.0)
@@ -277,11 +284,11 @@ def test_intervals_loading_and_conversions() -> None:
 
 @given(st.floats(0.2, 40.0), st.floats(1.05, 4.0), st.floats(0.5, 3.0), st.integers(0, 10_000))
 @settings(max_examples=60, deadline=None)
-def test_choice_is_the_most_likely_dose_in_target_or_the_closest(low: float, ratio: float, slope: float,
-                                                                 seed: int) -> None:
-    """Property: with exposure rising with the dose, the choice is the candidate whose median is in the target
-    with the highest probability in range (the smallest of equals); when none is, the closest (log scale) with
-    a warning."""
+def test_choice_is_the_smallest_dose_in_target_or_the_closest(low: float, ratio: float, slope: float,
+                                                              seed: int) -> None:
+    """Property: with exposure rising with the dose, the default choice is the smallest candidate whose median
+    is in the target, and the "most-likely" choice the one of those with the highest probability in range (the
+    smallest of equals); when none is, both give the closest (log scale) with a warning."""
     from cnidose.dosing.regimen import choose
 
     rng = np.random.default_rng(seed)
@@ -291,12 +298,14 @@ def test_choice_is_the_most_likely_dose_in_target_or_the_closest(low: float, rat
     values = slope * doses[:, None] * noise[None, :]
     target = Target("tacrolimus", low, low * ratio)
     chosen, _, warnings = choose(cands, values, target, 12.0)
+    likely, _, warnings2 = choose(cands, values, target, 12.0, "most-likely")
     med = np.median(values, axis=1)
     inside = np.flatnonzero((med >= target.low) & (med <= target.high))
-    assert chosen is not None
+    assert chosen is not None and likely is not None
     if inside.size:
+        assert chosen.dose == doses[inside[0]] and not warnings
         p_in = np.mean((values >= target.low) & (values <= target.high), axis=1)[inside]
-        assert chosen.dose == doses[inside[int(np.argmax(p_in))]] and not warnings
+        assert likely.dose == doses[inside[int(np.argmax(p_in))]] and not warnings2
     else:
         dist = np.minimum(np.abs(np.log(med / target.low)), np.abs(np.log(med / target.high)))
-        assert chosen.dose == doses[int(np.argmin(dist))] and warnings
+        assert chosen.dose == likely.dose == doses[int(np.argmin(dist))] and warnings and warnings2

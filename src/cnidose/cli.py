@@ -213,6 +213,9 @@ def recommend(
     seed: Annotated[int, typer.Option(help="random seed (results are reproducible)")] = 0,
     intervals: Annotated[str | None, typer.Option(help="also compare these intervals, e.g. 12,24")] = None,
     loading: Annotated[bool, typer.Option(help="also propose a first (loading) dose")] = False,
+    choice: Annotated[str, typer.Option(help="smallest (the smallest dose whose median is in the target) | "
+                                             "most-likely (of those, the one most likely in the target)")
+                      ] = "smallest",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Recommend the next regimen for one patient: the dose in marketed strengths, predicted exposure,
@@ -250,14 +253,15 @@ def recommend(
 
             if metric != tgt.metric:
                 raise InputError(f"the target is a {tgt.metric} range; asked to optimise {metric}")
-            rec, weights = recommend_averaged(ms, match[0], tgt, prod, n_draws=draws, seed=seed, interval=interval)
+            rec, weights = recommend_averaged(ms, match[0], tgt, prod, n_draws=draws, seed=seed, interval=interval,
+                                              choice=choice)
         else:
             try:
                 alt = [float(x) for x in intervals.split(",")] if intervals else None
             except ValueError:
                 raise InputError(f"--intervals must be comma-separated hours, got {intervals!r}") from None
             rec = do_recommend(m, match[0], tgt, prod, interval=interval, metric=metric, n_draws=draws, seed=seed,
-                               intervals=alt, loading=loading)
+                               intervals=alt, loading=loading, choice=choice)
         if as_json:
             typer.echo(json.dumps(rec.to_dict(), indent=2, default=float))
             return

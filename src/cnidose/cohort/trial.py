@@ -21,6 +21,7 @@ A protocol file (TOML, ``format = 1``)::
                                                 measured so far and cnidose's regimen recommendation
     model = "..."                               recommender only: fit with another model (misspecification)
     draws = 200                                 recommender only: posterior draws per recommendation
+    choice = "smallest"                         recommender only: or "most-likely" (cnidose.dosing.regimen)
     residual_error = true                       measured troughs carry the model's residual error
     max_dose_mg = 25                            per administration
     [target]
@@ -68,7 +69,7 @@ __all__ = ["TrialResult", "load_protocol", "read_covariate_table", "run_trial", 
 FloatArray = NDArray[np.float64]
 _TOP = {"format", "model", "n", "seed", "days", "regimen", "adjust", "target", "covariates", "covariate_table"}
 _REGIMEN = {"product", "interval", "start_mg_per_kg_day", "dose_mg", "cpic_factor", "round_to_strengths"}
-_ADJUST = {"every_days", "method", "model", "draws", "residual_error", "max_dose_mg"}
+_ADJUST = {"every_days", "method", "model", "draws", "residual_error", "max_dose_mg", "choice"}
 _METHODS = ("proportional", "recommender")
 
 
@@ -120,9 +121,11 @@ def validate_protocol(doc: dict[str, Any], where: str = "protocol") -> dict[str,
     if adjust.get("method", "proportional") not in _METHODS:
         raise bad(f"unknown method {adjust.get('method')!r} (allowed: {', '.join(_METHODS)})", "adjust.method")
     if adjust.get("method", "proportional") != "recommender":
-        for k in ("model", "draws"):
+        for k in ("model", "draws", "choice"):
             if k in adjust:
                 raise bad("applies to method = \"recommender\" only", f"adjust.{k}")
+    if adjust.get("choice", "smallest") not in ("smallest", "most-likely"):
+        raise bad(f"unknown choice rule {adjust.get('choice')!r} (smallest, most-likely)", "adjust.choice")
     for k, lo in (("every_days", 1), ("draws", 50)):
         if k in adjust and not (isinstance(adjust[k], int) and adjust[k] >= lo):
             raise bad(f"must be a whole number >= {lo}", f"adjust.{k}")
@@ -340,7 +343,7 @@ def _recommend_all(payload: tuple[bytes, str], protocol: dict[str, Any], raw: di
                 "MDV": evid.astype(float), **{k: np.full(times.size, v[i]) for k, v in raw.items()}}
         try:
             rec = recommend(model, split_individuals(cols)[0], target, prod, interval=tau, n_draws=draws,
-                            seed=int(seeds[i]), max_dose=max_dose)
+                            seed=int(seeds[i]), max_dose=max_dose, choice=str(adjust.get("choice", "smallest")))
         except InputError as exc:
             failed.append((offset + i + 1, stage, str(exc)))
             continue

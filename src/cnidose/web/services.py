@@ -49,7 +49,7 @@ def _individual(chart: Chart) -> tuple[Any, Any]:
 
 
 def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, choice: str = "most-likely") -> dict[str, Any]:
     """Fit, curve with 80 % band, recommendation and the clinical assessment for one patient."""
     from cnidose.dosing import find_target, product, recommend
     from cnidose.estimation.posterior import sample_posterior
@@ -79,7 +79,9 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
         concomitant = "mmf" if any("mycophenol" in m for m in meds) else "any"
         organ = p["indication"].replace(" transplant", "")
         target = find_target(p["agent"], organ, group, months, concomitant=concomitant)
-        rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed)
+        # the dose most likely in range rather than the smallest in range (which aims at the low edge);
+        # recorded in the recommendation's inputs
+        rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed, choice=choice)
         post = sample_posterior(model, ind, n_draws=300, seed=seed)
     except CnidoseError as exc:
         out["warnings"].append(f"{type(exc).__name__}: {exc}")
