@@ -94,6 +94,7 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         ("GET", "/calendar", staff, None),
         ("POST", "/appointments/{appt_id}/status", staff, {"status": "confirmed"}),
         ("GET", "/patients/{pid}/report", staff | {"karel"}, None),
+        ("GET", "/patients/{pid}/report.pdf", staff | {"karel"}, None),
         ("GET", "/admin/audit", {"root"}, None),
         ("POST", "/login", everyone, None),  # exercised by client() for every user
         ("POST", "/api/v1/session", everyone, None),
@@ -287,3 +288,37 @@ def test_serve_demo_starts_on_sqlite(tmp_path: Path, workers: int) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_report_pdf(site: tuple[Any, Store, dict[str, int]]) -> None:
+    """The PDF report is a valid PDF (read back by pypdf) with the patient, the recommendation and its
+    provenance, and the levels."""
+    import io
+
+    pypdf = pytest.importorskip("pypdf")
+    app, _, ids = site
+    c, token = client(app, "clin")
+    kid = ids["DEMO-TX-1"]
+    assert c.post(f"/api/v1/patients/{kid}/recommendation", headers={"X-CSRF-Token": token}).status_code == 201
+    r = c.get(f"/patients/{kid}/report.pdf")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/pdf"
+    reader = pypdf.PdfReader(io.BytesIO(r.content))
+    text = " ".join(" ".join(page.extract_text() for page in reader.pages).split())  # lines wrap
+    assert "Demo, Karel - MRN DEMO-TX-1" in text and "give " in text and "andrews2019_tac_adult_kidney" in text
+    assert "13.9 ng/mL" in text and "choice rule: most-likely" in text
+    assert len(reader.pages) >= 1
+
+
+def test_pdf_writer_breaks_pages_and_escapes() -> None:
+    import io
+
+    pypdf = pytest.importorskip("pypdf")
+    from cnidose.web.pdf import text_pdf
+
+    lines = [("h1", "Title (with parentheses) \\ and backslash")] + [("p", f"line {k}: trough ≤ 10 µg/L") for k in
+                                                                     range(120)]
+    reader = pypdf.PdfReader(io.BytesIO(text_pdf(lines, title="t")))
+    assert len(reader.pages) >= 2
+    text = "\n".join(p.extract_text() for p in reader.pages)
+    assert "Title (with parentheses) \\ and backslash" in text and "line 119: trough <= 10 µg/L" in text
+    assert "page 1 of" in text

@@ -440,6 +440,14 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return render(request, "report.html", who, chart=chart, clinical=clinical_assessment(chart, the_day()),
                       latest=chart.assessments[-1] if chart.assessments else None, today=the_day())
 
+    @app.get("/patients/{pid}/report.pdf", include_in_schema=False)
+    def report_pdf(pid: Id, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        chart = store.chart(who[0], pid)
+        body = _report_pdf(chart, clinical_assessment(chart, the_day()), the_day())
+        store.record_event(who[0], "export", "report-pdf", pid, pid)
+        return Response(body, media_type="application/pdf",
+                        headers={"Content-Disposition": f'inline; filename="cnidose-report-{pid}.pdf"'})
+
     @app.get("/admin/audit", response_class=HTMLResponse, include_in_schema=False)
     def audit_page(request: Request, who: tuple[Actor, str] = Depends(page_user)) -> Response:
         return render(request, "audit.html", who, rows=store.audit_log(who[0], limit=500))
@@ -527,6 +535,47 @@ def app_from_env() -> FastAPI:
     from cnidose.records.db import make_engine
 
     return create_app(Store(make_engine()))
+
+
+def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
+    """The printable report as a PDF: patient, alerts, the latest recommendation with its provenance and
+    decision, levels, regimens."""
+    from cnidose.web.pdf import text_pdf
+
+    p = chart.patient
+    lines: list[tuple[str, str]] = [
+        ("h1", "Therapeutic drug monitoring report"),
+        ("p", f"{p['family_name']}, {p['given_name']} - MRN {p['mrn']} - born {p['birth_date']} - {p['sex']}"),
+        ("p", f"{p['agent']} for {p['indication']}" + (f"; transplanted {p['transplant_date']}"
+                                                      if p.get("transplant_date") else "")
+         + f" - printed {today.isoformat()} by cnidose {__version__}"),
+        ("h2", "Alerts")]
+    lines += [("p", f"[{a['severity']}] {a['message']} ({a['source']})") for a in clinical["alerts"]] or [
+        ("p", "None.")]
+    if clinical["due"]:
+        lines.append(("h2", "Due"))
+        lines += [("p", f"{d['date']}: {d['what']} ({d['source']})") for d in clinical["due"][:8]]
+    if chart.assessments:
+        a = chart.assessments[-1]
+        r = a["result"]
+        lines.append(("h2", f"Latest {a['kind']} ({a['status']}, {a['created_at']:%Y-%m-%d %H:%M} UTC)"))
+        if r.get("recommendation"):
+            lines += [("p", r["recommendation"]["summary"]), ("p", f"Target: {r.get('target')}"),
+                      ("p", f"Model: {r.get('model')}; cnidose {a['package_version']}; "
+                            f"choice rule: {r['recommendation']['inputs'].get('choice', 'smallest')}")]
+        if a.get("decision"):
+            lines.append(("p", f"Decision: {a['decision']} (signed {a['signed_at']:%Y-%m-%d %H:%M} UTC)"))
+        lines += [("p", f"Warning: {w}") for w in r.get("warnings", [])]
+    lines.append(("h2", "Drug levels"))
+    lines += [("p", f"{o['observed_at']:%Y-%m-%d %H:%M} UTC  {o['value']:.3g} {o['unit']}"
+                    + (" (below LLOQ)" if o["blq"] else ""))
+              for o in chart.observations if o["category"] == "level" and o["status"] == "final"] or [
+        ("p", "None recorded.")]
+    lines.append(("h2", "Regimens"))
+    lines += [("p", f"{r['product']} {r['dose_mg']:g} mg every {r['interval_h']:g} h from "
+                    f"{r['start_at']:%Y-%m-%d}" + (f" to {r['stop_at']:%Y-%m-%d}" if r["stop_at"] else ""))
+              for r in chart.regimens if r["status"] == "final"] or [("p", "None recorded.")]
+    return text_pdf(lines, title=f"cnidose report {p['mrn']}")
 
 
 def _form_number(value: str, field: str) -> float:
