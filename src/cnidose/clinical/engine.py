@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import functools
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -69,8 +70,9 @@ class Assessment:
     notes: list[str] = field(default_factory=list)
 
 
+@functools.cache
 def knowledge() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The interaction and protocol knowledge bases (parsed TOML)."""
+    """The interaction and protocol knowledge bases (parsed TOML, read once; callers must not modify them)."""
     def read(name: str) -> dict[str, Any]:
         return tomllib.loads((resources.files("cnidose.clinical") / "data" / name).read_text(encoding="utf-8"))
     return read("interactions.toml"), read("protocols.toml")

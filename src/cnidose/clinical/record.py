@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cnidose.clinical.codes import loinc_names
 from cnidose.errors import InputError
 
-__all__ = ["BP", "SCHEMA", "Lab", "Medication", "PatientRecord", "convert_lab", "load_record", "parse_record"]
+__all__ = ["BP", "BP_RANGE", "SCHEMA", "Lab", "Medication", "PatientRecord", "convert_lab", "load_record",
+           "parse_record"]
 
 SCHEMA = "cnidose.patient/1"
 
@@ -49,8 +51,8 @@ _LABS: dict[str, tuple[str, dict[str, float], tuple[float, float]]] = {
     "bk virus nat": ("copies/mL", {"copies/mL": 1.0, "copies/L": 1e-3}, (0.0, 1e12)),
 }
 _HBA1C_RANGE = (3.0, 20.0)  # %
-# verified LOINC codes (clinical/data/codes.toml) accepted in place of lab names
-_LOINC_TO_NAME = {"2160-0": "creatinine", "1558-6": "fasting glucose", "4548-4": "hba1c", "2823-3": "potassium"}
+# physiologically possible blood pressure (mmHg): outside, a typing or unit error
+BP_RANGE = {"systolic": (50.0, 300.0), "diastolic": (20.0, 200.0)}
 
 
 class RecordError(InputError):
@@ -140,8 +142,7 @@ def convert_lab(name: Any, value: Any, unit: Any, where: str = "lab") -> tuple[s
     ('creatinine', 106.08, 'umol/L')
     """
     name = str(name).lower()
-    if name in _LOINC_TO_NAME:  # a verified LOINC code may stand for the name
-        name = _LOINC_TO_NAME[name]
+    name = loinc_names().get(name, name)  # a verified LOINC code (clinical/data/codes.toml) may stand for the name
     if name == "hba1c":
         if unit == "mmol/mol":
             return name, _number(value, where + ".value", 10.0, 200.0, unit) * 0.09148 + 2.152, "%"
@@ -205,8 +206,8 @@ def parse_record(doc: Any, *, as_of: dt.date) -> PatientRecord:
         if not isinstance(x, dict):
             raise RecordError("a reading is {date, systolic, diastolic}", field=where)
         bps.append(BP(_date(x.get("date"), where + ".date", as_of),
-                      _number(x.get("systolic"), where + ".systolic", 50, 300, "mmHg"),
-                      _number(x.get("diastolic"), where + ".diastolic", 20, 200, "mmHg")))
+                      _number(x.get("systolic"), where + ".systolic", *BP_RANGE["systolic"], "mmHg"),
+                      _number(x.get("diastolic"), where + ".diastolic", *BP_RANGE["diastolic"], "mmHg")))
     return PatientRecord(
         id=str(doc["id"]), birth_date=_date(doc["birth_date"], "birth_date", as_of), sex=sex, agent=agent,
         indication=str(doc["indication"]).lower(), therapy_start=_date(doc["therapy_start"], "therapy_start", None),
