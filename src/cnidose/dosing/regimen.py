@@ -33,14 +33,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cnidose import __version__
+from cnidose.dosing.cpic import CPIC_SOURCE, MAX_MG_PER_KG_DAY
 from cnidose.dosing.data import Product, Target
 from cnidose.errors import InputError
 from cnidose.estimation import fit_map
+from cnidose.estimation.map import MapResult
 from cnidose.estimation.posterior import sample_posterior
 from cnidose.models.model import Model
 from cnidose.pk.events import Individual, split_individuals
 
-__all__ = ["CHOICES", "Candidate", "Recommendation", "candidate_doses", "choose", "recommend",
+__all__ = ["CHOICES", "IMPLAUSIBLE_LEVEL", "Candidate", "Recommendation", "candidate_doses", "choose", "recommend",
            "steady_state_metric_draws"]
 
 CHOICES = ("smallest", "most-likely")
@@ -48,7 +50,7 @@ CHOICES = ("smallest", "most-likely")
 FloatArray = NDArray[np.float64]
 
 # Levels above these are flagged as implausible (likely a unit or sampling error), per drug.
-_IMPLAUSIBLE = {"tacrolimus": 100.0, "cyclosporine": 3000.0}
+IMPLAUSIBLE_LEVEL = {"tacrolimus": 100.0, "cyclosporine": 3000.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,10 +176,11 @@ def _shift(ind: Individual, start: float) -> Individual:
 def recommend(model: Model, individual: Individual, target: Target, product: Product, *,
               interval: float | None = None, metric: str | None = None, n_draws: int = 1000, seed: int = 0,
               max_units: int = 6, max_dose: float | None = None, intervals: list[float] | None = None,
-              loading: bool = False, choice: str = "smallest") -> Recommendation:
+              loading: bool = False, choice: str = "smallest", fit: MapResult | None = None) -> Recommendation:
     """Recommend a regimen for ``individual`` (its doses and levels so far) from ``model``.
 
-    ``choice`` is the rule (module docstring). ``intervals`` lists alternative dosing intervals to compare
+    ``choice`` is the rule (module docstring). ``fit`` is the patient's MAP fit when the caller already has
+    it (it must be of ``model`` and ``individual``). ``intervals`` lists alternative dosing intervals to compare
     (the recommendation is then the choice over all of them: the smallest daily dose in target, or with
     ``"most-likely"`` the most likely, the smaller daily dose of equals). ``loading`` also proposes a first
     dose, given from the last record on top of the current state, whose predicted level one interval later
@@ -202,7 +205,8 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
     if not np.any((individual.evid == 1) | (individual.evid == 4)):
         raise InputError(f"ID {individual.id:g}: the dose history has no dose; a recommendation needs at least one")
     warnings: list[str] = []
-    fit = fit_map(model, [individual])[0]
+    if fit is None:
+        fit = fit_map(model, [individual])[0]
     if fit.status == "error":
         raise InputError(f"ID {individual.id:g}: {fit.message}")
     if fit.status == "not-converged":
@@ -213,7 +217,7 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
     dv = individual.covariates.get("DV")
     if dv is not None:
         obs = dv[(individual.evid == 0) & (individual.mdv == 0)]
-        limit = _IMPLAUSIBLE.get(drug)
+        limit = IMPLAUSIBLE_LEVEL.get(drug)
         if limit is not None and np.any(obs > limit):
             warnings.append(f"a level above {limit:g} {target.unit} is implausible for {drug}: check the unit and "
                             "whether it was drawn from the infusion line")
@@ -258,9 +262,9 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
     assert chosen is not None
     load = _loading(post, individual, cands, chosen.interval, target, seed, choice) if loading else None
     weight = covs.get("WT")
-    if weight and drug == "tacrolimus" and chosen.daily_dose / weight > 0.3:
-        warnings.append(f"{chosen.daily_dose / weight:.2f} mg/kg/day exceeds 0.3 mg/kg/day (CPIC ceiling for "
-                        "starting doses)")
+    if weight and drug == "tacrolimus" and chosen.daily_dose / weight > MAX_MG_PER_KG_DAY:
+        warnings.append(f"{chosen.daily_dose / weight:.2f} mg/kg/day exceeds {MAX_MG_PER_KG_DAY:g} mg/kg/day "
+                        f"(CPIC ceiling for starting doses; {CPIC_SOURCE})")
     records = np.column_stack([individual.time, individual.evid, individual.amt, individual.cmt,
                                individual.covariates.get("DV", np.full(len(individual), np.nan))])
     inputs = {
