@@ -103,7 +103,7 @@ def test_entries_are_validated_converted_and_audited(store: Store) -> None:
     chart = store.chart(clin, pid)
     assert chart.doses[0]["amount_mg"] == pytest.approx(4.0)
     level = next(o for o in chart.observations if o["category"] == "level")
-    assert level["value"] == pytest.approx(7.9998) and level["unit"] == "ng/mL" and level["code"] == "11253-2"
+    assert level["value"] == pytest.approx(9.95 * 0.80402) and level["unit"] == "ng/mL" and level["code"] == "11253-2"
     assert level["observed_at"] == dt.datetime(2026, 11, 2, 6, 50, tzinfo=UTC)  # stored in UTC, read back aware
     lab = next(o for o in chart.observations if o["name"] == "creatinine")
     assert lab["value"] == pytest.approx(132.6) and lab["unit"] == "umol/L"

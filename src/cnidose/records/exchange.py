@@ -18,7 +18,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnidose.records.store import Actor, Chart, Store
+from cnidose.records.nonmem import DataSet
+from cnidose.records.store import Actor, Chart, Store, make_dose, make_level
 from cnidose.records.units import FieldError
 
 __all__ = ["NonmemExport", "chart_to_document", "chart_to_nonmem", "import_nonmem_rows"]
@@ -32,6 +33,11 @@ class NonmemExport:
     rows: list[list[float | str]]
     origin: dt.datetime | None  # the instant TIME = 0
     notes: list[str] = field(default_factory=list)
+
+    def dataset(self, source: str = "chart") -> DataSet:
+        """The rows as a NONMEM data set, read exactly as a CSV file would be (``.individuals()``)."""
+        cells = tuple(tuple(str(c) for c in r) for r in self.rows)  # str(float) round-trips exactly
+        return DataSet(tuple(self.header), cells, tuple(range(2, len(cells) + 2)), source)
 
 
 def _final(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -132,22 +138,20 @@ def import_nonmem_rows(store: Store, actor: Actor, patient_id: int, header: list
     """Store a patient's NONMEM-format doses (EVID 1, AMT in mg) and levels (EVID 0, DV in ng/mL) with TIME in
     hours from ``origin``. Every row is checked before anything is stored; an error names the line and
     column. Returns (doses, levels) stored."""
+    store.authorize(actor, "write", "import", patient_id)
     names = [h.strip().upper() for h in header]
-    need = {"TIME", "EVID", "AMT", "DV"}
-    missing = need - set(names)
+    missing = {"TIME", "EVID", "AMT", "DV"} - set(names)
     if missing:
         raise FieldError(f"missing column(s) {', '.join(sorted(missing))}", field="header")
     if origin.tzinfo is None:
         raise FieldError("the origin (TIME = 0) needs a time zone", field="origin")
     col = {n: k for k, n in enumerate(names)}
-    plan: list[tuple[str, dict[str, Any]]] = []
+    entries: list[tuple[str, Any]] = []
     for k, r in enumerate(rows):
         line = lines[k] if lines else k + 2
 
         def num(name: str, r: list[str] = r, line: int = line) -> float | None:
-            if name not in col:
-                return None
-            text = r[col[name]].strip()
+            text = r[col[name]].strip() if name in col and col[name] < len(r) else ""
             if text in ("", "."):
                 return None
             try:
@@ -159,33 +163,25 @@ def import_nonmem_rows(store: Store, actor: Actor, patient_id: int, header: list
         if t is None or evid is None:
             raise FieldError(f"line {line}: TIME and EVID are required", field="TIME" if t is None else "EVID")
         at = origin + dt.timedelta(hours=t)
-        if evid == 1:
-            amt, rate = num("AMT"), num("RATE") or 0.0
-            if amt is None:
-                raise FieldError(f"line {line}: a dose needs AMT", field="AMT")
-            plan.append(("dose", {"drug": drug, "product": product, "amount": amt, "unit": "mg", "given_at": at,
-                                  "route": "intravenous" if rate > 0 else "oral",
-                                  "infusion_h": amt / rate if rate > 0 else None, "_line": line}))
-        elif evid == 0 and (num("MDV") or 0) == 0:
-            dv = num("DV")
-            if dv is None:
-                raise FieldError(f"line {line}: an observation needs DV", field="DV")
-            blq = (num("BLQ") or 0) == 1
-            plan.append(("level", {"drug": drug, "value": dv, "unit": "ng/mL", "observed_at": at, "blq": blq,
-                                   "lloq": num("LLOQ"), "_line": line}))
-    doses = [{k: v for k, v in a.items() if k != "_line"} for kind, a in plan if kind == "dose"]
-    levels = [{k: v for k, v in a.items() if k != "_line"} for kind, a in plan if kind == "level"]
-    lines_of = [a["_line"] for kind, a in plan if kind == "dose"] + [a["_line"] for kind, a in plan if kind == "level"]
-    try:
-        d_ids, l_ids = store.add_doses_and_levels(actor, patient_id, doses, levels)
-    except FieldError as exc:  # name the line: find the first row that fails on its own
-        from cnidose.records.store import make_dose, make_level
-
-        for a, line in zip(doses + levels, lines_of, strict=True):
-            try:
-                make_dose(**a) if "amount" in a else make_level(**a)
-            except FieldError as row_exc:
-                column = "AMT" if "amount" in a else "DV"
-                raise FieldError(f"line {line}: {str(row_exc).split('] ', 1)[-1]}", field=column) from None
-        raise exc
-    return len(d_ids), len(l_ids)
+        column = "AMT" if evid == 1 else "DV"
+        try:
+            if evid == 1:
+                amt, rate = num("AMT"), num("RATE") or 0.0
+                if amt is None:
+                    raise FieldError("a dose needs AMT", field="AMT")
+                entries.append(("dose", make_dose(drug=drug, product=product, amount=amt, unit="mg", given_at=at,
+                                                  route="intravenous" if rate > 0 else "oral",
+                                                  infusion_h=amt / rate if rate > 0 else None)))
+            elif evid == 0 and (num("MDV") or 0) == 0:
+                dv = num("DV")
+                if dv is None:
+                    raise FieldError("an observation needs DV", field="DV")
+                blq = (num("BLQ") or 0) == 1
+                entries.append(("observation", make_level(drug=drug, value=dv, unit="ng/mL", observed_at=at,
+                                                          blq=blq, lloq=num("LLOQ"))))
+        except FieldError as exc:
+            if exc.args and str(exc).startswith(f"[{exc.field}] line "):
+                raise
+            raise FieldError(f"line {line}: {str(exc).split('] ', 1)[-1]}", field=column) from None
+    store.add_entries(actor, patient_id, entries, via="NONMEM import")
+    return sum(kind == "dose" for kind, _ in entries), sum(kind == "observation" for kind, _ in entries)

@@ -52,15 +52,11 @@ def _iso(t: dt.datetime) -> str:
     return t.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def _ucum(unit: str) -> str:
-    return {"umol/L": "umol/L", "ng/mL": "ng/mL"}.get(unit, unit)
-
-
 def _qty(value: float, unit: str) -> dict[str, Any]:
-    return {"value": value, "unit": unit, "system": UCUM, "code": _ucum(unit)}
+    return {"value": value, "unit": unit, "system": UCUM, "code": unit}  # stored units are UCUM codes
 
 
-def _final(status: str) -> str:
+def _observation_status(status: str) -> str:
     return "entered-in-error" if status == "entered-in-error" else "final"
 
 
@@ -89,7 +85,8 @@ def export_bundle(chart: Chart) -> dict[str, Any]:
             reason: str | None, value: dict[str, Any], **more: Any) -> None:
         nonlocal n
         n += 1
-        r: dict[str, Any] = {"resourceType": "Observation", "id": f"{pid}-obs-{n}", "status": _final(status),
+        r: dict[str, Any] = {"resourceType": "Observation", "id": f"{pid}-obs-{n}",
+                             "status": _observation_status(status),
                              "category": [{"coding": [{"system": CATEGORY, "code": category}]}],
                              "code": {"coding": coding, "text": text}, "subject": subject,
                              "effectiveDateTime": _iso(when), "valueQuantity": value, **more}

@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cnidose.clinical.codes import loinc
 from cnidose.errors import CnidoseError, InputError
 from cnidose.records import schema as S
 from cnidose.records.units import DRUGS, FieldError, covariate_value, dose_mg, level_ng_ml
@@ -146,12 +147,11 @@ class Store:
     def _check(self, actor: Actor, action: str, object_type: str, patient_id: int | None = None,
                object_id: Any = None) -> None:
         allowed = actor.role in PERMISSIONS[action]
-        if allowed and actor.role == "patient" and action != "book":
-            allowed = patient_id is not None and patient_id == actor.patient_id
-        if allowed and actor.role == "patient" and action == "book":
-            allowed = patient_id is None or patient_id == actor.patient_id
-        if allowed and actor.role == "public" and patient_id is not None:
-            allowed = False
+        own = patient_id is not None and patient_id == actor.patient_id
+        if actor.role == "patient":  # only their own record; a booking request may name no record
+            allowed = allowed and (own or (action == "book" and patient_id is None))
+        elif actor.role == "public":  # the public reaches no record at all
+            allowed = allowed and patient_id is None
         if not allowed:
             with self._tx() as s:
                 self._audit(s, actor, "denied", object_type, object_id, patient_id, {"wanted": action})
@@ -247,13 +247,8 @@ class Store:
         self._check(actor, "write", "import")
         with self._tx() as s:
             self._new_patient(s, patient)
+            self._write_entries(s, actor, patient.id, entries, source)
             now = _now()
-            for kind, obj in entries:
-                if kind not in ENTRY_TABLES:
-                    raise FieldError(f"unknown entry kind {kind!r}", field="kind")
-                obj.patient_id, obj.entered_by, obj.entered_at = patient.id, actor.user_id, now
-                obj.status = obj.status or "final"
-                s.add(obj)
             for a in appointments:
                 a.patient_id, a.created_by, a.created_at = patient.id, actor.user_id, now
                 s.add(a)
@@ -265,15 +260,14 @@ class Store:
     def patients(self, actor: Actor) -> list[dict[str, Any]]:
         """Patients the actor may see (a patient: only their own), with their newest level and open alerts
         left to the caller."""
+        query = select(S.Patient).order_by(S.Patient.family_name, S.Patient.id)
         if actor.role == "patient":
             self._check(actor, "read", "patient", actor.patient_id)
-            where: Any = S.Patient.id == actor.patient_id
+            query = query.where(S.Patient.id == actor.patient_id)
         else:
             self._check(actor, "read", "patient")
-            where = S.Patient.id.is_not(None)
         with self._tx() as s:
-            rows = [_row(p) for p in s.scalars(select(S.Patient).where(where).order_by(S.Patient.family_name,
-                                                                                       S.Patient.id))]
+            rows = [_row(p) for p in s.scalars(query)]
             self._audit(s, actor, "read", "patient-list", None, None, {"count": len(rows)})
             return rows
 
@@ -319,35 +313,58 @@ class Store:
                                                          interval_h=interval_h, start_at=start_at, stop_at=stop_at,
                                                          route=route), "regimen")
 
-    def add_dose(self, actor: Actor, patient_id: int, *, drug: str, product: str, amount: Any, unit: str,
-                 given_at: Any, route: str = "oral", infusion_h: Any = None, regimen_id: int | None = None) -> int:
+    def _agent(self, actor: Actor, patient_id: int, kind: str) -> str:
+        """The patient's calcineurin inhibitor, for an entry about to be written (no separate read audit: the
+        write is audited)."""
+        self._check(actor, "write", kind, patient_id)
+        with self._tx() as s:
+            return self._patient(s, patient_id).agent
+
+    def add_dose(self, actor: Actor, patient_id: int, *, product: str, amount: Any, unit: str, given_at: Any,
+                 drug: str | None = None, route: str = "oral", infusion_h: Any = None,
+                 regimen_id: int | None = None) -> int:
+        """A dose of ``drug`` (default: the patient's agent)."""
+        drug = drug or self._agent(actor, patient_id, "dose")
         return self._add(actor, patient_id, make_dose(drug=drug, product=product, amount=amount, unit=unit,
                                                   given_at=given_at, route=route, infusion_h=infusion_h,
                                                   regimen_id=regimen_id), "dose")
 
-    def add_level(self, actor: Actor, patient_id: int, *, drug: str, value: Any, unit: str, observed_at: Any,
-                  blq: bool = False, lloq: Any = None, assay: str | None = None) -> int:
+    def add_level(self, actor: Actor, patient_id: int, *, value: Any, unit: str, observed_at: Any,
+                  drug: str | None = None, blq: bool = False, lloq: Any = None, assay: str | None = None) -> int:
+        """A whole-blood level of ``drug`` (default: the patient's agent)."""
+        drug = drug or self._agent(actor, patient_id, "observation")
         return self._add(actor, patient_id, make_level(drug=drug, value=value, unit=unit, observed_at=observed_at,
                                                    blq=blq, lloq=lloq, assay=assay), "observation")
 
     def add_doses_and_levels(self, actor: Actor, patient_id: int, doses: list[dict[str, Any]],
                              levels: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
         """Many doses and levels (keyword arguments of :meth:`add_dose` / :meth:`add_level`) in one
-        transaction: all are validated first, and either all are stored or none (an import)."""
+        transaction: all are validated first, and either all are stored or none."""
         self._check(actor, "write", "import", patient_id)
-        objs = [("dose", make_dose(**d)) for d in doses] + [("observation", make_level(**lv)) for lv in levels]
-        ids: list[int] = []
+        ids = self.add_entries(actor, patient_id, [("dose", make_dose(**d)) for d in doses]
+                               + [("observation", make_level(**lv)) for lv in levels], via="batch")
+        return ids[:len(doses)], ids[len(doses):]
+
+    def add_entries(self, actor: Actor, patient_id: int, entries: list[tuple[str, Any]], *, via: str) -> list[int]:
+        """Entries built by the ``make_*`` functions, in one transaction (all or none), each audited."""
+        self._check(actor, "write", "import", patient_id)
         with self._tx() as s:
             self._patient(s, patient_id)
-            now = _now()
-            for _, obj in objs:
-                obj.patient_id, obj.entered_by, obj.entered_at, obj.status = patient_id, actor.user_id, now, "final"
-                s.add(obj)
-            s.flush()
-            for kind, obj in objs:
-                ids.append(int(obj.id))
-                self._audit(s, actor, "create", kind, obj.id, patient_id, {"via": "import"})
-        return ids[:len(doses)], ids[len(doses):]
+            return self._write_entries(s, actor, patient_id, entries, via)
+
+    def _write_entries(self, s: Session, actor: Actor, patient_id: int, entries: list[tuple[str, Any]],
+                       via: str) -> list[int]:
+        now = _now()
+        for kind, obj in entries:
+            if kind not in ENTRY_TABLES:
+                raise FieldError(f"unknown entry kind {kind!r}", field="kind")
+            obj.patient_id, obj.entered_by, obj.entered_at = patient_id, actor.user_id, now
+            obj.status = obj.status or "final"  # an import may bring entered-in-error entries
+            s.add(obj)
+        s.flush()
+        for kind, obj in entries:
+            self._audit(s, actor, "create", kind, obj.id, patient_id, {"via": via})
+        return [int(obj.id) for _, obj in entries]
 
     def add_lab(self, actor: Actor, patient_id: int, *, name: str, value: Any, unit: str, observed_at: Any) -> int:
         return self._add(actor, patient_id, make_lab(name=name, value=value, unit=unit, observed_at=observed_at),
@@ -534,8 +551,8 @@ def make_level(*, drug: str, value: Any, unit: str, observed_at: Any, blq: bool 
     limit = None if lloq in (None, "") else level_ng_ml(drug, lloq, unit, field="lloq")
     if blq and limit is None:
         raise FieldError("a level below the limit of quantification needs the limit", field="lloq")
-    code = "11253-2" if drug.lower() == "tacrolimus" else None  # verified LOINC (clinical/data/codes.toml)
-    return S.Observation(category="level", name=f"{drug.lower()} level", code=code, value=v, unit="ng/mL",
+    return S.Observation(category="level", name=f"{drug.lower()} level", code=loinc(drug.lower()), value=v,
+                         unit="ng/mL",
                          observed_at=_aware(observed_at, "observed_at"), blq=bool(blq), lloq=limit, assay=assay)
 
 
@@ -556,9 +573,6 @@ def make_regimen(*, drug: str, product: str, dose: Any, unit: str, interval_h: A
                      dose_mg=mg, interval_h=tau, start_at=start, stop_at=stop)
 
 
-_LAB_CODES = {"creatinine": "2160-0", "potassium": "2823-3", "fasting glucose": "1558-6"}  # clinical/data/codes.toml
-
-
 def make_lab(*, name: str, value: Any, unit: str, observed_at: Any) -> S.Observation:
     from cnidose.clinical.record import RecordError, convert_lab
 
@@ -566,23 +580,25 @@ def make_lab(*, name: str, value: Any, unit: str, observed_at: Any) -> S.Observa
         lab, v, canon = convert_lab(name, value, unit, "lab")
     except RecordError as exc:
         raise FieldError(str(exc).split("] ", 1)[-1], field=exc.field.removeprefix("lab.")) from None
-    return S.Observation(category="lab", name=lab, code=_LAB_CODES.get(lab), value=v, unit=canon,
+    return S.Observation(category="lab", name=lab, code=loinc(lab), value=v, unit=canon,
                          observed_at=_aware(observed_at, "observed_at"), blq=False)
 
 
-_VITALS = {"systolic blood pressure": ("8480-6", 50.0, 300.0), "diastolic blood pressure": ("8462-4", 20.0, 200.0)}
+_VITALS = ("systolic blood pressure", "diastolic blood pressure")
 
 
 def make_vital(*, name: str, value: Any, observed_at: Any) -> S.Observation:
-    """One blood-pressure component (mm[Hg])."""
+    """One blood-pressure component (mm[Hg]); the possible range is the clinical record's (BP_RANGE)."""
+    from cnidose.clinical.record import BP_RANGE
+
     if name not in _VITALS:
         raise FieldError(f"unknown vital sign {name!r} (known: {', '.join(_VITALS)})", field="name")
-    code, lo, hi = _VITALS[name]
     field = name.split()[0]
+    lo, hi = BP_RANGE[field]
     v = _number_pos(value, field)
     if not lo <= v <= hi:
         raise FieldError(f"{v:g} mmHg is not a possible {name} ({lo:g}-{hi:g})", field=field)
-    return S.Observation(category="vital", name=name, code=code, value=v, unit="mm[Hg]",
+    return S.Observation(category="vital", name=name, code=loinc(name), value=v, unit="mm[Hg]",
                          observed_at=_aware(observed_at, "observed_at"), blq=False)
 
 

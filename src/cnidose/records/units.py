@@ -4,8 +4,7 @@ A value that is impossible in the unit it came with, but would be ordinary in th
 tacrolimus dose of 500 "mg", a level of 8,000 "ng/mL"), is refused with the likely mix-up named -- never
 converted silently.
 
-Molar masses (for levels reported in nmol/L): tacrolimus C44H69NO12 804.0 g/mol, cyclosporine
-C62H111N11O12 1202.6 g/mol, voclosporin C63H111N11O12 1214.6 g/mol (PubChem compound records).
+Levels reported in nmol/L are converted with the molar masses below (sources next to them).
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from cnidose.dosing.regimen import IMPLAUSIBLE_LEVEL
 from cnidose.errors import InputError
 from cnidose.models.covariates import STANDARD_COVARIATES
 
@@ -28,11 +28,16 @@ class FieldError(InputError):
 
 
 DRUGS = ("tacrolimus", "cyclosporine", "voclosporin")
-# mg per administration that is possible at all (oral or intravenous); outside it, a unit mix-up or a typo
+# mg per administration accepted at all (oral or intravenous): engineering bounds, wide around the labelled
+# doses, to catch a unit mix-up or a typo -- not clinical limits. Voclosporin's lower bound is one capsule
+# (7.9 mg, Lupkynis label).
 _DOSE_RANGE = {"tacrolimus": (0.05, 50.0), "cyclosporine": (5.0, 2000.0), "voclosporin": (7.9, 100.0)}
-# ng/mL above which a level is refused: 10x the level cnidose's recommender already flags as implausible
-_LEVEL_MAX = {"tacrolimus": 1000.0, "cyclosporine": 30000.0, "voclosporin": 1000.0}
-_MOLAR_MASS = {"tacrolimus": 804.0, "cyclosporine": 1202.6, "voclosporin": 1214.6}  # g/mol
+# ng/mL above which a level is refused: 10x the level the recommender already flags as implausible
+# (cnidose.dosing.regimen.IMPLAUSIBLE_LEVEL); voclosporin, which has none, 1000 ng/mL (engineering bound)
+_LEVEL_MAX = {"voclosporin": 1000.0, **{d: 10.0 * v for d, v in IMPLAUSIBLE_LEVEL.items()}}
+# g/mol: tacrolimus C44H69NO12 804.02 (Merck Index; anhydrous), cyclosporine C62H111N11O12 1202.61 (Merck
+# Index), voclosporin C63H111N11O12 1214.65 (PubChem CID 6918486)
+_MOLAR_MASS = {"tacrolimus": 804.02, "cyclosporine": 1202.61, "voclosporin": 1214.65}
 _MASS = {"mg": 1.0, "g": 1000.0, "ug": 1e-3, "µg": 1e-3, "mcg": 1e-3}
 _CONC = {"ng/mL": 1.0, "ug/L": 1.0, "µg/L": 1.0, "mcg/L": 1.0, "ng/L": 1e-3, "mg/L": 1000.0, "ug/mL": 1000.0}
 # covariate unit alternatives -> factor to the standard data unit
@@ -81,8 +86,8 @@ def dose_mg(drug: str, amount: Any, unit: str, *, field: str = "amount") -> floa
 def level_ng_ml(drug: str, value: Any, unit: str, *, field: str = "value") -> float:
     """A whole-blood level in ng/mL (= ug/L); refuses negative or impossible levels, naming the unit.
 
-    >>> level_ng_ml("tacrolimus", 9.95, "nmol/L")  # 9.95 nmol/L x 804.0 g/mol
-    7.9998
+    >>> round(level_ng_ml("tacrolimus", 9.95, "nmol/L"), 4)  # 9.95 nmol/L x 804.02 g/mol
+    8.0
     """
     d = _drug(drug, "drug")
     v = _number(value, field)
