@@ -286,28 +286,25 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             return RedirectResponse(f"/patients/{who[0].patient_id}", status_code=303)
         return render(request, "patients.html", who, patients=_summaries(who[0]))
 
+    def patient_response(request: Request, who: tuple[Actor, str], pid: int, status: int = 200,
+                         error: str | None = None, error_field: str | None = None) -> HTMLResponse:
+        chart = store.chart(who[0], pid)
+        curve = chart.assessments[-1]["result"].get("curve") if chart.assessments else None
+        return render(request, "patient.html", who, status, chart=chart,
+                      clinical=clinical_assessment(chart, the_day()), trends=trends(chart),
+                      staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
+                      curve=curve)
+
     @app.get("/patients/{pid}", response_class=HTMLResponse, include_in_schema=False)
     def patient_page(request: Request, pid: Id, who: tuple[Actor, str] = Depends(page_user),
                      error_field: str | None = None, error: str | None = None) -> Response:
-        chart = store.chart(who[0], pid)
-        clin = clinical_assessment(chart, the_day())
-        drafts = [a for a in chart.assessments if a["status"] == "draft"]
-        return render(request, "patient.html", who, chart=chart, clinical=clin, trends=trends(chart),
-                      staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
-                      latest=chart.assessments[-1] if chart.assessments else None, drafts=drafts,
-                      curve=(chart.assessments[-1]["result"].get("curve") if chart.assessments else None))
+        return patient_response(request, who, pid, error=error, error_field=error_field)
 
-    def _entry_form(request: Request, pid: Id, who: tuple[Actor, str], add: Callable[[], Any]) -> Response:
+    def _entry_form(request: Request, pid: int, who: tuple[Actor, str], add: Callable[[], Any]) -> Response:
         try:
             add()
         except FieldError as exc:
-            chart = store.chart(who[0], pid)
-            return render(request, "patient.html", who, 422, chart=chart,
-                          clinical=clinical_assessment(chart, the_day()), trends=trends(chart), staff=True,
-                          error=str(exc).split("] ", 1)[-1], error_field=exc.field,
-                          latest=chart.assessments[-1] if chart.assessments else None,
-                          drafts=[a for a in chart.assessments if a["status"] == "draft"],
-                          curve=(chart.assessments[-1]["result"].get("curve") if chart.assessments else None))
+            return patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field)
         return RedirectResponse(f"/patients/{pid}", status_code=303)
 
     @app.post("/patients/{pid}/levels", include_in_schema=False)
@@ -315,9 +312,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                        observed_at: str = Form(""), csrf: str = Form(""),
                        who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
-        drug = store.chart(who[0], pid).patient["agent"]
         return _entry_form(request, pid, who, lambda: store.add_level(
-            who[0], pid, drug=drug, value=_form_number(value, "value"), unit=unit,
+            who[0], pid, value=_form_number(value, "value"), unit=unit,
             observed_at=form_time(observed_at, "observed_at")))
 
     @app.post("/patients/{pid}/doses", include_in_schema=False)
@@ -325,9 +321,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                       given_at: str = Form(""), product: str = Form("Prograf"), csrf: str = Form(""),
                       who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
-        drug = store.chart(who[0], pid).patient["agent"]
         return _entry_form(request, pid, who, lambda: store.add_dose(
-            who[0], pid, drug=drug, product=product, amount=_form_number(amount, "amount"), unit=unit,
+            who[0], pid, product=product, amount=_form_number(amount, "amount"), unit=unit,
             given_at=form_time(given_at, "given_at")))
 
     @app.post("/patients/{pid}/labs", include_in_schema=False)
@@ -466,14 +461,12 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     @app.post("/api/v1/patients/{pid}/levels", status_code=201, tags=["entries"])
     def api_level(pid: Id, body: LevelIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
-        drug = store.chart(who[0], pid).patient["agent"]
-        return {"id": store.add_level(who[0], pid, drug=drug, value=body.value, unit=body.unit,
+        return {"id": store.add_level(who[0], pid, value=body.value, unit=body.unit,
                                       observed_at=body.observed_at, blq=body.blq, lloq=body.lloq, assay=body.assay)}
 
     @app.post("/api/v1/patients/{pid}/doses", status_code=201, tags=["entries"])
     def api_dose(pid: Id, body: DoseIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
-        drug = store.chart(who[0], pid).patient["agent"]
-        return {"id": store.add_dose(who[0], pid, drug=drug, product=body.product, amount=body.amount,
+        return {"id": store.add_dose(who[0], pid, product=body.product, amount=body.amount,
                                      unit=body.unit, given_at=body.given_at, route=body.route,
                                      infusion_h=body.infusion_h)}
 

@@ -42,16 +42,14 @@ def _individual(chart: Chart) -> tuple[Any, Any]:
     exp = chart_to_nonmem(chart, ident=1)
     if not exp.rows:
         return None, exp
-    cols: dict[str, Any] = {}
-    for j, name in enumerate(exp.header):
-        cols[name] = np.array([np.nan if r[j] == "." else float(r[j]) for r in exp.rows])
-    return split_individuals(cols)[0], exp
+    return exp.dataset(f"chart of {chart.patient['mrn']}").individuals()[0], exp
 
 
 def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
             seed: int = 0, choice: str = "most-likely") -> dict[str, Any]:
     """Fit, curve with 80 % band, recommendation and the clinical assessment for one patient."""
     from cnidose.dosing import find_target, product, recommend
+    from cnidose.estimation import fit_map
     from cnidose.estimation.posterior import sample_posterior
     from cnidose.models.library import resolve_model
 
@@ -81,8 +79,10 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
         target = find_target(p["agent"], organ, group, months, concomitant=concomitant)
         # the dose most likely in range rather than the smallest in range (which aims at the low edge);
         # recorded in the recommendation's inputs
-        rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed, choice=choice)
-        post = sample_posterior(model, ind, n_draws=300, seed=seed)
+        fit = fit_map(model, [ind])[0]  # once, for the recommendation and for the curve's band
+        rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed, choice=choice,
+                        fit=fit)
+        post = sample_posterior(model, ind, n_draws=300, seed=seed, map_result=fit)
     except CnidoseError as exc:
         out["warnings"].append(f"{type(exc).__name__}: {exc}")
         return out
