@@ -104,6 +104,16 @@ def test_trial_bad_input(tmp_path: Path) -> None:
             run_trial(wrong, n=10)
     with pytest.raises(InputError, match="positive whole number"):
         run_trial(p, n=-5)
+    for section, key, value, msg in (("covariates", "AGE", {"normal": [55.0]}, r"\[covariates.AGE\]: normal"),
+                                     ("covariates", "AGE", "old", r"\[covariates.AGE\]: give a number"),
+                                     ("covariates", "CYP3A5", {"categorical": {"x": 1.0}},
+                                      r"\[covariates.CYP3A5\]: categorical"),
+                                     ("regimen", "start_mg_per_kg_day", "a lot",
+                                      r"\[regimen.start_mg_per_kg_day\]: must be a positive number")):
+        wrong = copy.deepcopy(p)
+        wrong[section][key] = value
+        with pytest.raises(InputError, match=msg):
+            run_trial(wrong, n=10)
     rule = copy.deepcopy(p)
     rule["adjust"] = {"method": "recommender", "every_days": 7, "choice": "median"}
     with pytest.raises(InputError, match=r"\[adjust.choice\]: unknown choice rule 'median'"):

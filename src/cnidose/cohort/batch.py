@@ -7,7 +7,9 @@ file's bytes, parsed once per worker process (cached by content hash).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from cnidose.cohort.executor import Backend, chunked, run_chunks
@@ -26,15 +28,11 @@ def model_payload(model: Model) -> tuple[bytes, str]:
     """What a worker needs to rebuild ``model``: the file's bytes and its source name."""
     if not model.source:
         raise ValueError("the model has no source file")
-    from pathlib import Path
-
     return Path(model.source).read_bytes(), model.source
 
 
 def _model(payload: tuple[bytes, str]) -> Model:
     raw, source = payload
-    import hashlib
-
     key = hashlib.sha256(raw).hexdigest()
     if key not in _MODELS:
         _MODELS[key] = parse_model(raw, source=source)

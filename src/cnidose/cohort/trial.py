@@ -56,6 +56,7 @@ from numpy.typing import NDArray
 
 from cnidose.cohort.batch import _model, model_payload
 from cnidose.cohort.executor import Backend, run_chunks
+from cnidose.dosing.cpic import MAX_MG_PER_KG_DAY
 from cnidose.dosing.data import Target
 from cnidose.dosing.data import product as find_product
 from cnidose.errors import DataError, InputError
@@ -140,6 +141,42 @@ def validate_protocol(doc: dict[str, Any], where: str = "protocol") -> dict[str,
     if not (isinstance(t.get("low"), (int, float)) and isinstance(t.get("high"), (int, float))
             and 0 <= t["low"] < t["high"]):
         raise bad("target needs low < high", "target")
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    for k in ("n", "seed"):
+        if k in doc and not (isinstance(doc[k], int) and not isinstance(doc[k], bool)):
+            raise bad(f"must be a whole number, got {doc[k]!r}", k)
+    for k in ("interval", "start_mg_per_kg_day", "dose_mg", "cpic_factor"):
+        v = doc["regimen"].get(k)
+        if v is not None and not (number(v) and v > 0):
+            raise bad(f"must be a positive number, got {v!r}", f"regimen.{k}")
+    if not isinstance(doc.get("covariates", {}), dict):
+        raise bad("a table of covariates", "covariates")
+    for name, spec in doc.get("covariates", {}).items():
+        key = f"covariates.{name}"
+        if number(spec):
+            continue
+        if isinstance(spec, dict) and "normal" in spec:
+            ms = spec["normal"]
+            if not (isinstance(ms, list) and len(ms) == 2 and all(map(number, ms)) and ms[1] >= 0):
+                raise bad(f"normal = [mean, sd] with sd >= 0, got {ms!r}", key)
+            rng = spec.get("range")
+            if rng is not None and not (isinstance(rng, list) and len(rng) == 2 and all(map(number, rng))
+                                        and rng[0] < rng[1]):
+                raise bad(f"range = [low, high] with low < high, got {rng!r}", key)
+        elif isinstance(spec, dict) and "categorical" in spec:
+            cat = spec["categorical"]
+            ok = isinstance(cat, dict) and cat and all(number(v) and v >= 0 for v in cat.values())
+            try:
+                [float(c) for c in cat] if ok else None
+            except ValueError:
+                ok = False
+            if not ok or sum(cat.values()) <= 0:
+                raise bad(f'categorical = {{ "code" = probability, ... }} with numeric codes, got {cat!r}', key)
+        else:
+            raise bad("give a number, normal = [mean, sd] (range = [low, high]) or categorical = {code = p}", key)
     return doc
 
 
@@ -246,7 +283,8 @@ def simulate_troughs(payload: tuple[bytes, str], protocol: dict[str, Any], n: in
             raise InputError("start_mg_per_kg_day needs the covariate WT in the protocol")
         per_kg = np.full(n, float(reg["start_mg_per_kg_day"]))
         if "cpic_factor" in reg and "CYP3A5" in raw:
-            per_kg = np.where(raw["CYP3A5"] == 1, np.minimum(per_kg * float(reg["cpic_factor"]), 0.3), per_kg)
+            per_kg = np.where(raw["CYP3A5"] == 1, np.minimum(per_kg * float(reg["cpic_factor"]), MAX_MG_PER_KG_DAY),
+                              per_kg)
         dose = per_kg * wt / per_day
     strengths = np.array(sorted(prod.strengths))
     max_dose = float(adjust.get("max_dose_mg", 25.0 if model.meta.get("drug") == "tacrolimus" else 500.0))
