@@ -57,7 +57,7 @@ from numpy.typing import NDArray
 from cnidose.cohort.batch import _model, model_payload
 from cnidose.cohort.executor import Backend, run_chunks
 from cnidose.dosing.cpic import MAX_MG_PER_KG_DAY
-from cnidose.dosing.data import Target
+from cnidose.dosing.data import Target, max_dose_mg
 from cnidose.dosing.data import product as find_product
 from cnidose.errors import DataError, InputError
 from cnidose.models.library import resolve_model
@@ -287,7 +287,7 @@ def simulate_troughs(payload: tuple[bytes, str], protocol: dict[str, Any], n: in
                               per_kg)
         dose = per_kg * wt / per_day
     strengths = np.array(sorted(prod.strengths))
-    max_dose = float(adjust.get("max_dose_mg", 25.0 if model.meta.get("drug") == "tacrolimus" else 500.0))
+    max_dose = float(adjust.get("max_dose_mg", max_dose_mg(str(model.meta.get("drug", "")))))
 
     def to_strengths(d: FloatArray) -> FloatArray:
         d = np.minimum(d, max_dose)
@@ -360,7 +360,7 @@ def _recommend_all(payload: tuple[bytes, str], protocol: dict[str, Any], raw: di
     prod = find_product(protocol["regimen"]["product"], drug)
     target = Target(drug, float(protocol["target"]["low"]), float(protocol["target"]["high"]), source="protocol")
     draws = int(adjust.get("draws", 200))
-    max_dose = float(adjust.get("max_dose_mg", 25.0 if drug == "tacrolimus" else 500.0))
+    max_dose = float(adjust.get("max_dose_mg", max_dose_mg(drug)))
     n = now.size
     seeds = rng.integers(0, 2**31 - 1, n)
     given = dose_time < stage * 24.0

@@ -64,6 +64,20 @@ class Conversion:
     source: str
 
 
+#: largest single administration (mg) that dose searches consider unless told otherwise: an engineering
+#: bound well above labelled doses, not a clinical limit
+MAX_DOSE_MG = {"tacrolimus": 25.0, "cyclosporine": 500.0}
+
+
+def max_dose_mg(drug: str) -> float:
+    return MAX_DOSE_MG.get(drug, MAX_DOSE_MG["cyclosporine"])
+
+
+def load_start_doses(path: str | Path | None = None) -> list[dict[str, Any]]:
+    """The label starting doses (``[[start_doses]]`` of products.toml)."""
+    return list(_read(Path(path) if path else None, "products.toml").get("start_doses", []))
+
+
 def _read(path: Path | None, name: str) -> dict[str, Any]:
     try:
         if path is None:

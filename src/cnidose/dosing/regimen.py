@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 
 from cnidose import __version__
 from cnidose.dosing.cpic import CPIC_SOURCE, MAX_MG_PER_KG_DAY
-from cnidose.dosing.data import Product, Target
+from cnidose.dosing.data import Product, Target, max_dose_mg
 from cnidose.errors import InputError
 from cnidose.estimation import fit_map
 from cnidose.estimation.map import MapResult
@@ -231,7 +231,7 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
         nk = len(model.iov)
         kappa = (rng.standard_normal((eta.shape[0], 1, nk)) @ np.linalg.cholesky(
             model.iov.omega + 1e-300 * np.eye(nk)).T)
-    limit_dose = max_dose if max_dose is not None else (25.0 if drug == "tacrolimus" else 500.0)
+    limit_dose = max_dose if max_dose is not None else max_dose_mg(drug)
     cands = candidate_doses(product.strengths, max_units=max_units, max_dose=limit_dose)
     if not cands:
         raise InputError(f"no dose of {product.name} is possible with the limits given")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
-from importlib import resources
 
 import numpy as np
 
-from cnidose.dosing.data import Product, Target, load_products
+from cnidose.dosing.data import Product, Target, load_products, load_start_doses, max_dose_mg
 from cnidose.dosing.regimen import candidate_doses, steady_state_metric_draws
 from cnidose.errors import InputError
 from cnidose.models.model import Model
@@ -30,13 +28,12 @@ def label_start_dose(drug: str, organ: str, age_group: str, weight_kg: float, *,
     """The label's weight-based starting dose for an indication (actual body weight)."""
     if not weight_kg > 0:
         raise InputError(f"weight must be positive, got {weight_kg:g} kg")
-    doc = tomllib.loads((resources.files("cnidose.dosing") / "data" / "products.toml").read_text(encoding="utf-8"))
-    rows = [r for r in doc.get("start_doses", []) if r["drug"] == drug and r["organ"] == organ
+    table = load_start_doses()
+    rows = [r for r in table if r["drug"] == drug and r["organ"] == organ
             and r["age_group"] == age_group and r["concomitant"] in (concomitant, "any")]
     rows.sort(key=lambda r: r["concomitant"] != concomitant)
     if not rows:
-        have = sorted({f"{r['organ']}/{r['age_group']}/{r['concomitant']}" for r in doc.get("start_doses", [])
-                       if r["drug"] == drug})
+        have = sorted({f"{r['organ']}/{r['age_group']}/{r['concomitant']}" for r in table if r["drug"] == drug})
         raise InputError(f"no label starting dose for {drug}, {organ}, {age_group} ({concomitant}); known: "
                          f"{', '.join(have)}")
     r = rows[0]
@@ -67,7 +64,7 @@ def apriori_dose(model: Model, covariates: dict[str, float], target: Target, pro
     kappa = None
     if model.iov is not None:
         kappa = rng.multivariate_normal(np.zeros(len(model.iov)), model.iov.omega, size=(n_draws, 1))
-    limit = max_dose if max_dose is not None else (25.0 if product.drug == "tacrolimus" else 500.0)
+    limit = max_dose if max_dose is not None else max_dose_mg(product.drug)
     cands = candidate_doses(product.strengths, max_units=max_units, max_dose=limit)
     doses = np.array([d for d, _ in cands])
     values = steady_state_metric_draws(model, covariates, doses, product.interval, target.metric, eta, kappa)
