@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import ArgumentError
 
 from cnidose.errors import InputError
 
@@ -51,7 +52,7 @@ def make_engine(url: str | None = None, **kwargs: Any) -> Engine:
 
             return engine
         return create_engine(url, pool_pre_ping=True, **kwargs)
-    except Exception as exc:  # a malformed URL or a missing driver
+    except (ArgumentError, ImportError) as exc:  # a malformed URL, an unknown dialect or a missing driver
         raise InputError(f"cannot use the database {_safe(url)}: {exc}") from None
 
 
@@ -61,7 +62,7 @@ def _safe(url: str) -> str:
 
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:
+    except ArgumentError:
         return "(unparsable URL)"
 
 

@@ -20,6 +20,8 @@ import importlib
 import re
 from typing import Any
 
+from pydantic import ValidationError
+
 from cnidose.records import schema as S
 from cnidose.records.store import (
     Actor,
@@ -178,15 +180,12 @@ def _validate(bundle: Any) -> None:
         raise FieldError("FHIR needs the optional extra: pip install 'cnidose[fhir]'", field="bundle") from None
     try:
         mod.Bundle.model_validate(bundle)
-    except Exception as exc:  # pydantic's ValidationError: name the first failing location
-        errors = getattr(exc, "errors", None)
-        if callable(errors):
-            first = errors()[0]
-            where = ""
-            for part in first.get("loc", ()):
-                where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
-            raise FieldError(f"not a valid FHIR R4 bundle: {first.get('msg')}", field=where or "bundle") from None
-        raise FieldError(f"not a valid FHIR R4 bundle: {exc}", field="bundle") from None
+    except ValidationError as exc:  # name the first failing location
+        first = exc.errors()[0]
+        where = ""
+        for part in first.get("loc", ()):
+            where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+        raise FieldError(f"not a valid FHIR R4 bundle: {first.get('msg')}", field=where or "bundle") from None
 
 
 def _get(d: Any, *path: Any, where: str, required: bool = True) -> Any:
