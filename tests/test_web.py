@@ -322,3 +322,17 @@ def test_pdf_writer_breaks_pages_and_escapes() -> None:
     text = "\n".join(p.extract_text() for p in reader.pages)
     assert "Title (with parentheses) \\ and backslash" in text and "line 119: trough <= 10 µg/L" in text
     assert "page 1 of" in text
+
+
+def test_analysis_guesses_nothing(site: tuple[Any, Store, dict[str, int]]) -> None:
+    """Without a recorded regimen or transplant date there is no recommendation, and the page says why."""
+    from cnidose.web.services import analyse
+
+    _, store, _ = site
+    pid = store.add_patient(SYSTEM, mrn="NO-RX-1", family_name="Bare", given_name="Record", birth_date="1975-02-02",
+                            sex="female", agent="tacrolimus", indication="kidney transplant")
+    store.add_dose(SYSTEM, pid, product="Prograf", amount=3, unit="mg", given_at="2026-11-20T08:00:00Z")
+    store.add_level(SYSTEM, pid, value=6.0, unit="ng/mL", observed_at="2026-11-21T07:50:00Z")
+    out = analyse(store.chart(SYSTEM, pid), TODAY)
+    assert "recommendation" not in out
+    assert any("record the current regimen" in w and "the transplant date" in w for w in out["warnings"])

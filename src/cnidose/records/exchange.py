@@ -110,8 +110,12 @@ def chart_to_document(chart: Chart, *, region: str = "EU") -> dict[str, Any]:
     doc: dict[str, Any] = {
         "schema": "cnidose.patient/1", "id": p["mrn"], "birth_date": p["birth_date"].isoformat(),
         "sex": p["sex"], "agent": p["agent"], "indication": p["indication"], "region": region,
-        "therapy_start": (p["therapy_start"] or p["transplant_date"] or p["created_at"].date()).isoformat(),
     }
+    # a transplant recipient's calcineurin inhibitor starts at the transplant; otherwise the start must be
+    # recorded (the rule base then reports it missing rather than taking the record's creation date)
+    start = p["therapy_start"] or p["transplant_date"]
+    if start is not None:
+        doc["therapy_start"] = start.isoformat()
     if "WT" in covs:
         doc["weight_kg"] = covs["WT"]["value"]
     if "HT" in covs:

@@ -68,11 +68,16 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
         out["warnings"].append("no doses or levels recorded: no fit")
         return out
     regimens = [r for r in chart.regimens if r["status"] == "final" and r["drug"] == p["agent"]]
+    missing = ([] if regimens else ["the current regimen (product and interval)"]) + (
+        [] if p.get("transplant_date") else ["the transplant date (the target depends on the time since it)"])
+    if missing:  # nothing guessed: the recommendation needs them
+        out["warnings"].append("no recommendation: record " + " and ".join(missing))
+        return out
     try:
         model = resolve_model(mid)
-        prod = product(regimens[-1]["product"] if regimens else "Prograf", p["agent"])
-        interval = regimens[-1]["interval_h"] if regimens else prod.interval
-        months = ((as_of - p["transplant_date"]).days / 30.4375) if p.get("transplant_date") else 12.0
+        prod = product(regimens[-1]["product"], p["agent"])
+        interval = regimens[-1]["interval_h"]
+        months = (as_of - p["transplant_date"]).days / 30.4375
         meds = {m["name"] for m in chart.medications if m["status"] == "final"}
         concomitant = "mmf" if any("mycophenol" in m for m in meds) else "any"
         organ = p["indication"].replace(" transplant", "")
