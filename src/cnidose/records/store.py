@@ -30,7 +30,7 @@ from cnidose.errors import CnidoseError, InputError
 from cnidose.records import schema as S
 from cnidose.records.units import DRUGS, FieldError, covariate_value, dose_mg, level_ng_ml
 
-__all__ = ["PERMISSIONS", "SYSTEM", "AccessDenied", "Actor", "Chart", "NotFound", "Store"]
+__all__ = ["PERMISSIONS", "PUBLIC", "SYSTEM", "AccessDenied", "Actor", "Chart", "NotFound", "Store"]
 
 #: action -> roles allowed. "patient" is allowed only on the patient's own record (checked per call).
 PERMISSIONS: dict[str, frozenset[str]] = {

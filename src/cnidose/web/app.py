@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from cnidose import __version__
 from cnidose.errors import CnidoseError
-from cnidose.records.store import AccessDenied, Actor, NotFound, Store
+from cnidose.records.store import PUBLIC, AccessDenied, Actor, NotFound, Store
 from cnidose.records.units import FieldError
 from cnidose.web.security import Sessions, Throttle, verify_password
 from cnidose.web.services import analyse, clinical_assessment, trends
@@ -130,13 +130,18 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             raise _Redirect("/login?next=" + request.url.path)
         return who
 
-    def api_user(request: Request) -> tuple[Actor, str]:
+    def api_caller(request: Request) -> tuple[Actor, str] | None:
+        """The signed-in caller (None: anonymous); a state-changing call must echo the session's CSRF token."""
         who = current(request)
-        if who is None:
-            raise HTTPException(401, "sign in first: POST /api/v1/session")
-        if request.method not in ("GET", "HEAD") and not secrets.compare_digest(
+        if who is not None and request.method not in ("GET", "HEAD") and not secrets.compare_digest(
                 request.headers.get("X-CSRF-Token", ""), who[1]):
             raise HTTPException(403, "missing or wrong X-CSRF-Token header")
+        return who
+
+    def api_user(request: Request) -> tuple[Actor, str]:
+        who = api_caller(request)
+        if who is None:
+            raise HTTPException(401, "sign in first: POST /api/v1/session")
         return who
 
     def check_csrf(who: tuple[Actor, str], token: str) -> None:
@@ -403,7 +408,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             check_csrf(who, csrf)
         elif not csrf or not secrets.compare_digest(csrf, request.cookies.get(ANON_CSRF, "")):
             raise HTTPException(403, "the form expired: please reload it")
-        actor = who[0] if who else Actor("public", "public")
+        actor = who[0] if who else PUBLIC
         form = {"starts_at": starts_at, "reason": reason, "contact_name": contact_name, "contact_email": contact_email}
         try:
             aid = store.book(actor, department=DEPARTMENT, starts_at=form_time(starts_at, "starts_at"),
@@ -488,10 +493,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     @app.post("/api/v1/bookings", status_code=201, tags=["appointments"])
     def api_book(request: Request, body: BookingIn) -> dict[str, Any]:
-        who = current(request)
-        if who is not None and not secrets.compare_digest(request.headers.get("X-CSRF-Token", ""), who[1]):
-            raise HTTPException(403, "missing or wrong X-CSRF-Token header")
-        actor = who[0] if who else Actor("public", "public")
+        who = api_caller(request)
+        actor = who[0] if who else PUBLIC
         aid = store.book(actor, department=DEPARTMENT, starts_at=body.starts_at, minutes=body.minutes,
                          reason=body.reason, contact_name=body.contact_name, contact_email=body.contact_email,
                          patient_id=body.patient_id)
