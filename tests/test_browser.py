@@ -93,6 +93,9 @@ def test_clinician_adds_a_trough_gets_a_recommendation_signs_and_books(server: t
     _shot(page, "patients")
     page.click("text=Demo, Karel")
     expect(page.locator("#patient-name")).to_have_text("Demo, Karel")
+    # htmx (served by the app) posts the forms below in place: a mark set on this page must survive them all
+    assert page.evaluate("typeof htmx !== 'undefined' && htmx.version.startsWith('2')")  # type: ignore[attr-defined]
+    page.evaluate("window.cnidoseSamePage = true")  # type: ignore[attr-defined]
     # a trough drawn this morning
     now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0) - dt.timedelta(hours=1)
     page.fill("#level-value", "11.2")
@@ -116,6 +119,7 @@ def test_clinician_adds_a_trough_gets_a_recommendation_signs_and_books(server: t
     page.fill("#level-time", now.strftime("%Y-%m-%dT%H:%M"))
     page.click("#add-level")
     expect(page.locator("#form-error")).to_contain_text("if the unit is ng/L")
+    assert page.evaluate("window.cnidoseSamePage === true"), "a form reloaded the page instead of swapping"  # type: ignore[attr-defined]
     page.click("#logout")
     expect(page).to_have_url(f"{base}/login")
     page.goto(f"{base}/patients/{ids['DEMO-TX-1']}")

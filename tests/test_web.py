@@ -111,7 +111,7 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         ("GET", "/api/v1/calendar", staff, None),
         ("GET", "/api/v1/patients/{pid}/fhir", staff | {"karel"}, None),
         ("POST", "/api/v1/fhir", staff, {"resourceType": "Bundle", "type": "collection", "entry": []}),
-        ("GET", "/api/v1/openapi.json", everyone, None), ("GET", "/vendor/plotly.min.js", everyone, None),
+        ("GET", "/api/v1/openapi.json", everyone, None), ("GET", "/vendor/{name}", everyone, None),
         ("POST", "/logout", everyone, {}),  # last: it ends the session
     ]
     routes = {(m, r.path) for r in app.routes if isinstance(r, Route) for m in (r.methods or set()) - {"HEAD"}}
@@ -121,7 +121,7 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         for method, template, allowed, body in table:
             if template in ("/login", "/api/v1/session"):
                 continue
-            path = template.format(pid=kid, aid=draft() if "{aid}" in template else 0, appt_id=appt)
+            path = template.format(pid=kid, aid=draft() if "{aid}" in template else 0, appt_id=appt, name="htmx.min.js")
             data = body() if callable(body) else body
             if method == "GET":
                 r = c.get(path, params={"start": "2026-01-01T00:00:00Z", "end": "2027-12-31T00:00:00Z"}
@@ -248,6 +248,22 @@ def test_openapi_schema_lists_the_api(site: tuple[Any, Store, dict[str, int]]) -
     assert {"/api/v1/patients", "/api/v1/patients/{pid}/levels", "/api/v1/patients/{pid}/recommendation",
             "/api/v1/assessments/{aid}/sign", "/api/v1/bookings", "/api/v1/session"} <= set(spec["paths"])
     assert not any(p.startswith("/patients") for p in spec["paths"])  # pages are not API
+
+
+def test_pages_load_their_scripts_from_the_app_itself(site: tuple[Any, Store, dict[str, int]]) -> None:
+    """Plotly and htmx come from the installed packages, served by the app; pages reference nothing else."""
+    import re
+
+    app, _, ids = site
+    c, _ = client(app, "clin")
+    page = c.get(f"/patients/{ids['DEMO-TX-1']}").text
+    scripts = re.findall(r'<script[^>]* src="([^"]+)"', page)
+    assert scripts == ["/vendor/plotly.min.js", "/vendor/htmx.min.js", "/static/app.js"]
+    assert 'hx-post="/patients/' in page and 'id="patient-main"' in page
+    htmx = c.get("/vendor/htmx.min.js")
+    assert htmx.status_code == 200 and "htmx" in htmx.text[:2000] and len(htmx.content) > 20_000
+    assert c.get("/vendor/plotly.min.js").text.startswith("/**")
+    assert c.get("/vendor/anything.js").status_code == 404
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -6,7 +6,9 @@ are the same for both. Sessions are signed cookies carrying a CSRF token that ev
 public booking request) use a signed double-submit cookie. Sign-in failures are throttled per user name
 and per client address. Times typed into forms are read in the app's time zone (``CNIDOSE_TIMEZONE``,
 default UTC) and stored in UTC. JavaScript and CSS are served by the app itself (Plotly from the installed
-``plotly`` package); nothing is fetched from elsewhere.
+``plotly`` package, htmx from ``django-js-lib-htmx``); nothing is fetched from elsewhere. The patient page's
+forms carry htmx attributes (the page's main region is swapped in place) and work as plain forms without
+JavaScript.
 """
 
 from __future__ import annotations
@@ -87,14 +89,22 @@ class LoginIn(BaseModel):
     password: str = Field(max_length=1024)
 
 
-def _plotly_js() -> Path | None:
+def _vendor_file(package: str, *parts: str) -> Path | None:
+    """A file shipped inside an installed package (found without importing it), or None."""
     import importlib.util
 
-    spec = importlib.util.find_spec("plotly")
+    spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         return None
-    p = Path(spec.origin).resolve().parent / "package_data" / "plotly.min.js"
+    p = Path(spec.origin).resolve().parent.joinpath(*parts)
     return p if p.exists() else None
+
+
+# Third-party JavaScript, served from the installed Python packages: Plotly from ``plotly``; htmx 2 (0BSD)
+# from ``django-js-lib-htmx``, a package of htmx's static files only (its Django app module is never imported).
+# Both are optional at run time: without them the charts are off and the forms post and reload as plain HTML.
+VENDOR = {"plotly.min.js": ("plotly", "package_data", "plotly.min.js"),
+          "htmx.min.js": ("js_lib_htmx", "static", "htmx", "htmx.min.js")}
 
 
 def create_app(store: Store, *, secret_key: str | None = None, timezone: str | None = None,
@@ -109,7 +119,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     tz = ZoneInfo(timezone or os.environ.get("CNIDOSE_TIMEZONE", "UTC"))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    plotly_path = _plotly_js()
+    vendor = {name: _vendor_file(*where) for name, where in VENDOR.items()}
 
     def the_day() -> dt.date:
         return today() if today else dt.datetime.now(tz).date()
@@ -201,11 +211,15 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return t if t.tzinfo else t.replace(tzinfo=tz)
 
     # -- static ----------------------------------------------------------------------------------------------
-    @app.get("/vendor/plotly.min.js", include_in_schema=False)
-    def plotly_js() -> Response:
-        if plotly_path is None:
-            return PlainTextResponse("/* plotly is not installed: charts are off */", media_type="text/javascript")
-        return FileResponse(plotly_path, media_type="text/javascript")
+    @app.get("/vendor/{name}", include_in_schema=False)
+    def vendor_js(name: str) -> Response:
+        if name not in VENDOR:
+            raise HTTPException(404, "no such file")
+        path = vendor[name]
+        if path is None:
+            return PlainTextResponse(f"/* {VENDOR[name][0]} is not installed: {name} is off */",
+                                     media_type="text/javascript")
+        return FileResponse(path, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
 
     # -- sign in / out ---------------------------------------------------------------------------------------
     def _login(request: Request, username: str, password: str) -> tuple[Actor, str, str] | str:

@@ -1,4 +1,5 @@
-// cnidose pages: draw the charts from the JSON the server embedded (Plotly served by the app itself).
+// cnidose pages: draw the charts from the JSON the server embedded (Plotly served by the app itself), and
+// again whenever htmx swaps a region in; say so when htmx gets an error answer (the swap is not made).
 (function () {
   "use strict";
   function data(id) { var el = document.getElementById(id); return el ? JSON.parse(el.textContent) : null; }
@@ -30,5 +31,18 @@
          { displayModeBar: false, responsive: true });
     }
   }
+  document.addEventListener("htmx:afterSettle", ready);
+  document.addEventListener("htmx:beforeRequest", function () {
+    var s = document.getElementById("htmx-status"); if (s) { s.hidden = true; }
+  });
+  function failed(e) {
+    var s = document.getElementById("htmx-status"), x = e.detail.xhr;
+    if (!s) { return; }
+    s.textContent = x && x.status ? "The server answered " + x.status + ": " + (x.responseText || "").replace(/<[^>]*>/g, " ").trim().slice(0, 300) + " (reload the page)"
+                                  : "The server could not be reached: nothing was saved by this request.";
+    s.hidden = false;
+  }
+  document.addEventListener("htmx:responseError", failed);
+  document.addEventListener("htmx:sendError", failed);
   if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", ready); } else { ready(); }
 })();
