@@ -343,6 +343,8 @@ def test_unit_aware_calculators() -> None:
     a = c.egfr_ckd_epi_2021(1.0, "mg/dL", 50, "female")
     assert a == pytest.approx(c.egfr_ckd_epi_2021(88.4, "umol/L", 50, "female"))
     assert a == pytest.approx(142 * (1.0 / 0.7) ** -1.2 * 0.9938**50 * 1.012, abs=0.05)
+    # the NKF eGFR calculator (kidney.org), as quoted second-hand [S], whole numbers only: 55-year-old man, 1.2 mg/dL
+    assert round(c.egfr_ckd_epi_2021(1.2, "mg/dL", 55, "male")) == 71
     assert c.egfr_schwartz(0.5, "mg/dL", 120) == pytest.approx(99.1, abs=0.1)  # 0.413 x 120 / 0.5
     assert c.ibw_devine(152.4, "male") == pytest.approx(50.0) and c.ibw_devine(182.88, "female") == pytest.approx(
         45.5 + 2.3 * 12)

@@ -105,6 +105,7 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         ("POST", "/api/v1/patients/{pid}/labs", staff, {"name": "creatinine", "value": 120, "unit": "umol/L",
                                                         "observed_at": at + ":00Z"}),
         ("POST", "/api/v1/patients/{pid}/recommendation", staff, {}),
+        ("GET", "/api/v1/assessments/{aid}", staff | {"karel"}, None),
         ("POST", "/api/v1/assessments/{aid}/sign", staff, {"decision": "continue"}),
         ("POST", "/api/v1/bookings", everyone - {"root"}, lambda: {"starts_at": when(), "contact_name": "B",
                                                         "contact_email": "b@example.org"}),
@@ -200,18 +201,62 @@ def test_recommendation_through_the_api_is_stored_with_its_provenance_and_signed
     app, _, ids = site
     kid = ids["DEMO-TX-1"]
     c, token = client(app, "pharm")
+    c.post(f"/api/v1/patients/{kid}/levels", json={"value": 9.1, "observed_at": "2026-11-24T07:40:00Z"},
+           headers={"X-CSRF-Token": token})  # a chart no assessment has seen
     r = c.post(f"/api/v1/patients/{kid}/recommendation", headers={"X-CSRF-Token": token})
     assert r.status_code == 201, r.text
     a = r.json()
+    full = c.get(f"/api/v1/assessments/{a['id']}").json()["result"]
+    assert a["reused"] is False and {k: v for k, v in full.items() if k != "curve"} == a["result"]
     rec = a["result"]["recommendation"]
     assert a["status"] == "draft" and a["model_ref"].startswith("andrews2019_tac_adult_kidney 1.0.0 sha256:")
-    assert rec["chosen"]["dose"] > 0 and rec["target"]["source"] and a["result"]["curve"]["observed"]
+    assert rec["chosen"]["dose"] > 0 and rec["target"]["source"] and "curve" not in a["result"]
+    assert c.get(a["curve_url"]).json()["result"]["curve"]["observed"]
     assert a["inputs"]["chart_sha256"] and a["package_version"]
     r = c.post(f"/api/v1/assessments/{a['id']}/sign", json={"decision": "as recommended"},
                headers={"X-CSRF-Token": token})
     assert r.status_code == 200
     r = c.post(f"/api/v1/assessments/{a['id']}/sign", json={"decision": "again"}, headers={"X-CSRF-Token": token})
     assert r.status_code == 422 and "signed and cannot change" in r.text
+
+
+def test_a_recommendation_on_unchanged_inputs_is_reused_and_computed_once(
+        site: tuple[Any, Store, dict[str, int]]) -> None:
+    """The analysis is a function of its inputs: asking again on the same chart returns the stored assessment
+    (200, reused) instead of a duplicate; a new entry makes a new one (201); concurrent requests on new inputs
+    store exactly one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    app, store, ids = site
+    kid = ids["DEMO-TX-1"]
+    c, token = client(app, "clin")
+    h = {"X-CSRF-Token": token}
+
+    def n_assessments() -> int:
+        return len(store.chart(SYSTEM, kid).assessments)
+
+    c.post(f"/api/v1/patients/{kid}/levels", json={"value": 8.4, "observed_at": "2026-11-24T07:50:00Z"}, headers=h)
+    first = c.post(f"/api/v1/patients/{kid}/recommendation", headers=h)
+    again = c.post(f"/api/v1/patients/{kid}/recommendation", headers=h)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert again.json()["reused"] and again.json()["id"] == first.json()["id"]
+    assert again.json()["result"] == first.json()["result"]
+    n0 = n_assessments()
+    # the page's button reuses it too
+    r = c.post(f"/patients/{kid}/assess", data={"csrf": token}, follow_redirects=False)
+    assert r.headers["location"].endswith(f"#assessment-{first.json()['id']}") and n_assessments() == n0
+    # a new level: new inputs, a new assessment, computed once however many ask at the same time
+    c.post(f"/api/v1/patients/{kid}/levels", json={"value": 8.9, "observed_at": "2026-11-24T08:05:00Z"}, headers=h)
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda _: c.post(f"/api/v1/patients/{kid}/recommendation", headers=h), range(6)))
+    assert sorted(r.status_code for r in got) == [200] * 5 + [201]
+    assert len({r.json()["id"] for r in got}) == 1 and n_assessments() == n0 + 1
+    assert got[0].json()["inputs"]["observations"] == first.json()["inputs"]["observations"] + 1
+    # entered in error changes the inputs as well (the entry stays, with its status)
+    level = max(o["id"] for o in store.chart(SYSTEM, kid).observations)
+    store.mark_entered_in_error(SYSTEM, "observation", level, "wrong patient")
+    r = c.post(f"/api/v1/patients/{kid}/recommendation", headers=h)
+    assert r.status_code == 201 and r.json()["id"] != got[0].json()["id"]
 
 
 def test_every_patient_read_and_write_is_audited(site: tuple[Any, Store, dict[str, int]]) -> None:
@@ -352,3 +397,26 @@ def test_analysis_guesses_nothing(site: tuple[Any, Store, dict[str, int]]) -> No
     out = analyse(store.chart(SYSTEM, pid), TODAY)
     assert "recommendation" not in out
     assert any("record the current regimen" in w and "the transplant date" in w for w in out["warnings"])
+
+
+def test_an_interaction_on_the_medication_list_enters_the_fit_and_the_recommendation(tmp_path: Path) -> None:
+    """Voriconazole on the chart: the rule base's exposure multiplier (x3 for tacrolimus) divides CL/F from its
+    start in the analysis, the warning says so with its source, and the dose recommended goes down."""
+    from cnidose.web.services import analyse
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    upgrade(engine)
+    store = Store(engine)
+    kid = seed_demo(store, TODAY)["DEMO-TX-1"]
+    before = analyse(store.chart(SYSTEM, kid), TODAY)
+    assert before["exposure"] == [] and "recommendation" in before
+    store.add_medication(SYSTEM, kid, name="voriconazole", start_on=TODAY - dt.timedelta(days=4), daily_mg=400)
+    after = analyse(store.chart(SYSTEM, kid), TODAY)
+    (x,) = after["exposure"]
+    assert (x["drug"], x["factor"], x["start"], x["end"]) == ("voriconazole", 3.0, "2026-11-21", None)
+    assert any("voriconazole: tacrolimus exposure x3 from 2026-11-21 (ongoing) applied" in w and "Vfend" in w
+               for w in after["warnings"])
+    assert any("multiplies exposure by 3" in w for w in after["warnings"])  # the regimen assumes it goes on
+    assert after["recommendation"]["chosen"]["dose"] < before["recommendation"]["chosen"]["dose"]
+    assert any(a["rule"] == "interaction:voriconazole" for a in after["clinical"]["alerts"])
+    engine.dispose()

@@ -6,7 +6,9 @@ alert carries the source of the rule that raised it.
 Exposure adjustments (interactions with a published effect size) are intervals ``[start + onset,
 stop + offset)`` with a multiplier on the agent's exposure (AUC). They enter a PK model as a divisor of
 the apparent clearance over that interval (CL/F / factor), i.e. as a time-varying covariate on the
-records of the interval; the estimation layer does not apply them automatically yet.
+records of the interval: the reserved data column ``EXPOSURE`` (``cnidose.models.exposure``), which every
+model's ``CL`` is divided by in the prior, the MAP fit, the posterior and the forecasts. The web app's
+analysis applies them from the medication list (dates from 00:00 UTC).
 """
 
 from __future__ import annotations

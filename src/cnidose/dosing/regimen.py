@@ -39,7 +39,7 @@ from cnidose.errors import InputError
 from cnidose.estimation import fit_map
 from cnidose.estimation.map import MapResult
 from cnidose.estimation.posterior import sample_posterior
-from cnidose.models.model import Model
+from cnidose.models.model import EXPOSURE, Model
 from cnidose.pk.events import Individual, split_individuals
 
 __all__ = ["CHOICES", "IMPLAUSIBLE_LEVEL", "Candidate", "Recommendation", "candidate_doses", "choose", "recommend",
@@ -237,6 +237,9 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
         raise InputError(f"no dose of {product.name} is possible with the limits given")
     doses = np.array([d for d, _ in cands])
     covs = _covariates_now(individual)
+    if covs.get(EXPOSURE, 1.0) != 1.0:
+        warnings.append(f"an interaction multiplies exposure by {covs[EXPOSURE]:g} at the last record (CL/F divided "
+                        "by it); the regimen assumes it goes on: re-assess when the interacting drug stops")
     values = steady_state_metric_draws(model, covs, doses, tau, met, eta, kappa)
     chosen, candidates, more = choose(cands, values, target, tau, choice)
     for other in intervals or []:

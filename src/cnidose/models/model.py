@@ -34,6 +34,7 @@ from cnidose.pk.events import Individual, split_individuals
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
 __all__ = [
+    "EXPOSURE",
     "Check",
     "Covariate",
     "ErrorModel",
@@ -48,6 +49,14 @@ __all__ = [
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
+
+#: Reserved data column: a multiplier on the agent's exposure from an interaction (e.g. 3 while voriconazole
+#: is given with tacrolimus; see ``cnidose.clinical``). It enters every model as a divisor of its clearance
+#: parameter ``CL`` (CL / EXPOSURE, so AUC and steady-state levels are multiplied by it) over the interval
+#: each record covers -- the time-varying covariate semantics of the engine: a record's value applies to the
+#: interval ending at it. Absent or 1: no change. ``cnidose.models.exposure.with_exposure`` writes it.
+EXPOSURE = "EXPOSURE"
+EXPOSED_PARAMETER = "CL"
 ErrorKind = Literal["proportional", "additive", "combined", "exponential"]
 
 
@@ -265,11 +274,33 @@ class Model:
                 order = np.argsort(np.argsort(first))
                 occasion = order[inverse].astype(np.int64)
                 n_occ = int(occasion.max()) + 1 if R else 1
+        exposure = self._exposure(ind)
+        if exposure is not None:
+            covs[EXPOSURE] = exposure
         obs_cmt = np.where((ind.evid == 0) & (ind.cmt > 0), ind.cmt, self.structure.default_obs)
         obs_type = np.full(R, -1, dtype=np.int64)
         for k, ob in enumerate(self.observations):
             obs_type[obs_cmt == ob.compartment] = k
         return Prepared(ind, covs, occasion, n_occ, obs_type, tuple(notices))
+
+    def _exposure(self, ind: Individual) -> FloatArray | None:
+        """The EXPOSURE column, checked (None when absent or 1 throughout)."""
+        raw = ind.covariates.get(EXPOSURE)
+        if raw is None:
+            return None
+        values = np.asarray(raw, dtype=np.float64)
+        bad = ~np.isfinite(values) | (values <= 0)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise DataError(f"the exposure multiplier must be a positive number, not {values[j]:g}",
+                            row=int(ind.rows[j]), column=EXPOSURE)
+        if np.all(values == 1.0):
+            return None
+        if EXPOSED_PARAMETER not in {name for name, _ in self.pk}:
+            j = int(np.flatnonzero(values != 1.0)[0])
+            raise DataError(f"model {self.id} has no clearance parameter {EXPOSED_PARAMETER} for the exposure "
+                            "multiplier to divide", row=int(ind.rows[j]), column=EXPOSURE)
+        return values
 
     def _covariate(self, ind: Individual, cov: Covariate, notices: list[Notice]) -> FloatArray:
         R = len(ind)
@@ -415,8 +446,11 @@ class Model:
         """
         env = self._env(covariates, eta, kappa)
         out: dict[str, FloatArray] = {}
+        exposure = covariates.get(EXPOSURE)
         for name, expr in self.pk:
             v = np.broadcast_to(np.asarray(expr(env), dtype=np.float64), shape)
+            if exposure is not None and name == EXPOSED_PARAMETER:
+                v = np.broadcast_to(v / exposure, shape)  # an interaction's multiplier on exposure
             env[name] = v
             out[name] = v
         for ob in self.observations:

@@ -14,14 +14,16 @@ assessment is immutable, and the audit log append-only, in the database itself (
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Table, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -42,6 +44,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "users": frozenset({"admin", "system"}),
     "audit": frozenset({"admin"}),
 }
+AUDIT: Table = S.AuditEntry.__table__  # type: ignore[assignment]
+PATIENTS: Table = S.Patient.__table__  # type: ignore[assignment]
 ENTRY_TABLES: dict[str, type[Any]] = {"covariate": S.Covariate, "regimen": S.Regimen, "dose": S.Dose,
                                       "observation": S.Observation, "medication": S.Medication}
 
@@ -123,26 +127,54 @@ def _row(obj: Any) -> dict[str, Any]:
     return {c.key: getattr(obj, c.key) for c in obj.__table__.columns}
 
 
+def _chart_queries() -> dict[str, Any]:
+    pid: Any = bindparam("pid")
+
+    def part(model: Any, order: str, limit: int | None = None) -> Any:
+        t = model.__table__
+        q = select(t).where(t.c.patient_id == pid)
+        if limit is None:
+            return q.order_by(t.c[order], t.c.id)
+        return q.order_by(t.c[order].desc(), t.c.id.desc()).limit(limit)
+
+    return {"patient": select(PATIENTS).where(PATIENTS.c.id == pid),
+            "covariates": part(S.Covariate, "measured_at"), "regimens": part(S.Regimen, "start_at"),
+            "doses": part(S.Dose, "given_at"), "observations": part(S.Observation, "observed_at"),
+            "medications": part(S.Medication, "start_on"), "assessments": part(S.Assessment, "created_at"),
+            "latest": part(S.Assessment, "created_at", 1), "appointments": part(S.Appointment, "starts_at")}
+
+
+_ACTOR = select(S.User.id, S.User.username, S.User.role, S.User.patient_id, S.User.active).where(
+    S.User.id == bindparam("uid"))
+#: the statements that read a chart, one per part, oldest first ("latest": the newest assessment only)
+_CHART = _chart_queries()
+
+
 class Store:
     """The repository over one database (see :mod:`cnidose.records.db` for engines and migrations)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        # SQLite has one writer at a time, and a thread that finds the database locked sleeps in steps (up to
+        # 100 ms) before it tries again; threads of one process take turns here instead (almost every
+        # transaction writes: reads leave an audit row). Other processes still meet SQLite's own lock.
+        self._turn: threading.RLock | contextlib.nullcontext[None] = (
+            threading.RLock() if engine.dialect.name == "sqlite" else contextlib.nullcontext())
 
     # -- plumbing -------------------------------------------------------------------------------------------
     @contextmanager
     def _tx(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+        with self._turn, Session(self.engine, expire_on_commit=False) as session, session.begin():
             yield session
 
     @staticmethod
     def _audit(session: Session, actor: Actor, action: str, object_type: str, object_id: Any = None,
                patient_id: int | None = None, detail: Any = None) -> None:
-        session.add(S.AuditEntry(at=_now(), user_id=actor.user_id, username=actor.username, role=actor.role,
-                                 action=action, object_type=object_type,
-                                 object_id=None if object_id is None else str(object_id), patient_id=patient_id,
-                                 detail=None if detail is None else (detail if isinstance(detail, str)
-                                                                     else json.dumps(detail, default=str))))
+        # a table insert, executed now in the caller's transaction (no ORM object: audit rows are only written)
+        session.execute(insert(AUDIT).values(
+            at=_now(), user_id=actor.user_id, username=actor.username, role=actor.role, action=action,
+            object_type=object_type, object_id=None if object_id is None else str(object_id), patient_id=patient_id,
+            detail=None if detail is None else detail if isinstance(detail, str) else json.dumps(detail, default=str)))
 
     def _check(self, actor: Actor, action: str, object_type: str, patient_id: int | None = None,
                object_id: Any = None) -> None:
@@ -207,11 +239,12 @@ class Store:
             return None if u is None else _row(u)
 
     def actor(self, user_id: int) -> Actor:
-        with self._tx() as s:
-            u = s.get(S.User, user_id)
-            if u is None or not u.active:
-                raise NotFound(f"no active user {user_id}")
-            return Actor(u.username, u.role, u.id, u.patient_id)
+        """The signed-in user as an actor, read on every request (a deactivated user is refused at once)."""
+        with self.engine.connect() as conn:
+            u = conn.execute(_ACTOR, {"uid": user_id}).first()
+        if u is None or not u.active:
+            raise NotFound(f"no active user {user_id}")
+        return Actor(u.username, u.role, u.id, u.patient_id)
 
     def record_event(self, actor: Actor, action: str, object_type: str, object_id: Any = None,
                      patient_id: int | None = None, detail: Any = None) -> None:
@@ -271,20 +304,23 @@ class Store:
             self._audit(s, actor, "read", "patient-list", None, None, {"count": len(rows)})
             return rows
 
-    def chart(self, actor: Actor, patient_id: int) -> Chart:
-        """Everything about one patient; audited as a read."""
+    def chart(self, actor: Actor, patient_id: int, *, assessments: str = "all") -> Chart:
+        """Everything about one patient; audited as a read. ``assessments="latest"`` reads only the newest
+        assessment (what a new recommendation is compared with) instead of all of them."""
+        if assessments not in ("all", "latest"):
+            raise ValueError(f"assessments must be 'all' or 'latest', not {assessments!r}")
         self._check(actor, "read", "patient", patient_id, patient_id)
         with self._tx() as s:
-            p = self._patient(s, patient_id)
-
-            def rows(model: Any, order: Any) -> list[dict[str, Any]]:
-                return [_row(x) for x in s.scalars(select(model).where(model.patient_id == patient_id)
-                                                   .order_by(order, model.id))]
-
-            chart = Chart(_row(p), rows(S.Covariate, S.Covariate.measured_at), rows(S.Regimen, S.Regimen.start_at),
-                          rows(S.Dose, S.Dose.given_at), rows(S.Observation, S.Observation.observed_at),
-                          rows(S.Medication, S.Medication.start_on), rows(S.Assessment, S.Assessment.created_at),
-                          rows(S.Appointment, S.Appointment.starts_at))
+            # table rows through the session's connection, not ORM objects: the same dicts as _row() gives, from
+            # statements built once (see _CHART), several times faster
+            conn = s.connection()
+            got = {part: [dict(r) for r in conn.execute(q, {"pid": patient_id}).mappings()]
+                   for part, q in _CHART.items() if part != ("assessments" if assessments == "latest" else "latest")}
+            if not got["patient"]:
+                raise NotFound(f"no patient {patient_id}")
+            chart = Chart(got["patient"][0], got["covariates"], got["regimens"], got["doses"], got["observations"],
+                          got["medications"], got["assessments"] if assessments == "all" else got["latest"][::-1],
+                          got["appointments"])
             self._audit(s, actor, "read", "patient", patient_id, patient_id)
             return chart
 
@@ -413,6 +449,16 @@ class Store:
             s.flush()
             self._audit(s, actor, "create", "assessment", a.id, patient_id, {"kind": kind, "model": model_ref})
             return int(a.id)
+
+    def assessment(self, actor: Actor, assessment_id: int) -> dict[str, Any]:
+        """One stored assessment with its inputs and result; audited as a read."""
+        with self._tx() as s:
+            pid = int(self._get(s, S.Assessment, assessment_id, "assessment").patient_id)
+        self._check(actor, "read", "assessment", pid, assessment_id)
+        with self._tx() as s:
+            row = _row(self._get(s, S.Assessment, assessment_id, "assessment"))
+            self._audit(s, actor, "read", "assessment", assessment_id, pid)
+            return row
 
     def sign_assessment(self, actor: Actor, assessment_id: int, decision: str) -> None:
         """Record the decision taken and sign: from then on the assessment cannot change."""

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -120,6 +121,10 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     vendor = {name: _vendor_file(*where) for name, where in VENDOR.items()}
+    flights: dict[str, threading.Lock] = {}  # inputs key -> lock: one computation per key at a time
+    computed: dict[str, int] = {}  # inputs key -> assessment id, for the requests that waited on the lock
+    answers: dict[tuple[int, str, bool], bytes] = {}  # (assessment, status, computed now) -> the API's answer
+    flights_lock = threading.Lock()
 
     def the_day() -> dt.date:
         return today() if today else dt.datetime.now(tz).date()
@@ -353,21 +358,41 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             who[0], pid, name=name, value=_form_number(value, "value"), unit=unit,
             observed_at=form_time(observed_at, "observed_at")))
 
-    def _run_assessment(actor: Actor, pid: Id) -> int:
-        chart = store.chart(actor, pid)
-        result = analyse(chart, the_day())
-        inputs = {"as_of": the_day().isoformat(), "chart_sha256": hashlib.sha256(
-            json.dumps([chart.doses, chart.observations, chart.covariates], default=str).encode()).hexdigest(),
-            "doses": len(chart.doses), "observations": len(chart.observations)}
-        return store.save_assessment(actor, pid, kind="recommendation" if "recommendation" in result
-                                     else "assessment", inputs=inputs, result=result,
-                                     model_ref=result.get("model"), package_version=__version__)
+    def _run_assessment(actor: Actor, pid: int) -> tuple[int, bool, dict[str, Any] | None]:
+        """The assessment of the patient's chart as it is now: (id, computed now, the stored row when it was
+        already read). The analysis is a function of
+        its inputs (the chart's entries, the date, the settings and this version), so when the newest stored
+        assessment has exactly these inputs it is returned instead of a duplicate; concurrent requests for the
+        same inputs in this process compute it once."""
+        store.authorize(actor, "write", "assessment", pid)
+        chart = store.chart(actor, pid, assessments="latest")
+        inputs = _analysis_inputs(chart, the_day())
+        latest = chart.assessments[-1] if chart.assessments else None
+        if latest is not None and _same_inputs(latest, inputs):
+            return int(latest["id"]), False, latest
+        key = f"{pid}:{inputs['chart_sha256']}:{inputs['as_of']}"
+        with flights_lock:
+            lock = flights.setdefault(key, threading.Lock())
+        with lock:
+            aid = computed.get(key)
+            if aid is not None:
+                return aid, False, None
+            result = analyse(chart, the_day(), **ANALYSIS)
+            aid = store.save_assessment(actor, pid, kind="recommendation" if "recommendation" in result
+                                        else "assessment", inputs=inputs, result=result,
+                                        model_ref=result.get("model"), package_version=__version__)
+            with flights_lock:
+                computed[key] = aid
+                while len(computed) > 4096:
+                    computed.pop(next(iter(computed)))
+                flights.pop(key, None)
+            return aid, True, None
 
     @app.post("/patients/{pid}/assess", include_in_schema=False)
     def assess_form(request: Request, pid: Id, csrf: str = Form(""),
                     who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
-        aid = _run_assessment(who[0], pid)
+        aid, _, _ = _run_assessment(who[0], pid)
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/assessments/{aid}/sign", include_in_schema=False)
@@ -467,16 +492,15 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return render(request, "audit.html", who, rows=store.audit_log(who[0], limit=500))
 
     # -- JSON API --------------------------------------------------------------------------------------------
-    def _chart_json(chart: Any) -> dict[str, Any]:
-        return json.loads(json.dumps({k: getattr(chart, k) for k in chart.__dataclass_fields__}, default=str))
-
     @app.get("/api/v1/patients", tags=["patients"])
     def api_patients(who: tuple[Actor, str] = Depends(api_user)) -> list[dict[str, Any]]:
         return json.loads(json.dumps(store.patients(who[0]), default=str))
 
-    @app.get("/api/v1/patients/{pid}", tags=["patients"])
-    def api_patient(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
-        return _chart_json(store.chart(who[0], pid))
+    @app.get("/api/v1/patients/{pid}", tags=["patients"], response_model=dict[str, Any])
+    def api_patient(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> Response:
+        chart = store.chart(who[0], pid)
+        return Response(json.dumps({k: getattr(chart, k) for k in chart.__dataclass_fields__}, default=str),
+                        media_type="application/json")
 
     @app.post("/api/v1/patients/{pid}/levels", status_code=201, tags=["entries"])
     def api_level(pid: Id, body: LevelIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
@@ -494,11 +518,30 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return {"id": store.add_lab(who[0], pid, name=body.name, value=body.value, unit=body.unit,
                                     observed_at=body.observed_at)}
 
-    @app.post("/api/v1/patients/{pid}/recommendation", status_code=201, tags=["assessments"])
-    def api_recommend(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
-        aid = _run_assessment(who[0], pid)
-        a = next(x for x in store.chart(who[0], pid).assessments if x["id"] == aid)
-        return json.loads(json.dumps(a, default=str))
+    @app.post("/api/v1/patients/{pid}/recommendation", status_code=201, tags=["assessments"],
+              response_model=dict[str, Any], responses={200: {"description": "the stored assessment, reused"}})
+    def api_recommend(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> Response:
+        """Fit and recommend on the chart as it is (201, stored as a draft); when the newest stored assessment
+        has exactly these inputs, that one is returned instead (200, ``"reused": true``). The result's plot data
+        (``curve``, tens of kB) is left out here: ``GET /api/v1/assessments/{id}`` (``curve_url``) has it."""
+        aid, fresh, row = _run_assessment(who[0], pid)
+        row = row if row is not None else store.assessment(who[0], aid)
+        key = (aid, row["status"], fresh)  # a stored assessment changes only when it is signed
+        body = answers.get(key)
+        if body is None:
+            result = {k: v for k, v in row["result"].items() if k != "curve"}
+            body = json.dumps({**row, "result": result, "reused": not fresh,
+                               "curve_url": f"/api/v1/assessments/{aid}" if "curve" in row["result"] else None},
+                              default=str).encode()
+            with flights_lock:
+                answers[key] = body
+                while len(answers) > 1024:
+                    answers.pop(next(iter(answers)))
+        return Response(body, status_code=201 if fresh else 200, media_type="application/json")
+
+    @app.get("/api/v1/assessments/{aid}", tags=["assessments"])
+    def api_assessment(aid: Id, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+        return json.loads(json.dumps(store.assessment(who[0], aid), default=str))
 
     @app.post("/api/v1/assessments/{aid}/sign", tags=["assessments"])
     def api_sign(aid: Id, body: SignIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
@@ -586,6 +629,24 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
                     f"{r['start_at']:%Y-%m-%d}" + (f" to {r['stop_at']:%Y-%m-%d}" if r["stop_at"] else ""))
               for r in chart.regimens if r["status"] == "final"] or [("p", "None recorded.")]
     return text_pdf(lines, title=f"cnidose report {p['mrn']}")
+
+
+#: how the app analyses a chart (recorded in every assessment's inputs)
+ANALYSIS: dict[str, Any] = {"n_draws": 500, "seed": 0, "choice": "most-likely"}
+
+
+def _analysis_inputs(chart: Any, as_of: dt.date) -> dict[str, Any]:
+    """What an analysis depends on: a hash of the chart's entries (patient, covariates, regimens, doses,
+    observations, medications; statuses included), the date, the settings and the package version."""
+    entries = [chart.patient, chart.covariates, chart.regimens, chart.doses, chart.observations, chart.medications]
+    return {"as_of": as_of.isoformat(), "chart_sha256": hashlib.sha256(
+        json.dumps(entries, default=str, sort_keys=True).encode()).hexdigest(),
+        "doses": len(chart.doses), "observations": len(chart.observations), "settings": ANALYSIS}
+
+
+def _same_inputs(assessment: dict[str, Any], inputs: dict[str, Any]) -> bool:
+    return bool(assessment["inputs"] == json.loads(json.dumps(inputs, default=str))
+                and assessment["package_version"] == __version__)
 
 
 def _form_number(value: str, field: str) -> float:

@@ -30,11 +30,14 @@ def clinical_assessment(chart: Chart, as_of: dt.date) -> dict[str, Any]:
     try:
         a = assess(parse_record(chart_to_document(chart), as_of=as_of), as_of)
     except CnidoseError as exc:
-        return {"error": str(exc), "alerts": [], "due": [], "selection": "unknown", "selection_reasons": []}
+        return {"error": str(exc), "alerts": [], "due": [], "exposure": [], "selection": "unknown",
+                "selection_reasons": []}
     return {"selection": a.selection, "selection_reasons": a.selection_reasons,
             "alerts": [{"rule": x.rule, "severity": x.severity, "message": x.message, "source": x.source,
                         "date": x.date.isoformat() if x.date else None} for x in a.alerts],
             "due": [{"what": d.what, "date": d.date.isoformat(), "source": d.source} for d in a.due],
+            "exposure": [{"drug": x.drug, "agent": x.agent, "factor": x.factor, "start": x.start.isoformat(),
+                          "end": x.end.isoformat() if x.end else None, "source": x.source} for x in a.exposure],
             "notes": a.notes}
 
 
@@ -67,6 +70,14 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
     if ind is None:
         out["warnings"].append("no doses or levels recorded: no fit")
         return out
+    if out["clinical"].get("error"):  # said, not silently assumed
+        out["warnings"].append("the rule base could not read the record: interactions are unknown and the fit "
+                               "assumes none")
+    ind, applied = _with_interactions(ind, out["clinical"]["exposure"], p["agent"], exp.origin)
+    out["exposure"] = applied
+    out["warnings"] += [f"{x['drug']}: {p['agent']} exposure x{x['factor']:g} from {x['start']}"
+                        + (f" to {x['end']}" if x["end"] else " (ongoing)")
+                        + f" applied to the model (CL/F divided by {x['factor']:g}) [{x['source']}]" for x in applied]
     regimens = [r for r in chart.regimens if r["status"] == "final" and r["drug"] == p["agent"]]
     missing = ([] if regimens else ["the current regimen (product and interval)"]) + (
         [] if p.get("transplant_date") else ["the transplant date (the target depends on the time since it)"])
@@ -91,9 +102,11 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
     except CnidoseError as exc:
         out["warnings"].append(f"{type(exc).__name__}: {exc}")
         return out
-    # the fitted curve: every 15 min from the first record to 12 h after the last
+    # the fitted curve from the first record to one dosing interval after the last: every 15 min over the last
+    # 7 days (peaks and troughs of the current regimen), hourly before them
     t_end = float(ind.time[-1]) + interval
-    grid = np.arange(0.0, t_end + 1e-9, 0.25)
+    recent = max(0.0, np.floor(t_end - 7 * 24.0))
+    grid = np.concatenate([np.arange(0.0, recent, 1.0), np.arange(recent, t_end + 1e-9, 0.25)])
     cols = {"ID": np.concatenate([np.ones(len(ind)), np.ones(grid.size)]),
             "TIME": np.concatenate([ind.time, grid]),
             "EVID": np.concatenate([ind.evid, np.full(grid.size, 2.0)]),
@@ -101,10 +114,13 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
             "RATE": np.concatenate([ind.rate, np.zeros(grid.size)]),
             "CMT": np.concatenate([ind.cmt, np.zeros(grid.size)]),
             "MDV": np.ones(len(ind) + grid.size)}
+    # a grid point takes the covariates of the interval it lies in: those of the next record (a record's values
+    # hold over the interval ending at it), the last record's beyond it
+    nxt = np.minimum(np.searchsorted(ind.time, grid, side="left"), len(ind) - 1)
     for k, v in ind.covariates.items():
         if k in ("DV", "BLQ", "LLOQ"):
             continue
-        cols[k] = np.concatenate([v, np.full(grid.size, v[-1])])
+        cols[k] = np.concatenate([v, v[nxt]])
     order = np.lexsort((cols["EVID"] == 2, cols["TIME"]))
     cols = {k: v[order] for k, v in cols.items()}
     g = split_individuals(cols)[0]
@@ -114,13 +130,14 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
     origin = exp.origin
     assert origin is not None
 
-    def clock(h: float) -> str:
-        return (origin + dt.timedelta(hours=float(h))).isoformat()
+    def sig(x: Any) -> list[float]:  # four significant digits: the plot needs no more, the stored result stays small
+        return [float(f"{v:.4g}") for v in x]
 
     obs = (ind.evid == 0) & (ind.mdv == 0)
-    out["curve"] = {"time": [clock(h) for h in cols["TIME"][on_grid]], "p10": band[0].tolist(),
-                    "p50": band[1].tolist(), "p90": band[2].tolist(),
-                    "observed_time": [clock(h) for h in ind.time[obs]],
+    # times as hours after ``origin`` (UTC): the page turns them into clock times
+    out["curve"] = {"origin": origin.isoformat(), "hours": [round(float(h), 4) for h in cols["TIME"][on_grid]],
+                    "p10": sig(band[0]), "p50": sig(band[1]), "p90": sig(band[2]),
+                    "observed_hours": [round(float(h), 4) for h in ind.time[obs]],
                     "observed": ind.covariates["DV"][obs].tolist(), "target": [target.low, target.high],
                     "unit": target.unit}
     out["recommendation"] = rec.to_dict()
@@ -129,6 +146,27 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
     out["target"] = str(target)
     out["warnings"] += rec.warnings
     return out
+
+
+def _with_interactions(ind: Any, exposure: list[dict[str, Any]], agent: str, origin: dt.datetime | None
+                       ) -> tuple[Any, list[dict[str, Any]]]:
+    """The individual with the rule base's exposure adjustments for ``agent`` (``EXPOSURE`` column; dates are
+    taken from 00:00 UTC) and the adjustments applied."""
+    from cnidose.models.exposure import with_exposure
+
+    mine = [x for x in exposure if x["agent"] == agent]
+    if not mine or origin is None:
+        return ind, []
+
+    def hours(day: str) -> float:
+        d = dt.date.fromisoformat(day)
+        return (dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC) - origin).total_seconds() / 3600.0
+
+    intervals = [(hours(x["start"]), None if x["end"] is None else hours(x["end"]), float(x["factor"]))
+                 for x in mine]
+    kept = [(iv, x) for iv, x in zip(intervals, mine, strict=True)
+            if iv[1] is None or iv[1] > float(ind.time[0])]  # over before the first record: nothing to apply
+    return with_exposure(ind, [iv for iv, _ in kept]), [x for _, x in kept]
 
 
 def trends(chart: Chart) -> dict[str, Any]:

@@ -7,6 +7,11 @@
     if (typeof Plotly === "undefined") { return; }
     var c = data("curve-data");
     if (c && document.getElementById("curve-plot")) {
+      if (c.hours) {  // hours after the origin (UTC) -> UTC clock times
+        var o = Date.parse(c.origin);
+        var clock = function (h) { return new Date(o + h * 3600000).toISOString().slice(0, 19); };
+        c.time = c.hours.map(clock); c.observed_time = c.observed_hours.map(clock);
+      }
       var t0 = c.time[0], t1 = c.time[c.time.length - 1];
       Plotly.newPlot("curve-plot", [
         { x: c.time, y: c.p90, mode: "lines", line: { width: 0 }, showlegend: false, hoverinfo: "skip" },
