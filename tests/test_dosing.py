@@ -23,7 +23,7 @@ from cnidose.dosing import (
     recommend,
 )
 from cnidose.dosing.evaluate import evaluate, summarise
-from cnidose.dosing.regimen import candidate_doses, steady_state_metric_draws
+from cnidose.dosing.regimen import candidate_doses, dose_linear, steady_state_metric_draws
 from cnidose.errors import InputError
 from cnidose.models import resolve_model
 from cnidose.pk.events import Individual, split_individuals
@@ -119,6 +119,13 @@ def test_linear_pk_doubling_the_dose_doubles_the_trough() -> None:
     eta = rng.normal(0, 0.3, size=(50, len(m.eta_names)))
     v = steady_state_metric_draws(m, dict(COVS), np.array([2.0, 4.0]), 12.0, "trough", eta)
     np.testing.assert_allclose(v[1], 2 * v[0], rtol=1e-9)
+    # candidates are scaled from one simulation (superposition); each dose simulated alone agrees
+    assert dose_linear(m) and not dose_linear(resolve_model("storset2014_tac_adult_kidney"))
+    for metric in ("trough", "average", "c2"):
+        many = steady_state_metric_draws(m, dict(COVS), np.array([0.5, 3.0, 7.5]), 12.0, metric, eta)
+        for i, dose in enumerate((0.5, 3.0, 7.5)):
+            alone = steady_state_metric_draws(m, dict(COVS), np.array([dose]), 12.0, metric, eta)
+            np.testing.assert_allclose(many[i], alone[0], rtol=1e-9)
     # Størset's whole-blood transform (saturable red-cell binding) is not dose-linear: less than double
     s = resolve_model("storset2014_tac_adult_kidney")
     covs = {"FFM": 60, "CYP3A5": 0, "PRED": 0, "POD": 10, "HCT": 0.45}

@@ -201,6 +201,49 @@ def test_entered_in_error_keeps_the_entry(store: Store) -> None:
         store.mark_entered_in_error(clin, "observation", lid, "again")
 
 
+def test_every_change_of_an_entry_raises_the_patients_revision(store: Store) -> None:
+    """The revision (what a stored recommendation is reused by) rises with every insert, update or delete of a
+    patient's entries, through the store or by hand; reads, other patients' entries and assessments leave it."""
+    pid, clin, _, roe = _setup(store)
+    other = roe.patient_id
+    assert other is not None and other != pid
+
+    def rev(p: int = pid) -> int:
+        return int(store.latest_assessment(SYSTEM, p)[0]["revision"])
+
+    seen = [rev()]
+
+    def rose() -> bool:
+        seen.append(rev())
+        return seen[-1] > seen[-2]
+
+    t0 = dt.datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+    store.add_regimen(clin, pid, drug="tacrolimus", product="Prograf", dose=4, unit="mg", interval_h=12, start_at=t0)
+    assert rose()
+    store.add_dose(clin, pid, product="Prograf", amount=4, unit="mg", given_at=t0)
+    assert rose()
+    lid = store.add_level(clin, pid, value=8.0, unit="ng/mL", observed_at=t0 + dt.timedelta(hours=11))
+    assert rose()
+    store.add_lab(clin, pid, name="creatinine", value=120, unit="umol/L", observed_at=t0)
+    assert rose()
+    store.add_medication(clin, pid, name="fluconazole", start_on=t0.date(), daily_mg=200)
+    assert rose()
+    store.add_covariate(clin, pid, name="WT", value=70, unit="kg", measured_at=t0)
+    assert rose()
+    store.mark_entered_in_error(clin, "observation", lid, "haemolysed")
+    assert rose()
+    store.chart(clin, pid)
+    store.save_assessment(clin, pid, kind="assessment", inputs={}, result={}, model_ref=None, package_version="x")
+    store.add_level(clin, other, value=5.0, unit="ng/mL", observed_at=t0)
+    assert not rose()  # a read, an assessment and another patient's entry change nothing here
+    with store.engine.connect() as conn:
+        for sql in ("UPDATE observations SET value = value * 2 WHERE patient_id = :p",
+                    "DELETE FROM medications WHERE patient_id = :p"):
+            with conn.begin():
+                conn.execute(text(sql), {"p": pid})
+            assert rose(), sql
+
+
 def test_booking(store: Store) -> None:
     pid, clin, me, roe = _setup(store)
     public = Actor("public", "public")

@@ -38,9 +38,10 @@ from cnidose.dosing.data import Product, Target, max_dose_mg
 from cnidose.errors import InputError
 from cnidose.estimation import fit_map
 from cnidose.estimation.map import MapResult
-from cnidose.estimation.posterior import sample_posterior
+from cnidose.estimation.posterior import Posterior, sample_posterior
 from cnidose.models.model import EXPOSURE, Model
 from cnidose.pk.events import Individual, split_individuals
+from cnidose.pk.structure import LinearStructure
 
 __all__ = ["CHOICES", "IMPLAUSIBLE_LEVEL", "Candidate", "Recommendation", "candidate_doses", "choose", "recommend",
            "steady_state_metric_draws"]
@@ -133,6 +134,13 @@ def _covariates_now(individual: Individual) -> dict[str, float]:
     return out
 
 
+def dose_linear(model: Model) -> bool:
+    """Whether predictions are proportional to the doses: a linear structure (no saturable process) and no
+    observation transform (e.g. Størset's saturable red-cell binding). Parameters never depend on the dose
+    amount (model expressions see covariates and random effects, not AMT)."""
+    return isinstance(model.structure, LinearStructure) and all(o.transform is None for o in model.observations)
+
+
 def steady_state_metric_draws(model: Model, covariates: dict[str, float], doses: FloatArray, interval: float,
                               metric: str, eta: FloatArray, kappa: FloatArray | None = None,
                               start: float = 0.0) -> FloatArray:
@@ -148,6 +156,9 @@ def steady_state_metric_draws(model: Model, covariates: dict[str, float], doses:
         times = np.linspace(0.0, interval, 97)
     n_d, n_e = doses.size, eta.shape[0]
     out = np.empty((n_d, n_e))
+    if dose_linear(model) and n_d > 1:  # superposition: every dose is a multiple of the 1-mg prediction
+        unit = steady_state_metric_draws(model, covariates, np.ones(1), interval, metric, eta, kappa, start)
+        return np.asarray(doses, dtype=np.float64)[:, None] * unit
     for i, dose in enumerate(doses):
         ind = model.individual_from_covariates(covariates, start + times, dose=float(dose), tau=interval,
                                                steady_state=True)
@@ -176,11 +187,13 @@ def _shift(ind: Individual, start: float) -> Individual:
 def recommend(model: Model, individual: Individual, target: Target, product: Product, *,
               interval: float | None = None, metric: str | None = None, n_draws: int = 1000, seed: int = 0,
               max_units: int = 6, max_dose: float | None = None, intervals: list[float] | None = None,
-              loading: bool = False, choice: str = "smallest", fit: MapResult | None = None) -> Recommendation:
+              loading: bool = False, choice: str = "smallest", fit: MapResult | None = None,
+              posterior: Posterior | None = None) -> Recommendation:
     """Recommend a regimen for ``individual`` (its doses and levels so far) from ``model``.
 
     ``choice`` is the rule (module docstring). ``fit`` is the patient's MAP fit when the caller already has
-    it (it must be of ``model`` and ``individual``). ``intervals`` lists alternative dosing intervals to compare
+    it (it must be of ``model`` and ``individual``), and ``posterior`` its posterior sample (of ``n_draws`` draws
+    with ``seed``: what this function would draw). ``intervals`` lists alternative dosing intervals to compare
     (the recommendation is then the choice over all of them: the smallest daily dose in target, or with
     ``"most-likely"`` the most likely, the smaller daily dose of equals). ``loading`` also proposes a first
     dose, given from the last record on top of the current state, whose predicted level one interval later
@@ -221,7 +234,7 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
         if limit is not None and np.any(obs > limit):
             warnings.append(f"a level above {limit:g} {target.unit} is implausible for {drug}: check the unit and "
                             "whether it was drawn from the infusion line")
-    post = sample_posterior(model, individual, n_draws=n_draws, seed=seed, map_result=fit)
+    post = posterior or sample_posterior(model, individual, n_draws=n_draws, seed=seed, map_result=fit)
     if post.method == "mcmc":
         warnings.append(f"the posterior was sampled by MCMC (SIR degenerated); effective sample size {post.ess:.0f}")
     eta = post.eta

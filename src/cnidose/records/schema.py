@@ -88,6 +88,9 @@ class Patient(Base):
     transplant_date: Mapped[dt.date | None] = mapped_column(Date)
     created_at: Mapped[dt.datetime]
     updated_at: Mapped[dt.datetime]
+    # raised by database triggers on every insert, update or delete of the patient's covariates, regimens, doses,
+    # observations and medications (migration 0002): equal revisions mean equal clinical entries
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class User(Base):

@@ -146,7 +146,9 @@ def _chart_queries() -> dict[str, Any]:
 
 _ACTOR = select(S.User.id, S.User.username, S.User.role, S.User.patient_id, S.User.active).where(
     S.User.id == bindparam("uid"))
-#: the statements that read a chart, one per part, oldest first ("latest": the newest assessment only)
+#: the statements that read a chart, one per part, oldest first ("latest": the newest assessment only). The patient
+#: row comes first: its revision is then never newer than the entries read after it (a result stored with that
+#: revision is at worst computed again, never reused for entries it did not see).
 _CHART = _chart_queries()
 
 
@@ -323,6 +325,20 @@ class Store:
                           got["appointments"])
             self._audit(s, actor, "read", "patient", patient_id, patient_id)
             return chart
+
+    def latest_assessment(self, actor: Actor, patient_id: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The patient row (with its ``revision``) and the newest assessment or None, audited as a read: what a
+        request for a recommendation compares with before it reads the whole chart."""
+        self._check(actor, "read", "patient", patient_id, patient_id)
+        with self._tx() as s:
+            conn = s.connection()
+            p = conn.execute(_CHART["patient"], {"pid": patient_id}).mappings().first()
+            if p is None:
+                raise NotFound(f"no patient {patient_id}")
+            latest = conn.execute(_CHART["latest"], {"pid": patient_id}).mappings().first()
+            self._audit(s, actor, "read", "assessment", None if latest is None else latest["id"], patient_id,
+                        {"newest": True})
+            return dict(p), None if latest is None else dict(latest)
 
     # -- clinical entries -----------------------------------------------------------------------------------
     def _add(self, actor: Actor, patient_id: int, obj: Any, kind: str, detail: Any = None) -> int:

@@ -360,17 +360,20 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     def _run_assessment(actor: Actor, pid: int) -> tuple[int, bool, dict[str, Any] | None]:
         """The assessment of the patient's chart as it is now: (id, computed now, the stored row when it was
-        already read). The analysis is a function of
-        its inputs (the chart's entries, the date, the settings and this version), so when the newest stored
-        assessment has exactly these inputs it is returned instead of a duplicate; concurrent requests for the
-        same inputs in this process compute it once."""
+        already read). The analysis is a function of its inputs (the chart's entries, the date, the settings and
+        this version), so when the newest stored assessment has exactly these inputs it is returned instead of a
+        duplicate -- compared first by the patient's revision (raised by the database on every change of an
+        entry) without reading the chart; concurrent requests for the same inputs in this process compute once."""
         store.authorize(actor, "write", "assessment", pid)
+        patient, latest = store.latest_assessment(actor, pid)
+        if latest is not None and _same_inputs(latest, _reuse_key(patient, the_day())):
+            return int(latest["id"]), False, latest
         chart = store.chart(actor, pid, assessments="latest")
         inputs = _analysis_inputs(chart, the_day())
         latest = chart.assessments[-1] if chart.assessments else None
-        if latest is not None and _same_inputs(latest, inputs):
+        if latest is not None and _same_inputs(latest, inputs["reuse"]):
             return int(latest["id"]), False, latest
-        key = f"{pid}:{inputs['chart_sha256']}:{inputs['as_of']}"
+        key = f"{pid}:" + json.dumps(inputs["reuse"], sort_keys=True)
         with flights_lock:
             lock = flights.setdefault(key, threading.Lock())
         with lock:
@@ -635,18 +638,28 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
 ANALYSIS: dict[str, Any] = {"n_draws": 500, "seed": 0, "choice": "most-likely"}
 
 
+def _reuse_key(patient: dict[str, Any], as_of: dt.date) -> dict[str, Any]:
+    """When two analyses have equal keys their inputs are equal: the patient row and its revision (raised on every
+    change of an entry), the date, the settings and the package version."""
+    row = {k: v for k, v in patient.items() if k != "revision"}
+    return {"patient_revision": int(patient["revision"]), "patient_sha256": hashlib.sha256(
+        json.dumps(row, default=str, sort_keys=True).encode()).hexdigest(), "as_of": as_of.isoformat(),
+        "settings": ANALYSIS, "version": __version__}
+
+
 def _analysis_inputs(chart: Any, as_of: dt.date) -> dict[str, Any]:
-    """What an analysis depends on: a hash of the chart's entries (patient, covariates, regimens, doses,
-    observations, medications; statuses included), the date, the settings and the package version."""
+    """What an analysis depends on, recorded with it: a hash of the chart's entries (patient, covariates, regimens,
+    doses, observations, medications; statuses included), the counts, and the reuse key."""
     entries = [chart.patient, chart.covariates, chart.regimens, chart.doses, chart.observations, chart.medications]
     return {"as_of": as_of.isoformat(), "chart_sha256": hashlib.sha256(
         json.dumps(entries, default=str, sort_keys=True).encode()).hexdigest(),
-        "doses": len(chart.doses), "observations": len(chart.observations), "settings": ANALYSIS}
+        "doses": len(chart.doses), "observations": len(chart.observations), "settings": ANALYSIS,
+        "reuse": _reuse_key(chart.patient, as_of)}
 
 
-def _same_inputs(assessment: dict[str, Any], inputs: dict[str, Any]) -> bool:
-    return bool(assessment["inputs"] == json.loads(json.dumps(inputs, default=str))
-                and assessment["package_version"] == __version__)
+def _same_inputs(assessment: dict[str, Any], key: dict[str, Any]) -> bool:
+    stored = assessment["inputs"].get("reuse") if isinstance(assessment["inputs"], dict) else None
+    return bool(stored == json.loads(json.dumps(key, default=str)) and assessment["package_version"] == __version__)
 
 
 def _form_number(value: str, field: str) -> float:

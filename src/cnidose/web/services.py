@@ -95,10 +95,12 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
         target = find_target(p["agent"], organ, group, months, concomitant=concomitant)
         # the dose most likely in range rather than the smallest in range (which aims at the low edge);
         # recorded in the recommendation's inputs
-        fit = fit_map(model, [ind])[0]  # once, for the recommendation and for the curve's band
+        # the fit and its posterior once, for the recommendation and for the curve's band
+        fit = fit_map(model, [ind])[0]
+        post = None if fit.status == "error" else sample_posterior(model, ind, n_draws=n_draws, seed=seed,
+                                                                   map_result=fit)
         rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed, choice=choice,
-                        fit=fit)
-        post = sample_posterior(model, ind, n_draws=300, seed=seed, map_result=fit)
+                        fit=fit, posterior=post)
     except CnidoseError as exc:
         out["warnings"].append(f"{type(exc).__name__}: {exc}")
         return out
@@ -124,6 +126,7 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
     order = np.lexsort((cols["EVID"] == 2, cols["TIME"]))
     cols = {k: v[order] for k, v in cols.items()}
     g = split_individuals(cols)[0]
+    assert post is not None  # recommend() refuses a fit that failed
     pred = post.predict(g, seed=seed)
     on_grid = cols["EVID"] == 2
     band = np.percentile(pred[:, on_grid], [10, 50, 90], axis=0)
