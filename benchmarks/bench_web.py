@@ -139,29 +139,32 @@ async def _patients(port: int, k: int) -> list[int]:
 async def _run(port: int, clients: int, seconds: float, mode: str, pids: list[int]
                ) -> tuple[list[float], int, int]:
     latencies: list[float] = []
-    errors = computed = 0
+    errors = computed = unrecommended = 0
     conns = [Conn(port) for _ in range(clients)]
     await asyncio.gather(*(c.sign_in() for c in conns))
     stop = time.monotonic() + seconds
-    t_level = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    # new troughs an hour ago, a second apart (the demo patient's doses run up to today)
+    t_level = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
 
     async def one(i: int, c: Conn) -> None:
-        nonlocal errors, computed, t_level
+        nonlocal errors, computed, t_level, unrecommended
         pid = pids[i % len(pids)]
         while time.monotonic() < stop:
             try:
                 if mode == "fresh":  # a new trough (untimed), then the recommendation on the new chart
-                    t_level += dt.timedelta(minutes=1)
+                    t_level += dt.timedelta(seconds=1)
                     await c.request("POST", f"/api/v1/patients/{pid}/levels",
                                     {"value": 8.0, "observed_at": t_level.isoformat()})
                 t0 = time.perf_counter()
                 if mode == "read":
-                    status, _ = await c.request("GET", f"/api/v1/patients/{pid}")
+                    status, body = await c.request("GET", f"/api/v1/patients/{pid}")
                 else:
-                    status, _ = await c.request("POST", f"/api/v1/patients/{pid}/recommendation")
+                    status, body = await c.request("POST", f"/api/v1/patients/{pid}/recommendation")
                 latencies.append(time.perf_counter() - t0)
                 errors += status not in (200, 201)
                 computed += status == 201
+                if status == 201 and b'"recommendation"' not in body:  # computed, but no regimen came out
+                    unrecommended += 1
             except (OSError, ValueError, asyncio.IncompleteReadError):
                 errors += 1
                 c.close()
@@ -170,6 +173,8 @@ async def _run(port: int, clients: int, seconds: float, mode: str, pids: list[in
     await asyncio.gather(*(one(i, c) for i, c in enumerate(conns)))
     for c in conns:
         c.close()
+    if unrecommended:
+        print(f"  {unrecommended} computed assessments had no recommendation in them", flush=True)
     return latencies, errors, computed
 
 
@@ -181,8 +186,8 @@ async def _warm(port: int, pids: list[int]) -> tuple[list[float], int, int]:
 
     async def one(c: Conn, pid: int) -> None:
         nonlocal errors, computed
-        status, _ = await c.request("POST", f"/api/v1/patients/{pid}/recommendation")
-        errors += status not in (200, 201)
+        status, body = await c.request("POST", f"/api/v1/patients/{pid}/recommendation")
+        errors += status not in (200, 201) or b'"recommendation"' not in body
         computed += status == 201
 
     await asyncio.gather(*(one(c, pid) for c, pid in zip(conns, pids, strict=True)))
