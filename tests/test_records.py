@@ -90,6 +90,26 @@ def test_migrations_create_the_schema_the_models_describe(db_url: str) -> None:
     engine.dispose()
 
 
+def test_migration_0002_upgrades_a_database_with_patients_in_it(db_url: str) -> None:
+    """A database made by 0001 and holding a patient and an entry: 0002 gives the patient revision 0, and from
+    then on the triggers raise it."""
+    engine = make_engine(db_url)
+    upgrade(engine, "0001")
+    now = dt.datetime(2026, 11, 1, tzinfo=UTC)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO patients (mrn, family_name, given_name, birth_date, sex, agent, indication, "
+                          "created_at, updated_at) VALUES ('OLD-1', 'Old', 'Record', '1960-01-01', 'male', "
+                          "'tacrolimus', 'kidney transplant', :t, :t)"), {"t": now})
+        pid = conn.execute(text("SELECT id FROM patients WHERE mrn = 'OLD-1'")).scalar_one()
+    upgrade(engine)
+    assert revision(engine) == HEAD
+    store = Store(engine)
+    assert store.latest_assessment(SYSTEM, pid)[0]["revision"] == 0
+    store.add_level(SYSTEM, pid, value=7.0, unit="ng/mL", observed_at=now)
+    assert store.latest_assessment(SYSTEM, pid)[0]["revision"] == 1
+    engine.dispose()
+
+
 def test_entries_are_validated_converted_and_audited(store: Store) -> None:
     pid, clin, _, _ = _setup(store)
     t0 = dt.datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
