@@ -380,15 +380,18 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             aid = computed.get(key)
             if aid is not None:
                 return aid, False, None
-            result = analyse(chart, the_day(), **ANALYSIS)
-            aid = store.save_assessment(actor, pid, kind="recommendation" if "recommendation" in result
-                                        else "assessment", inputs=inputs, result=result,
-                                        model_ref=result.get("model"), package_version=__version__)
-            with flights_lock:
-                computed[key] = aid
-                while len(computed) > 4096:
-                    computed.pop(next(iter(computed)))
-                flights.pop(key, None)
+            try:
+                result = analyse(chart, the_day(), **ANALYSIS)
+                aid = store.save_assessment(actor, pid, kind="recommendation" if "recommendation" in result
+                                            else "assessment", inputs=inputs, result=result,
+                                            model_ref=result.get("model"), package_version=__version__)
+                with flights_lock:
+                    computed[key] = aid
+                    while len(computed) > 4096:
+                        computed.pop(next(iter(computed)))
+            finally:  # whatever happened, the next request for these inputs takes a new lock
+                with flights_lock:
+                    flights.pop(key, None)
             return aid, True, None
 
     @app.post("/patients/{pid}/assess", include_in_schema=False)
