@@ -661,8 +661,9 @@ def _analysis_inputs(chart: Any, as_of: dt.date) -> dict[str, Any]:
 
 
 def _same_inputs(assessment: dict[str, Any], key: dict[str, Any]) -> bool:
-    stored = assessment["inputs"].get("reuse") if isinstance(assessment["inputs"], dict) else None
-    return bool(stored == json.loads(json.dumps(key, default=str)) and assessment["package_version"] == __version__)
+    """Whether ``assessment`` was made from inputs with this reuse key (JSON values only; it holds the version)."""
+    inputs = assessment["inputs"]
+    return isinstance(inputs, dict) and inputs.get("reuse") == key
 
 
 def _form_number(value: str, field: str) -> float:
