@@ -22,7 +22,7 @@ from cnidose.models.checks import run_checks
 from cnidose.models.describe import describe_model, summarize_model
 from cnidose.models.library import library_models, resolve_model
 from cnidose.models.model import Notice
-from cnidose.records.nonmem import read_nonmem_csv, simulate_dataset, write_csv
+from cnidose.records.nonmem import check_doses, read_nonmem_csv, simulate_dataset, write_csv
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="cnidose: calcineurin-inhibitor pharmacokinetics and dosing.")
@@ -75,12 +75,28 @@ def main() -> None:
     """cnidose: calcineurin-inhibitor pharmacokinetics and dosing."""
 
 
+DoseValuesOpt = Annotated[str, typer.Option(
+    "--dose-values", help="which record's F, R, D a lagged or additional dose takes: nonmem (the record ending "
+    "the interval it enters in, PREDPP) | dose-record (its own record, as mrgsolve)")]
+
+
+def _resolve(model: str, dose_values: str) -> Any:
+    """The model, with the dose-value convention asked for (README, "Conventions worth knowing")."""
+    if dose_values not in ("nonmem", "dose-record"):
+        raise InputError(f"--dose-values must be nonmem or dose-record, got {dose_values!r}")
+    from dataclasses import replace
+
+    m = resolve_model(model)
+    return m if dose_values == m.dose_values else replace(m, dose_values=dose_values)  # type: ignore[arg-type]
+
+
 @app.command()
 def simulate(
     model: Annotated[str, typer.Option("--model", "-m", help="model file (.toml) or library id")],
     data: Annotated[Path, typer.Option("--data", "-d", help="NONMEM-format CSV")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="output CSV (default: standard output)")] = None,
     method: Annotated[str, typer.Option(help="auto | closed | expm | ode")] = "auto",
+    dose_values: DoseValuesOpt = "nonmem",
 ) -> None:
     """Predict every record of a NONMEM-format data set (PRED and IPRED)."""
     if method not in ("auto", "closed", "expm", "ode"):
@@ -88,7 +104,7 @@ def simulate(
         raise typer.Exit(2)
 
     def work() -> None:
-        m = resolve_model(model)
+        m = _resolve(model, dose_values)
         ds = read_nonmem_csv(data)
         table = simulate_dataset(m, ds, method=method)  # type: ignore[arg-type]
         _echo_notices(table.notices)
@@ -98,7 +114,8 @@ def simulate(
             np.where(i.cmt > 0, i.cmt, np.where(i.evid == 0, m.structure.default_obs, m.structure.default_dose))
             for i in inds]) if inds else np.zeros(0, int)
         names = ds.names
-        keep = [j for j, n in enumerate(names) if n not in ("PRED", "IPRED")]
+        pred_name, ipred_name = _prediction_names(names)
+        keep = list(range(len(names)))
         header = [ds.header[j] for j in keep]
         extra_cols = []
         if "EVID" not in names:
@@ -107,7 +124,7 @@ def simulate(
         if "CMT" not in names:
             header.append("CMT")
             extra_cols.append(cmt_eff)
-        header += ["PRED", "IPRED"]
+        header += [pred_name, ipred_name]
         rows = ([row[j] for j in keep] + [int(c[k]) for c in extra_cols]
                 + [float(table.pred[k]), float(table.ipred[k])]
                 for k, row in enumerate(ds.cells))
@@ -142,6 +159,7 @@ def fit(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     chunk_size: Annotated[int, typer.Option(help="individuals per chunk of work")] = 500,
+    dose_values: DoseValuesOpt = "nonmem",
 ) -> None:
     """MAP Bayesian estimates of every individual's random effects (NONMEM's objective).
 
@@ -156,9 +174,10 @@ def fit(
     def work() -> None:
         from cnidose.estimation import fit_map
 
-        m = resolve_model(model)
+        m = _resolve(model, dose_values)
         ds = read_nonmem_csv(data)
         inds = ds.individuals()
+        check_doses(m, inds)
         with _progress("fitting", len(inds), progress and len(inds) >= 200) as callback:
             if backend == "serial" and scheduler is None:
                 results = fit_map(m, inds, covariance=covariance, progress=callback)  # type: ignore[arg-type]
@@ -169,14 +188,24 @@ def fit(
                                     workers=workers, chunk_size=chunk_size, covariance=covariance,
                                     progress=callback)
         names = list(m.eta_names) if eta_names == "model" else [f"ETA{k + 1}" for k in range(len(m.eta_names))]
-        header = ["ID", *names, *(f"SD_{n}" for n in names), "OFV", "STATUS", "MESSAGE"]
+        # between-occasion effects (KAPPA_CL_OCC1, ...): one column per occasion of the individual with the most
+        n_occ = max((r.kappa.shape[0] for r in results if r.kappa is not None), default=0)
+        kappa_names = [f"{n}_OCC{k + 1}" for k in range(n_occ) for n in (m.iov.names if m.iov is not None else ())]
+        header = ["ID", *names, *kappa_names, *(f"SD_{n}" for n in names), *(f"SD_{n}" for n in kappa_names),
+                  "OFV", "STATUS", "MESSAGE"]
         rows = []
+        position = {n: k for k, n in enumerate([*m.eta_names, *kappa_names])}
         for r in results:
-            sd = [float("nan")] * len(names)
+            sd = [float("nan")] * (len(names) + len(kappa_names))
             if r.covariance is not None:
                 for k, nm in enumerate(r.names):
-                    sd[m.eta_names.index(nm)] = float(np.sqrt(r.covariance[k, k])) if nm in m.eta_names else sd[0]
-            rows.append([_id(r.id), *(float(x) for x in r.eta), *sd, float(r.ofv), r.status, r.message])
+                    if nm in position:
+                        sd[position[nm]] = float(np.sqrt(r.covariance[k, k]))
+            kap = [float("nan")] * len(kappa_names)
+            if r.kappa is not None:
+                flat = np.asarray(r.kappa, dtype=float).ravel()
+                kap[:flat.size] = [float(x) for x in flat]
+            rows.append([_id(r.id), *(float(x) for x in r.eta), *kap, *sd, float(r.ofv), r.status, r.message])
         text = write_csv(out, header, rows)
         if out is None:
             sys.stdout.write(text)
@@ -191,6 +220,9 @@ def fit(
                 typer.echo(f"error: ID {_id(r.id)}: {r.message}", err=True)
         if predictions is not None:
             _write_predictions(m, ds, inds, results, predictions)
+        if results and all(r.status == "error" for r in results):
+            typer.echo(f"error: no individual of {data} could be fitted (messages above)", err=True)
+            raise typer.Exit(2)
 
     _run(work)
 
@@ -310,6 +342,7 @@ def evaluate(
     scheduler: SchedulerOpt = None,
     workers: WorkersOpt = None,
     chunk_size: Annotated[int, typer.Option(help="individuals per chunk of work")] = 200,
+    dose_values: DoseValuesOpt = "nonmem",
 ) -> None:
     """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
     MAPE, RMSE and share within 20 %, per model and per step."""
@@ -318,17 +351,25 @@ def evaluate(
         from cnidose.cohort import batch_evaluate
         from cnidose.dosing.evaluate import summarise
 
-        ms = [resolve_model(x.strip()) for x in models.split(",") if x.strip()]
+        ms = [_resolve(x.strip(), dose_values) for x in models.split(",") if x.strip()]
         inds = read_nonmem_csv(data).individuals()
+        for m in ms:
+            check_doses(m, inds)
         problems: list[str] = []
+        notices: list[Notice] = []
         n_chunks = -(-len(inds) // max(chunk_size, 1))
         with _progress("evaluating", n_chunks, progress and n_chunks > 1) as callback:
             fc = batch_evaluate(ms, inds, max_step=max_step, backend=backend,  # type: ignore[arg-type]
                                 scheduler=scheduler, workers=workers, chunk_size=chunk_size, progress=callback,
-                                problems=problems)
+                                problems=problems, notices=notices)
         summary = summarise(fc)
+        _echo_notices(notices)
         for msg in problems:
             typer.echo(f"skipped: {msg}", err=True)
+        if not fc:
+            typer.echo(f"error: 0 forecasts: no individual of {data} could be forecast"
+                       + (" (every one was skipped, above)" if problems else " (no levels to forecast)"), err=True)
+            raise typer.Exit(2)
         if plot is not None:
             from cnidose.dosing.evaluate import plot_svg
 
@@ -464,11 +505,23 @@ def _write_predictions(m: Any, ds: Any, inds: Sequence[Any], results: Sequence[A
         sim = m.simulate(ind, etas, kappas=kappas)
         pred_all += [float(x) for x in sim.prediction[0]]
         ipred_all += [float(x) for x in sim.prediction[1]]
-    keep = [j for j, nm in enumerate(ds.names) if nm not in ("PRED", "IPRED")]
-    header = [ds.header[j] for j in keep] + ["IPRED", "PRED"]
-    rows = ([row[j] for j in keep] + [ipred_all[k], pred_all[k]] for k, row in enumerate(ds.cells))
+    pred_name, ipred_name = _prediction_names(ds.names)
+    header = [*ds.header, ipred_name, pred_name]
+    rows = ([*row, ipred_all[k], pred_all[k]] for k, row in enumerate(ds.cells))
     write_csv(path, header, rows)
     typer.echo(f"wrote {len(ds.cells)} rows to {path}", err=True)
+
+
+def _prediction_names(names: Sequence[str]) -> tuple[str, str]:
+    """Output names of the population and individual predictions: PRED and IPRED, unless the data already have
+    a column of that name (Størset's prednisolone dose is PRED): input columns are never overwritten."""
+    taken = {n.upper() for n in names}
+    pred, ipred = "PRED", "IPRED"
+    if pred in taken or ipred in taken:
+        pred, ipred = "CNIDOSE_PRED", "CNIDOSE_IPRED"
+        typer.echo(f"note: the data have a column named PRED or IPRED; the predictions are written as {pred} and "
+                   f"{ipred}", err=True)
+    return pred, ipred
 
 
 def _echo_notices(notices: Sequence[Notice]) -> None:

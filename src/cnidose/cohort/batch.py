@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +17,35 @@ from cnidose.cohort.executor import Backend, chunked, run_chunks
 from cnidose.dosing.evaluate import Forecast, evaluate
 from cnidose.estimation.map import MapResult, fit_map
 from cnidose.models.fileformat import parse_model
-from cnidose.models.model import Model
+from cnidose.models.model import Model, Notice
 from cnidose.pk.events import Individual
 
-__all__ = ["batch_evaluate", "batch_fit", "model_payload"]
+__all__ = ["Payload", "batch_evaluate", "batch_fit", "model_payload"]
 
 _MODELS: dict[str, Model] = {}
 
 
-def model_payload(model: Model) -> tuple[bytes, str]:
-    """What a worker needs to rebuild ``model``: the file's bytes and its source name."""
+Payload = tuple[bytes, str, str]
+
+
+def model_payload(model: Model) -> Payload:
+    """What a worker needs to rebuild ``model``: the file's bytes, its source name and the dose-value reading."""
     if not model.source:
         raise ValueError("the model has no source file")
-    return Path(model.source).read_bytes(), model.source
+    return Path(model.source).read_bytes(), model.source, model.dose_values
 
 
-def _model(payload: tuple[bytes, str]) -> Model:
-    raw, source = payload
-    key = hashlib.sha256(raw).hexdigest()
+def _model(payload: Payload) -> Model:
+    raw, source, dose_values = payload
+    key = hashlib.sha256(raw).hexdigest() + dose_values
     if key not in _MODELS:
-        _MODELS[key] = parse_model(raw, source=source)
+        model = parse_model(raw, source=source)
+        _MODELS[key] = model if dose_values == model.dose_values else replace(
+            model, dose_values=dose_values)  # type: ignore[arg-type]
     return _MODELS[key]
 
 
-def _fit_chunk(chunk: list[Individual], payload: tuple[bytes, str], covariance: str) -> list[MapResult]:
+def _fit_chunk(chunk: list[Individual], payload: Payload, covariance: str) -> list[MapResult]:
     return fit_map(_model(payload), chunk, covariance=covariance)  # type: ignore[arg-type]
 
 
@@ -55,17 +61,19 @@ def batch_fit(model: Model, individuals: Sequence[Individual], *, backend: Backe
     return [r for part in parts for r in part]
 
 
-def _evaluate_chunk(chunk: list[Individual], payloads: list[tuple[bytes, str]], max_step: int | None
-                    ) -> tuple[list[Forecast], list[str]]:
+def _evaluate_chunk(chunk: list[Individual], payloads: list[Payload], max_step: int | None
+                    ) -> tuple[list[Forecast], list[str], list[Notice]]:
     problems: list[str] = []
-    forecasts = evaluate([_model(p) for p in payloads], chunk, max_step=max_step, problems=problems)
-    return forecasts, problems
+    notices: list[Notice] = []
+    forecasts = evaluate([_model(p) for p in payloads], chunk, max_step=max_step, problems=problems,
+                         notices=notices)
+    return forecasts, problems, notices
 
 
 def batch_evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_step: int | None = None,
                    backend: Backend = "serial", scheduler: str | None = None, workers: int | None = None,
                    chunk_size: int = 200, progress: Callable[[int, int], None] | None = None,
-                   problems: list[str] | None = None) -> list[Forecast]:
+                   problems: list[str] | None = None, notices: list[Notice] | None = None) -> list[Forecast]:
     """:func:`cnidose.dosing.evaluate.evaluate` partitioned by individual, on any backend; the forecasts
     (and skipped individuals' messages) come back in the serial order: model, step, individual."""
     chunks = chunked(list(individuals), chunk_size)
@@ -76,4 +84,6 @@ def batch_evaluate(models: Sequence[Model], individuals: Sequence[Individual], *
     forecasts = sorted((f for part in parts for f in part[0]), key=lambda f: (rank[f.model], f.step))
     if problems is not None:
         problems += sorted((msg for part in parts for msg in part[1]), key=lambda msg: rank[msg.split(":", 1)[0]])
+    if notices is not None:
+        notices += [n for part in parts for n in part[2]]
     return forecasts

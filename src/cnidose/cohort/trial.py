@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from cnidose.cohort.batch import _model, model_payload
+from cnidose.cohort.batch import Payload, _model, model_payload
 from cnidose.cohort.executor import Backend, run_chunks
 from cnidose.dosing.cpic import MAX_MG_PER_KG_DAY
 from cnidose.dosing.data import Target, max_dose_mg
@@ -257,8 +257,8 @@ def _measure(model: Model, prep: Prepared, params: dict[str, FloatArray], true: 
     return np.maximum(out, 0.0)
 
 
-def simulate_troughs(payload: tuple[bytes, str], protocol: dict[str, Any], n: int, seed: int,
-                     table: dict[str, FloatArray] | None = None, fit_payload: tuple[bytes, str] | None = None,
+def simulate_troughs(payload: Payload, protocol: dict[str, Any], n: int, seed: int,
+                     table: dict[str, FloatArray] | None = None, fit_payload: Payload | None = None,
                      offset: int = 0) -> tuple[FloatArray, FloatArray, list[tuple[int, int, str]], list[str]]:
     """Daily true troughs (n, days), daily doses (n, days), failures and notices of ``n`` virtual patients."""
     model = _model(payload)
@@ -347,7 +347,7 @@ def simulate_troughs(payload: tuple[bytes, str], protocol: dict[str, Any], n: in
     return pred, daily, failures, sorted({n.message for n in prep.notices})
 
 
-def _recommend_all(payload: tuple[bytes, str], protocol: dict[str, Any], raw: dict[str, FloatArray],
+def _recommend_all(payload: Payload, protocol: dict[str, Any], raw: dict[str, FloatArray],
                    amount: FloatArray, dose_time: FloatArray, measured: dict[int, FloatArray], stage: int,
                    tau: float, now: FloatArray, rng: np.random.Generator, offset: int
                    ) -> tuple[FloatArray, list[tuple[int, int, str]]]:
@@ -435,8 +435,8 @@ def trial_svg(result: TrialResult, *, width: int = 560, height: int = 420) -> st
     return "\n".join(parts)
 
 
-def _trial_chunk(chunk: tuple[int, int, int], payload: tuple[bytes, str], protocol: dict[str, Any],
-                 table: dict[str, FloatArray] | None, fit_payload: tuple[bytes, str] | None
+def _trial_chunk(chunk: tuple[int, int, int], payload: Payload, protocol: dict[str, Any],
+                 table: dict[str, FloatArray] | None, fit_payload: Payload | None
                  ) -> tuple[FloatArray, FloatArray, list[tuple[int, int, str]], list[str]]:
     offset, n, seed = chunk
     troughs, daily, failures, notices = simulate_troughs(payload, protocol, n, seed, table, fit_payload, offset)

@@ -20,7 +20,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError
 from cnidose.estimation import fit_map
-from cnidose.models.model import Model
+from cnidose.models.model import Model, Notice
 from cnidose.pk.events import Individual, split_individuals
 
 __all__ = ["Forecast", "Summary", "evaluate", "plot_svg", "summarise"]
@@ -64,11 +64,12 @@ def _hide_after(ind: Individual, keep: int) -> Individual:
 
 
 def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_step: int | None = None,
-             problems: list[str] | None = None) -> list[Forecast]:
+             problems: list[str] | None = None, notices: list[Notice] | None = None) -> list[Forecast]:
     """Every forecast of every model (k = 0 .. n-1 levels seen).
 
     Individuals a model cannot fit (missing covariate, bad record) are skipped; their messages are
-    appended to ``problems`` (one per model and individual).
+    appended to ``problems`` (one per model and individual). What each fit must show (a covariate outside
+    the model's domain, defaulted or derived) is appended to ``notices``, once per model and individual.
     """
     out: list[Forecast] = []
     seen_problem: set[tuple[str, float]] = set()
@@ -83,6 +84,8 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
                 break
             trimmed = [_hide_after(individuals[j], k) for j in who]
             fits = fit_map(model, trimmed)
+            if notices is not None and k == 0:
+                notices.extend(n for r in fits for n in r.notices)
             for j, ind, r in zip(who, trimmed, fits, strict=True):
                 if r.status == "error":
                     if problems is not None and (model.id, float(ind.id)) not in seen_problem:

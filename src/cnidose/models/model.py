@@ -29,7 +29,7 @@ from numpy.typing import ArrayLike, NDArray
 from cnidose.errors import DataError
 from cnidose.models.covariates import DERIVATIONS, STANDARD_COVARIATES
 from cnidose.models.expr import Expression
-from cnidose.pk.engine import Method, Simulation, simulate
+from cnidose.pk.engine import DoseValues, Method, Simulation, simulate
 from cnidose.pk.events import Individual, split_individuals
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
@@ -231,6 +231,9 @@ class Model:
     meta: Mapping[str, Any] = field(default_factory=dict)
     citation: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
+    #: Which record's F, R and D a dose takes (:func:`cnidose.pk.simulate`): "nonmem" (those in force when it
+    #: enters, PREDPP's rule) or "dose-record" (mrgsolve's); ``dataclasses.replace(model, dose_values=...)``.
+    dose_values: DoseValues = "nonmem"
 
     # -- identity ---------------------------------------------------------------------------------------------------
     @property
@@ -468,7 +471,8 @@ class Model:
         """
         prep = self.prepare(individual)
         params = self.individual_parameters(prep, etas, kappas)
-        sim = simulate(self.structure, prep.individual, params, method=method, return_amounts=return_amounts)
+        sim = simulate(self.structure, prep.individual, params, method=method, return_amounts=return_amounts,
+                       dose_values=self.dose_values)
         pred = self._transform(prep, params, sim.prediction)
         return ModelSimulation(pred, sim, params, prep.notices, self.ref)
 

@@ -11,10 +11,22 @@ record i it
    record's time is given before that record;
 2. applies the record: EVID 3/4 and SS=1 zero the system and cancel pending
    doses; SS=1/2 add the steady state of the regimen; a dose becomes atoms
-   (with ALAG, F, modelled rate/duration, and its ADDL copies), those due now
-   applied at once;
+   (the dose and its ADDL copies, each at its time plus the record's ALAG),
+   those due now applied at once;
 3. reports A(cmt)/S(cmt): the observation compartment for EVID 0 (CMT, or
    the default), the default observation compartment otherwise.
+
+Which record's dose parameters a dose takes (``dose_values``). NONMEM's rule,
+the default: F (and a modelled duration D or rate R) are those "in effect at
+the time the dose is actually introduced" (NONMEM help, "DOSE EVENT RECORD");
+PK is called with each event record and not at the times lagged or additional
+doses enter (CALLFL=-1, the default), so a dose entering in (TIME(i-1),
+TIME(i)] takes record i's values. ALAG is the dose record's, for the dose and
+its additional doses ("even if ALAGn changes value with a subsequent event
+record"). A running RATE=-1 input takes the R of every later record and ends
+when its amount has entered. ``dose_values="dose-record"`` takes F, R and D
+from the dose's own record instead, fixed for the dose and its additional
+doses (mrgsolve's reading).
 
 Everything is vectorised over a batch of B parameter sets (individuals
 sharing a schedule, or draws for one individual): parameters are arrays of
@@ -43,13 +55,16 @@ from cnidose.pk.events import Individual
 from cnidose.pk.solvers import EigenSolver, ExpmSolver, OdeSolver, Solver
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
-__all__ = ["Method", "Simulation", "simulate", "simulate_many"]
+__all__ = ["DoseValues", "Method", "Simulation", "simulate", "simulate_many"]
 
 FloatArray = NDArray[np.float64]
 Method = Literal["auto", "closed", "expm", "ode"]
 
-_BOLUS = 0
-_RATE = 1
+DoseValues = Literal["nonmem", "dose-record"]
+
+_BOLUS = 0  # an amount AMT, scaled by F when it enters
+_START = 1  # the start of a zero-order input of AMT (RATE > 0, -1 or -2): F, R, D resolved when it starts
+_RATE = 2  # a change of input rate (the end of an input)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,53 +89,166 @@ class Simulation:
 
 @dataclass(slots=True)
 class _Atom:
-    time: FloatArray  # (B,), inf where the atom does not exist for that batch member
+    """A dose event waiting to happen: one time per batch member (inf where it does not happen)."""
+
+    time: FloatArray  # (B,), inf where the atom does not (or no longer) exist for that batch member
     cmt: int  # 0-based
-    kind: int  # _BOLUS (amount) or _RATE (rate change)
-    value: FloatArray  # (B,)
+    kind: int  # _BOLUS, _START or _RATE
+    value: FloatArray  # (B,): AMT (_BOLUS, _START) or the rate change (_RATE)
+    rate: float = 0.0  # _START: the RATE data item (> 0 given, -1 modelled rate, -2 modelled duration)
+    rec: int = -1  # record whose F/R/D apply; -1: the record ending the interval in which the atom happens
+    src: int = 0  # the dose record (for messages)
     lo: float = np.inf  # earliest and latest finite time (scalar checks avoid touching arrays)
     hi: float = -np.inf
     uniform: bool = False  # every batch member has the same, finite time
 
     def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
         finite = self.time[np.isfinite(self.time)]
         if finite.size:
             self.lo, self.hi = float(finite.min()), float(finite.max())
             self.uniform = finite.size == self.time.size and self.lo == self.hi
+        else:
+            self.lo, self.hi, self.uniform = np.inf, -np.inf, False
+
+    def consume(self, mask: NDArray[np.bool_] | None) -> None:
+        """Mark the atom as happened for the members in ``mask`` (all when None)."""
+        if mask is None:
+            self.time = np.full_like(self.time, np.inf)
+        else:
+            self.time = np.where(mask, np.inf, self.time)
+        self.refresh()
+
+
+@dataclass(slots=True)
+class _Running:
+    """A zero-order input at a modelled rate (RATE=-1) now running: NONMEM re-reads its rate at every record."""
+
+    stop: _Atom  # its end; time and value are updated when the rate changes
+    cmt: int
+    rho: FloatArray  # (B,) the rate now in force (0 where not running)
+    src: int
+
+
+class _DoseParameters:
+    """Per-record dose parameters (F, ALAG, R, D of each compartment), checked where they are used."""
+
+    def __init__(self, P: Mapping[str, FloatArray], rows: NDArray[np.int64], batch: int):
+        self.P = P
+        self.rows = rows
+        self.ones = np.ones(batch)
+        self.zeros = np.zeros(batch)
+
+    def get(self, name: str, cmt: int, rec: int, *, src: int, mask: NDArray[np.bool_] | None = None) -> FloatArray:
+        """``<name><cmt+1>`` at record ``rec`` (a (B,) array); a DataError names the record and the dose."""
+        key = f"{name}{cmt + 1}"
+        a = self.P.get(key)
+        if a is None:
+            if name in ("R", "D"):
+                need = "RATE=-1 needs a modelled rate" if name == "R" else "RATE=-2 needs a modelled duration"
+                raise DataError(f"{need} {key}; the model defines none", row=int(self.rows[src]), column=key)
+            return self.ones if name == "F" else self.zeros
+        v = a[:, rec]
+        w = v if mask is None else v[mask]
+        rule = {"F": (w >= 0, ">= 0"), "ALAG": (w >= 0, ">= 0"), "R": (w > 0, "> 0"), "D": (w > 0, "> 0")}
+        ok, text = rule[name]
+        if not (np.all(np.isfinite(w)) and np.all(ok)):
+            bad = w[~(np.isfinite(w) & ok)]
+            what = {"F": "bioavailability", "ALAG": "lag time", "R": "RATE=-1 needs a modelled rate",
+                    "D": "RATE=-2 needs a modelled duration"}[name]
+            where = "" if rec == src else f" (the value in force when the dose of row {int(self.rows[src])} enters)"
+            raise DataError(f"{what} {key} must be finite and {text}, got {float(bad[0]):g}{where}",
+                            row=int(self.rows[rec]), column=key)
+        return v
 
 
 class _State:
     """Mutable state of one simulation run (internal to the engine)."""
 
-    def __init__(self, solver: Solver, batch: int, n: int):
+    def __init__(self, solver: Solver, batch: int, n: int, doses: _DoseParameters, *, retime: bool):
         self.solver = solver
         self.y = np.zeros((batch, n))
         self.r = np.zeros((batch, n))  # natural-coordinate input rates
         self.ry: FloatArray | None = None  # internal-coordinate input rates
         self.pending: list[_Atom] = []
+        self.running: list[_Running] = []
         self.batch = batch
+        self.doses = doses
+        self.retime = retime  # NONMEM: a running modelled-rate input takes each record's R
+        self.rec = 0  # the record whose interval is being advanced
+        self.rec_time = 0.0  # a steady-state replay: the time on its own clock that stands for the record's
 
     def reset(self) -> None:
         self.y = np.zeros_like(self.y)
         self.r = np.zeros_like(self.r)
         self.ry = None
         self.pending = []
+        self.running = []
 
     def switch(self, solver: Solver) -> None:
         x = self.solver.to_natural(self.y)
         self.solver = solver
-        self.y = solver.to_internal(x)
-        self.ry = solver.to_internal(self.r) if self.ry is not None else None
+        # copies: a solver's internal coordinates may be the natural ones (the same array), and the state's
+        # arrays must never share memory with one another or with a record's parameters
+        self.y = np.array(solver.to_internal(x), dtype=np.float64)
+        self.ry = np.array(solver.to_internal(self.r), dtype=np.float64) if self.ry is not None else None
+
+    def add_rate(self, cmt: int, delta: FloatArray) -> None:
+        """Change the input rate of compartment ``cmt`` by ``delta`` (B,), without touching shared arrays."""
+        r = self.r.copy()
+        r[:, cmt] += delta
+        self.r = r
+        inc = delta[:, None] * self.solver.unit(cmt)
+        self.ry = np.array(inc) if self.ry is None else self.ry + inc
 
     def apply(self, atom: _Atom, mask: NDArray[np.bool_] | None) -> None:
-        val = atom.value if mask is None else np.where(mask, atom.value, 0.0)
-        u = self.solver.unit(atom.cmt)
-        if atom.kind == _BOLUS:
-            self.y = self.y + val[:, None] * u
-        else:
-            self.r[:, atom.cmt] += val
-            inc = val[:, None] * u
-            self.ry = inc.copy() if self.ry is None else self.ry + inc
+        """Give a bolus or a rate change to the members in ``mask`` (all when None)."""
+        c = atom.cmt
+        if atom.kind == _RATE:
+            self.add_rate(c, atom.value if mask is None else np.where(mask, atom.value, 0.0))
+            return
+        rec = self.rec if atom.rec < 0 else atom.rec
+        amount = self.doses.get("F", c, rec, src=atom.src, mask=mask) * atom.value
+        val = amount if mask is None else np.where(mask, amount, 0.0)
+        self.y = self.y + val[:, None] * self.solver.unit(c)
+
+    def start(self, atom: _Atom, mask: NDArray[np.bool_]) -> list[_Atom]:
+        """A zero-order input starting for the members in ``mask``: its rate and duration are those of the
+        record whose values it takes, so it becomes a rate change at its start and another at its end."""
+        rec = self.rec if atom.rec < 0 else atom.rec
+        amount = self.doses.get("F", atom.cmt, rec, src=atom.src, mask=mask) * atom.value
+        rho, dur = _rate_duration(self.doses, atom, amount, rec, mask)
+        live = mask & (dur > 0)
+        on = _Atom(np.where(live, atom.time, np.inf), atom.cmt, _RATE, rho, src=atom.src)
+        off = _Atom(np.where(live, atom.time + dur, np.inf), atom.cmt, _RATE, -rho, src=atom.src)
+        if atom.rate == -1 and self.retime and live.any():
+            self.running.append(_Running(off, atom.cmt, np.where(live, rho, 0.0), atom.src))
+        return [on, off]
+
+    def retime_running(self, t: float, rec: int) -> None:
+        """NONMEM: a modelled rate R applies to the interval ending at each record, so a running RATE=-1
+        input changes rate at ``t`` (the start of record ``rec``'s interval) and ends when its amount is in."""
+        keep = []
+        for run in self.running:
+            active = np.isfinite(run.stop.time) & (run.rho > 0)
+            if not active.any():
+                continue
+            keep.append(run)
+            R = self.doses.get("R", run.cmt, rec, src=run.src, mask=active)
+            changed = active & (run.rho != R)
+            if not changed.any():
+                continue
+            remaining = run.rho * (run.stop.time - t)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                end = t + remaining / R
+            self.add_rate(run.cmt, np.where(changed, R - run.rho, 0.0))
+            run.stop.time = np.where(changed, end, run.stop.time)
+            run.stop.value = np.where(changed, -R, run.stop.value)
+            run.stop.refresh()
+            run.rho = np.where(changed, R, run.rho)
+        self.running = keep
 
     def step(self, dt: float | FloatArray) -> None:
         if np.ndim(dt) == 0:
@@ -129,20 +257,39 @@ class _State:
         elif np.any(dt > 0):
             self.y = self.solver.propagate(self.y, self.ry, dt)
 
-    def advance(self, t0: float, t1: float) -> None:
-        """Advance from t0 to t1, applying pending atoms in (t0, t1]."""
-        due = [a for a in self.pending if a.hi > t0 and a.lo <= t1]
+    def advance(self, t0: float, t1: float, rec: int) -> None:
+        """Advance from t0 to t1 with record ``rec``'s parameters, giving every pending atom due by t1.
+
+        Atoms happen in time order (per batch member). A zero-order input that starts by t1 takes the values
+        of record ``rec`` (or its own fixed record), so its start and end are known before stepping.
+        """
+        self.rec = rec
+        due = [a for a in self.pending if a.lo <= t1]
         if not due:
             self.step(t1 - t0)
-        elif all(a.uniform for a in due):  # every batch member has the same atom times
+            return
+        if any(a.kind == _START for a in due):
+            expanded: list[_Atom] = []
+            for a in due:
+                if a.kind != _START:
+                    expanded.append(a)
+                    continue
+                m = a.time <= t1
+                parts = self.start(a, m)
+                a.consume(None if m.all() else m)
+                self.pending.extend(parts)
+                expanded.extend(parts)
+            due = [a for a in expanded if a.lo <= t1]
+        if all(a.uniform for a in due):  # one time for every batch member: scalar steps, cached propagators
             cur = t0
             for a in sorted(due, key=lambda a: a.lo):
                 self.step(a.lo - cur)
                 cur = max(cur, a.lo)
+                a.consume(None)
                 self.apply(a, None)
             self.step(t1 - cur)
         else:
-            T = np.stack([np.where((a.time > t0) & (a.time <= t1), a.time, np.inf) for a in due], axis=1)
+            T = np.stack([np.where(a.time <= t1, a.time, np.inf) for a in due], axis=1)
             order = np.argsort(T, axis=1, kind="stable")
             rows = np.arange(self.batch)
             cur_v = np.full(self.batch, t0)
@@ -156,8 +303,25 @@ class _State:
                 cur_v = np.where(act, tj, cur_v)
                 for m in np.unique(idx[act]):
                     self.apply(due[int(m)], act & (idx == m))
+            for a in due:
+                a.consume(a.time <= t1)
             self.step(t1 - cur_v)
-        self.pending = [a for a in self.pending if a.hi > t1]
+        self.pending = [a for a in self.pending if a.lo < np.inf]
+
+
+def _rate_duration(doses: _DoseParameters, atom: _Atom, amount: FloatArray, rec: int,
+                   mask: NDArray[np.bool_] | None) -> tuple[FloatArray, FloatArray]:
+    """Rate and duration of a zero-order input of ``amount``: given RATE, modelled rate R or duration D."""
+    if atom.rate > 0:
+        rho = np.full_like(amount, atom.rate)
+        return rho, amount / atom.rate
+    if atom.rate == -1:
+        R = doses.get("R", atom.cmt, rec, src=atom.src, mask=mask)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return R, np.where(R > 0, amount / np.where(R > 0, R, 1.0), 0.0)
+    D = doses.get("D", atom.cmt, rec, src=atom.src, mask=mask)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(D > 0, amount / np.where(D > 0, D, 1.0), 0.0), D
 
 
 def _as_batch(params: Mapping[str, ArrayLike], n_records: int) -> tuple[dict[str, FloatArray], int]:
@@ -187,6 +351,7 @@ def simulate(
     return_amounts: bool = False,
     rtol: float = 1e-10,
     atol: float = 1e-12,
+    dose_values: DoseValues = "nonmem",
 ) -> Simulation:
     """Predict every record of ``individual`` for a batch of parameter sets.
 
@@ -209,6 +374,12 @@ def simulate(
         Also return every compartment's amount at every record.
     rtol, atol : float
         ODE tolerances.
+    dose_values : {"nonmem", "dose-record"}
+        Which record's F, R and D a dose takes. "nonmem" (the default, NONMEM's PREDPP): those in force when
+        the dose enters -- for a lagged or additional dose, the record that ends the interval it enters in --
+        and a running RATE=-1 input takes each later record's R. "dose-record": those of the dose's own record,
+        fixed for the dose and its additional doses (mrgsolve's reading). The lag ALAG is always the dose
+        record's, and the implied doses of a steady state take the steady-state record's values.
 
     Returns
     -------
@@ -268,63 +439,34 @@ def simulate(
         if a.strides[1] == 0:  # one value for every record (a broadcast view): nothing changes
             continue
         changed[1:] |= np.any(a[:, 1:] != a[:, :-1], axis=0)
-    st = _State(make_solver(0), B, n)
+    if dose_values not in ("nonmem", "dose-record"):
+        raise ValueError(f"dose_values must be 'nonmem' or 'dose-record', not {dose_values!r}")
+    nonmem = dose_values == "nonmem"
+    doses = _DoseParameters(P, individual.rows, B)
+    st = _State(make_solver(0), B, n, doses, retime=nonmem)
     out = np.empty((B, R))
     amounts = np.empty((B, R, n)) if return_amounts else None
     t_prev = float(individual.time[0])
     ones = np.ones(B)
-    zeros = np.zeros(B)
     for i in range(R):
         if changed[i]:
             st.switch(make_solver(i))
+        if st.running:
+            st.retime_running(t_prev, i)
         t = float(individual.time[i])
-        st.advance(t_prev, t)
+        st.advance(t_prev, t, i)
         evid = int(individual.evid[i])
         ss = int(individual.ss[i])
-        row = int(individual.rows[i])
         if evid in (3, 4) or (evid in (1, 4) and ss == 1):
             st.reset()
         if evid in (1, 4):
             c = (int(individual.cmt[i]) or structure.default_dose) - 1
-            cn = c + 1
-
-            def dose_param(name: str, default: FloatArray, *, _cn: int = cn, _i: int = i,
-                           _row: int = row) -> FloatArray:
-                key = f"{name}{_cn}"
-                v = P[key][:, _i] if key in P else default
-                if not np.all(np.isfinite(v)):
-                    raise DataError(f"{key} is not finite at this dose record", row=_row, column=key)
-                return v
-
-            F = dose_param("F", ones)
-            L = dose_param("ALAG", zeros)
-            if np.any(F < 0):
-                raise DataError(f"bioavailability F{cn} must be >= 0, got {F.min():g}", row=row, column=f"F{cn}")
-            if np.any(L < 0):
-                raise DataError(f"lag time ALAG{cn} must be >= 0, got {L.min():g}", row=row, column=f"ALAG{cn}")
+            # NONMEM help, "DOSE EVENT RECORD": the lag in force at the dose record applies to the dose and its
+            # additional doses
+            L = doses.get("ALAG", c, i, src=i)
             amt = float(individual.amt[i])
             rate = float(individual.rate[i])
             ii = float(individual.ii[i])
-            amount = F * amt
-            rho: FloatArray | None
-            dur: FloatArray | None
-            if rate == 0:
-                rho, dur = None, None
-            elif rate > 0:
-                rho = np.full(B, rate)
-                dur = amount / rate
-            elif rate == -1:
-                rho = dose_param("R", zeros)
-                if np.any(rho <= 0):
-                    raise DataError(f"RATE=-1 needs a modelled rate R{cn} > 0, got {rho.min():g}",
-                                    row=row, column=f"R{cn}")
-                dur = amount / rho
-            else:
-                dur = dose_param("D", zeros)
-                if np.any(dur <= 0):
-                    raise DataError(f"RATE=-2 needs a modelled duration D{cn} > 0, got {dur.min():g}",
-                                    row=row, column=f"D{cn}")
-                rho = amount / dur
             const_inf = ss == 1 and amt == 0 and rate > 0 and ii == 0
             if const_inf:
                 # Constant infusion at steady state; it stops at the record time
@@ -332,9 +474,15 @@ def simulate(
                 st.y = st.y + st.solver.constant_infusion(rate * np.asarray(st.solver.unit(c)))
             else:
                 if ss in (1, 2):
-                    _add_steady_state(st, structure, t, c, amount, L, ii, rho, dur)
+                    _add_steady_state(st, structure, t, c, amt, rate, L, ii, i)
+                # F, and R or D, of the dose and its additional doses: under "nonmem" those in force when each
+                # one enters (the record ending the interval it enters in); under "dose-record" the dose record's
+                rec = -1 if nonmem else i
+                kind = _BOLUS if rate == 0 else _START
                 for k in range(int(individual.addl[i]) + 1):
-                    _schedule(st, t + k * ii + L, c, amount, rho, dur, now=t)
+                    st.pending.append(_Atom(np.array(t + k * ii + L, dtype=np.float64), c, kind,
+                                            np.full(B, amt), rate=rate, rec=rec, src=i))
+                st.advance(t, t, i)  # what is due now (an unlagged dose) is given before the record is reported
         obs_c = (int(individual.cmt[i]) if evid == 0 and individual.cmt[i] > 0 else structure.default_obs) - 1
         key = f"S{obs_c + 1}"
         scale = P[key][:, i] if key in P else ones
@@ -345,38 +493,31 @@ def simulate(
     return Simulation(out, amounts, used_method)
 
 
-def _schedule(st: _State, start: FloatArray, c: int, amount: FloatArray,
-              rho: FloatArray | None, dur: FloatArray | None, *, now: float) -> None:
-    """Queue one dose starting at ``start`` (B,); apply the part due at ``now``."""
-    atoms: list[_Atom]
-    if rho is None or dur is None:
-        atoms = [_Atom(start, c, _BOLUS, amount)]
-    else:
-        live = dur > 0
-        t_on = np.where(live, start, np.inf)
-        atoms = [_Atom(t_on, c, _RATE, rho.copy()), _Atom(t_on + dur, c, _RATE, -rho)]
-    for a in atoms:
-        due = a.time == now
-        if due.any():
-            st.apply(a, due)
-        if a.hi > now:
-            st.pending.append(a)
-
-
 def _add_steady_state(st: _State, structure: LinearStructure | OdeStructure, t: float, c: int,
-                      amount: FloatArray, L: FloatArray, ii: float,
-                      rho: FloatArray | None, dur: FloatArray | None) -> None:
-    """Add the pre-dose steady state of the regimen (dose every ``ii``) at time ``t``."""
+                      amt: float, rate: float, L: FloatArray, ii: float, rec: int) -> None:
+    """Add the pre-dose steady state of the regimen (AMT every ``ii``) at time ``t``.
+
+    Every implied dose takes the dose parameters of the steady-state record ``rec`` (NONMEM help,
+    "BIOAVAILABILITY FRACTION PARAMETER": F applies to all implied doses leading to the steady state).
+    """
     solver = st.solver
+    kind = _BOLUS if rate == 0 else _START
+    F = st.doses.get("F", c, rec, src=rec)
+    amount = F * amt
+    rho: FloatArray | None = None
+    dur: FloatArray | None = None
+    if kind == _START:
+        probe = _Atom(np.full(st.batch, t), c, kind, np.full(st.batch, amt), rate=rate, rec=rec, src=rec)
+        rho, dur = _rate_duration(st.doses, probe, amount, rec, None)
     span = L if dur is None else L + dur
     k0 = max(1, ceil(float(np.max(span)) / ii))
 
     def replay(n_doses: int) -> _State:
-        sub = _State(solver, st.batch, structure.n)
+        sub = _State(solver, st.batch, structure.n, st.doses, retime=st.retime)
         start = t - n_doses * ii - 1.0
-        for k in range(1, n_doses + 1):
-            _schedule(sub, t + L - k * ii, c, amount, rho, dur, now=start)
-        sub.advance(start, t)
+        sub.pending = [_Atom(np.array(t + L - k * ii, dtype=np.float64), c, kind, np.full(st.batch, amt),
+                             rate=rate, rec=rec, src=rec) for k in range(1, n_doses + 1)]
+        sub.advance(start, t, rec)
         return sub
 
     if solver.linear:
@@ -391,27 +532,55 @@ def _add_steady_state(st: _State, structure: LinearStructure | OdeStructure, t: 
         tail = solver.geometric(w, ii) - w
         y_ss = sub.y + tail
     else:
-        n_doses = max(16, k0)
-        prev = replay(n_doses)
-        while True:
-            n_doses *= 2
-            sub = replay(n_doses)
-            a, b = solver.to_natural(sub.y), solver.to_natural(prev.y)
-            # converged when the two replays agree to 1e-9 of each amount or of the member's largest amount: the
-            # integrator's own error over thousands of doses is of that order relative to the largest amount, so
-            # a tiny amount (a depot just before a dose) cannot be asked to agree to 1e-9 of itself
-            scale = np.max(np.abs(a), axis=-1, keepdims=True)
-            if np.all(np.abs(a - b) <= 1e-9 * (np.abs(a) + scale) + 1e-12):
-                break
-            if n_doses > 4096:
-                raise NumericalError("steady state not reached after 4096 doses; check elimination parameters")
-            prev = sub
+        sub = _cycle_to_steady_state(st, structure, c, amt, rate, L, ii, rec)
+        # the replay ran on its own clock (doses at 0, ii, 2 ii, ...): move what is still pending to the record's
+        offset = t - sub.rec_time
+        for a in sub.pending:
+            a.time = a.time + offset
+            a.refresh()
         y_ss = sub.y
     st.y = st.y + y_ss
     if np.any(sub.r != 0):
-        st.r += sub.r
-        st.ry = sub.ry if st.ry is None else (st.ry + sub.ry if sub.ry is not None else st.ry)
+        st.r = st.r + sub.r
+        if sub.ry is not None:
+            st.ry = np.array(sub.ry) if st.ry is None else st.ry + sub.ry
     st.pending.extend(sub.pending)
+    st.running.extend(sub.running)
+
+
+def _cycle_to_steady_state(st: _State, structure: LinearStructure | OdeStructure, c: int, amt: float, rate: float,
+                           L: FloatArray, ii: float, rec: int) -> _State:
+    """Give the regimen dose after dose (at 0, ii, 2 ii, ... plus the lag) until the state just before a dose
+    stops changing: the steady state of a nonlinear system, or of any system on the ODE path.
+
+    Successive cycles approach the steady state geometrically (ratio r, the contraction of one interval), so
+    the distance left after a change d is about d r / (1 - r); the replay stops when that is below 1e-9 of
+    the member's largest amount. The returned state's clock ends at ``rec_time``.
+    """
+    kind = _BOLUS if rate == 0 else _START
+    sub = _State(st.solver, st.batch, structure.n, st.doses, retime=st.retime)
+    prev: FloatArray | None = None
+    prev_d: FloatArray | None = None
+    for j in range(1, 8193):
+        sub.pending.append(_Atom(np.array((j - 1) * ii + L, dtype=np.float64), c, kind, np.full(st.batch, amt),
+                                 rate=rate, rec=rec, src=rec))
+        sub.advance((j - 1) * ii, j * ii, rec)
+        x = st.solver.to_natural(sub.y)
+        if prev is not None:
+            d = np.max(np.abs(x - prev), axis=-1)  # (B,)
+            scale = np.max(np.abs(x), axis=-1)
+            if prev_d is not None:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    r = np.where(prev_d > 0, d / prev_d, 0.0)
+                left = np.where(r < 1, d * r / np.where(r < 1, 1 - r, 1.0), np.inf)
+                # (or the change is at the integrator's own noise, ~1e-10 of the largest amount)
+                if np.all(((left <= 1e-9 * scale + 1e-12) & (d <= 1e-6 * scale + 1e-12))
+                          | (d <= 1e-10 * scale + 1e-12)):
+                    sub.rec_time = j * ii
+                    return sub
+            prev_d = d
+        prev = x
+    raise NumericalError("steady state not reached after 8192 doses; check elimination parameters")
 
 
 def _check_parameters(structure: LinearStructure | OdeStructure, ind: Individual,
@@ -458,6 +627,7 @@ def simulate_many(
     params: Sequence[Mapping[str, ArrayLike]],
     *,
     method: Method = "auto",
+    dose_values: DoseValues = "nonmem",
 ) -> list[Simulation]:
     """Simulate many individuals, batching those that share an event schedule.
 
@@ -480,16 +650,16 @@ def simulate_many(
         names = set(batches[0][0])
         if len(members) == 1 or any(set(b[0]) != names for b in batches):
             for k in members:
-                results[k] = simulate(structure, individuals[k], params[k], method=method)
+                results[k] = simulate(structure, individuals[k], params[k], method=method, dose_values=dose_values)
             continue
         stacked = {nm: np.concatenate([b[0][nm] for b in batches], axis=0) for nm in names}
         try:
-            sim = simulate(structure, first, stacked, method=method)
+            sim = simulate(structure, first, stacked, method=method, dose_values=dose_values)
         except DataError:
             # The batch carries the first member's rows: re-run one by one so the
             # message names the individual (and row) at fault.
             for k in members:
-                simulate(structure, individuals[k], params[k], method=method)
+                simulate(structure, individuals[k], params[k], method=method, dose_values=dose_values)
             raise
         start = 0
         for k, (_, b) in zip(members, batches, strict=True):

@@ -22,8 +22,9 @@ from cnidose.errors import DataError
 from cnidose.models.model import Model, Notice
 from cnidose.pk.engine import Method
 from cnidose.pk.events import EVENT_COLUMNS, Individual, split_individuals
+from cnidose.records.units import check_data_doses
 
-__all__ = ["DataSet", "SimulatedTable", "read_nonmem_csv", "simulate_dataset", "write_csv"]
+__all__ = ["DataSet", "SimulatedTable", "check_doses", "read_nonmem_csv", "simulate_dataset", "write_csv"]
 
 _MISSING = {"", "."}
 
@@ -158,6 +159,11 @@ class SimulatedTable:
     notices: tuple[Notice, ...] = ()  # covariate domain, defaults and derivations, per individual
 
 
+def check_doses(model: Model, individuals: Sequence[Individual]) -> None:
+    """Refuse a dose (AMT) impossible for the model's drug in its dose unit, naming the row (a dose left in ug)."""
+    check_data_doses(str(model.meta.get("drug", "")), str(model.units.get("dose", "")), individuals)
+
+
 def simulate_dataset(model: Model, data: DataSet, *, method: Method = "auto") -> SimulatedTable:
     """PRED (random effects zero) and IPRED (random effects from ETA columns) per row.
 
@@ -177,6 +183,7 @@ def simulate_dataset(model: Model, data: DataSet, *, method: Method = "auto") ->
             eta_cols = style
             break
     inds = data.individuals(extra=eta_cols)
+    check_doses(model, inds)
     pred_parts, ipred_parts, methods = [], [], []
     notices: list[Notice] = []
     for ind in inds:

@@ -10,13 +10,17 @@ Levels reported in nmol/L are converted with the molar masses below (sources nex
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
-from cnidose.dosing.regimen import IMPLAUSIBLE_LEVEL
-from cnidose.errors import InputError
-from cnidose.models.covariates import STANDARD_COVARIATES
+import numpy as np
 
-__all__ = ["DRUGS", "FieldError", "covariate_value", "dose_mg", "level_ng_ml"]
+from cnidose.dosing.regimen import IMPLAUSIBLE_LEVEL
+from cnidose.errors import DataError, InputError
+from cnidose.models.covariates import STANDARD_COVARIATES
+from cnidose.pk.events import Individual
+
+__all__ = ["DRUGS", "FieldError", "check_data_doses", "covariate_value", "dose_mg", "level_ng_ml"]
 
 
 class FieldError(InputError):
@@ -81,6 +85,29 @@ def dose_mg(drug: str, amount: Any, unit: str, *, field: str = "amount") -> floa
         hint = f"; {v:g} mg would be an ordinary dose -- check the unit"
     raise FieldError(f"{v:g} {unit} is not a possible {d} dose (expected {lo:g}-{hi:g} mg per administration){hint}",
                      field=field)
+
+
+def check_data_doses(drug: str, dose_unit: str, individuals: Iterable[Individual]) -> None:
+    """Refuse a data set's dose (AMT of an EVID 1/4 record) that is not a possible administration of ``drug``
+    in the model's dose unit -- a dose left in ug (3000 "mg" of tacrolimus) -- naming its row and AMT.
+
+    The bounds are those of an entered dose (:func:`dose_mg`); a constant steady-state infusion (AMT 0) has no
+    amount to check; drugs without bounds are not checked.
+    """
+    if drug not in _DOSE_RANGE or dose_unit not in _MASS:
+        return
+    lo, hi = _DOSE_RANGE[drug]
+    factor = _MASS[dose_unit]
+    for ind in individuals:
+        mg = ind.amt * factor
+        bad = ((ind.evid == 1) | (ind.evid == 4)) & (ind.amt > 0) & ((mg < lo) | (mg > hi))
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            v = float(ind.amt[j])
+            hint = (f"; {v:g} ug would be an ordinary dose -- the data look like micrograms" if lo <= mg[j] / 1000 <= hi
+                    else f"; {v:g} g would be an ordinary dose -- check the unit" if lo <= mg[j] * 1000 <= hi else "")
+            raise DataError(f"dose {v:g} {dose_unit} is not a possible {drug} administration (expected {lo:g}-{hi:g} "
+                            f"mg){hint}", row=int(ind.rows[j]), column="AMT")
 
 
 def level_ng_ml(drug: str, value: Any, unit: str, *, field: str = "value") -> float:
