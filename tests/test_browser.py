@@ -157,3 +157,47 @@ def test_public_booking_form(server: tuple[str, dict[str, int]], browser: object
     page.click("#request-booking")
     expect(page.locator("#booking-done")).to_contain_text("registered")
     page.close()
+
+
+def test_demo_transplant_alerts_entry_confirmation_and_withdrawal(server: tuple[str, dict[str, int]],
+                                                                  browser: object) -> None:
+    """Issue 13: the demo kidney recipient shows the creatinine rise, the troughs above target and the blood
+    pressure, each with its action and source; a suspicious entry asks for confirmation and keeps its flag; an
+    entry marked entered in error is struck through and leaves the alerts."""
+    from playwright.sync_api import expect
+
+    base, ids = server
+    page = browser.new_page(viewport={"width": 1280, "height": 900})  # type: ignore[attr-defined]
+    _sign_in(page, base, "clin")
+    page.goto(f"{base}/patients/{ids['DEMO-TX-1']}")
+    alerts = page.locator("#alerts")
+    expect(alerts).to_contain_text("above the post-transplant baseline")
+    expect(alerts).to_contain_text("above the target 4-11 ng/mL")
+    expect(alerts).to_contain_text("readings at or above 130/80 mmHg")
+    for text in ("KDIGO 2009 transplant guideline", "US Prograf label, Table 1", "KDOQI 2004"):
+        expect(alerts).to_contain_text(text)
+    expect(alerts).to_contain_text("check the calcineurin-inhibitor level")  # the action
+    expect(page.locator("#current-regimen")).to_contain_text("Prograf 5 mg every 12 h")
+    # a level implausible for the regimen: a confirmation, then stored with its flag
+    now = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0) - dt.timedelta(hours=2)
+    page.fill("#level-value", "150")
+    page.fill("#level-time", now.strftime("%Y-%m-%dT%H:%M"))
+    page.click("#add-level")
+    expect(page.locator("#confirm-flags")).to_contain_text("implausible for the regimen")
+    page.click("#confirm-entry")
+    row = page.locator("#observations tr", has_text="150 ng/mL")
+    expect(row).to_contain_text("flagged:")
+    # withdrawn: struck through, with its reason
+    row.locator("input[name=reason]").fill("sample drawn from the infusion line")
+    row.locator(".withdraw-button").click()
+    row = page.locator("#observations tr", has_text="150 ng/mL")
+    expect(row).to_have_class("entered-in-error")
+    expect(row).to_contain_text("entered in error: sample drawn from the infusion line")
+    assert row.locator("td").first.evaluate(  # type: ignore[attr-defined]
+        "e => getComputedStyle(e).textDecorationLine") == "line-through"
+    # a regimen change shows at once as the current regimen
+    page.fill("#regimen-form input[name=dose]", "3")
+    page.fill("#regimen-form input[name=start_at]", now.strftime("%Y-%m-%dT%H:%M"))
+    page.click("#add-regimen")
+    expect(page.locator("#current-regimen")).to_contain_text("Prograf 3 mg every 12 h")
+    page.close()

@@ -86,12 +86,14 @@ def test_egfr_fall_needs_more_than_one_measurement() -> None:
 
 
 @pytest.mark.parametrize(("value", "fires"), [(99.0, False), (100.0, True)])  # baseline 80: +23.75 % / +25 %
-def test_us_creatinine_rise_repeat(value: float, fires: bool) -> None:
-    """Neoral/Gengraf USPI: creatinine >= 25 % above pretreatment -> repeat within 2 weeks."""
-    a = rules(run(psoriasis(labs=[creat(20, value)])))
+def test_us_creatinine_rise_reduce(value: float, fires: bool) -> None:
+    """Neoral/Gengraf USPI (US records only): creatinine >= 25 % above pretreatment -> reduce 25-50 % and
+    repeat serum creatinine (clinical-verification.md 1.1 P2, P8)."""
+    a = rules(run(psoriasis(labs=[creat(20, value)], region="US")))
     assert ("us-creatinine-25" in a) is fires
     if fires:
-        assert "Repeat serum creatinine within 2 weeks" in a["us-creatinine-25"].message
+        assert "Reduce the dose by 25-50 %; repeat serum creatinine" in a["us-creatinine-25"].message
+    assert "us-creatinine-25" not in rules(run(psoriasis(labs=[creat(20, value)])))  # an EU record
 
 
 @pytest.mark.parametrize(("readings", "fires"), [
@@ -228,8 +230,9 @@ def test_every_rule_and_interaction_has_a_source() -> None:
             assert agent in ("tacrolimus", "cyclosporine", "voclosporin")
             assert eff["source"].strip() and eff["action"].strip()
             assert eff["severity"] in ("info", "warning", "critical")
-    known = {"egfr_fall", "egfr_not_improved", "creatinine_rise", "hypertension", "duration", "lab_threshold",
-             "egfr_fall_band"}
+    from cnidose.clinical.engine import _RULES
+
+    known = set(_RULES)
     for p in protocols["protocols"]:
         for r in p.get("rules", []):
             assert r["type"] in known and r["source"].strip() and r["action"].strip(), r["id"]
@@ -390,13 +393,14 @@ def test_patient_record_schema() -> None:
     from .conftest import REPO
 
     schema = _schema("patient.schema.json")
-    example = json.loads((REPO / "examples" / "psoriasis_patient.json").read_text())
-    jsonschema.validate(example, schema)
-    jsonschema.validate(psoriasis(), schema)
-    bad = copy.deepcopy(example)
-    bad["labs"][0]["colour"] = "red"
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(bad, schema)
+    for name in ("psoriasis_patient.json", "kidney_transplant_patient.json"):
+        example = json.loads((REPO / "examples" / name).read_text())
+        jsonschema.validate(example, schema)
+        bad = copy.deepcopy(example)
+        bad["labs"][0]["colour"] = "red"
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    jsonschema.validate(psoriasis(), _schema("patient-1.schema.json"))  # version 1 is still read
 
 
 @pytest.mark.parametrize(("values", "fires"), [([5000.0, 20000.0], False), ([20000.0, 15000.0], True),

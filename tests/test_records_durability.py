@@ -113,7 +113,7 @@ def test_killed_server_keeps_every_acknowledged_api_write(db_url: str, tmp_path:
                 value = round(1 + w / 10 + i / 10_000, 4)
                 try:
                     r = c.post(f"/api/v1/patients/{pid}/levels", headers={"X-CSRF-Token": csrf},
-                               json={"value": value, "observed_at": "2026-01-01T00:00:00Z"})
+                               json={"value": value, "observed_at": "2026-01-01T00:00:00Z", "confirm": True})
                 except httpx.TransportError:
                     return  # the server is gone
                 if r.status_code == 201:

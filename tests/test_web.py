@@ -84,6 +84,16 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         ("POST", "/patients/{pid}/doses", staff, {"amount": "3", "unit": "mg", "given_at": at, "product": "Prograf"}),
         ("POST", "/patients/{pid}/labs", staff, {"name": "creatinine", "value": "120", "unit": "umol/L",
                                                  "observed_at": at}),
+        ("POST", "/patients/{pid}/regimens", staff, {"product": "Prograf", "dose": "4", "interval_h": "12",
+                                                     "start_at": at, "route": "oral"}),
+        ("POST", "/patients/{pid}/medications", staff, {"name": "fluconazole", "start_on": "2026-11-20"}),
+        ("POST", "/patients/{pid}/medications/{mid}/stop", staff, {"stop_on": "2026-11-23"}),
+        ("POST", "/patients/{pid}/vitals", staff, {"systolic": "128", "diastolic": "78", "observed_at": at}),
+        ("POST", "/patients/{pid}/covariates", staff, {"name": "WT", "value": "80", "unit": "kg",
+                                                       "measured_at": at}),
+        ("POST", "/patients/{pid}/genotypes", staff, {"gene": "CYP3A5", "result": "*3/*3", "source": "lab"}),
+        ("POST", "/patients/{pid}/record", staff, {"region": "EU"}),
+        ("POST", "/patients/{pid}/entries/{kind}/{eid}/withdraw", staff, {"reason": "typing error"}),
         ("POST", "/patients/{pid}/assess", staff, {}),
         ("POST", "/assessments/{aid}/sign", staff, lambda: {"decision": "continue", "pid": str(kid)}),
         ("POST", "/patients/{pid}/follow-ups", staff, {}),
@@ -104,6 +114,18 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         ("POST", "/api/v1/patients/{pid}/doses", staff, {"amount": 3, "given_at": at + ":00Z"}),
         ("POST", "/api/v1/patients/{pid}/labs", staff, {"name": "creatinine", "value": 120, "unit": "umol/L",
                                                         "observed_at": at + ":00Z"}),
+        ("PATCH", "/api/v1/patients/{pid}", staff, {"region": "EU"}),
+        ("GET", "/api/v1/patients/{pid}/record", staff | {"karel"}, None),
+        ("POST", "/api/v1/patients/{pid}/regimens", staff, {"product": "Prograf", "dose": 4, "interval_h": 12,
+                                                            "start_at": at + ":00Z"}),
+        ("POST", "/api/v1/patients/{pid}/medications", staff, {"name": "fluconazole", "start_on": "2026-11-20"}),
+        ("POST", "/api/v1/medications/{mid}/stop", staff, {"stop_on": "2026-11-23"}),
+        ("POST", "/api/v1/patients/{pid}/blood-pressure", staff, {"systolic": 128, "diastolic": 78,
+                                                                  "observed_at": at + ":00Z"}),
+        ("POST", "/api/v1/patients/{pid}/covariates", staff, {"name": "WT", "value": 80, "unit": "kg",
+                                                              "measured_at": at + ":00Z"}),
+        ("POST", "/api/v1/patients/{pid}/genotypes", staff, {"gene": "CYP3A5", "result": "*3/*3", "source": "lab"}),
+        ("POST", "/api/v1/entries/{kind}/{eid}/entered-in-error", staff, {"reason": "typing error"}),
         ("POST", "/api/v1/patients/{pid}/recommendation", staff, {}),
         ("GET", "/api/v1/assessments/{aid}", staff | {"karel"}, None),
         ("POST", "/api/v1/assessments/{aid}/sign", staff, {"decision": "continue"}),
@@ -122,11 +144,17 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         for method, template, allowed, body in table:
             if template in ("/login", "/api/v1/session"):
                 continue
-            path = template.format(pid=kid, aid=draft() if "{aid}" in template else 0, appt_id=appt, name="htmx.min.js")
+            path = template.format(pid=kid, aid=draft() if "{aid}" in template else 0, appt_id=appt, name="htmx.min.js",
+                                   mid=store.add_medication(SYSTEM, kid, name="fluconazole", start_on="2026-11-20")
+                                   if "{mid}" in template else 0, kind="covariate",
+                                   eid=store.add_covariate(SYSTEM, kid, "WT", 81, "kg", "2026-11-24T08:00:00Z")
+                                   if "{eid}" in template else 0)
             data = body() if callable(body) else body
             if method == "GET":
                 r = c.get(path, params={"start": "2026-01-01T00:00:00Z", "end": "2027-12-31T00:00:00Z"}
                           if path == "/api/v1/calendar" else None)
+            elif method == "PATCH":
+                r = c.patch(path, json=data, headers={"X-CSRF-Token": token})
             elif path.startswith("/api/"):
                 r = c.post(path, json=data, headers={"X-CSRF-Token": token})
             else:

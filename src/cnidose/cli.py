@@ -229,10 +229,17 @@ def fit(
 
 @app.command()
 def recommend(
-    model: Annotated[str, typer.Option("--model", "-m",
-                                       help="model file or library id; several, comma-separated, are averaged")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="NONMEM-format CSV: doses, levels (DV), covariates")],
-    patient: Annotated[str, typer.Option("--id", help="the patient's ID in the data")],
+    model: Annotated[str | None, typer.Option("--model", "-m",
+                                              help="model file or library id; several, comma-separated, are averaged "
+                                                   "(with --patient: instead of the default model)")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d",
+                                              help="NONMEM-format CSV: doses, levels (DV), covariates")] = None,
+    patient: Annotated[str | None, typer.Option("--id", help="the patient's ID in the data")] = None,
+    record_file: Annotated[Path | None, typer.Option("--patient", help="a patient record (cnidose.patient/2 JSON): "
+                                                     "the same use case as the web app, interactions included")
+                           ] = None,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="with --patient: the date, YYYY-MM-DD (default today)")
+                     ] = None,
     target: Annotated[str | None, typer.Option(help="target range LOW-HIGH (e.g. 7-10)")] = None,
     organ: Annotated[str | None, typer.Option(help="look the target up: organ (kidney, liver, heart, lung)")] = None,
     months: Annotated[float | None, typer.Option(help="look the target up: months since transplantation")] = None,
@@ -257,6 +264,11 @@ def recommend(
         from cnidose.dosing import Target, find_target, load_targets, product
         from cnidose.dosing import recommend as do_recommend
 
+        if record_file is not None:
+            _recommend_record(record_file, as_of, model, draws, seed, as_json)
+            return
+        if model is None or data is None or patient is None:
+            raise InputError("give --patient RECORD.json, or --model, --data and --id")
         ms = [resolve_model(x.strip()) for x in model.split(",") if x.strip()]
         m = ms[0]
         drug = m.meta.get("drug", "")
@@ -320,6 +332,47 @@ def recommend(
             typer.echo(f"warning: {text}", err=True)
 
     _run(work)
+
+
+def _recommend_record(path: Path, as_of: str | None, model: str | None, draws: int, seed: int, as_json: bool) -> None:
+    """``recommend --patient``: the use case of :mod:`cnidose.records.analysis` on a patient record."""
+    import datetime as dt
+
+    from cnidose.clinical import load_record
+    from cnidose.records.analysis import analyse
+
+    day = _day(as_of)
+    rec = load_record(path, as_of=day)
+    result = analyse(rec, day, model_id=model, n_draws=draws, seed=seed)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=2, default=str))
+        return
+    typer.echo(f"patient {rec.id}, {rec.agent} for {rec.indication}, as of {day}")
+    r = result.get("recommendation")
+    if r is not None:
+        typer.echo(r["summary"])
+        typer.echo(f"target: {result['target']}")
+        typer.echo(f"model {result['model']}; cnidose {result['version']}")
+        typer.echo("  dose mg   median   80 % interval   P(in range)")
+        chosen = (r.get("chosen") or {}).get("dose")
+        for c in r["candidates"]:
+            mark = " <" if chosen == c["dose"] else ""
+            typer.echo(f"  {c['dose']:7g} {c['median']:8.3g}   {c['low']:6.3g}-{c['high']:<6.3g}   "
+                       f"{c['p_in_range']:9.0%}{mark}")
+    for al in result["clinical"].get("alerts", []):
+        typer.echo(f"{al['severity'].upper()}: {al['message']}\n    source: {al['source']}")
+    for w in result["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
+    del dt
+
+
+def _day(as_of: str | None) -> Any:
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(as_of) if as_of else dt.date.today()
+    except ValueError:
+        raise InputError(f"--as-of must be YYYY-MM-DD, got {as_of!r}") from None
 
 
 def _default_product(m: Any) -> str:
@@ -394,23 +447,19 @@ def evaluate(
 
 @app.command()
 def assess(
-    record: Annotated[Path, typer.Argument(help="patient record, JSON (schema cnidose.patient/1)")],
+    record: Annotated[Path, typer.Argument(help="patient record, JSON (schema cnidose.patient/2; /1 is read)")],
     as_of: Annotated[str | None, typer.Option("--as-of", help="assessment date YYYY-MM-DD (default: today)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Selection, interactions, monitoring alerts, exposure adjustments and the follow-up schedule."""
 
     def work() -> None:
-        import datetime as dt
         from dataclasses import asdict
 
         from cnidose.clinical import assess as run_assess
         from cnidose.clinical import load_record
 
-        try:
-            day = dt.date.fromisoformat(as_of) if as_of else dt.date.today()
-        except ValueError:
-            raise InputError(f"--as-of must be YYYY-MM-DD, got {as_of!r}") from None
+        day = _day(as_of)
         rec = load_record(record, as_of=day)
         a = run_assess(rec, day)
         if as_json:

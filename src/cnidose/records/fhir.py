@@ -29,6 +29,7 @@ from cnidose.records.store import (
     Store,
     make_covariate,
     make_dose,
+    make_genotype,
     make_lab,
     make_level,
     make_medication,
@@ -42,6 +43,9 @@ __all__ = ["EXT", "export_bundle", "import_bundle"]
 
 EXT = "https://cnidose.org/fhir/StructureDefinition/"
 COVARIATE_SYSTEM = "https://cnidose.org/fhir/CodeSystem/covariate"
+GENE_SYSTEM = "https://cnidose.org/fhir/CodeSystem/gene"
+_CODE_SYSTEMS = {"ICD-10-CM": "http://hl7.org/fhir/sid/icd-10-cm", "SNOMED CT": "http://snomed.info/sct"}
+_CODE_BACK = {v: k for k, v in _CODE_SYSTEMS.items()}
 DRUG_SYSTEM = "https://cnidose.org/fhir/CodeSystem/drug"
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -77,6 +81,19 @@ def export_bundle(chart: Chart) -> dict[str, Any]:
         ext.append({"url": EXT + "therapy-start", "valueDate": p["therapy_start"].isoformat()})
     if p["transplant_date"]:
         ext.append({"url": EXT + "transplant-date", "valueDate": p["transplant_date"].isoformat()})
+    ext.append({"url": EXT + "region", "valueCode": p.get("region") or "EU"})
+    if p.get("indication_code"):
+        ext.append({"url": EXT + "indication-code", "valueCoding": {
+            "system": _CODE_SYSTEMS.get(p.get("indication_system") or "", "urn:cnidose:code-system"),
+            "code": p["indication_code"], "display": p["indication"]}})
+    for key in ("severity", "donor-type", "donor-cyp3a5", "product", "route"):
+        v = p.get(key.replace("-", "_"))
+        if v:
+            ext.append({"url": EXT + key, "valueString": str(v)})
+    if p.get("strength_percent") is not None:
+        ext.append({"url": EXT + "strength-percent", "valueDecimal": p["strength_percent"]})
+    for c in p.get("conditions") or []:
+        ext.append({"url": EXT + "condition", "valueString": c})
     resources: list[dict[str, Any]] = [{
         "resourceType": "Patient", "id": pid, "identifier": [{"system": "urn:cnidose:mrn", "value": p["mrn"]}],
         "name": [{"family": p["family_name"], "given": [p["given_name"]]}], "gender": p["sex"],
@@ -97,16 +114,33 @@ def export_bundle(chart: Chart) -> dict[str, Any]:
         resources.append(r)
 
     for c in chart.covariates:
+        extra = [{"url": EXT + "source", "valueString": c["source"]}] if c.get("source") else []
         obs("exam", [{"system": COVARIATE_SYSTEM, "code": c["name"]}], c["name"], c["measured_at"], c["status"],
-            c["status_reason"], _qty(c["value"], c["unit"]))
+            c["status_reason"], _qty(c["value"], c["unit"]), **_ext(extra + _flags(c)))
     for o in chart.observations:
         coding = [{"system": LOINC, "code": o["code"]}] if o["code"] else []
         category = {"level": "laboratory", "lab": "laboratory", "vital": "vital-signs"}[o["category"]]
         value = _qty(o["lloq"] if o["blq"] else o["value"], o["unit"])
         if o["blq"]:
             value["comparator"] = "<"
-        more = {"method": {"text": o["assay"]}} if o["assay"] else {}
-        obs(category, coding, o["name"], o["observed_at"], o["status"], o["status_reason"], value, **more)
+        more: dict[str, Any] = {"method": {"text": o["assay"]}} if o["assay"] else {}
+        extra = [{"url": EXT + k, "valueString": o[k]} for k in ("sample", "matrix") if o.get(k)]
+        obs(category, coding, o["name"], o["observed_at"], o["status"], o["status_reason"], value, **more,
+            **_ext(extra + _flags(o)))
+    for g in chart.genotypes:
+        n += 1
+        res: dict[str, Any] = {"resourceType": "Observation", "id": f"{pid}-obs-{n}",
+                               "status": _observation_status(g["status"]),
+                               "category": [{"coding": [{"system": CATEGORY, "code": "laboratory"}]}],
+                               "code": {"coding": [{"system": GENE_SYSTEM, "code": g["gene"]}],
+                                        "text": f"{g['gene']} genotype"},
+                               "subject": subject, "valueString": g["result"],
+                               **_ext([{"url": EXT + "source", "valueString": g["source"]}, *_flags(g)])}
+        if g.get("tested_on"):
+            res["effectiveDateTime"] = g["tested_on"].isoformat()
+        if g["status_reason"]:
+            res["note"] = [{"text": g["status_reason"]}]
+        resources.append(res)
     for k, r in enumerate(chart.regimens, start=1):
         bounds: dict[str, Any] = {"start": _iso(r["start_at"])}
         if r["stop_at"]:
@@ -120,7 +154,8 @@ def export_bundle(chart: Chart) -> dict[str, Any]:
                "dosageInstruction": [{"route": {"text": r["route"]},
                                       "timing": {"repeat": {"boundsPeriod": bounds, "frequency": 1,
                                                             "period": r["interval_h"], "periodUnit": "h"}},
-                                      "doseAndRate": [{"doseQuantity": _qty(r["dose_mg"], "mg")}]}]}
+                                      "doseAndRate": [{"doseQuantity": _qty(r["dose_mg"], "mg")}]}],
+               **_ext(_flags(r))}
         if r["status_reason"]:
             res["note"] = [{"text": r["status_reason"]}]
         resources.append(res)
@@ -136,7 +171,7 @@ def export_bundle(chart: Chart) -> dict[str, Any]:
                "medicationCodeableConcept": {"coding": [{"system": DRUG_SYSTEM, "code": d["drug"]}],
                                              "text": d["product"]},
                "subject": subject, **eff,
-               "dosage": {"route": {"text": d["route"]}, "dose": _qty(d["amount_mg"], "mg")}}
+               "dosage": {"route": {"text": d["route"]}, "dose": _qty(d["amount_mg"], "mg")}, **_ext(_flags(d))}
         if d["status_reason"]:
             res["note"] = [{"text": d["status_reason"]}]
         resources.append(res)
@@ -171,6 +206,29 @@ def export_bundle(chart: Chart) -> dict[str, Any]:
               "entry": [{"fullUrl": f"urn:cnidose:{r['resourceType']}/{r['id']}", "resource": r} for r in resources]}
     _validate(bundle)
     return bundle
+
+
+def _ext(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"extension": items} if items else {}
+
+
+def _flags(e: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plausibility warnings confirmed at entry, one extension each."""
+    return [{"url": EXT + "flag", "valueString": f} for f in (e.get("flags") or [])]
+
+
+def _read_ext(r: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A resource's cnidose extensions (name -> value) and its flags."""
+    out: dict[str, Any] = {}
+    flags = []
+    for e in r.get("extension") or []:
+        name = str(e.get("url", "")).removeprefix(EXT)
+        value = next((v for k, v in e.items() if k.startswith("value")), None)
+        if name == "flag":
+            flags.append(str(value))
+        else:
+            out[name] = value
+    return out, flags
 
 
 def _validate(bundle: Any) -> None:
@@ -240,6 +298,19 @@ def import_bundle(store: Store, actor: Actor, bundle: Any) -> int:
             transplant_date=_get(ext, "transplant-date", "valueDate", where=where, required=False))
     except FieldError as exc:
         raise FieldError(str(exc).split("] ", 1)[-1], field=f"{where}.{exc.field}") from None
+    values, _ = _read_ext(pr)
+    patient.region = values.get("region") or "EU"
+    code = values.get("indication-code")
+    if isinstance(code, dict):
+        patient.indication_code = code.get("code")
+        patient.indication_system = _CODE_BACK.get(code.get("system", ""), code.get("system"))
+    for key in ("severity", "donor-type", "donor-cyp3a5", "product", "route"):
+        if values.get(key):
+            setattr(patient, key.replace("-", "_"), str(values[key]))
+    if values.get("strength-percent") is not None:
+        patient.strength_percent = float(values["strength-percent"])
+    conditions = [str(e.get("valueString")) for e in pr.get("extension") or [] if e.get("url") == EXT + "condition"]
+    patient.conditions = conditions or None
     ref = f"Patient/{pr.get('id')}"
     items: list[tuple[str, Any]] = []
     appts: list[S.Appointment] = []
@@ -271,24 +342,37 @@ def _status(obj: Any, r: dict[str, Any]) -> Any:
         obj.status_reason = _get(r, "note", 0, "text", where="", required=False)
     else:
         obj.status = "final"
+    _, flags = _read_ext(r)
+    obj.flags = flags or None
     return obj
 
 
 def _entry(rt: str, r: dict[str, Any], where: str) -> Any:
+    if rt == "Observation" and _get(r, "code", "coding", 0, "system", where=where, required=False) == GENE_SYSTEM:
+        values, _ = _read_ext(r)
+        when = r.get("effectiveDateTime")
+        return [("genotype", _status(make_genotype(gene=_get(r, "code", "coding", 0, "code", where=where),
+                                                   result=_get(r, "valueString", where=where),
+                                                   source=values.get("source") or "FHIR import",
+                                                   tested_on=str(when)[:10] if when else None), r))]
     if rt == "Observation":
         text = _get(r, "code", "text", where=where)
         system = _get(r, "code", "coding", 0, "system", where=where, required=False)
         q = _get(r, "valueQuantity", where=where)
+        values, _ = _read_ext(r)
         at = _instant(_get(r, "effectiveDateTime", where=where), f"{where}.effectiveDateTime")
         value, unit = _get(q, "value", where=where + ".valueQuantity"), _get(q, "unit", where=where + ".valueQuantity")
         if system == COVARIATE_SYSTEM:
-            return [("covariate", _status(make_covariate(name=text, value=value, unit=unit, measured_at=at), r))]
+            cov = make_covariate(name=text, value=value, unit=unit, measured_at=at)
+            cov.source = values.get("source")
+            return [("covariate", _status(cov, r))]
         if text.endswith(" level"):
             blq = q.get("comparator") == "<"
             assay = _get(r, "method", "text", where=where, required=False)
             return [("observation", _status(make_level(drug=text.removesuffix(" level"), value=value, unit=unit,
                                                        observed_at=at, blq=blq, lloq=value if blq else None,
-                                                       assay=assay), r))]
+                                                       assay=assay, sample=values.get("sample"),
+                                                       matrix=values.get("matrix")), r))]
         if text in ("systolic blood pressure", "diastolic blood pressure"):
             return [("observation", _status(make_vital(name=text, value=value, observed_at=at), r))]
         return [("observation", _status(make_lab(name=text, value=value, unit=unit, observed_at=at), r))]

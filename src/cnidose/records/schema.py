@@ -35,8 +35,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
-    "ROLES", "Appointment", "Assessment", "AuditEntry", "Base", "Covariate", "Dose", "Medication", "Observation",
-    "Patient", "Regimen", "User",
+    "ROLES", "Appointment", "Assessment", "AuditEntry", "Base", "Covariate", "Dose", "Genotype", "Medication",
+    "Observation", "Patient", "Regimen", "User",
 ]
 
 ROLES = ("clinician", "pharmacist", "admin", "patient")
@@ -89,8 +89,19 @@ class Patient(Base):
     created_at: Mapped[dt.datetime]
     updated_at: Mapped[dt.datetime]
     # raised by database triggers on every insert, update or delete of the patient's covariates, regimens, doses,
-    # observations and medications (migration 0002): equal revisions mean equal clinical entries
+    # observations, medications and genotypes (migrations 0002, 0003): equal revisions mean equal clinical entries
     revision: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the patient record, version 2 (migration 0003)
+    region: Mapped[str] = mapped_column(String(2), default="EU", server_default="EU")  # label variants: EU | US
+    severity: Mapped[str | None] = mapped_column(String(64))
+    indication_code: Mapped[str | None] = mapped_column(String(16))
+    indication_system: Mapped[str | None] = mapped_column(String(16))
+    donor_type: Mapped[str | None] = mapped_column(String(16))
+    donor_cyp3a5: Mapped[str | None] = mapped_column(String(32))
+    product: Mapped[str | None] = mapped_column(String(64))
+    route: Mapped[str | None] = mapped_column(String(16))
+    strength_percent: Mapped[float | None] = mapped_column(Float)
+    conditions: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class User(Base):
@@ -108,12 +119,14 @@ class User(Base):
 
 
 class _Entry:
-    """Columns every clinical entry has: who entered it, when, and whether it stands."""
+    """Columns every clinical entry has: who entered it, when, whether it stands, and the plausibility warnings
+    the person entering it confirmed."""
 
     status: Mapped[str] = mapped_column(String(20), default="final")
     status_reason: Mapped[str | None] = mapped_column(Text)
     entered_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
     entered_at: Mapped[dt.datetime]
+    flags: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class Covariate(_Entry, Base):
@@ -129,6 +142,7 @@ class Covariate(_Entry, Base):
     value: Mapped[float] = mapped_column(Float)
     unit: Mapped[str] = mapped_column(String(16))
     measured_at: Mapped[dt.datetime]
+    source: Mapped[str | None] = mapped_column(Text)
 
 
 class Regimen(_Entry, Base):
@@ -188,6 +202,8 @@ class Observation(_Entry, Base):
     blq: Mapped[bool] = mapped_column(Boolean, default=False)  # below the limit of quantification
     lloq: Mapped[float | None] = mapped_column(Float)
     assay: Mapped[str | None] = mapped_column(String(32))  # e.g. LC-MS/MS, immunoassay
+    sample: Mapped[str | None] = mapped_column(String(8))  # a level's timing: trough | c2 | other
+    matrix: Mapped[str | None] = mapped_column(String(32))  # whole blood, plasma
 
 
 class Medication(_Entry, Base):
@@ -203,6 +219,21 @@ class Medication(_Entry, Base):
     daily_mg: Mapped[float | None] = mapped_column(Float)
     start_on: Mapped[dt.date] = mapped_column(Date)
     stop_on: Mapped[dt.date | None] = mapped_column(Date)
+
+
+class Genotype(_Entry, Base):
+    """A pharmacogenetic result (CYP3A5, CYP3A4) with its source."""
+
+    __tablename__ = "genotypes"
+    __table_args__ = (CheckConstraint(_in("status", ENTRY_STATUS), name="ck_genotypes_status"),
+                      Index("ix_genotypes_patient", "patient_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="RESTRICT"))
+    gene: Mapped[str] = mapped_column(String(16))
+    result: Mapped[str] = mapped_column(String(64))  # a diplotype (*1/*3) or a phenotype
+    source: Mapped[str] = mapped_column(Text)
+    tested_on: Mapped[dt.date | None] = mapped_column(Date)
 
 
 class Assessment(Base):

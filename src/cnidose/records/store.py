@@ -18,7 +18,7 @@ import contextlib
 import datetime as dt
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +47,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
 AUDIT: Table = S.AuditEntry.__table__  # type: ignore[assignment]
 PATIENTS: Table = S.Patient.__table__  # type: ignore[assignment]
 ENTRY_TABLES: dict[str, type[Any]] = {"covariate": S.Covariate, "regimen": S.Regimen, "dose": S.Dose,
-                                      "observation": S.Observation, "medication": S.Medication}
+                                      "observation": S.Observation, "medication": S.Medication,
+                                      "genotype": S.Genotype}
 
 
 class AccessDenied(CnidoseError):
@@ -84,6 +85,7 @@ class Chart:
     medications: list[dict[str, Any]] = field(default_factory=list)
     assessments: list[dict[str, Any]] = field(default_factory=list)
     appointments: list[dict[str, Any]] = field(default_factory=list)
+    genotypes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _now() -> dt.datetime:
@@ -141,6 +143,7 @@ def _chart_queries() -> dict[str, Any]:
             "covariates": part(S.Covariate, "measured_at"), "regimens": part(S.Regimen, "start_at"),
             "doses": part(S.Dose, "given_at"), "observations": part(S.Observation, "observed_at"),
             "medications": part(S.Medication, "start_on"), "assessments": part(S.Assessment, "created_at"),
+            "genotypes": part(S.Genotype, "id"),
             "latest": part(S.Assessment, "created_at", 1), "appointments": part(S.Appointment, "starts_at")}
 
 
@@ -322,7 +325,7 @@ class Store:
                 raise NotFound(f"no patient {patient_id}")
             chart = Chart(got["patient"][0], got["covariates"], got["regimens"], got["doses"], got["observations"],
                           got["medications"], got["assessments"] if assessments == "all" else got["latest"][::-1],
-                          got["appointments"])
+                          got["appointments"], got["genotypes"])
             self._audit(s, actor, "read", "patient", patient_id, patient_id)
             return chart
 
@@ -360,10 +363,104 @@ class Store:
                                                            measured_at=measured_at), "covariate")
 
     def add_regimen(self, actor: Actor, patient_id: int, *, drug: str, product: str, dose: Any, unit: str,
-                    interval_h: Any, start_at: Any, stop_at: Any = None, route: str = "oral") -> int:
-        return self._add(actor, patient_id, make_regimen(drug=drug, product=product, dose=dose, unit=unit,
-                                                         interval_h=interval_h, start_at=start_at, stop_at=stop_at,
-                                                         route=route), "regimen")
+                    interval_h: Any, start_at: Any, stop_at: Any = None, route: str = "oral",
+                    confirm: bool = False) -> int:
+        """A regimen from ``start_at``: a regimen change. The open regimen of the same drug that started before it
+        is closed at ``start_at`` (audited), so the record always knows the current dose. A product cnidose does
+        not list is a plausibility flag (confirm); a misspelt one is refused."""
+        from cnidose.records.plausibility import NeedsConfirmation, check_product
+
+        obj = make_regimen(drug=drug, product=product, dose=dose, unit=unit, interval_h=interval_h,
+                           start_at=start_at, stop_at=stop_at, route=route)
+        flags = check_product(obj.drug, obj.product)
+        if flags and not confirm:
+            raise NeedsConfirmation(flags, field="product")
+        obj.flags = flags or None
+        self._check(actor, "write", "regimen", patient_id)
+        with self._tx() as s:
+            self._patient(s, patient_id)
+            open_ = s.scalars(select(S.Regimen).where(
+                S.Regimen.patient_id == patient_id, S.Regimen.drug == obj.drug, S.Regimen.status == "final",
+                S.Regimen.stop_at.is_(None), S.Regimen.start_at < obj.start_at)).all()
+            for r in open_:
+                r.stop_at = obj.start_at
+                self._audit(s, actor, "update", "regimen", r.id, patient_id,
+                            {"stop_at": obj.start_at.isoformat(), "why": "replaced by a new regimen"})
+            obj.patient_id, obj.entered_by, obj.entered_at, obj.status = patient_id, actor.user_id, _now(), "final"
+            s.add(obj)
+            s.flush()
+            self._audit(s, actor, "create", "regimen", obj.id, patient_id,
+                        {"flags": flags, "confirmed": True} if flags else None)
+            return int(obj.id)
+
+    def stop_medication(self, actor: Actor, medication_id: int, stop_on: Any) -> None:
+        """The day another drug was stopped (audited; the interaction's offset then runs from it)."""
+        stop = _date(stop_on, "stop_on")
+        with self._tx() as s:
+            pid = int(self._get(s, S.Medication, medication_id, "medication").patient_id)
+        self._check(actor, "write", "medication", pid, medication_id)
+        with self._tx() as s:
+            m = self._get(s, S.Medication, medication_id, "medication")
+            if m.status != "final":
+                raise FieldError("this medication is marked entered-in-error", field="status")
+            if stop < m.start_on:
+                raise FieldError("stops before it starts", field="stop_on")
+            m.stop_on = stop
+            self._audit(s, actor, "update", "medication", medication_id, pid, {"stop_on": stop.isoformat()})
+
+    def add_genotype(self, actor: Actor, patient_id: int, *, gene: str, result: str, source: str,
+                     tested_on: Any = None) -> int:
+        """A pharmacogenetic result with its source (checked as the patient record checks it)."""
+        return self._add(actor, patient_id, make_genotype(gene=gene, result=result, source=source,
+                                                          tested_on=tested_on), "genotype")
+
+    def update_patient(self, actor: Actor, patient_id: int, **fields: Any) -> None:
+        """Change the patient's record-level fields (region, indication and its code, severity, product, route,
+        strength, donor, transplant date, therapy start, conditions); audited with the old and new values."""
+        from cnidose.clinical.record import RecordError, resolve_indication, routes
+
+        allowed = {"region", "indication", "severity", "product", "route", "strength_percent", "donor_type",
+                   "donor_cyp3a5", "transplant_date", "therapy_start", "conditions"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise FieldError(f"cannot change {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
+        self._check(actor, "write", "patient", patient_id)
+        with self._tx() as s:
+            p = self._patient(s, patient_id)
+            changes: dict[str, Any] = {}
+            for k, v in fields.items():
+                if k == "region" and v not in ("EU", "US"):
+                    raise FieldError("expected EU or US", field="region")
+                if k == "indication":
+                    try:
+                        key, code, severity = resolve_indication(v)
+                    except RecordError as exc:
+                        raise FieldError(str(exc).split("] ", 1)[-1], field="indication") from None
+                    changes |= {"indication": key, "indication_code": code.code, "indication_system": code.system}
+                    if severity and "severity" not in fields:
+                        changes["severity"] = severity
+                    continue
+                if k == "route" and v is not None and v not in routes(p.agent):
+                    raise FieldError(f"{p.agent} is given {', '.join(routes(p.agent))}", field="route")
+                if k == "donor_type" and v not in (None, "deceased", "living"):
+                    raise FieldError("expected deceased or living", field="donor_type")
+                if k in ("transplant_date", "therapy_start") and v not in (None, ""):
+                    v = _date(v, k)
+                    if v > _now().date():
+                        raise FieldError(f"{v.isoformat()} is in the future", field=k)
+                if k == "strength_percent" and v not in (None, ""):
+                    v = _number_pos(v, k)
+                if k == "conditions" and v is not None:
+                    v = [_text(c, "conditions", max_len=200).lower() for c in v]
+                if k in ("severity", "product", "donor_cyp3a5") and v not in (None, ""):
+                    v = _text(v, k, max_len=64)
+                changes[k] = v if v != "" else None
+            old = {k: getattr(p, k) for k in changes}
+            for k, v in changes.items():
+                setattr(p, k, v)
+            p.updated_at = _now()
+            self._audit(s, actor, "update", "patient", patient_id, patient_id,
+                        {"from": old, "to": changes})
 
     def _agent(self, actor: Actor, patient_id: int, kind: str) -> str:
         """The patient's calcineurin inhibitor, for an entry about to be written (no separate read audit: the
@@ -374,19 +471,58 @@ class Store:
 
     def add_dose(self, actor: Actor, patient_id: int, *, product: str, amount: Any, unit: str, given_at: Any,
                  drug: str | None = None, route: str = "oral", infusion_h: Any = None,
-                 regimen_id: int | None = None) -> int:
-        """A dose of ``drug`` (default: the patient's agent)."""
+                 regimen_id: int | None = None, confirm: bool = False) -> int:
+        """A dose of ``drug`` (default: the patient's agent). A dose far from the regimen, of another product or
+        a duplicate is stored only with ``confirm`` and keeps its flags (:mod:`cnidose.records.plausibility`)."""
+        from cnidose.records.plausibility import check_dose
+
         drug = drug or self._agent(actor, patient_id, "dose")
-        return self._add(actor, patient_id, make_dose(drug=drug, product=product, amount=amount, unit=unit,
-                                                  given_at=given_at, route=route, infusion_h=infusion_h,
-                                                  regimen_id=regimen_id), "dose")
+        obj = make_dose(drug=drug, product=product, amount=amount, unit=unit, given_at=given_at, route=route,
+                        infusion_h=infusion_h, regimen_id=regimen_id)
+        return self._add_checked(actor, patient_id, obj, "dose", lambda c: check_dose(
+            c, obj.drug, obj.product, obj.amount_mg, obj.given_at), confirm, "amount")
 
     def add_level(self, actor: Actor, patient_id: int, *, value: Any, unit: str, observed_at: Any,
-                  drug: str | None = None, blq: bool = False, lloq: Any = None, assay: str | None = None) -> int:
-        """A whole-blood level of ``drug`` (default: the patient's agent)."""
+                  drug: str | None = None, blq: bool = False, lloq: Any = None, assay: str | None = None,
+                  sample: str = "trough", matrix: str = "whole blood", confirm: bool = False) -> int:
+        """A whole-blood level of ``drug`` (default: the patient's agent). A level before the first dose or the
+        transplant, a duplicate, or one implausible for the regimen is stored only with ``confirm``."""
+        from cnidose.records.plausibility import check_level
+
         drug = drug or self._agent(actor, patient_id, "observation")
-        return self._add(actor, patient_id, make_level(drug=drug, value=value, unit=unit, observed_at=observed_at,
-                                                   blq=blq, lloq=lloq, assay=assay), "observation")
+        obj = make_level(drug=drug, value=value, unit=unit, observed_at=observed_at, blq=blq, lloq=lloq, assay=assay,
+                         sample=sample, matrix=matrix)
+        return self._add_checked(actor, patient_id, obj, "observation", lambda c: check_level(
+            c, drug.lower(), obj.value, obj.observed_at), confirm, "value")
+
+    def _add_checked(self, actor: Actor, patient_id: int, obj: Any, kind: str, check: Callable[[Chart], list[str]],
+                     confirm: bool, field: str) -> int:
+        """Write ``obj`` after its plausibility check against the chart, in one transaction: flagged entries need
+        ``confirm`` and keep their flags."""
+        from cnidose.records.plausibility import NeedsConfirmation
+
+        self._check(actor, "write", kind, patient_id)
+        with self._tx() as s:
+            flags = check(self._snapshot(s, patient_id))
+            if flags and not confirm:
+                raise NeedsConfirmation(flags, field=field)
+            obj.patient_id, obj.entered_by, obj.entered_at, obj.status = patient_id, actor.user_id, _now(), "final"
+            obj.flags = flags or None
+            s.add(obj)
+            s.flush()
+            self._audit(s, actor, "create", kind, obj.id, patient_id, {"flags": flags, "confirmed": True}
+                        if flags else None)
+            return int(obj.id)
+
+    @staticmethod
+    def _snapshot(s: Session, patient_id: int) -> Chart:
+        """The patient's entries, read in the caller's transaction without an audit row (a check before a write)."""
+        conn = s.connection()
+        got = {part: [dict(r) for r in conn.execute(_CHART[part], {"pid": patient_id}).mappings()]
+               for part in ("patient", "regimens", "doses", "observations")}
+        if not got["patient"]:
+            raise NotFound(f"no patient {patient_id}")
+        return Chart(got["patient"][0], [], got["regimens"], got["doses"], got["observations"])
 
     def add_doses_and_levels(self, actor: Actor, patient_id: int, doses: list[dict[str, Any]],
                              levels: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
@@ -432,14 +568,18 @@ class Store:
         return self._add(actor, patient_id, make_medication(name=name, start_on=start_on, stop_on=stop_on,
                                                             daily_mg=daily_mg, rxnorm=rxnorm), "medication")
 
-    def mark_entered_in_error(self, actor: Actor, kind: str, entry_id: int, reason: str) -> None:
-        """Withdraw a wrong entry without deleting it: it stays, with status and reason, and is audited."""
+    def mark_entered_in_error(self, actor: Actor, kind: str, entry_id: int, reason: str,
+                              patient_id: int | None = None) -> None:
+        """Withdraw a wrong entry without deleting it: it stays, with status and reason, and is audited. With
+        ``patient_id`` the entry must be that patient's (NotFound otherwise)."""
         model = ENTRY_TABLES.get(kind)
         if model is None:
             raise FieldError(f"unknown entry kind {kind!r} (known: {', '.join(ENTRY_TABLES)})", field="kind")
         why = _text(reason, "reason", max_len=2000)
         with self._tx() as s:
             pid = int(self._get(s, model, entry_id, kind).patient_id)
+        if patient_id is not None and pid != patient_id:
+            raise NotFound(f"no {kind} {entry_id} for patient {patient_id}")
         self._check(actor, "write", kind, pid, entry_id)
         with self._tx() as s:
             obj = self._get(s, model, entry_id, kind)
@@ -604,23 +744,57 @@ def make_dose(*, drug: str, product: str, amount: Any, unit: str, given_at: Any,
     if dur is not None and r != "intravenous":
         raise FieldError("an infusion duration applies to intravenous doses only", field="infusion_h")
     return S.Dose(drug=drug.lower(), product=_text(product, "product", max_len=64), route=r, amount_mg=mg,
-                  given_at=_aware(given_at, "given_at"), infusion_h=dur, regimen_id=regimen_id)
+                  given_at=_past(given_at, "given_at"), infusion_h=dur, regimen_id=regimen_id)
 
 
 def make_level(*, drug: str, value: Any, unit: str, observed_at: Any, blq: bool = False, lloq: Any = None,
-           assay: str | None = None) -> S.Observation:
+               assay: str | None = None, sample: str | None = "trough", matrix: str | None = "whole blood"
+               ) -> S.Observation:
     v = level_ng_ml(drug, value, unit)
     limit = None if lloq in (None, "") else level_ng_ml(drug, lloq, unit, field="lloq")
     if blq and limit is None:
         raise FieldError("a level below the limit of quantification needs the limit", field="lloq")
+    if sample not in (None, "trough", "c2", "other"):
+        raise FieldError(f"expected trough, c2 or other, got {sample!r}", field="sample")
+    at = _past(observed_at, "observed_at")
     return S.Observation(category="level", name=f"{drug.lower()} level", code=loinc(drug.lower()), value=v,
-                         unit="ng/mL",
-                         observed_at=_aware(observed_at, "observed_at"), blq=bool(blq), lloq=limit, assay=assay)
+                         unit="ng/mL", observed_at=at, blq=bool(blq), lloq=limit,
+                         assay=None if assay in (None, "") else _text(assay, "assay", max_len=32), sample=sample,
+                         matrix=None if matrix is None else _text(matrix, "matrix", max_len=32))
+
+
+def _past(value: Any, field: str) -> dt.datetime:
+    """An instant that is not in the future (an entry records what happened)."""
+    from cnidose.records.plausibility import check_not_future
+
+    at = _aware(value, field)
+    if not 1900 <= at.year <= 2100:
+        raise FieldError(f"{at.isoformat()} is outside 1900-2100", field=field)
+    check_not_future(at, field)
+    return at
+
+
+def make_genotype(*, gene: str, result: str, source: str, tested_on: Any = None) -> S.Genotype:
+    from cnidose.clinical.record import GENES, RecordError, _cyp3a5_expresser
+
+    g = _text(gene, "gene", max_len=16).upper()
+    if g not in GENES:
+        raise FieldError(f"unknown gene {gene!r} (known: {', '.join(GENES)})", field="gene")
+    r = _text(result, "result", max_len=64)
+    if g == "CYP3A5":
+        try:
+            _cyp3a5_expresser(r, "genotype")
+        except RecordError as exc:
+            raise FieldError(str(exc).split("] ", 1)[-1], field="result") from None
+    day = None if tested_on in (None, "") else _date(tested_on, "tested_on")
+    if day is not None and day > _now().date():
+        raise FieldError(f"{day.isoformat()} is in the future", field="tested_on")
+    return S.Genotype(gene=g, result=r, source=_text(source, "source", max_len=500), tested_on=day)
 
 
 def make_covariate(*, name: str, value: Any, unit: str, measured_at: Any) -> S.Covariate:
     key, v, u = covariate_value(name, value, unit)
-    return S.Covariate(name=key, value=v, unit=u, measured_at=_aware(measured_at, "measured_at"))
+    return S.Covariate(name=key, value=v, unit=u, measured_at=_past(measured_at, "measured_at"))
 
 
 def make_regimen(*, drug: str, product: str, dose: Any, unit: str, interval_h: Any, start_at: Any,
@@ -643,7 +817,7 @@ def make_lab(*, name: str, value: Any, unit: str, observed_at: Any) -> S.Observa
     except RecordError as exc:
         raise FieldError(str(exc).split("] ", 1)[-1], field=exc.field.removeprefix("lab.")) from None
     return S.Observation(category="lab", name=lab, code=loinc(lab), value=v, unit=canon,
-                         observed_at=_aware(observed_at, "observed_at"), blq=False)
+                         observed_at=_past(observed_at, "observed_at"), blq=False)
 
 
 _VITALS = ("systolic blood pressure", "diastolic blood pressure")
@@ -661,7 +835,7 @@ def make_vital(*, name: str, value: Any, observed_at: Any) -> S.Observation:
     if not lo <= v <= hi:
         raise FieldError(f"{v:g} mmHg is not a possible {name} ({lo:g}-{hi:g})", field=field)
     return S.Observation(category="vital", name=name, code=loinc(name), value=v, unit="mm[Hg]",
-                         observed_at=_aware(observed_at, "observed_at"), blq=False)
+                         observed_at=_past(observed_at, "observed_at"), blq=False)
 
 
 def make_blood_pressure(*, systolic: Any, diastolic: Any, observed_at: Any) -> tuple[S.Observation, S.Observation]:

@@ -34,7 +34,8 @@ from pydantic import BaseModel, Field
 
 from cnidose import __version__
 from cnidose.errors import CnidoseError
-from cnidose.records.store import PUBLIC, AccessDenied, Actor, NotFound, Store
+from cnidose.records.plausibility import NeedsConfirmation
+from cnidose.records.store import ENTRY_TABLES, PUBLIC, AccessDenied, Actor, NotFound, Store
 from cnidose.records.units import FieldError
 from cnidose.web.security import Sessions, Throttle, verify_password
 from cnidose.web.services import analyse, clinical_assessment, trends
@@ -54,6 +55,9 @@ class LevelIn(BaseModel):
     blq: bool = False
     lloq: float | None = None
     assay: str | None = Field(default=None, max_length=32)
+    sample: str = Field(default="trough", pattern="^(trough|c2|other)$")
+    matrix: str = Field(default="whole blood", max_length=32)
+    confirm: bool = Field(default=False, description="store despite the plausibility flags of a 409 answer")
 
 
 class DoseIn(BaseModel):
@@ -63,6 +67,66 @@ class DoseIn(BaseModel):
     product: str = Field(default="Prograf", max_length=64)
     route: str = "oral"
     infusion_h: float | None = None
+    confirm: bool = Field(default=False, description="store despite the plausibility flags of a 409 answer")
+
+
+class RegimenIn(BaseModel):
+    product: str = Field(max_length=64)
+    dose: float
+    unit: str = "mg"
+    interval_h: float
+    start_at: dt.datetime
+    route: str = "oral"
+    confirm: bool = False
+
+
+class MedicationIn(BaseModel):
+    name: str = Field(max_length=64)
+    start_on: dt.date
+    stop_on: dt.date | None = None
+    daily_mg: float | None = None
+
+
+class StopIn(BaseModel):
+    stop_on: dt.date
+
+
+class BloodPressureIn(BaseModel):
+    systolic: float
+    diastolic: float
+    observed_at: dt.datetime
+
+
+class CovariateIn(BaseModel):
+    name: str = Field(max_length=32)
+    value: float
+    unit: str = Field(max_length=16)
+    measured_at: dt.datetime
+
+
+class GenotypeIn(BaseModel):
+    gene: str = Field(max_length=16)
+    result: str = Field(max_length=64)
+    source: str = Field(max_length=500)
+    tested_on: dt.date | None = None
+
+
+class WithdrawIn(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class PatientUpdate(BaseModel):
+    region: str | None = Field(default=None, pattern="^(EU|US)$")
+    indication: str | None = Field(default=None, max_length=64)
+    severity: str | None = Field(default=None, max_length=64)
+    product: str | None = Field(default=None, max_length=64)
+    route: str | None = Field(default=None, max_length=16)
+    strength_percent: float | None = None
+    donor_type: str | None = Field(default=None, pattern="^(deceased|living)$")
+    donor_cyp3a5: str | None = Field(default=None, max_length=32)
+    transplant_date: dt.date | None = None
+    therapy_start: dt.date | None = None
+    conditions: list[str] | None = None
 
 
 class LabIn(BaseModel):
@@ -182,6 +246,12 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         if request.url.path.startswith("/api/"):
             return JSONResponse({"detail": str(exc)}, status_code=404)
         return HTMLResponse(f"<h1>Not found</h1><p>{_esc(str(exc))}</p>", status_code=404)
+
+    @app.exception_handler(NeedsConfirmation)
+    async def _confirm(request: Request, exc: NeedsConfirmation) -> Response:
+        return JSONResponse({"detail": str(exc).split("] ", 1)[-1], "field": exc.field, "flags": exc.flags,
+                             "confirm": "repeat the request with \"confirm\": true to store it with these flags"},
+                            status_code=409)
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError) -> Response:
@@ -311,43 +381,127 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return render(request, "patients.html", who, patients=_summaries(who[0]))
 
     def patient_response(request: Request, who: tuple[Actor, str], pid: int, status: int = 200,
-                         error: str | None = None, error_field: str | None = None) -> HTMLResponse:
+                         error: str | None = None, error_field: str | None = None,
+                         confirm: dict[str, Any] | None = None) -> HTMLResponse:
         chart = store.chart(who[0], pid)
         curve = chart.assessments[-1]["result"].get("curve") if chart.assessments else None
         return render(request, "patient.html", who, status, chart=chart,
                       clinical=clinical_assessment(chart, the_day()), trends=trends(chart),
                       staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
-                      curve=curve)
+                      curve=curve, confirm=confirm, today=the_day())
 
     @app.get("/patients/{pid}", response_class=HTMLResponse, include_in_schema=False)
     def patient_page(request: Request, pid: Id, who: tuple[Actor, str] = Depends(page_user),
                      error_field: str | None = None, error: str | None = None) -> Response:
         return patient_response(request, who, pid, error=error, error_field=error_field)
 
-    def _entry_form(request: Request, pid: int, who: tuple[Actor, str], add: Callable[[], Any]) -> Response:
+    def _entry_form(request: Request, pid: int, who: tuple[Actor, str], add: Callable[[], Any],
+                    fields: dict[str, str] | None = None) -> Response:
+        """Run ``add``; a field error re-renders the page (422), a plausibility warning asks for confirmation
+        (409: the same values, posted again with confirm=1, store the entry with its flags)."""
         try:
             add()
+        except NeedsConfirmation as exc:
+            return patient_response(request, who, pid, 409, confirm={
+                "action": request.url.path, "flags": exc.flags, "field": exc.field, "fields": fields or {}})
         except FieldError as exc:
             return patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field)
         return RedirectResponse(f"/patients/{pid}", status_code=303)
 
     @app.post("/patients/{pid}/levels", include_in_schema=False)
     def add_level_form(request: Request, pid: Id, value: str = Form(""), unit: str = Form("ng/mL"),
-                       observed_at: str = Form(""), csrf: str = Form(""),
+                       observed_at: str = Form(""), sample: str = Form("trough"), assay: str = Form(""),
+                       confirm: str = Form(""), csrf: str = Form(""),
                        who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_level(
-            who[0], pid, value=_form_number(value, "value"), unit=unit,
-            observed_at=form_time(observed_at, "observed_at")))
+            who[0], pid, value=_form_number(value, "value"), unit=unit, sample=sample, assay=assay or None,
+            observed_at=form_time(observed_at, "observed_at"), confirm=confirm == "1"),
+            {"value": value, "unit": unit, "observed_at": observed_at, "sample": sample, "assay": assay})
 
     @app.post("/patients/{pid}/doses", include_in_schema=False)
     def add_dose_form(request: Request, pid: Id, amount: str = Form(""), unit: str = Form("mg"),
-                      given_at: str = Form(""), product: str = Form("Prograf"), csrf: str = Form(""),
+                      given_at: str = Form(""), product: str = Form("Prograf"), route: str = Form("oral"),
+                      confirm: str = Form(""), csrf: str = Form(""),
                       who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_dose(
-            who[0], pid, product=product, amount=_form_number(amount, "amount"), unit=unit,
-            given_at=form_time(given_at, "given_at")))
+            who[0], pid, product=product, amount=_form_number(amount, "amount"), unit=unit, route=route,
+            given_at=form_time(given_at, "given_at"), confirm=confirm == "1"),
+            {"amount": amount, "unit": unit, "given_at": given_at, "product": product, "route": route})
+
+    @app.post("/patients/{pid}/regimens", include_in_schema=False)
+    def add_regimen_form(request: Request, pid: Id, product: str = Form(""), dose: str = Form(""),
+                         interval_h: str = Form(""), start_at: str = Form(""), route: str = Form("oral"),
+                         confirm: str = Form(""), csrf: str = Form(""),
+                         who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+
+        def add() -> None:
+            agent = store.chart(who[0], pid, assessments="latest").patient["agent"]
+            store.add_regimen(who[0], pid, drug=agent, product=product, dose=_form_number(dose, "dose"), unit="mg",
+                              interval_h=_form_number(interval_h, "interval_h"),
+                              start_at=form_time(start_at, "start_at"), route=route, confirm=confirm == "1")
+        return _entry_form(request, pid, who, add, {"product": product, "dose": dose, "interval_h": interval_h,
+                                                    "start_at": start_at, "route": route})
+
+    @app.post("/patients/{pid}/medications", include_in_schema=False)
+    def add_medication_form(request: Request, pid: Id, name: str = Form(""), start_on: str = Form(""),
+                            stop_on: str = Form(""), daily_mg: str = Form(""), csrf: str = Form(""),
+                            who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        return _entry_form(request, pid, who, lambda: store.add_medication(
+            who[0], pid, name=name, start_on=start_on, stop_on=stop_on or None,
+            daily_mg=_form_number(daily_mg, "daily_mg") if daily_mg else None))
+
+    @app.post("/patients/{pid}/medications/{mid}/stop", include_in_schema=False)
+    def stop_medication_form(request: Request, pid: Id, mid: Id, stop_on: str = Form(""), csrf: str = Form(""),
+                             who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        return _entry_form(request, pid, who, lambda: store.stop_medication(who[0], mid, stop_on))
+
+    @app.post("/patients/{pid}/vitals", include_in_schema=False)
+    def add_bp_form(request: Request, pid: Id, systolic: str = Form(""), diastolic: str = Form(""),
+                    observed_at: str = Form(""), csrf: str = Form(""),
+                    who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        return _entry_form(request, pid, who, lambda: store.add_blood_pressure(
+            who[0], pid, systolic=_form_number(systolic, "systolic"), diastolic=_form_number(diastolic, "diastolic"),
+            observed_at=form_time(observed_at, "observed_at")))
+
+    @app.post("/patients/{pid}/covariates", include_in_schema=False)
+    def add_covariate_form(request: Request, pid: Id, name: str = Form(""), value: str = Form(""),
+                           unit: str = Form(""), measured_at: str = Form(""), csrf: str = Form(""),
+                           who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        return _entry_form(request, pid, who, lambda: store.add_covariate(
+            who[0], pid, name, _form_number(value, "value"), unit, form_time(measured_at, "measured_at")))
+
+    @app.post("/patients/{pid}/genotypes", include_in_schema=False)
+    def add_genotype_form(request: Request, pid: Id, gene: str = Form(""), result: str = Form(""),
+                          source: str = Form(""), tested_on: str = Form(""), csrf: str = Form(""),
+                          who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        return _entry_form(request, pid, who, lambda: store.add_genotype(
+            who[0], pid, gene=gene, result=result, source=source, tested_on=tested_on or None))
+
+    @app.post("/patients/{pid}/record", include_in_schema=False)
+    def update_record_form(request: Request, pid: Id, region: str = Form(""), indication: str = Form(""),
+                           severity: str = Form(""), product: str = Form(""), route: str = Form(""),
+                           csrf: str = Form(""), who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        given = {k: v for k, v in {"region": region, "indication": indication, "severity": severity,
+                                   "product": product, "route": route}.items() if v}
+        return _entry_form(request, pid, who, lambda: store.update_patient(who[0], pid, **given))
+
+    @app.post("/patients/{pid}/entries/{kind}/{eid}/withdraw", include_in_schema=False)
+    def withdraw_form(request: Request, pid: Id, kind: str, eid: Id, reason: str = Form(""), csrf: str = Form(""),
+                      who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        if kind not in ENTRY_TABLES:
+            raise HTTPException(404, "no such kind of entry")
+        return _entry_form(request, pid, who, lambda: store.mark_entered_in_error(
+            who[0], kind, eid, reason, patient_id=pid))
 
     @app.post("/patients/{pid}/labs", include_in_schema=False)
     def add_lab_form(request: Request, pid: Id, name: str = Form(""), value: str = Form(""), unit: str = Form(""),
@@ -508,16 +662,76 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return Response(json.dumps({k: getattr(chart, k) for k in chart.__dataclass_fields__}, default=str),
                         media_type="application/json")
 
-    @app.post("/api/v1/patients/{pid}/levels", status_code=201, tags=["entries"])
+    confirm_answer: dict[int | str, dict[str, Any]] = {409: {
+        "description": "the entry is possible but suspicious: its flags are listed; repeat with confirm=true to store "
+                       "it with them"}}
+
+    @app.patch("/api/v1/patients/{pid}", tags=["patients"])
+    def api_update_patient(pid: Id, body: PatientUpdate, who: tuple[Actor, str] = Depends(api_user)
+                           ) -> dict[str, Any]:
+        """Change record-level fields (region, indication, severity, product, route, donor, dates); audited."""
+        store.update_patient(who[0], pid, **body.model_dump(exclude_unset=True))
+        return {"id": pid, "updated": sorted(body.model_dump(exclude_unset=True))}
+
+    @app.get("/api/v1/patients/{pid}/record", tags=["patients"])
+    def api_record(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+        """The patient as a ``cnidose.patient/2`` document (every entry, of every status)."""
+        from cnidose.records.exchange import chart_to_record_document
+
+        return chart_to_record_document(store.chart(who[0], pid))
+
+    @app.post("/api/v1/patients/{pid}/regimens", status_code=201, tags=["entries"], responses=confirm_answer)
+    def api_regimen(pid: Id, body: RegimenIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+        """A regimen from ``start_at`` (a regimen change: the open one is closed at that time)."""
+        agent = store.chart(who[0], pid, assessments="latest").patient["agent"]
+        return {"id": store.add_regimen(who[0], pid, drug=agent, product=body.product, dose=body.dose,
+                                        unit=body.unit, interval_h=body.interval_h, start_at=body.start_at,
+                                        route=body.route, confirm=body.confirm)}
+
+    @app.post("/api/v1/patients/{pid}/medications", status_code=201, tags=["entries"])
+    def api_medication(pid: Id, body: MedicationIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+        return {"id": store.add_medication(who[0], pid, name=body.name, start_on=body.start_on,
+                                           stop_on=body.stop_on, daily_mg=body.daily_mg)}
+
+    @app.post("/api/v1/medications/{mid}/stop", tags=["entries"])
+    def api_stop_medication(mid: Id, body: StopIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
+        store.stop_medication(who[0], mid, body.stop_on)
+        return {"id": mid, "stop_on": body.stop_on.isoformat()}
+
+    @app.post("/api/v1/patients/{pid}/blood-pressure", status_code=201, tags=["entries"])
+    def api_bp(pid: Id, body: BloodPressureIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, list[int]]:
+        return {"ids": list(store.add_blood_pressure(who[0], pid, systolic=body.systolic, diastolic=body.diastolic,
+                                                     observed_at=body.observed_at))}
+
+    @app.post("/api/v1/patients/{pid}/covariates", status_code=201, tags=["entries"])
+    def api_covariate(pid: Id, body: CovariateIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+        return {"id": store.add_covariate(who[0], pid, body.name, body.value, body.unit, body.measured_at)}
+
+    @app.post("/api/v1/patients/{pid}/genotypes", status_code=201, tags=["entries"])
+    def api_genotype(pid: Id, body: GenotypeIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+        return {"id": store.add_genotype(who[0], pid, gene=body.gene, result=body.result, source=body.source,
+                                         tested_on=body.tested_on)}
+
+    @app.post("/api/v1/entries/{kind}/{eid}/entered-in-error", tags=["entries"])
+    def api_withdraw(kind: str, eid: Id, body: WithdrawIn, who: tuple[Actor, str] = Depends(api_user)
+                     ) -> dict[str, Any]:
+        """Withdraw a wrong entry (it stays, struck through, out of rules and fits); audited."""
+        if kind not in ENTRY_TABLES:
+            raise HTTPException(404, f"no such kind of entry (known: {', '.join(ENTRY_TABLES)})")
+        store.mark_entered_in_error(who[0], kind, eid, body.reason)
+        return {"kind": kind, "id": eid, "status": "entered-in-error"}
+
+    @app.post("/api/v1/patients/{pid}/levels", status_code=201, tags=["entries"], responses=confirm_answer)
     def api_level(pid: Id, body: LevelIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
         return {"id": store.add_level(who[0], pid, value=body.value, unit=body.unit,
-                                      observed_at=body.observed_at, blq=body.blq, lloq=body.lloq, assay=body.assay)}
+                                      observed_at=body.observed_at, blq=body.blq, lloq=body.lloq, assay=body.assay,
+                                      sample=body.sample, matrix=body.matrix, confirm=body.confirm)}
 
-    @app.post("/api/v1/patients/{pid}/doses", status_code=201, tags=["entries"])
+    @app.post("/api/v1/patients/{pid}/doses", status_code=201, tags=["entries"], responses=confirm_answer)
     def api_dose(pid: Id, body: DoseIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
         return {"id": store.add_dose(who[0], pid, product=body.product, amount=body.amount,
                                      unit=body.unit, given_at=body.given_at, route=body.route,
-                                     infusion_h=body.infusion_h)}
+                                     infusion_h=body.infusion_h, confirm=body.confirm)}
 
     @app.post("/api/v1/patients/{pid}/labs", status_code=201, tags=["entries"])
     def api_lab(pid: Id, body: LabIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:

@@ -1,0 +1,237 @@
+"""The use cases, below the web app and the command line: assess, fit and recommend for one patient record as
+of a date. ``cnidose assess``, ``cnidose recommend --patient``, the JSON API and the pages all call these with
+the same :class:`~cnidose.clinical.record.PatientRecord`, so every face gives the same answer -- interactions,
+flags and warnings included.
+
+Nothing clinical is guessed: without a recorded regimen or (for a transplant) its date there is no
+recommendation, and the result says what is missing. An entry the model cannot use (a level dated before the
+transplant, a covariate outside what is possible) is named and left out, and the fit goes on without it; entries
+confirmed despite a plausibility warning are listed in the result's ``flagged`` inputs and its warnings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+
+from cnidose import __version__
+from cnidose.clinical.record import PatientRecord
+from cnidose.errors import CnidoseError, DataError
+from cnidose.pk.events import split_individuals
+from cnidose.records.exchange import record_to_nonmem
+
+__all__ = ["MODEL_FOR", "analyse", "clinical_assessment", "flagged_inputs"]
+
+#: (agent, indication, age group) -> library model used by default (all are in cnidose.models.library)
+MODEL_FOR = {("tacrolimus", "kidney transplant", "adult"): "andrews2019_tac_adult_kidney",
+             ("tacrolimus", "kidney transplant", "paediatric"): "andrews2017_tac_paed_kidney",
+             ("cyclosporine", "kidney transplant", "adult"): "press2010_csa_adult_kidney"}
+
+
+def clinical_assessment(record: PatientRecord, as_of: dt.date) -> dict[str, Any]:
+    """The rule base's view (selection, alerts with sources, due follow-ups); errors are reported, not raised."""
+    from cnidose.clinical import assess
+
+    try:
+        a = assess(record, as_of)
+    except CnidoseError as exc:
+        return {"error": str(exc), "alerts": [], "due": [], "exposure": [], "selection": "unknown",
+                "selection_reasons": [], "notes": []}
+    return {"selection": a.selection, "selection_reasons": a.selection_reasons,
+            "alerts": [{"rule": x.rule, "severity": x.severity, "message": x.message, "source": x.source,
+                        "date": x.date.isoformat() if x.date else None, "dose": x.dose} for x in a.alerts],
+            "due": [{"what": d.what, "date": d.date.isoformat(), "source": d.source} for d in a.due],
+            "exposure": [{"drug": x.drug, "agent": x.agent, "factor": x.factor, "start": x.start.isoformat(),
+                          "end": x.end.isoformat() if x.end else None, "source": x.source} for x in a.exposure],
+            "notes": a.notes}
+
+
+def flagged_inputs(record: PatientRecord) -> list[dict[str, Any]]:
+    """Final entries that were stored despite a plausibility warning (confirmed by whoever entered them)."""
+    out = []
+    for kind, entries in (("level", record.levels), ("dose", record.administrations), ("regimen", record.regimens),
+                          ("covariate", record.covariates), ("lab", record.labs)):
+        for e in entries:
+            if e.final and e.flags:
+                when = getattr(e, "time", None) or getattr(e, "start", None)
+                out.append({"entry": e.id, "kind": kind, "when": when.isoformat() if when else None,
+                            "flags": list(e.flags), "confirmed_by": e.entered_by})
+    return out
+
+
+def _inputs(record: PatientRecord, as_of: dt.date) -> dict[str, Any]:
+    """What the analysis read, in view: the regimen in force, the latest covariates (value, time, source), the
+    genotypes."""
+    reg = record.current_regimen(as_of)
+    covs: dict[str, Any] = {}
+    for c in sorted((c for c in record.covariates if c.final), key=lambda c: c.time):
+        covs[c.name] = {"value": c.value, "unit": c.unit, "time": c.time.isoformat(), "source": c.source or "entered"}
+    return {"regimen": None if reg is None else {"product": reg.product, "dose_mg": reg.dose_mg,
+                                                 "interval_h": reg.interval_h, "route": reg.route,
+                                                 "start": reg.start.isoformat()},
+            "covariates": covs,
+            "genotypes": [{"gene": g.gene, "result": g.result, "source": g.source} for g in record.genotypes
+                          if g.final],
+            "levels": len(record.final_levels()), "doses": len(record.final_administrations()),
+            "region": record.region, "indication": record.indication,
+            "indication_code": None if record.indication_code is None else
+            f"{record.indication_code.system} {record.indication_code.code}"}
+
+
+def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
+            seed: int = 0, choice: str = "most-likely") -> dict[str, Any]:
+    """Fit, curve with 80 % band, recommendation and the clinical assessment for one patient."""
+    from cnidose.dosing import find_target, product, recommend
+    from cnidose.estimation.posterior import sample_posterior
+    from cnidose.models.library import resolve_model
+
+    out: dict[str, Any] = {"as_of": as_of.isoformat(), "version": __version__,
+                           "clinical": clinical_assessment(record, as_of), "warnings": [],
+                           "inputs": _inputs(record, as_of), "flagged": flagged_inputs(record), "excluded": []}
+    for f in out["flagged"]:
+        out["warnings"].append(f"input flagged at entry and confirmed: {f['kind']} {f['when'] or ''} "
+                               f"({'; '.join(f['flags'])})")
+    age = record.age(as_of)
+    group = "adult" if age >= 18 else "paediatric"
+    mid = model_id or MODEL_FOR.get((record.agent, record.indication, group))
+    if mid is None:
+        out["warnings"].append(f"no default model for {record.agent} / {record.indication} / {group}: no fit")
+        return out
+    exposure = out["clinical"].get("exposure", [])
+    exp = record_to_nonmem(record, ident=1, exposure=exposure)
+    out["export_notes"] = exp.notes
+    if not exp.rows:
+        out["warnings"].append("no doses or levels recorded: no fit")
+        return out
+    if out["clinical"].get("error"):  # said, not silently assumed
+        out["warnings"].append("the rule base could not read the record: interactions are unknown and the fit "
+                               "assumes none")
+    reg = record.current_regimen(as_of)
+    missing = ([] if reg is not None else ["the current regimen (product and interval)"]) + (
+        [] if record.transplant_date or not record.indication.endswith("transplant")
+        else ["the transplant date (the target depends on the time since it)"])
+    if missing:  # nothing guessed: the recommendation needs them
+        out["warnings"].append("no recommendation: record " + " and ".join(missing))
+        return out
+    assert reg is not None
+    try:
+        model = resolve_model(mid)
+        prod = product(reg.product, record.agent)
+        interval = reg.interval_h
+        transplant = record.transplant_date
+        months = (as_of - transplant).days / 30.4375 if transplant else 0.0
+        meds = {m.name for m in record.final_medications()}
+        concomitant = "mmf" if any("mycophenol" in m for m in meds) else "any"
+        organ = record.organ or record.indication.replace(" transplant", "")
+        target = find_target(record.agent, organ, group, months, concomitant=concomitant)
+        ind, fit = _fit_with_exclusions(model, record, exp, out)
+        first = exp.origin + dt.timedelta(hours=float(ind.time[0])) if exp.origin else None
+        applied = [x for x in exposure if x["agent"] == record.agent and first is not None
+                   and (x["end"] is None or dt.date.fromisoformat(x["end"]) > first.date())]
+        out["exposure"] = applied
+        out["warnings"] += [f"{x['drug']}: {record.agent} exposure x{x['factor']:g} from {x['start']}"
+                            + (f" to {x['end']}" if x["end"] else " (ongoing)")
+                            + f" applied to the model (CL/F divided by {x['factor']:g}) [{x['source']}]"
+                            for x in applied]
+        post = None if fit.status == "error" else sample_posterior(model, ind, n_draws=n_draws, seed=seed,
+                                                                   map_result=fit)
+        rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed, choice=choice,
+                        fit=fit, posterior=post)
+    except CnidoseError as exc:
+        out["warnings"].append(f"{type(exc).__name__}: {exc}")
+        return out
+    out["curve"] = _curve(ind, post, exp.origin, interval, target, seed)
+    out["recommendation"] = rec.to_dict()
+    summary = rec.summary()
+    if out["flagged"] or out["excluded"]:
+        summary = "Inputs flagged or left out (see warnings). " + summary
+    out["recommendation"]["summary"] = summary
+    out["model"] = rec.model
+    out["target"] = str(target)
+    out["warnings"] += rec.warnings
+    return out
+
+
+def _fit_with_exclusions(model: Any, record: PatientRecord, exp: Any, out: dict[str, Any]) -> tuple[Any, Any]:
+    """The individual (interactions in its EXPOSURE column) and its MAP fit; an entry the model refuses is left
+    out, named, and the fit goes on (at most 10 entries)."""
+    from cnidose.estimation import fit_map
+
+    excluded: set[str] = set()
+    for _ in range(11):
+        rows = [r for r, e in zip(exp.rows, exp.entries, strict=True) if e not in excluded]
+        entries = [e for e in exp.entries if e not in excluded]
+        if not rows:
+            raise DataError("no usable dose or level is left")
+        ds = exp.dataset(f"record {record.id}") if not excluded else _dataset(exp, rows)
+        ind = ds.individuals()[0]
+        fit = fit_map(model, [ind])[0]
+        if fit.status != "error":
+            return ind, fit
+        line = _row_of(fit.message)
+        entry = entries[line - 2] if line is not None and 2 <= line < len(entries) + 2 else None
+        if entry is None or entry in excluded:
+            raise DataError(fit.message)
+        excluded.add(entry)
+        out["excluded"].append({"entry": entry, "reason": fit.message})
+        out["warnings"].append(f"entry {entry} could not be used and is left out of the fit: {fit.message} -- "
+                               "correct it or mark it entered in error")
+    raise DataError("too many entries could not be used")
+
+
+def _dataset(exp: Any, rows: list[list[Any]]) -> Any:
+    from cnidose.records.nonmem import DataSet
+
+    cells = tuple(tuple(str(c) for c in r) for r in rows)
+    return DataSet(tuple(exp.header), cells, tuple(range(2, len(cells) + 2)), "record")
+
+
+def _row_of(message: str) -> int | None:
+    import re
+
+    m = re.search(r"\brow (\d+)\b", message)
+    return int(m.group(1)) if m else None
+
+
+def _curve(ind: Any, post: Any, origin: dt.datetime | None, interval: float, target: Any, seed: int
+           ) -> dict[str, Any]:
+    """The fitted curve from the first record to one dosing interval after the last: every 15 min over the last
+    7 days (peaks and troughs of the current regimen), hourly before them; 80 % band."""
+    t_end = float(ind.time[-1]) + interval
+    recent = max(0.0, np.floor(t_end - 7 * 24.0))
+    grid = np.concatenate([np.arange(0.0, recent, 1.0), np.arange(recent, t_end + 1e-9, 0.25)])
+    cols = {"ID": np.concatenate([np.ones(len(ind)), np.ones(grid.size)]),
+            "TIME": np.concatenate([ind.time, grid]),
+            "EVID": np.concatenate([ind.evid, np.full(grid.size, 2.0)]),
+            "AMT": np.concatenate([ind.amt, np.zeros(grid.size)]),
+            "RATE": np.concatenate([ind.rate, np.zeros(grid.size)]),
+            "CMT": np.concatenate([ind.cmt, np.zeros(grid.size)]),
+            "MDV": np.ones(len(ind) + grid.size)}
+    # a grid point takes the covariates of the interval it lies in: those of the next record (a record's values
+    # hold over the interval ending at it), the last record's beyond it
+    nxt = np.minimum(np.searchsorted(ind.time, grid, side="left"), len(ind) - 1)
+    for k, v in ind.covariates.items():
+        if k in ("DV", "BLQ", "LLOQ"):
+            continue
+        cols[k] = np.concatenate([v, v[nxt]])
+    order = np.lexsort((cols["EVID"] == 2, cols["TIME"]))
+    cols = {k: v[order] for k, v in cols.items()}
+    g = split_individuals(cols)[0]
+    assert post is not None  # recommend() refuses a fit that failed
+    pred = post.predict(g, seed=seed)
+    on_grid = cols["EVID"] == 2
+    band = np.percentile(pred[:, on_grid], [10, 50, 90], axis=0)
+    assert origin is not None
+
+    def sig(x: Any) -> list[float]:  # four significant digits: the plot needs no more, the stored result stays small
+        return [float(f"{v:.4g}") for v in x]
+
+    obs = (ind.evid == 0) & (ind.mdv == 0)
+    # times as hours after ``origin`` (UTC): the page turns them into clock times
+    return {"origin": origin.isoformat(), "hours": [round(float(h), 4) for h in cols["TIME"][on_grid]],
+            "p10": sig(band[0]), "p50": sig(band[1]), "p90": sig(band[2]),
+            "observed_hours": [round(float(h), 4) for h in ind.time[obs]],
+            "observed": ind.covariates["DV"][obs].tolist(), "target": [target.low, target.high],
+            "unit": target.unit}
