@@ -195,6 +195,21 @@ def test_demo_transplant_alerts_entry_confirmation_and_withdrawal(server: tuple[
     expect(row).to_contain_text("entered in error: sample drawn from the infusion line")
     assert row.locator("td").first.evaluate(  # type: ignore[attr-defined]
         "e => getComputedStyle(e).textDecorationLine") == "line-through"
+    # a dose far from the regimen and of another product: confirmed, then flagged in the timeline
+    page.fill("#dose-form input[name=amount]", "50")
+    page.fill("#dose-form input[name=product]", "Advagraf")
+    page.fill("#dose-form input[name=given_at]", now.strftime("%Y-%m-%dT%H:%M"))
+    page.click("#dose-form button[type=submit]")
+    expect(page.locator("#confirm-flags")).to_contain_text("10 times the regimen's 5 mg")
+    expect(page.locator("#confirm-flags")).to_contain_text("not the regimen's (Prograf)")
+    page.click("#confirm-entry")
+    page.click("#timeline summary")  # the doses table is folded
+    expect(page.locator("#doses tr", has_text="Advagraf")).to_contain_text("flagged:")
+    # a time in the future is refused at the field
+    page.fill("#level-value", "8")
+    page.fill("#level-time", (now + dt.timedelta(days=2)).strftime("%Y-%m-%dT%H:%M"))
+    page.click("#add-level")
+    expect(page.locator("#form-error")).to_contain_text("in the future")
     # a regimen change shows at once as the current regimen
     page.fill("#regimen-form input[name=dose]", "3")
     page.fill("#regimen-form input[name=start_at]", now.strftime("%Y-%m-%dT%H:%M"))
