@@ -45,23 +45,31 @@ class Conn:
         self.port = port
         self.cookies: dict[str, str] = {}
         self.csrf = ""
+        self.headers: list[str] = []  # extra header lines (e.g. X-Forwarded-For behind a simulated proxy)
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: object = None) -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: object = None, raw: bytes | None = None
+                      ) -> tuple[int, bytes]:
+        reused = self.writer is not None
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
-        data = b"" if body is None else json.dumps(body).encode()
+        data = raw if raw is not None else b"" if body is None else json.dumps(body).encode()
         head = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{self.port}", f"Content-Length: {len(data)}"]
-        if body is not None:
+        if body is not None or raw is not None:
             head.append("Content-Type: application/json")
+        head.extend(self.headers)
         if self.cookies:
             head.append("Cookie: " + "; ".join(f"{k}={v}" for k, v in self.cookies.items()))
         if self.csrf and method != "GET":
             head.append(f"X-CSRF-Token: {self.csrf}")
         self.writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         status_line = await self.reader.readline()
+        if not status_line and reused:  # an idle keep-alive connection the server closed: reconnect, as browsers do
+            self.close()
+            self.writer = None
+            return await self.request(method, path, body, raw)
         if not status_line:
             raise ConnectionError("the server closed the connection")
         status = int(status_line.split()[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from cnidose.web.app import create_app
 from cnidose.web.security import hash_password
 
 TODAY = dt.date(2026, 11, 25)
+#: rate limits the matrix cannot reach (its clients all share one address); the limits are tested on their own
+ROOMY = {"login": "10000/minute", "booking": "10000/hour", "booking-all": "10000/day"}
 USERS = {"clin": ("clinician", None), "pharm": ("pharmacist", None), "root": ("admin", None),
          "karel": ("patient", "DEMO-TX-1"), "petra": ("patient", "DEMO-DERM-1")}
 
@@ -33,7 +36,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Store,
     ids = seed_demo(store, TODAY)
     for name, (role, mrn) in USERS.items():
         store.create_user(SYSTEM, name, hash_password(f"{name}-pw"), role, patient_id=ids[mrn] if mrn else None)
-    app = create_app(store, secret_key="test-secret", today=lambda: TODAY)
+    app = create_app(store, secret_key="test-secret", today=lambda: TODAY, rate_limits=ROOMY)
     yield app, store, ids
     engine.dispose()
 
@@ -63,7 +66,7 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
     kid, pso = ids["DEMO-TX-1"], ids["DEMO-DERM-1"]
     staff = {"clin", "pharm"}
     everyone = {None, "clin", "pharm", "root", "karel", "petra"}
-    future = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).replace(microsecond=0)
+    future = (dt.datetime.now(dt.UTC) + dt.timedelta(days=30)).replace(minute=0, second=0, microsecond=0)
     slot = iter(range(10_000))
 
     def when() -> str:
@@ -73,6 +76,7 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         return store.save_assessment(SYSTEM, kid, kind="assessment", inputs={}, result={}, model_ref=None,
                                      package_version="test")
 
+    uid = store.create_user(SYSTEM, "spare", hash_password("spare-password"), "clinician")
     appt = store.book(SYSTEM, department="dermatology", starts_at=future - dt.timedelta(days=1), patient_id=kid)
     at = "2026-11-24T08:00"
     # (method, path template, allowed users, body maker)
@@ -135,7 +139,13 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         ("GET", "/api/v1/patients/{pid}/fhir", staff | {"karel"}, None),
         ("POST", "/api/v1/fhir", staff, {"resourceType": "Bundle", "type": "collection", "entry": []}),
         ("GET", "/api/v1/openapi.json", everyone, None), ("GET", "/vendor/{name}", everyone, None),
-        ("POST", "/logout", everyone, {}),  # last: it ends the session
+        ("GET", "/account", everyone - {None}, None),
+        ("POST", "/account/password", everyone - {None}, {"current": "wrong", "new": "a-new-password"}),
+        ("POST", "/api/v1/account/password", everyone - {None}, {"current": "wrong", "new": "a-new-password"}),
+        ("POST", "/api/v1/users/{uid}/sessions/revoke", {"root"}, {}),
+        ("POST", "/api/v1/users/{uid}/deactivate", {"root"}, {}),
+        ("DELETE", "/api/v1/session", everyone - {None}, None),  # ends the session: the last two
+        ("POST", "/logout", everyone, {}),
     ]
     routes = {(m, r.path) for r in app.routes if isinstance(r, Route) for m in (r.methods or set()) - {"HEAD"}}
     assert routes == {(m, p) for m, p, _, _ in table}, "a route is missing from the matrix"
@@ -144,7 +154,8 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         for method, template, allowed, body in table:
             if template in ("/login", "/api/v1/session"):
                 continue
-            path = template.format(pid=kid, aid=draft() if "{aid}" in template else 0, appt_id=appt, name="htmx.min.js",
+            path = template.format(pid=kid, uid=uid, aid=draft() if "{aid}" in template else 0, appt_id=appt,
+                                   name="htmx.min.js",
                                    mid=store.add_medication(SYSTEM, kid, name="fluconazole", start_on="2026-11-20")
                                    if "{mid}" in template else 0, kind="covariate",
                                    eid=store.add_covariate(SYSTEM, kid, "WT", 81, "kg", "2026-11-24T08:00:00Z")
@@ -155,6 +166,8 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
                           if path == "/api/v1/calendar" else None)
             elif method == "PATCH":
                 r = c.patch(path, json=data, headers={"X-CSRF-Token": token})
+            elif method == "DELETE":
+                r = c.delete(path, headers={"X-CSRF-Token": token})
             elif path.startswith("/api/"):
                 r = c.post(path, json=data, headers={"X-CSRF-Token": token})
             else:
@@ -168,19 +181,30 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
             assert c.get(f"/patients/{pso}").status_code == 200 and c.get(f"/patients/{kid}").status_code == 403
 
 
-def test_sign_in_is_throttled_and_audited(site: tuple[Any, Store, dict[str, int]]) -> None:
+def test_sign_in_is_slowed_not_locked_and_audited(site: tuple[Any, Store, dict[str, int]]) -> None:
+    """Three free failures per account, then a wait of 1, 2, 4 ... s (at most 30 s) after each failure; the right
+    password is accepted as soon as the wait is over (no lockout), and every failure and refusal is audited."""
     _, store, _ = site
-    app = create_app(store, secret_key="test-secret", today=lambda: TODAY)  # its own throttle (per address too)
+    app = create_app(store, secret_key="test-secret", today=lambda: TODAY)  # its own throttle
     c, token = client(app, None)
-    for _ in range(5):
+    for _ in range(3):
         r = c.post("/login", data={"username": "pharm", "password": "wrong", "csrf": token})
         assert r.status_code == 401 and "wrong user name or password" in r.text
-    r = c.post("/login", data={"username": "pharm", "password": "pharm-pw", "csrf": token})
-    assert r.status_code == 401 and "too many failed sign-ins" in r.text
+    r = c.post("/login", data={"username": "pharm", "password": "pharm-pw", "csrf": token})  # 1 s to wait
+    assert r.status_code == 429 and "try again in" in r.text and r.headers["Retry-After"] in ("1", "2")
     r = TestClient(app).post("/api/v1/session", json={"username": "pharm", "password": "pharm-pw"})
-    assert r.status_code == 429
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) <= 2  # per account, from any client
+    assert c.post("/login", data={"username": "clin", "password": "clin-pw", "csrf": token}).status_code == 303
+    time.sleep(1.1)
+    r = c.post("/login", data={"username": "pharm", "password": "wrong", "csrf": token})
+    assert r.status_code == 401  # 4th failure: now 2 s
+    r = c.post("/login", data={"username": "pharm", "password": "pharm-pw", "csrf": token})
+    assert r.status_code == 429 and r.headers["Retry-After"] in ("2", "3")
+    time.sleep(2.1)
+    r = c.post("/login", data={"username": "pharm", "password": "pharm-pw", "csrf": token})
+    assert r.status_code == 303  # the wait is over: the user gets in, and the count starts again
     log = store.audit_log(Actor("root", "admin", 3), limit=50)
-    assert sum(1 for x in log if x["action"] == "login-failed" and x["username"] == "pharm") >= 5
+    assert sum(1 for x in log if x["action"] == "login-failed" and x["username"] == "pharm") >= 4
     assert any(x["action"] == "login-throttled" for x in log)
     # the form needs its CSRF cookie
     r = TestClient(app, follow_redirects=False).post("/login", data={"username": "clin", "password": "clin-pw",

@@ -755,8 +755,14 @@ def serve(
     port: Annotated[int, typer.Option(help="port")] = 8000,
     database: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: CNIDOSE_DATABASE_URL, else "
                                                       "SQLite in the user data directory)")] = None,
-    workers: Annotated[int, typer.Option(help="worker processes (sessions shared through CNIDOSE_SECRET_KEY; "
+    workers: Annotated[int, typer.Option(help="worker processes (sessions are in the database and shared; "
                                               "sign-in throttling is per process)")] = 1,
+    secure_cookies: Annotated[bool | None, typer.Option(
+        "--secure-cookies/--no-secure-cookies", help="mark cookies Secure (default: on unless the host is "
+                                                     "loopback)")] = None,
+    trusted_proxies: Annotated[str | None, typer.Option(
+        help="addresses or networks of reverse proxies whose X-Forwarded-For is read (default: "
+             "CNIDOSE_TRUSTED_PROXIES, else none)")] = None,
 ) -> None:
     """Run the clinician web app (and the JSON API under /api/v1)."""
 
@@ -789,17 +795,22 @@ def serve(
                        + ", ".join(f"{n} ({r}) / {n}-demo" for n, r, _ in DEMO_USERS), err=True)
         typer.echo(f"cnidose on http://{host}:{port}/ (database {engine.url.render_as_string(hide_password=True)})",
                    err=True)
+        loopback = host in ("127.0.0.1", "::1", "localhost")
+        secure = (not loopback) if secure_cookies is None else secure_cookies
+        os.environ["CNIDOSE_SECURE_COOKIES"] = "1" if secure else "0"
+        if trusted_proxies is not None:
+            os.environ["CNIDOSE_TRUSTED_PROXIES"] = trusted_proxies
+        if not loopback and not secure:
+            typer.echo("warning: serving beyond loopback without Secure cookies: put it behind HTTPS", err=True)
+        # uvicorn must not rewrite the client address from X-Forwarded-For: the app reads it from trusted proxies
+        # only (CNIDOSE_TRUSTED_PROXIES)
+        opts: dict[str, Any] = {"host": host, "port": port, "log_level": "warning", "proxy_headers": False}
         if workers > 1:
-            import secrets
-
             os.environ["CNIDOSE_DATABASE_URL"] = engine.url.render_as_string(hide_password=False)
-            os.environ.setdefault("CNIDOSE_SECRET_KEY", secrets.token_urlsafe(32))  # one key for every worker
             engine.dispose()
-            uvicorn.run("cnidose.web.app:app_from_env", factory=True, workers=workers, host=host, port=port,
-                        log_level="warning")
+            uvicorn.run("cnidose.web.app:app_from_env", factory=True, workers=workers, **opts)
             return
-        uvicorn.run(create_app(store, secret_key=os.environ.get("CNIDOSE_SECRET_KEY")), host=host, port=port,
-                    log_level="warning")
+        uvicorn.run(create_app(store), **opts)
 
     _run(work)
 

@@ -20,7 +20,7 @@ from cnidose.errors import InputError
 __all__ = ["HEAD", "database_url", "make_engine", "revision", "upgrade"]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD = "0003"
+HEAD = "0004"
 
 
 def database_url() -> str:

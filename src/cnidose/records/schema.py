@@ -30,13 +30,15 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
-    "ROLES", "Appointment", "Assessment", "AuditEntry", "Base", "Covariate", "Dose", "Genotype", "Medication",
-    "Observation", "Patient", "Regimen", "User",
+    "ROLES", "Appointment", "AppointmentSlot", "Assessment", "AuditEntry", "Base", "Covariate", "Dose", "Genotype",
+    "Medication",
+    "Observation", "Patient", "Regimen", "Session", "User",
 ]
 
 ROLES = ("clinician", "pharmacist", "admin", "patient")
@@ -269,7 +271,8 @@ class Appointment(Base):
     __table_args__ = (CheckConstraint(_in("status", ("requested", "confirmed", "cancelled", "done")),
                                       name="ck_appointments_status"),
                       CheckConstraint("ends_at > starts_at", name="ck_appointments_order"),
-                      Index("ix_appointments_department", "department", "starts_at"))
+                      Index("ix_appointments_department", "department", "starts_at"),
+                      Index("ix_appointments_reference", "reference", unique=True))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[int | None] = mapped_column(ForeignKey("patients.id", ondelete="RESTRICT"))
@@ -283,6 +286,49 @@ class Appointment(Base):
     contact_email: Mapped[str | None] = mapped_column(String(254))
     source: Mapped[str | None] = mapped_column(String(128))  # e.g. the protocol rule that scheduled it
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="RESTRICT"))
+    created_at: Mapped[dt.datetime]
+    reference: Mapped[str | None] = mapped_column(String(32))  # opaque (ids are sequential)
+
+
+class AppointmentSlot(Base):
+    """A 15-minute slot a confirmed visit covers: unique per department, so the database itself refuses a second
+    confirmed visit in it, whoever writes (migration 0004)."""
+
+    __tablename__ = "appointment_slots"
+    __table_args__ = (UniqueConstraint("department", "slot_start", name="uq_appointment_slots"),
+                      Index("ix_appointment_slots_appointment", "appointment_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    department: Mapped[str] = mapped_column(String(64))
+    slot_start: Mapped[dt.datetime]
+    appointment_id: Mapped[int] = mapped_column(ForeignKey("appointments.id", ondelete="CASCADE"))
+
+
+class Session(Base):
+    """A sign-in: the cookie holds a random token, this row its SHA-256; revoked at logout, on a password change
+    or by an administrator; idle and absolute timeouts are checked on every request."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (Index("ix_sessions_user", "user_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime]
+    last_seen_at: Mapped[dt.datetime]
+    revoked_at: Mapped[dt.datetime | None]
+    address: Mapped[str | None] = mapped_column(String(64))
+
+
+class SignInDevice(Base):
+    """A browser or client that signed in as a user: its failed sign-ins count against itself, not the account
+    (the cookie holds a random token, this row its SHA-256)."""
+
+    __tablename__ = "sign_in_devices"
+    __table_args__ = (Index("ix_sign_in_devices_user", "user_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     created_at: Mapped[dt.datetime]
 
 

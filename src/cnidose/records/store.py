@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, Table, bindparam, insert, select
+from sqlalchemy import Engine, Table, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,7 +34,8 @@ from cnidose.errors import CnidoseError, InputError
 from cnidose.records import schema as S
 from cnidose.records.units import DRUGS, FieldError, covariate_value, dose_mg, level_ng_ml
 
-__all__ = ["PERMISSIONS", "PUBLIC", "SYSTEM", "AccessDenied", "Actor", "Chart", "NotFound", "Store"]
+__all__ = ["PERMISSIONS", "PUBLIC", "SYSTEM", "YEARS", "AccessDenied", "Actor", "Chart", "NotFound", "SlotTaken",
+           "Store"]
 
 #: action -> roles allowed. "patient" is allowed only on the patient's own record (checked per call).
 PERMISSIONS: dict[str, frozenset[str]] = {
@@ -92,6 +95,10 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+#: instants cnidose stores: outside, a typing error (and arithmetic near year 1 or 9999 would overflow)
+YEARS = (1900, 2100)
+
+
 def _aware(value: Any, field: str) -> dt.datetime:
     if isinstance(value, str):
         try:
@@ -102,18 +109,24 @@ def _aware(value: Any, field: str) -> dt.datetime:
         raise FieldError(f"expected a date-time, got {value!r}", field=field)
     if value.tzinfo is None or value.utcoffset() is None:
         raise FieldError(f"{value.isoformat()} has no time zone (give e.g. +01:00 or Z)", field=field)
+    if not YEARS[0] <= value.year <= YEARS[1]:
+        raise FieldError(f"{value.isoformat()} is outside {YEARS[0]}-{YEARS[1]}", field=field)
     return value.astimezone(dt.UTC)
 
 
 def _date(value: Any, field: str) -> dt.date:
     if isinstance(value, dt.datetime):
-        return value.date()
-    if isinstance(value, dt.date):
-        return value
-    try:
-        return dt.date.fromisoformat(str(value))
-    except ValueError:
-        raise FieldError(f"not an ISO date: {value!r}", field=field) from None
+        d = value.date()
+    elif isinstance(value, dt.date):
+        d = value
+    else:
+        try:
+            d = dt.date.fromisoformat(str(value))
+        except ValueError:
+            raise FieldError(f"not an ISO date: {value!r}", field=field) from None
+    if not YEARS[0] <= d.year <= YEARS[1]:
+        raise FieldError(f"{d.isoformat()} is outside {YEARS[0]}-{YEARS[1]}", field=field)
+    return d
 
 
 def _text(value: Any, field: str, *, max_len: int, allow_empty: bool = False) -> str:
@@ -149,6 +162,30 @@ def _chart_queries() -> dict[str, Any]:
 
 _ACTOR = select(S.User.id, S.User.username, S.User.role, S.User.patient_id, S.User.active).where(
     S.User.id == bindparam("uid"))
+_SESSION = select(S.Session.user_id, S.Session.csrf, S.Session.created_at, S.Session.last_seen_at,
+                  S.Session.revoked_at, S.User.username, S.User.role, S.User.patient_id, S.User.active).join(
+    S.User, S.User.id == S.Session.user_id).where(S.Session.id == bindparam("sid"))
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
+
+
+#: booking: visits start on a quarter hour and last whole quarters; the public may ask for at most an hour
+SLOT = dt.timedelta(minutes=15)
+MINUTES = {"public": (15, 60), "staff": (15, 240)}
+
+
+def _slots(start: dt.datetime, end: dt.datetime) -> list[dt.datetime]:
+    out, t = [], start
+    while t < end:
+        out.append(t)
+        t += SLOT
+    return out
 #: the statements that read a chart, one per part, oldest first ("latest": the newest assessment only). The patient
 #: row comes first: its revision is then never newer than the entries read after it (a result stored with that
 #: revision is at worst computed again, never reused for entries it did not see).
@@ -257,6 +294,105 @@ class Store:
         with self._tx() as s:
             self._audit(s, actor, action, object_type, object_id, patient_id, detail)
 
+    # -- sessions -------------------------------------------------------------------------------------------
+    def open_session(self, user_id: int, address: str | None) -> tuple[str, str]:
+        """A new sign-in: (token for the cookie, CSRF token). The database keeps only the token's SHA-256."""
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
+        now = _now()
+        with self._tx() as s:
+            s.execute(insert(S.Session.__table__).values(  # type: ignore[arg-type]
+                id=_digest(token), user_id=user_id, csrf=csrf, created_at=now, last_seen_at=now,
+                address=(address or "")[:64] or None))
+        return token, csrf
+
+    def session_actor(self, token: str | None, *, idle: dt.timedelta, absolute: dt.timedelta
+                      ) -> tuple[Actor, str] | None:
+        """The signed-in actor and CSRF token of a live session (not revoked, not idle for ``idle``, younger than
+        ``absolute``, its user active); None otherwise. Use is recorded at most once a minute."""
+        if not token or len(token) > 128:
+            return None
+        sid = _digest(token)
+        now = _now()
+        with self.engine.connect() as conn:
+            row = conn.execute(_SESSION, {"sid": sid}).first()
+        if row is None or row.revoked_at is not None or not row.active:
+            return None
+        created, seen = _utc(row.created_at), _utc(row.last_seen_at)
+        if now - created > absolute or now - seen > idle:
+            return None
+        if now - seen > dt.timedelta(seconds=60):
+            with self._tx() as s:
+                s.execute(update(S.Session).where(S.Session.id == sid).values(last_seen_at=now))
+        return Actor(row.username, row.role, row.user_id, row.patient_id), str(row.csrf)
+
+    def revoke_session(self, token: str) -> None:
+        with self._tx() as s:
+            s.execute(update(S.Session).where(S.Session.id == _digest(token),
+                                                        S.Session.revoked_at.is_(None)).values(revoked_at=_now()))
+
+    def revoke_sessions(self, actor: Actor, user_id: int, *, keep: str | None = None) -> int:
+        """End every session of a user (an administrator, or the user themself); returns how many."""
+        if actor.user_id != user_id:
+            self._check(actor, "users", "session", None, user_id)
+        with self._tx() as s:
+            q = update(S.Session).where(S.Session.user_id == user_id, S.Session.revoked_at.is_(None))
+            if keep is not None:
+                q = q.where(S.Session.id != _digest(keep))
+            result: Any = s.execute(q.values(revoked_at=_now()))
+            n = int(result.rowcount or 0)
+            self._audit(s, actor, "revoke", "session", user_id, None, {"sessions": n})
+            return n
+
+    def remember_device(self, user_id: int, *, max_age: dt.timedelta) -> str:
+        """A device cookie's token for a user who has just signed in (the database keeps its SHA-256); the user's
+        devices older than ``max_age`` are forgotten."""
+        token = secrets.token_urlsafe(32)
+        with self._tx() as s:
+            s.execute(delete(S.SignInDevice).where(S.SignInDevice.user_id == user_id,
+                                                   S.SignInDevice.created_at < _now() - max_age))
+            s.execute(insert(S.SignInDevice.__table__).values(  # type: ignore[arg-type]
+                id=_digest(token), user_id=user_id, created_at=_now()))
+        return token
+
+    def device_user(self, token: str | None, *, max_age: dt.timedelta) -> int | None:
+        """The user a device cookie was issued to, if it is known and younger than ``max_age``."""
+        if not token or len(token) > 128:
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(select(S.SignInDevice.user_id, S.SignInDevice.created_at)
+                               .where(S.SignInDevice.id == _digest(token))).first()
+        if row is None or _now() - _utc(row.created_at) > max_age:
+            return None
+        return int(row.user_id)
+
+    def set_password(self, actor: Actor, user_id: int, password_hash: str, *, keep: str | None = None) -> None:
+        """A new password (hashed by the caller) for the user themself or, by an administrator, for anyone; every
+        other session of the user ends."""
+        if actor.user_id != user_id:
+            self._check(actor, "users", "user", None, user_id)
+        with self._tx() as s:
+            u = self._get(s, S.User, user_id, "user")
+            u.password_hash = password_hash
+            self._audit(s, actor, "update", "user", user_id, None, {"password": "changed"})
+        self.revoke_sessions(actor, user_id, keep=keep)
+
+    def upgrade_password_hash(self, user_id: int, password_hash: str) -> None:
+        """The same password hashed with today's parameters (at a successful sign-in): no session ends."""
+        with self._tx() as s:
+            u = self._get(s, S.User, user_id, "user")
+            u.password_hash = password_hash
+            self._audit(s, SYSTEM, "update", "user", user_id, None, {"password_hash": "upgraded to today's parameters"})
+
+    def set_user_active(self, actor: Actor, user_id: int, active: bool) -> None:
+        """Deactivate (or reactivate) a user: an administrator's action; a deactivated user's sessions end."""
+        self._check(actor, "users", "user", None, user_id)
+        with self._tx() as s:
+            u = self._get(s, S.User, user_id, "user")
+            u.active = active
+            self._audit(s, actor, "update", "user", user_id, None, {"active": active})
+        if not active:
+            self.revoke_sessions(actor, user_id)
+
     # -- patients -------------------------------------------------------------------------------------------
     def add_patient(self, actor: Actor, *, mrn: str, family_name: str, given_name: str, birth_date: Any,
                     sex: str, agent: str, indication: str, therapy_start: Any = None,
@@ -281,16 +417,38 @@ class Store:
     def import_patient(self, actor: Actor, patient: S.Patient, entries: list[tuple[str, Any]],
                        appointments: list[S.Appointment], source: str) -> int:
         """A whole patient (built by ``make_*``; entries keep their status) in one transaction: all or
-        nothing. ``source`` names where it came from, for the audit row."""
+        nothing. ``source`` names where it came from, for the audit row. Confirmed visits claim their slots like
+        any other: one that clashes refuses the whole import."""
         self._check(actor, "write", "import")
+        try:
+            return self._import_patient(actor, patient, entries, appointments, source)
+        except IntegrityError as exc:
+            if "slot" not in str(exc.orig).lower():
+                raise FieldError(f"the import conflicts with stored data: {exc.orig}", field="patient") from None
+            raise SlotTaken("a confirmed visit of the import clashes with a confirmed visit already booked",
+                            field="appointments") from None
+
+    def _import_patient(self, actor: Actor, patient: S.Patient, entries: list[tuple[str, Any]],
+                        appointments: list[S.Appointment], source: str) -> int:
         with self._tx() as s:
             self._new_patient(s, patient)
             self._write_entries(s, actor, patient.id, entries, source)
             now = _now()
             for a in appointments:
                 a.patient_id, a.created_by, a.created_at = patient.id, actor.user_id, now
+                a.reference = a.reference or secrets.token_urlsafe(12)
                 s.add(a)
             s.flush()
+            for a in appointments:
+                if a.status == "confirmed":
+                    clash = s.scalar(select(S.Appointment.id).where(
+                        S.Appointment.id != a.id, S.Appointment.department == a.department,
+                        S.Appointment.status == "confirmed", S.Appointment.starts_at < a.ends_at,
+                        S.Appointment.ends_at > a.starts_at))
+                    if clash is not None:
+                        raise SlotTaken(f"a confirmed {a.department} visit at {a.starts_at.isoformat()} overlaps "
+                                        f"confirmed appointment {clash}", field="appointments")
+                    _claim(s, a)
             self._audit(s, actor, "import", "patient", patient.id, patient.id,
                         {"source": source, "entries": len(entries), "appointments": len(appointments)})
             return int(patient.id)
@@ -633,39 +791,64 @@ class Store:
     def book(self, actor: Actor, *, department: str, starts_at: Any, minutes: int = 30, kind: str = "consultation",
              patient_id: int | None = None, reason: str | None = None, contact_name: str | None = None,
              contact_email: str | None = None, source: str | None = None) -> int:
-        """A booking request (patients, the public) or a booked visit (staff: confirmed at once). A slot that
-        overlaps a confirmed visit of the same department is refused."""
+        """A booking request (patients, the public) or a booked visit (staff: confirmed at once). Visits start on
+        a quarter hour and last whole quarters (the public: at most an hour). A confirmed visit claims its
+        15-minute slots in the database (unique per department), so no second confirmed visit can share one,
+        whoever writes; a clash tells the public only that the time is not available."""
         self._check(actor, "book", "appointment", patient_id)
         start = _aware(starts_at, "starts_at")
-        if not isinstance(minutes, int) or not 5 <= minutes <= 480:
-            raise FieldError("a visit lasts 5-480 minutes", field="minutes")
+        staff = actor.role in PERMISSIONS["schedule"]
+        lo, hi = MINUTES["staff" if staff else "public"]
+        if not isinstance(minutes, int) or not lo <= minutes <= hi or minutes % 15:
+            raise FieldError(f"a visit lasts {lo}-{hi} minutes, in quarters of an hour", field="minutes")
+        if start.minute % 15 or start.second or start.microsecond:
+            raise FieldError("visits start on the hour or a quarter past, half past or a quarter to", field="starts_at")
         if start < _now() - dt.timedelta(minutes=1):
             raise FieldError(f"{start.isoformat()} is in the past", field="starts_at")
         end = start + dt.timedelta(minutes=minutes)
-        if actor.role == "public":
-            _text(contact_name, "contact_name", max_len=128)
-            email = _text(contact_email, "contact_email", max_len=254)
-            if "@" not in email or email.startswith("@") or email.endswith("@"):
-                raise FieldError(f"{email!r} is not an e-mail address", field="contact_email")
-        staff = actor.role in PERMISSIONS["schedule"]
+        if actor.role in ("public", "patient"):
+            contact_name = _text(contact_name, "contact_name", max_len=128) if actor.role == "public" else contact_name
+            if actor.role == "public" or contact_email:
+                contact_email = _email(contact_email)
+        reason = None if reason in (None, "") else _text(reason, "reason", max_len=2000)
+        dept = _text(department, "department", max_len=64).lower()
+        try:
+            with self._tx() as s:
+                if patient_id is not None:
+                    self._patient(s, patient_id)
+                clash = s.scalar(select(S.Appointment.id).where(
+                    S.Appointment.department == dept, S.Appointment.status == "confirmed",
+                    S.Appointment.starts_at < end, S.Appointment.ends_at > start))
+                if clash is not None:
+                    raise _clash(staff, dept, start, clash)
+                a = S.Appointment(patient_id=patient_id, department=dept, kind=_text(kind, "kind", max_len=32),
+                                  starts_at=start, ends_at=end, status="confirmed" if staff else "requested",
+                                  reason=reason, contact_name=contact_name, contact_email=contact_email,
+                                  source=None if source is None else _text(source, "source", max_len=128),
+                                  created_by=actor.user_id, created_at=_now(), reference=secrets.token_urlsafe(12))
+                s.add(a)
+                s.flush()
+                if a.status == "confirmed":
+                    _claim(s, a)
+                self._audit(s, actor, "create", "appointment", a.id, patient_id, {"department": dept,
+                                                                                  "starts_at": start.isoformat()})
+                return int(a.id)
+        except IntegrityError:  # another writer took a slot between the check and the commit
+            raise _clash(staff, dept, start, None) from None
+
+    def booking_reference(self, appointment_id: int) -> str:
+        """The opaque reference of a booking just made (what its requester is told)."""
         with self._tx() as s:
-            if patient_id is not None:
-                self._patient(s, patient_id)
-            dept = _text(department, "department", max_len=64).lower()
-            clash = s.scalar(select(S.Appointment.id).where(
-                S.Appointment.department == dept, S.Appointment.status == "confirmed",
-                S.Appointment.starts_at < end, S.Appointment.ends_at > start))
-            if clash is not None:
-                raise FieldError(f"the {dept} slot at {start.isoformat()} is taken", field="starts_at")
-            a = S.Appointment(patient_id=patient_id, department=dept, kind=_text(kind, "kind", max_len=32),
-                              starts_at=start, ends_at=end, status="confirmed" if staff else "requested",
-                              reason=reason, contact_name=contact_name, contact_email=contact_email, source=source,
-                              created_by=actor.user_id, created_at=_now())
-            s.add(a)
-            s.flush()
-            self._audit(s, actor, "create", "appointment", a.id, patient_id, {"department": dept,
-                                                                              "starts_at": start.isoformat()})
-            return int(a.id)
+            return str(self._get(s, S.Appointment, appointment_id, "appointment").reference)
+
+    def appointment_by_reference(self, reference: str) -> dict[str, Any]:
+        """A booking request by its opaque reference (what the public is told), without the patient's data."""
+        with self._tx() as s:
+            a = s.scalar(select(S.Appointment).where(S.Appointment.reference == reference))
+            if a is None:
+                raise NotFound("no such booking")
+            return {"reference": a.reference, "status": a.status, "starts_at": a.starts_at, "ends_at": a.ends_at,
+                    "department": a.department}
 
     def set_appointment_status(self, actor: Actor, appointment_id: int, status: str) -> None:
         if status not in ("confirmed", "cancelled", "done"):
@@ -673,17 +856,24 @@ class Store:
         with self._tx() as s:
             pid = self._get(s, S.Appointment, appointment_id, "appointment").patient_id
         self._check(actor, "schedule", "appointment", None, appointment_id)
-        with self._tx() as s:
-            a = self._get(s, S.Appointment, appointment_id, "appointment")
-            if status == "confirmed":
-                clash = s.scalar(select(S.Appointment.id).where(
-                    S.Appointment.id != a.id, S.Appointment.department == a.department,
-                    S.Appointment.status == "confirmed", S.Appointment.starts_at < a.ends_at,
-                    S.Appointment.ends_at > a.starts_at))
-                if clash is not None:
-                    raise FieldError(f"the slot overlaps confirmed appointment {clash}", field="status")
-            old, a.status = a.status, status
-            self._audit(s, actor, "update", "appointment", appointment_id, pid, {"status": [old, status]})
+        try:
+            with self._tx() as s:
+                a = self._get(s, S.Appointment, appointment_id, "appointment")
+                if status == "confirmed" and a.status != "confirmed":
+                    clash = s.scalar(select(S.Appointment.id).where(
+                        S.Appointment.id != a.id, S.Appointment.department == a.department,
+                        S.Appointment.status == "confirmed", S.Appointment.starts_at < a.ends_at,
+                        S.Appointment.ends_at > a.starts_at))
+                    if clash is not None:
+                        raise SlotTaken(f"the slot overlaps confirmed appointment {clash}", field="status")
+                    _claim(s, a)
+                elif status == "cancelled":
+                    s.execute(delete(S.AppointmentSlot).where(
+                        S.AppointmentSlot.appointment_id == a.id))
+                old, a.status = a.status, status
+                self._audit(s, actor, "update", "appointment", appointment_id, pid, {"status": [old, status]})
+        except IntegrityError:
+            raise SlotTaken("the slot was just taken by another confirmed appointment", field="status") from None
 
     def appointment_patient(self, actor: Actor, appointment_id: int) -> int:
         """The patient an appointment belongs to, when the actor may read that patient's record."""
@@ -699,6 +889,8 @@ class Store:
         """Appointments of a department between two instants (staff)."""
         self._check(actor, "schedule", "calendar")
         a, b = _aware(start, "start"), _aware(end, "end")
+        if not a < b <= a + dt.timedelta(days=366):
+            raise FieldError("the end must come after the start, at most 366 days later", field="end")
         with self._tx() as s:
             rows = [_row(x) for x in s.scalars(select(S.Appointment).where(
                 S.Appointment.department == department.lower(), S.Appointment.starts_at < b,
@@ -873,3 +1065,35 @@ def make_patient(*, mrn: str, family_name: str, given_name: str, birth_date: Any
                      agent=agent_l, indication=_text(indication, "indication", max_len=64).lower(),
                      therapy_start=None if therapy_start is None else _date(therapy_start, "therapy_start"),
                      transplant_date=None if transplant_date is None else _date(transplant_date, "transplant_date"))
+
+
+def _claim(s: Session, a: S.Appointment) -> None:
+    """Claim the confirmed visit's slots: the unique index refuses a second visit in any of them."""
+    if a.starts_at.minute % 15 or a.starts_at.second or (a.ends_at - a.starts_at) % SLOT:
+        raise FieldError("confirmed visits start on a quarter hour and last whole quarters", field="starts_at")
+    for t in _slots(a.starts_at, a.ends_at):
+        s.add(S.AppointmentSlot(department=a.department, slot_start=t, appointment_id=a.id))
+    s.flush()
+
+
+class SlotTaken(FieldError):
+    """A confirmed visit is already in the way (the API answers 409)."""
+
+
+def _clash(staff: bool, dept: str, start: dt.datetime, other: int | None) -> SlotTaken:
+    """Staff learn which visit is in the way; the public only that the time is not available."""
+    if staff and other is not None:
+        return SlotTaken(f"the {dept} slot at {start.isoformat()} overlaps confirmed appointment {other}",
+                         field="starts_at")
+    return SlotTaken("that time is not available: please choose another", field="starts_at")
+
+
+def _email(value: Any) -> str:
+    """A syntactically valid e-mail address (email-validator; no DNS look-up), normalised."""
+    from email_validator import EmailNotValidError, validate_email
+
+    text = _text(value, "contact_email", max_len=254)
+    try:
+        return str(validate_email(text, check_deliverability=False).normalized)
+    except EmailNotValidError as exc:
+        raise FieldError(f"{text!r} is not an e-mail address: {exc}", field="contact_email") from None

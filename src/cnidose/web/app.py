@@ -1,43 +1,68 @@
 """The clinician web app: FastAPI app factory, server-rendered pages and the JSON API under ``/api/v1``.
 
 Every page and API call goes through :class:`cnidose.records.store.Store`, so role checks and the audit trail
-are the same for both. Sessions are signed cookies carrying a CSRF token that every state-changing form
-(hidden field ``csrf``) and API call (header ``X-CSRF-Token``) must echo; anonymous forms (sign-in, the
-public booking request) use a signed double-submit cookie. Sign-in failures are throttled per user name
-and per client address. Times typed into forms are read in the app's time zone (``CNIDOSE_TIMEZONE``,
-default UTC) and stored in UTC. JavaScript and CSS are served by the app itself (Plotly from the installed
-``plotly`` package, htmx from ``django-js-lib-htmx``); nothing is fetched from elsewhere. The patient page's
-forms carry htmx attributes (the page's main region is swapped in place) and work as plain forms without
-JavaScript.
+are the same for both. Sessions are held in the database (the cookie carries a random token, the database its
+SHA-256), so every worker shares them and logout, a password change or an administrator ends them at once;
+they time out when idle and at an absolute limit. Each session has a CSRF token that every state-changing form
+(hidden field ``csrf``) and API call (header ``X-CSRF-Token``) must echo; anonymous forms (sign-in, the public
+booking request) use a double-submit cookie. Failed sign-ins slow further attempts per account and per address
+(never a lockout), the address being the peer's unless it is a configured trusted proxy; an unknown user name
+costs the same hash as a known one; sign-in and the public booking request are rate-limited. Every response
+carries the security headers (CSP without inline scripts, no framing, nosniff, no referrer) and patient data
+``Cache-Control: no-store``; bodies are limited to 1 MB (a FHIR bundle 10 MB) and every field to the length in
+:data:`MAX`, the same for forms and API; dates outside 1900-2100 are a 422 naming the field. Times typed into
+forms are read in the app's time zone (``CNIDOSE_TIMEZONE``, default UTC) and stored in UTC. JavaScript and CSS
+are served by the app itself (Plotly from the installed ``plotly`` package, htmx from ``django-js-lib-htmx``);
+nothing is fetched from elsewhere. The patient page's forms carry htmx attributes (the page's main region is
+swapped in place) and work as plain forms without JavaScript. Page messages come from the server's own state,
+never from the query string.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
+import math
 import os
+import re
 import secrets
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import Match, Route
 
 from cnidose import __version__
 from cnidose.errors import CnidoseError
 from cnidose.records.plausibility import NeedsConfirmation
-from cnidose.records.store import ENTRY_TABLES, PUBLIC, AccessDenied, Actor, NotFound, Store
+from cnidose.records.store import ENTRY_TABLES, PUBLIC, YEARS, AccessDenied, Actor, NotFound, SlotTaken, Store
 from cnidose.records.units import FieldError
-from cnidose.web.security import Sessions, Throttle, verify_password
+from cnidose.web.security import (
+    AddressResolver,
+    Guard,
+    HashGate,
+    RateLimits,
+    hash_password,
+    needs_rehash,
+    security_headers,
+    verify_or_dummy,
+    verify_password,
+)
 from cnidose.web.services import analyse, clinical_assessment, trends
 
 __all__ = ["create_app"]
@@ -48,10 +73,48 @@ DEPARTMENT = "dermatology"  # the department that takes consultation requests
 Id = Annotated[int, PathParam(ge=1, le=2**31 - 1)]  # database ids: a larger one is a 422, not a crash
 
 
+_ISO_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _iso_string(pattern: re.Pattern[str], what: str) -> Callable[[Any], Any]:
+    def check(v: Any) -> Any:
+        if isinstance(v, (dt.date, dt.datetime)) or (isinstance(v, str) and pattern.match(v)):
+            return v
+        raise ValueError(f"expected an ISO 8601 {what} (numbers and timestamps are not read as times)")
+    return check
+
+
+def _in_years(v: Any) -> Any:
+    if not YEARS[0] <= v.year <= YEARS[1]:
+        raise ValueError(f"outside the years {YEARS[0]}-{YEARS[1]}")
+    return v
+
+
+#: a date-time in the API: ISO 8601 text only, years 1900-2100 (a 422 naming the field otherwise, never a crash)
+When = Annotated[dt.datetime, BeforeValidator(_iso_string(_ISO_DATETIME, "date-time such as 2026-11-24T08:00:00Z")),
+                 AfterValidator(_in_years)]
+Day = Annotated[dt.date, BeforeValidator(_iso_string(_ISO_DATE, "date such as 2026-11-24")), AfterValidator(_in_years)]
+
+
+#: field lengths shared by the API's schemas and the forms (one place: the forms refuse what the API refuses)
+MAX = {"username": 64, "password": 1024, "reason": 2000, "contact_name": 128, "contact_email": 254,
+       "decision": 10_000, "text": 64, "number": 32, "time": 40, "source": 500, "note": 2000}
+#: the largest request body accepted (bytes); a FHIR bundle may be larger
+MAX_BODY = 1_000_000
+MAX_BODY_FHIR = 10_000_000
+SESSION_COOKIE = "cnidose_session"
+#: a browser or client that signed in before: its failed sign-ins count against itself only (OWASP device cookies)
+DEVICE_COOKIE = "cnidose_device"
+DEVICE_AGE = dt.timedelta(days=180)
+#: the least time a checked sign-in takes (s): above the hash's own ~0.11 s and an older hash's ~0.3 s
+SIGN_IN_FLOOR_S = 0.35
+
+
 class LevelIn(BaseModel):
     value: float
-    unit: str = "ng/mL"
-    observed_at: dt.datetime
+    unit: str = Field(default="ng/mL", max_length=MAX["text"])
+    observed_at: When
     blq: bool = False
     lloq: float | None = None
     assay: str | None = Field(default=None, max_length=32)
@@ -62,10 +125,10 @@ class LevelIn(BaseModel):
 
 class DoseIn(BaseModel):
     amount: float
-    unit: str = "mg"
-    given_at: dt.datetime
+    unit: str = Field(default="mg", max_length=MAX["text"])
+    given_at: When
     product: str = Field(default="Prograf", max_length=64)
-    route: str = "oral"
+    route: str = Field(default="oral", max_length=MAX["text"])
     infusion_h: float | None = None
     confirm: bool = Field(default=False, description="store despite the plausibility flags of a 409 answer")
 
@@ -73,42 +136,42 @@ class DoseIn(BaseModel):
 class RegimenIn(BaseModel):
     product: str = Field(max_length=64)
     dose: float
-    unit: str = "mg"
+    unit: str = Field(default="mg", max_length=MAX["text"])
     interval_h: float
-    start_at: dt.datetime
-    route: str = "oral"
+    start_at: When
+    route: str = Field(default="oral", max_length=MAX["text"])
     confirm: bool = False
 
 
 class MedicationIn(BaseModel):
     name: str = Field(max_length=64)
-    start_on: dt.date
-    stop_on: dt.date | None = None
+    start_on: Day
+    stop_on: Day | None = None
     daily_mg: float | None = None
 
 
 class StopIn(BaseModel):
-    stop_on: dt.date
+    stop_on: Day
 
 
 class BloodPressureIn(BaseModel):
     systolic: float
     diastolic: float
-    observed_at: dt.datetime
+    observed_at: When
 
 
 class CovariateIn(BaseModel):
     name: str = Field(max_length=32)
     value: float
     unit: str = Field(max_length=16)
-    measured_at: dt.datetime
+    measured_at: When
 
 
 class GenotypeIn(BaseModel):
     gene: str = Field(max_length=16)
     result: str = Field(max_length=64)
     source: str = Field(max_length=500)
-    tested_on: dt.date | None = None
+    tested_on: Day | None = None
 
 
 class WithdrawIn(BaseModel):
@@ -124,34 +187,39 @@ class PatientUpdate(BaseModel):
     strength_percent: float | None = None
     donor_type: str | None = Field(default=None, pattern="^(deceased|living)$")
     donor_cyp3a5: str | None = Field(default=None, max_length=32)
-    transplant_date: dt.date | None = None
-    therapy_start: dt.date | None = None
-    conditions: list[str] | None = None
+    transplant_date: Day | None = None
+    therapy_start: Day | None = None
+    conditions: list[Annotated[str, Field(max_length=MAX["text"])]] | None = Field(default=None, max_length=50)
 
 
 class LabIn(BaseModel):
     name: str = Field(max_length=64)
     value: float
-    unit: str
-    observed_at: dt.datetime
+    unit: str = Field(max_length=MAX["text"])
+    observed_at: When
 
 
 class SignIn(BaseModel):
-    decision: str = Field(min_length=1, max_length=10_000)
+    decision: str = Field(min_length=1, max_length=MAX["decision"])
 
 
 class BookingIn(BaseModel):
-    starts_at: dt.datetime
-    minutes: int = 30
-    reason: str | None = Field(default=None, max_length=2000)
-    contact_name: str | None = Field(default=None, max_length=128)
-    contact_email: str | None = Field(default=None, max_length=254)
-    patient_id: int | None = None
+    starts_at: When
+    minutes: int = Field(default=30, ge=15, le=240, multiple_of=15)
+    reason: str | None = Field(default=None, max_length=MAX["reason"])
+    contact_name: str | None = Field(default=None, max_length=MAX["contact_name"])
+    contact_email: str | None = Field(default=None, max_length=MAX["contact_email"])
+    patient_id: int | None = Field(default=None, ge=1, le=2**31 - 1)
 
 
 class LoginIn(BaseModel):
-    username: str = Field(max_length=64)
-    password: str = Field(max_length=1024)
+    username: str = Field(max_length=MAX["username"])
+    password: str = Field(max_length=MAX["password"])
+
+
+class PasswordIn(BaseModel):
+    current: str = Field(max_length=MAX["password"])
+    new: str = Field(min_length=10, max_length=MAX["password"])
 
 
 def _vendor_file(package: str, *parts: str) -> Path | None:
@@ -173,16 +241,40 @@ VENDOR = {"plotly.min.js": ("plotly", "package_data", "plotly.min.js"),
 
 
 def create_app(store: Store, *, secret_key: str | None = None, timezone: str | None = None,
-               today: Callable[[], dt.date] | None = None) -> FastAPI:
-    """The app over ``store``. ``secret_key`` signs sessions (default: random per process, so sessions end
-    when it restarts); ``today`` fixes the clinical date (tests, demos)."""
+               today: Callable[[], dt.date] | None = None, secure_cookies: bool | None = None,
+               trusted_proxies: str | None = None, session_idle_min: float | None = None,
+               session_hours: float | None = None, rate_limits: dict[str, str] | None = None) -> FastAPI:
+    """The app over ``store``; ``today`` fixes the clinical date (tests, demos).
+
+    Sessions live in the database (shared by every worker, ended by logout, a password change or an
+    administrator) with idle and absolute timeouts (``CNIDOSE_SESSION_IDLE_MIN``, default 30;
+    ``CNIDOSE_SESSION_HOURS``, default 8). ``secure_cookies`` (``CNIDOSE_SECURE_COOKIES``; ``cnidose serve`` turns
+    it on outside loopback) marks the cookies Secure, as any request over HTTPS does. ``trusted_proxies``
+    (``CNIDOSE_TRUSTED_PROXIES``: addresses or networks, comma-separated) are the only peers whose
+    X-Forwarded-For is read. ``secret_key`` is no longer used (sessions are not signed cookies)."""
+    del secret_key
     # no Swagger/ReDoc pages: they load their scripts from a CDN; the schema is at /api/v1/openapi.json
     app = FastAPI(title="cnidose", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url="/api/v1/openapi.json")
-    sessions = Sessions(secret_key or os.environ.get("CNIDOSE_SECRET_KEY") or secrets.token_urlsafe(32))
-    throttle = Throttle()
+    env = os.environ
+    secure_flag = secure_cookies if secure_cookies is not None else env.get("CNIDOSE_SECURE_COOKIES", "0") == "1"
+    idle = dt.timedelta(minutes=session_idle_min or float(env.get("CNIDOSE_SESSION_IDLE_MIN", "30")))
+    absolute = dt.timedelta(hours=session_hours or float(env.get("CNIDOSE_SESSION_HOURS", "8")))
+    client_address = AddressResolver(trusted_proxies if trusted_proxies is not None
+                                     else env.get("CNIDOSE_TRUSTED_PROXIES", ""))
+    guard = Guard()
+    gate = HashGate()
+    limits = RateLimits({
+        "login": "60/minute",  # sign-in attempts per address (before any hash is computed)
+        "login-device": "30/minute",  # sign-in attempts per known device (these are not counted per address)
+        "booking": "5/hour;20/day",  # anonymous booking requests per address
+        "booking-all": "300/day",  # anonymous booking requests, all addresses together
+        **(rate_limits or {})})
+    noted: OrderedDict[tuple[str, str], float] = OrderedDict()  # (kind, address) -> when its last audit row was
+    headers_normal = dict(security_headers(https=secure_flag).headers)
     tz = ZoneInfo(timezone or os.environ.get("CNIDOSE_TIMEZONE", "UTC"))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    templates.env.globals["MAX"] = MAX  # the forms' maxlength: the same limits as the server's
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     vendor = {name: _vendor_file(*where) for name, where in VENDOR.items()}
     flights: dict[str, threading.Lock] = {}  # inputs key -> lock: one computation per key at a time
@@ -194,14 +286,42 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return today() if today else dt.datetime.now(tz).date()
 
     # -- who is asking ---------------------------------------------------------------------------------------
+    def address(request: Request) -> str:
+        return client_address(request.client.host if request.client else None,
+                              request.headers.get("x-forwarded-for"))
+
     def current(request: Request) -> tuple[Actor, str] | None:
-        data = sessions.read(request.cookies.get(Sessions.cookie))
-        if data is None:
-            return None
-        try:
-            return store.actor(int(data["uid"])), str(data["csrf"])
-        except NotFound:
-            return None
+        return store.session_actor(request.cookies.get(SESSION_COOKIE), idle=idle, absolute=absolute)
+
+    def set_session_cookie(request: Request, resp: Response, token: str) -> None:
+        resp.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="lax",
+                        max_age=math.ceil(absolute.total_seconds()),
+                        secure=secure_flag or request.url.scheme == "https")
+
+    # -- every response: security headers, no caching of patient data, bounded bodies -------------------------
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        limit = MAX_BODY_FHIR if request.url.path == "/api/v1/fhir" else MAX_BODY
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            response: Response = JSONResponse({"detail": f"the request body is larger than {limit} bytes"},
+                                              status_code=413)
+        elif length is None and request.method in ("POST", "PUT", "PATCH") and \
+                request.headers.get("transfer-encoding", "").lower() == "chunked":
+            response = JSONResponse({"detail": "send a Content-Length (chunked bodies are not accepted)"},
+                                    status_code=411)
+        else:
+            response = await call_next(request)
+        if response.status_code == 405:  # Allow lists every method of the path, not only the first route's
+            allowed = sorted({m for r in app.routes if isinstance(r, Route)
+                              and r.matches(request.scope)[0] != Match.NONE for m in (r.methods or ())})
+            response.headers["Allow"] = ", ".join(allowed)
+        for k, v in headers_normal.items():
+            response.headers.setdefault(k, v)
+        path = request.url.path
+        if not (path.startswith("/static/") or path.startswith("/vendor/")):
+            response.headers["Cache-Control"] = "no-store"
+        return response
 
     def page_user(request: Request) -> tuple[Actor, str]:
         who = current(request)
@@ -258,6 +378,13 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return JSONResponse({"detail": [{"loc": ["body", exc.field], "msg": str(exc).split("] ", 1)[-1],
                                          "type": "value_error"}]}, status_code=422)
 
+    @app.exception_handler(SlotTaken)
+    async def _taken(request: Request, exc: SlotTaken) -> Response:
+        if not request.url.path.startswith("/api/"):
+            return HTMLResponse(f"<h1>Not booked</h1><p>{_esc(str(exc).split('] ', 1)[-1])}</p>", status_code=409)
+        return JSONResponse({"detail": [{"loc": ["body", exc.field], "msg": str(exc).split("] ", 1)[-1],
+                                         "type": "slot_taken"}]}, status_code=409)
+
     @app.exception_handler(CnidoseError)
     async def _cnidose(request: Request, exc: CnidoseError) -> Response:
         return JSONResponse({"detail": str(exc)}, status_code=422)
@@ -297,59 +424,184 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return FileResponse(path, media_type="text/javascript", headers={"Cache-Control": "max-age=86400"})
 
     # -- sign in / out ---------------------------------------------------------------------------------------
-    def _login(request: Request, username: str, password: str) -> tuple[Actor, str, str] | str:
-        addr = request.client.host if request.client else "unknown"
-        wait = throttle.blocked(f"user:{username}", f"addr:{addr}")
+    damped = {"minute": 0.0, "written": 0, "suppressed": 0}
+
+    def note_refusal(action: str, username: str, addr: str) -> None:
+        """Sign-in noise an anonymous client can make at will -- throttled or busy attempts, wrong passwords for
+        user names that do not exist -- goes to the audit log once a minute per kind and address, and at most 30
+        rows a minute in all (the next row written counts the ones left out), so a flood from rotating
+        addresses does not grow the database. Wrong passwords for real accounts are all logged: the account's
+        delay bounds them."""
+        now = time.monotonic()
+        with flights_lock:
+            if now - damped["minute"] >= 60:
+                damped["minute"], damped["written"] = now, 0
+            key = (action, addr)
+            if now - noted.get(key, -1e9) < 60 or damped["written"] >= 30:
+                damped["suppressed"] += 1
+                return
+            noted[key] = now
+            noted.move_to_end(key)
+            while len(noted) > 20_000:
+                noted.popitem(last=False)
+            damped["written"] += 1
+            left_out, damped["suppressed"] = int(damped["suppressed"]), 0
+        store.record_event(Actor((username or "?")[:64], "anonymous"), action, "session", None, None,
+                           {"address": addr, **({"left out since the last such row": left_out} if left_out else {})})
+
+    async def _login(request: Request, username: str, password: str
+                     ) -> tuple[Actor, str, str, str | None] | tuple[str, float, int]:
+        """(actor, session token, CSRF token, a new device token or None), or (why not, seconds to wait, HTTP
+        status). Every attempt that gets past the throttles costs one argon2 hash (a dummy one for an unknown user
+        name), within the hash gate; waiting happens without holding a worker thread."""
+        addr = address(request)
+        u = await run_in_threadpool(store.user, username) if username else None
+        cookie = request.cookies.get(DEVICE_COOKIE)
+        device = None
+        if u is not None and cookie and \
+                await run_in_threadpool(lambda: store.device_user(cookie, max_age=DEVICE_AGE)) == int(u["id"]):
+            device = hashlib.sha256(cookie.encode()).hexdigest()
+        if device is not None:
+            wait = max(limits.hit("login-device", device), guard.wait(username, addr, device))
+        else:
+            wait = max(limits.hit("login", addr), guard.wait(username, addr))
         if wait > 0:
-            store.record_event(Actor(username or "?", "anonymous"), "login-throttled", "session", None, None,
-                               {"address": addr})
-            return f"too many failed sign-ins: try again in {int(wait) + 1} s"
-        u = store.user(username)
-        if u is None or not u["active"] or not verify_password(u["password_hash"], password):
-            throttle.fail(f"user:{username}", f"addr:{addr}")
-            store.record_event(Actor(username or "?", "anonymous"), "login-failed", "session", None, None,
-                               {"address": addr})
-            return "wrong user name or password"
-        throttle.clear(f"user:{username}")
-        actor = store.actor(int(u["id"]))
-        cookie, csrf = sessions.issue(int(u["id"]))
-        store.record_event(actor, "login", "session", u["id"], actor.patient_id, {"address": addr})
-        return actor, cookie, csrf
+            await run_in_threadpool(note_refusal, "login-throttled", username, addr)
+            return f"too many sign-in attempts: try again in {int(wait) + 1} s", wait, 429
+        t0 = time.monotonic()
+        async with gate.slot(device is not None) as got:
+            if not got:
+                await run_in_threadpool(note_refusal, "login-busy", username, addr)
+                return "the server is busy with other sign-ins: try again in a few seconds", 5.0, 503
+            ok = await run_in_threadpool(verify_or_dummy, u["password_hash"] if u is not None else None, password)
+        # every checked attempt takes at least SIGN_IN_FLOOR_S (a sleep that holds no thread and no CPU), so its
+        # time tells nothing of the user name, of an older hash's parameters or of the database
+        await asyncio.sleep(max(0.0, SIGN_IN_FLOOR_S - (time.monotonic() - t0)))
+        if not ok or u is None or not u["active"]:
+            guard.fail(username, addr, device)
+            if u is None:
+                await run_in_threadpool(note_refusal, "login-unknown-user", username, addr)
+            else:
+                await run_in_threadpool(store.record_event, Actor(username[:64], "anonymous"), "login-failed",
+                                        "session", None, None, {"address": addr})
+            return "wrong user name or password", 0.0, 401
+        guard.succeed(username, device)
+        uid = int(u["id"])
+
+        def finish() -> tuple[Actor, str, str, str | None]:
+            actor = store.actor(uid)
+            token, csrf = store.open_session(uid, addr)
+            new_device = None if device is not None else store.remember_device(uid, max_age=DEVICE_AGE)
+            if needs_rehash(str(u["password_hash"])):
+                store.upgrade_password_hash(uid, hash_password(password))
+            store.record_event(actor, "login", "session", uid, actor.patient_id, {"address": addr})
+            return actor, token, csrf, new_device
+
+        return await run_in_threadpool(finish)
+
+    def signed_in(request: Request, resp: Response, got: tuple[Actor, str, str, str | None]) -> Response:
+        set_session_cookie(request, resp, got[1])
+        if got[3] is not None:
+            resp.set_cookie(DEVICE_COOKIE, got[3], httponly=True, samesite="strict",
+                            max_age=int(DEVICE_AGE.total_seconds()),
+                            secure=secure_flag or request.url.scheme == "https")
+        return resp
+
+    def refused(resp: Response, got: tuple[str, float, int]) -> Response:
+        if got[1]:
+            resp.headers["Retry-After"] = str(int(got[1]) + 1)
+        return resp
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_page(request: Request, next: str = "/") -> Response:
-        return render(request, "login.html", None, next=next, error=None)
+        return render(request, "login.html", None, next=_safe_next(next), error=None)
 
     @app.post("/login", include_in_schema=False)
-    def login_post(request: Request, username: str = Form(""), password: str = Form(""), csrf: str = Form(""),
-                   next: str = Form("/")) -> Response:
+    async def login_post(request: Request, username: str = Form("", max_length=MAX["username"]),
+                   password: str = Form("", max_length=MAX["password"]), csrf: str = Form("", max_length=64),
+                   next: str = Form("/", max_length=512)) -> Response:
         if not secrets.compare_digest(csrf, request.cookies.get(ANON_CSRF, "")) or not csrf:
-            return render(request, "login.html", None, 403, next=next, error="the form expired: please try again")
-        got = _login(request, username.strip(), password)
-        if isinstance(got, str):
-            return render(request, "login.html", None, 401, next=next, error=got, username=username)
-        resp = RedirectResponse(next if next.startswith("/") and not next.startswith("//") else "/", status_code=303)
-        resp.set_cookie(Sessions.cookie, got[1], httponly=True, samesite="lax", max_age=sessions.max_age_s)
-        return resp
+            return render(request, "login.html", None, 403, next=_safe_next(next),
+                          error="the form expired: please try again")
+        got = await _login(request, username.strip(), password)
+        if isinstance(got[0], str):
+            return refused(render(request, "login.html", None, got[2], next=_safe_next(next), error=got[0],
+                                  username=username), got)  # type: ignore[arg-type]
+        return signed_in(request, RedirectResponse(_safe_next(next), status_code=303), got)  # type: ignore[arg-type]
 
     @app.post("/logout", include_in_schema=False)
-    def logout(request: Request, csrf: str = Form("")) -> Response:
+    def logout(request: Request, csrf: str = Form("", max_length=64)) -> Response:
         who = current(request)
         if who is not None:
             check_csrf(who, csrf)
+            store.revoke_session(request.cookies.get(SESSION_COOKIE, ""))
             store.record_event(who[0], "logout", "session", who[0].user_id)
         resp = RedirectResponse("/login", status_code=303)
-        resp.delete_cookie(Sessions.cookie)
+        resp.delete_cookie(SESSION_COOKIE)
         return resp
 
-    @app.post("/api/v1/session", tags=["session"])
-    def api_login(request: Request, body: LoginIn) -> Response:
-        got = _login(request, body.username.strip(), body.password)
-        if isinstance(got, str):
-            return JSONResponse({"detail": got}, status_code=429 if got.startswith("too many") else 401)
-        resp = JSONResponse({"user": got[0].username, "role": got[0].role, "csrf": got[2]})
-        resp.set_cookie(Sessions.cookie, got[1], httponly=True, samesite="lax", max_age=sessions.max_age_s)
-        return resp
+    @app.post("/api/v1/session", tags=["session"], responses={
+        401: {"description": "wrong user name or password"},
+        429: {"description": "too many attempts: wait (Retry-After)"},
+        503: {"description": "busy with other sign-ins: try again (Retry-After)"}})
+    async def api_login(request: Request, body: LoginIn) -> Response:
+        got = await _login(request, body.username.strip(), body.password)
+        if isinstance(got[0], str):
+            return refused(JSONResponse({"detail": got[0]}, status_code=got[2]), got)  # type: ignore[arg-type]
+        actor = got[0]
+        return signed_in(request, JSONResponse({"user": actor.username, "role": actor.role, "csrf": got[2]}),
+                         got)  # type: ignore[arg-type]
+
+    @app.delete("/api/v1/session", tags=["session"])
+    def api_logout(request: Request, who: tuple[Actor, str] = Depends(api_user)
+                   ) -> dict[str, str]:
+        """End this session (the cookie stops working everywhere at once)."""
+        store.revoke_session(request.cookies.get(SESSION_COOKIE, ""))
+        store.record_event(who[0], "logout", "session", who[0].user_id)
+        return {"status": "signed out"}
+
+    def _change_password(request: Request, who: tuple[Actor, str], current_pw: str, new_pw: str) -> None:
+        u = store.user(who[0].username)
+        if u is None or not verify_password(u["password_hash"], current_pw):
+            raise FieldError("the current password is wrong", field="current")
+        if len(new_pw) < 10:
+            raise FieldError("at least 10 characters", field="new")
+        store.set_password(who[0], int(u["id"]), hash_password(new_pw), keep=request.cookies.get(SESSION_COOKIE))
+
+    @app.post("/api/v1/account/password", tags=["session"])
+    def api_password(request: Request, body: PasswordIn,
+                     who: tuple[Actor, str] = Depends(api_user)) -> dict[str, str]:
+        """Change your password: every other session of yours ends."""
+        _change_password(request, who, body.current, body.new)
+        return {"status": "password changed; other sessions ended"}
+
+    @app.post("/account/password", include_in_schema=False)
+    def password_form(request: Request, current_pw: str = Form("", alias="current", max_length=MAX["password"]),
+                      new_pw: str = Form("", alias="new", max_length=MAX["password"]),
+                      csrf: str = Form("", max_length=64), who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        check_csrf(who, csrf)
+        try:
+            _change_password(request, who, current_pw, new_pw)
+        except FieldError as exc:
+            return render(request, "account.html", who, 422, error=str(exc).split("] ", 1)[-1], done=False)
+        # the answer itself says so (no redirect with a message in the query string, which anyone could forge)
+        return render(request, "account.html", who, error=None, done=True)
+
+    @app.get("/account", response_class=HTMLResponse, include_in_schema=False)
+    def account_page(request: Request, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        return render(request, "account.html", who, error=None, done=False)
+
+    @app.post("/api/v1/users/{uid}/sessions/revoke", tags=["session"])
+    def api_revoke(uid: Id, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, int]:
+        """End every session of a user (administrators)."""
+        return {"revoked": store.revoke_sessions(who[0], uid)}
+
+    @app.post("/api/v1/users/{uid}/deactivate", tags=["session"])
+    def api_deactivate(uid: Id, who: tuple[Actor, str] = Depends(api_user)
+                       ) -> dict[str, Any]:
+        """Deactivate a user (administrators): their sessions end at once."""
+        store.set_user_active(who[0], uid, False)
+        return {"id": uid, "active": False}
 
     # -- pages -----------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -391,9 +643,9 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                       curve=curve, confirm=confirm, today=the_day())
 
     @app.get("/patients/{pid}", response_class=HTMLResponse, include_in_schema=False)
-    def patient_page(request: Request, pid: Id, who: tuple[Actor, str] = Depends(page_user),
-                     error_field: str | None = None, error: str | None = None) -> Response:
-        return patient_response(request, who, pid, error=error, error_field=error_field)
+    def patient_page(request: Request, pid: Id, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+        # messages come only from the server's own state (a form answered in place), never from the query string
+        return patient_response(request, who, pid)
 
     def _entry_form(request: Request, pid: int, who: tuple[Actor, str], add: Callable[[], Any],
                     fields: dict[str, str] | None = None) -> Response:
@@ -409,9 +661,11 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return RedirectResponse(f"/patients/{pid}", status_code=303)
 
     @app.post("/patients/{pid}/levels", include_in_schema=False)
-    def add_level_form(request: Request, pid: Id, value: str = Form(""), unit: str = Form("ng/mL"),
-                       observed_at: str = Form(""), sample: str = Form("trough"), assay: str = Form(""),
-                       confirm: str = Form(""), csrf: str = Form(""),
+    def add_level_form(request: Request, pid: Id, value: str = Form("", max_length=MAX["number"]),
+                       unit: str = Form("ng/mL", max_length=MAX["text"]),
+                       observed_at: str = Form("", max_length=MAX["time"]), sample: str = Form("trough",
+                       max_length=MAX["text"]), assay: str = Form("", max_length=MAX["text"]),
+                       confirm: str = Form("", max_length=MAX["text"]), csrf: str = Form("", max_length=64),
                        who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_level(
@@ -420,9 +674,11 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             {"value": value, "unit": unit, "observed_at": observed_at, "sample": sample, "assay": assay})
 
     @app.post("/patients/{pid}/doses", include_in_schema=False)
-    def add_dose_form(request: Request, pid: Id, amount: str = Form(""), unit: str = Form("mg"),
-                      given_at: str = Form(""), product: str = Form("Prograf"), route: str = Form("oral"),
-                      confirm: str = Form(""), csrf: str = Form(""),
+    def add_dose_form(request: Request, pid: Id, amount: str = Form("", max_length=MAX["number"]),
+                      unit: str = Form("mg", max_length=MAX["text"]),
+                      given_at: str = Form("", max_length=MAX["time"]), product: str = Form("Prograf",
+                      max_length=MAX["text"]), route: str = Form("oral", max_length=MAX["text"]),
+                      confirm: str = Form("", max_length=MAX["text"]), csrf: str = Form("", max_length=64),
                       who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_dose(
@@ -431,9 +687,11 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             {"amount": amount, "unit": unit, "given_at": given_at, "product": product, "route": route})
 
     @app.post("/patients/{pid}/regimens", include_in_schema=False)
-    def add_regimen_form(request: Request, pid: Id, product: str = Form(""), dose: str = Form(""),
-                         interval_h: str = Form(""), start_at: str = Form(""), route: str = Form("oral"),
-                         confirm: str = Form(""), csrf: str = Form(""),
+    def add_regimen_form(request: Request, pid: Id, product: str = Form("", max_length=MAX["text"]),
+                         dose: str = Form("", max_length=MAX["number"]),
+                         interval_h: str = Form("", max_length=MAX["number"]), start_at: str = Form("",
+                         max_length=MAX["time"]), route: str = Form("oral", max_length=MAX["text"]),
+                         confirm: str = Form("", max_length=MAX["text"]), csrf: str = Form("", max_length=64),
                          who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
 
@@ -446,8 +704,10 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                                                     "start_at": start_at, "route": route})
 
     @app.post("/patients/{pid}/medications", include_in_schema=False)
-    def add_medication_form(request: Request, pid: Id, name: str = Form(""), start_on: str = Form(""),
-                            stop_on: str = Form(""), daily_mg: str = Form(""), csrf: str = Form(""),
+    def add_medication_form(request: Request, pid: Id, name: str = Form("", max_length=MAX["text"]),
+                            start_on: str = Form("", max_length=MAX["time"]),
+                            stop_on: str = Form("", max_length=MAX["time"]), daily_mg: str = Form("",
+                            max_length=MAX["number"]), csrf: str = Form("", max_length=64),
                             who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_medication(
@@ -455,14 +715,16 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             daily_mg=_form_number(daily_mg, "daily_mg") if daily_mg else None))
 
     @app.post("/patients/{pid}/medications/{mid}/stop", include_in_schema=False)
-    def stop_medication_form(request: Request, pid: Id, mid: Id, stop_on: str = Form(""), csrf: str = Form(""),
+    def stop_medication_form(request: Request, pid: Id, mid: Id, stop_on: str = Form("", max_length=MAX["time"]),
+                             csrf: str = Form("", max_length=64),
                              who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.stop_medication(who[0], mid, stop_on))
 
     @app.post("/patients/{pid}/vitals", include_in_schema=False)
-    def add_bp_form(request: Request, pid: Id, systolic: str = Form(""), diastolic: str = Form(""),
-                    observed_at: str = Form(""), csrf: str = Form(""),
+    def add_bp_form(request: Request, pid: Id, systolic: str = Form("", max_length=MAX["number"]),
+                    diastolic: str = Form("", max_length=MAX["number"]),
+                    observed_at: str = Form("", max_length=MAX["time"]), csrf: str = Form("", max_length=64),
                     who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_blood_pressure(
@@ -470,32 +732,40 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             observed_at=form_time(observed_at, "observed_at")))
 
     @app.post("/patients/{pid}/covariates", include_in_schema=False)
-    def add_covariate_form(request: Request, pid: Id, name: str = Form(""), value: str = Form(""),
-                           unit: str = Form(""), measured_at: str = Form(""), csrf: str = Form(""),
+    def add_covariate_form(request: Request, pid: Id, name: str = Form("", max_length=MAX["text"]),
+                           value: str = Form("", max_length=MAX["number"]),
+                           unit: str = Form("", max_length=MAX["text"]), measured_at: str = Form("",
+                           max_length=MAX["time"]), csrf: str = Form("", max_length=64),
                            who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_covariate(
             who[0], pid, name, _form_number(value, "value"), unit, form_time(measured_at, "measured_at")))
 
     @app.post("/patients/{pid}/genotypes", include_in_schema=False)
-    def add_genotype_form(request: Request, pid: Id, gene: str = Form(""), result: str = Form(""),
-                          source: str = Form(""), tested_on: str = Form(""), csrf: str = Form(""),
+    def add_genotype_form(request: Request, pid: Id, gene: str = Form("", max_length=MAX["text"]),
+                          result: str = Form("", max_length=MAX["text"]),
+                          source: str = Form("", max_length=MAX["source"]), tested_on: str = Form("",
+                          max_length=MAX["time"]), csrf: str = Form("", max_length=64),
                           who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_genotype(
             who[0], pid, gene=gene, result=result, source=source, tested_on=tested_on or None))
 
     @app.post("/patients/{pid}/record", include_in_schema=False)
-    def update_record_form(request: Request, pid: Id, region: str = Form(""), indication: str = Form(""),
-                           severity: str = Form(""), product: str = Form(""), route: str = Form(""),
-                           csrf: str = Form(""), who: tuple[Actor, str] = Depends(page_user)) -> Response:
+    def update_record_form(request: Request, pid: Id, region: str = Form("", max_length=MAX["text"]),
+                           indication: str = Form("", max_length=MAX["text"]),
+                           severity: str = Form("", max_length=MAX["text"]), product: str = Form("",
+                           max_length=MAX["text"]), route: str = Form("", max_length=MAX["text"]),
+                           csrf: str = Form("", max_length=64), who: tuple[Actor,
+                           str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         given = {k: v for k, v in {"region": region, "indication": indication, "severity": severity,
                                    "product": product, "route": route}.items() if v}
         return _entry_form(request, pid, who, lambda: store.update_patient(who[0], pid, **given))
 
     @app.post("/patients/{pid}/entries/{kind}/{eid}/withdraw", include_in_schema=False)
-    def withdraw_form(request: Request, pid: Id, kind: str, eid: Id, reason: str = Form(""), csrf: str = Form(""),
+    def withdraw_form(request: Request, pid: Id, kind: str, eid: Id, reason: str = Form("",
+                      max_length=MAX["reason"]), csrf: str = Form("", max_length=64),
                       who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         if kind not in ENTRY_TABLES:
@@ -504,8 +774,9 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             who[0], kind, eid, reason, patient_id=pid))
 
     @app.post("/patients/{pid}/labs", include_in_schema=False)
-    def add_lab_form(request: Request, pid: Id, name: str = Form(""), value: str = Form(""), unit: str = Form(""),
-                     observed_at: str = Form(""), csrf: str = Form(""),
+    def add_lab_form(request: Request, pid: Id, name: str = Form("", max_length=MAX["text"]), value: str = Form("",
+                     max_length=MAX["number"]), unit: str = Form("", max_length=MAX["text"]),
+                     observed_at: str = Form("", max_length=MAX["time"]), csrf: str = Form("", max_length=64),
                      who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_lab(
@@ -549,24 +820,26 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             return aid, True, None
 
     @app.post("/patients/{pid}/assess", include_in_schema=False)
-    def assess_form(request: Request, pid: Id, csrf: str = Form(""),
+    def assess_form(request: Request, pid: Id, csrf: str = Form("", max_length=64),
                     who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         aid, _, _ = _run_assessment(who[0], pid)
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/assessments/{aid}/sign", include_in_schema=False)
-    def sign_form(request: Request, aid: Id, decision: str = Form(""), pid: int = Form(0), csrf: str = Form(""),
+    def sign_form(request: Request, aid: Id, decision: str = Form("", max_length=MAX["decision"]),
+                  pid: int = Form(0, ge=0, le=2**31 - 1), csrf: str = Form("", max_length=64),
                   who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         try:
             store.sign_assessment(who[0], aid, decision)
         except FieldError as exc:
-            return RedirectResponse(f"/patients/{pid}?error_field={exc.field}&error={_q(str(exc))}", status_code=303)
+            return patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field)
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/patients/{pid}/follow-ups", include_in_schema=False)
-    def follow_ups(request: Request, pid: Id, csrf: str = Form(""), department: str = Form("transplant clinic"),
+    def follow_ups(request: Request, pid: Id, csrf: str = Form("", max_length=64),
+                   department: str = Form("transplant clinic", max_length=MAX["text"]),
                    who: tuple[Actor, str] = Depends(page_user)) -> Response:
         """Book every follow-up the assessment says is due (09:00, the app's time zone), skipping taken slots."""
         check_csrf(who, csrf)
@@ -599,9 +872,18 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     def book_page(request: Request) -> Response:
         return render(request, "book.html", current(request), done=None, error=None, error_field=None, form={})
 
+    def booking_limit(request: Request, actor: Actor) -> float:
+        """Anonymous (and patients') booking requests are rate-limited per address and overall."""
+        if actor.role in ("clinician", "pharmacist"):
+            return 0.0
+        return max(limits.hit("booking", address(request)), limits.hit("booking-all", "all"))
+
     @app.post("/book", response_class=HTMLResponse, include_in_schema=False)
-    def book_post(request: Request, starts_at: str = Form(""), reason: str = Form(""), contact_name: str = Form(""),
-                  contact_email: str = Form(""), csrf: str = Form("")) -> Response:
+    def book_post(request: Request, starts_at: str = Form("", max_length=MAX["time"]),
+                  reason: str = Form("", max_length=MAX["reason"]),
+                  contact_name: str = Form("", max_length=MAX["contact_name"]),
+                  contact_email: str = Form("", max_length=MAX["contact_email"]),
+                  csrf: str = Form("", max_length=64)) -> Response:
         who = current(request)
         if who is not None:
             check_csrf(who, csrf)
@@ -609,6 +891,10 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             raise HTTPException(403, "the form expired: please reload it")
         actor = who[0] if who else PUBLIC
         form = {"starts_at": starts_at, "reason": reason, "contact_name": contact_name, "contact_email": contact_email}
+        wait = booking_limit(request, actor)
+        if wait > 0:
+            return render(request, "book.html", who, 429, done=None, error=f"too many requests: try again in "
+                          f"{int(wait / 60) + 1} min", error_field="starts_at", form=form)
         try:
             aid = store.book(actor, department=DEPARTMENT, starts_at=form_time(starts_at, "starts_at"),
                              reason=reason or None, contact_name=contact_name or None,
@@ -617,7 +903,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         except FieldError as exc:
             return render(request, "book.html", who, 422, done=None, error=str(exc).split("] ", 1)[-1],
                           error_field=exc.field, form=form)
-        return render(request, "book.html", who, done=aid, error=None, error_field=None, form={})
+        return render(request, "book.html", who, done=store.booking_reference(aid), error=None, error_field=None,
+                      form={})
 
     @app.get("/calendar", response_class=HTMLResponse, include_in_schema=False)
     def calendar_page(request: Request, department: str = DEPARTMENT, who: tuple[Actor, str] = Depends(page_user)
@@ -627,8 +914,9 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return render(request, "calendar.html", who, rows=rows, department=department)
 
     @app.post("/appointments/{appt_id}/status", include_in_schema=False)
-    def appt_status(request: Request, appt_id: Id, status: str = Form(""), department: str = Form(DEPARTMENT),
-                    csrf: str = Form(""), who: tuple[Actor, str] = Depends(page_user)) -> Response:
+    def appt_status(request: Request, appt_id: Id, status: str = Form("", max_length=MAX["text"]),
+                    department: str = Form(DEPARTMENT, max_length=MAX["text"]),
+                    csrf: str = Form("", max_length=64), who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         store.set_appointment_status(who[0], appt_id, status)
         return RedirectResponse(f"/calendar?department={_q(department)}", status_code=303)
@@ -768,17 +1056,29 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         store.sign_assessment(who[0], aid, body.decision)
         return {"id": aid, "status": "signed"}
 
-    @app.post("/api/v1/bookings", status_code=201, tags=["appointments"])
-    def api_book(request: Request, body: BookingIn) -> dict[str, Any]:
+    @app.post("/api/v1/bookings", status_code=201, tags=["appointments"],
+              responses={429: {"description": "too many booking requests from this address (Retry-After)"}})
+    def api_book(request: Request, body: BookingIn) -> Response:
+        """A consultation request (anyone; rate-limited) or, for staff, a booked visit. The answer's ``reference``
+        is opaque; staff also get the ``id``."""
         who = api_caller(request)
         actor = who[0] if who else PUBLIC
+        wait = booking_limit(request, actor)
+        if wait > 0:
+            return JSONResponse({"detail": "too many booking requests: try again later"}, status_code=429,
+                                headers={"Retry-After": str(int(wait) + 1)})
         aid = store.book(actor, department=DEPARTMENT, starts_at=body.starts_at, minutes=body.minutes,
                          reason=body.reason, contact_name=body.contact_name, contact_email=body.contact_email,
                          patient_id=body.patient_id)
-        return {"id": aid, "status": "confirmed" if actor.role in ("clinician", "pharmacist") else "requested"}
+        staff = actor.role in ("clinician", "pharmacist")
+        out: dict[str, Any] = {"reference": store.booking_reference(aid),
+                               "status": "confirmed" if staff else "requested"}
+        if staff:
+            out["id"] = aid
+        return JSONResponse(out, status_code=201)
 
     @app.get("/api/v1/calendar", tags=["appointments"])
-    def api_calendar(start: dt.datetime, end: dt.datetime, department: str = DEPARTMENT,
+    def api_calendar(start: When, end: When, department: Annotated[str, Query(max_length=MAX["text"])] = DEPARTMENT,
                      who: tuple[Actor, str] = Depends(api_user)) -> list[dict[str, Any]]:
         return json.loads(json.dumps(store.calendar(who[0], department, start, end), default=str))
 
@@ -798,6 +1098,17 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
         return {"id": import_bundle(store, who[0], body)}
 
+    # every status code the API can answer is in its schema (schemathesis checks it)
+    common: dict[int | str, dict[str, Any]] = {
+        400: {"description": "the body cannot be read (not JSON, or not the declared content type)"},
+        401: {"description": "not signed in"}, 403: {"description": "not allowed, or a missing X-CSRF-Token"},
+        404: {"description": "no such object"}, 411: {"description": "a body without Content-Length"},
+        413: {"description": "the request body is too large"}, 422: {"description": "a field is invalid (named)"},
+        429: {"description": "too many requests (Retry-After)"}}
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path.startswith("/api/") and route.include_in_schema:
+            for code, what in common.items():
+                route.responses.setdefault(code, what)
     app.state.store = store
     return app
 
@@ -880,6 +1191,11 @@ def _same_inputs(assessment: dict[str, Any], key: dict[str, Any]) -> bool:
     return isinstance(inputs, dict) and inputs.get("reuse") == key
 
 
+def _safe_next(target: str) -> str:
+    """A redirect target on this site only (a path, not //host or a scheme)."""
+    return target if target.startswith("/") and not target.startswith("//") and "\\" not in target else "/"
+
+
 def _form_number(value: str, field: str) -> float:
     try:
         return float(value)
@@ -897,20 +1213,23 @@ def _q(s: str) -> str:
     return quote(s, safe="")
 
 
-def _ics(a: dict[str, Any]) -> str:
-    """An iCalendar (RFC 5545) event for one appointment."""
-    def stamp(t: dt.datetime) -> str:
-        return t.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+def _ics(a: dict[str, Any]) -> bytes:
+    """An iCalendar (RFC 5545) event for one appointment, written by the ``icalendar`` library (escaping, line
+    folding at 75 octets, CRLF)."""
+    import icalendar
 
-    def text(s: str) -> str:
-        return s.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\n", "\\n")
-
-    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//cnidose//appointments//EN", "BEGIN:VEVENT",
-             f"UID:cnidose-appointment-{a['id']}", f"DTSTAMP:{stamp(a['created_at'])}",
-             f"DTSTART:{stamp(a['starts_at'])}", f"DTEND:{stamp(a['ends_at'])}",
-             f"SUMMARY:{text(a['department'].title() + ' ' + a['kind'])}",
-             f"STATUS:{'CONFIRMED' if a['status'] == 'confirmed' else 'TENTATIVE'}"]
+    cal = icalendar.Calendar()
+    cal.add("prodid", "-//cnidose//appointments//EN")
+    cal.add("version", "2.0")
+    ev = icalendar.Event()
+    ev.add("uid", f"cnidose-appointment-{a['reference'] or a['id']}")
+    ev.add("dtstamp", a["created_at"].astimezone(dt.UTC))
+    ev.add("dtstart", a["starts_at"].astimezone(dt.UTC))
+    ev.add("dtend", a["ends_at"].astimezone(dt.UTC))
+    ev.add("summary", a["department"].title() + " " + a["kind"])
+    ev.add("status", "CONFIRMED" if a["status"] == "confirmed" else "TENTATIVE")
     if a.get("reason"):
-        lines.append(f"DESCRIPTION:{text(a['reason'])}")
-    lines += ["END:VEVENT", "END:VCALENDAR"]
-    return "\r\n".join(lines) + "\r\n"
+        # a bare CR is no line break in iCalendar text: normalise every line break to LF (escaped as \n)
+        ev.add("description", a["reason"].replace("\r\n", "\n").replace("\r", "\n"))
+    cal.add_component(ev)
+    return bytes(cal.to_ical())
