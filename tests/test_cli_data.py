@@ -80,3 +80,15 @@ def test_dose_values_option() -> None:
     assert rc == 0, err
     rc, _, err = _run("simulate", "-m", "storset2014_tac_adult_kidney", "-d", str(EXAMPLE), "--dose-values", "x")
     assert rc == 2 and "--dose-values must be nonmem or dose-record" in err
+
+
+def test_the_cli_starts_without_the_numerical_stack() -> None:
+    """`import cnidose.cli` (every command's start, `--help`, argument errors) loads neither NumPy, SciPy nor the
+    model library: they are imported by the commands that use them (issue 14: start-up was 1 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cnidose.cli; print(sorted(m for m in ('numpy', 'scipy', 'cnidose.models.library', "
+            "'cnidose.records.nonmem', 'cnidose.estimation') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

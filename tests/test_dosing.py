@@ -137,7 +137,7 @@ def test_linear_pk_doubling_the_dose_doubles_the_trough() -> None:
 def rec() -> Any:
     m = resolve_model("andrews2019_tac_adult_kidney")
     t = find_target("tacrolimus", "kidney", "adult", 1.0, concomitant="mmf")
-    return recommend(m, _patient(), t, product("Prograf"), n_draws=600, seed=4)
+    return recommend(m, _patient(), t, product("Prograf"), n_draws=600, seed=4, choice="smallest")
 
 
 def test_recommendation_is_smallest_dose_in_target(rec: Any) -> None:
@@ -165,13 +165,34 @@ def test_most_likely_rule_aims_inside_the_range() -> None:
         recommend(m, _patient(), t, product("Prograf"), n_draws=100, choice="median")
 
 
+def test_the_default_rule_aims_at_the_middle_of_the_target_or_a_set_level() -> None:
+    """The default (every face): of the doses whose median is in the target, the one closest to the target's
+    middle (log scale; within 2 % counts as equal, then the most likely in range); a clinician's own aim moves
+    it; an aim outside the target is refused. Never the low edge by default."""
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    t = find_target("tacrolimus", "kidney", "adult", 1.0, concomitant="mmf")
+    r = recommend(m, _patient(), t, product("Prograf"), n_draws=600, seed=4)
+    middle = (t.low + t.high) / 2
+    in_target = [c for c in r.candidates if t.low <= c.median <= t.high]
+    assert r.chosen is not None and r.inputs["choice"] == "aim" and r.inputs["aim"] == middle
+    best = min(abs(np.log(c.median / middle)) for c in in_target)
+    assert abs(np.log(r.chosen.median / middle)) <= best + np.log(1.02)
+    smallest = min(in_target, key=lambda c: c.dose)
+    assert r.chosen.dose > smallest.dose and abs(r.chosen.median - middle) < abs(smallest.median - middle)
+    assert f"(aimed at {middle:g})" in r.summary()
+    high = recommend(m, _patient(), t, product("Prograf"), n_draws=600, seed=4, aim=t.high * 0.9)
+    assert high.chosen is not None and high.chosen.dose > r.chosen.dose and high.inputs["aim"] == t.high * 0.9
+    with pytest.raises(InputError, match="outside the target"):
+        recommend(m, _patient(), t, product("Prograf"), n_draws=100, aim=t.high + 1)
+
+
 def test_recommendation_carries_provenance_and_is_reproducible(rec: Any) -> None:
     assert rec.model.startswith("andrews2019_tac_adult_kidney 1.0.0 sha256:") and rec.version
     assert rec.inputs["seed"] == 4 and rec.inputs["n_draws"] == 600 and rec.inputs["product"] == "Prograf"
     assert any("CYP3A4_22" in w for w in rec.warnings)  # a default covariate is said
     json.dumps(rec.to_dict(), default=float)
     m = resolve_model("andrews2019_tac_adult_kidney")
-    again = recommend(m, _patient(), rec.target, product("Prograf"), n_draws=600, seed=4)
+    again = recommend(m, _patient(), rec.target, product("Prograf"), n_draws=600, seed=4, choice="smallest")
     assert again.chosen == rec.chosen and again.candidates == rec.candidates
 
 
@@ -231,6 +252,14 @@ def test_cli_recommend_and_evaluate(tmp_path: Path) -> None:
                                  "--organ", "kidney", "--months", "0.5", "--concomitant", "mmf", "--draws", "300"])
     assert r.exit_code == 0, r.output
     assert r.output.startswith("give ") and "US Prograf label" in r.output and "sha256:" in r.output
+    assert "(aimed at 7.5)" in r.output.splitlines()[0]  # the default: the middle of 4-11
+    r = CliRunner().invoke(app, ["recommend", "-m", "andrews2019_tac_adult_kidney", "-d", str(PATIENTS), "--id", "2",
+                                 "--organ", "kidney", "--months", "0.5", "--concomitant", "mmf", "--draws", "300",
+                                 "--aim", "9", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["inputs"]["aim"] == 9.0
+    r = CliRunner().invoke(app, ["recommend", "-m", "andrews2019_tac_adult_kidney", "-d", str(PATIENTS), "--id", "2",
+                                 "--organ", "kidney", "--months", "0.5", "--concomitant", "mmf", "--aim", "12"])
+    assert r.exit_code == 2 and "the aim 12 ng/mL is outside the target 4-11" in r.output
     r = CliRunner().invoke(app, ["recommend", "-m", "andrews2019_tac_adult_kidney", "-d", str(PATIENTS), "--id", "1",
                                  "--target", "7-10", "--json", "--draws", "200"])
     d = json.loads(r.stdout)
@@ -276,11 +305,22 @@ def test_intervals_loading_and_conversions() -> None:
     patient = read_nonmem_csv(PATIENTS).individuals()[1]
     m = resolve_model("andrews2019_tac_adult_kidney")
     t = find_target("tacrolimus", "kidney", "adult", 0.5, concomitant="mmf")
-    r = recommend(m, patient, t, product("Prograf"), n_draws=300, intervals=[12.0, 24.0], loading=True)
+    r = recommend(m, patient, t, product("Prograf"), n_draws=300, intervals=[12.0, 24.0], loading=True,
+                  choice="smallest")
     assert {c.interval for c in r.candidates} == {12.0, 24.0}
     in_target = [c for c in r.candidates if c.in_target]
     assert r.chosen is not None and r.chosen.daily_dose == min(c.daily_dose for c in in_target)
     assert r.loading is not None and t.low <= r.loading.median <= t.high
+    # the default rule over both intervals: the closest median to the middle (2 % equal: the most likely)
+    a = recommend(m, patient, t, product("Prograf"), n_draws=300, intervals=[12.0, 24.0], loading=True)
+    middle = (t.low + t.high) / 2
+    dist = {id(c): abs(np.log(c.median / middle)) for c in in_target}
+    close = [c for c in a.candidates if c.in_target and abs(np.log(c.median / middle)) <= min(dist.values())
+             + np.log(1.02)]
+    assert a.chosen is not None and a.chosen in close
+    assert a.chosen.p_in_range == max(c.p_in_range for c in close)
+    assert a.loading is not None and t.low <= a.loading.median <= t.high
+    assert abs(np.log(a.loading.median / middle)) <= abs(np.log(r.loading.median / middle)) + np.log(1.02)
     assert convert_daily_dose(2.0, "tacrolimus IV", "Prograf")[0] == pytest.approx(10.0)
     assert convert_daily_dose(300.0, "Sandimmune", "Neoral")[0] == pytest.approx(300.0)
     with pytest.raises(InputError, match="no published conversion"):
@@ -293,9 +333,10 @@ def test_intervals_loading_and_conversions() -> None:
 @settings(max_examples=60, deadline=None)
 def test_choice_is_the_smallest_dose_in_target_or_the_closest(low: float, ratio: float, slope: float,
                                                               seed: int) -> None:
-    """Property: with exposure rising with the dose, the default choice is the smallest candidate whose median
-    is in the target, and the "most-likely" choice the one of those with the highest probability in range (the
-    smallest of equals); when none is, both give the closest (log scale) with a warning."""
+    """Property: with exposure rising with the dose, "smallest" is the smallest candidate whose median is in
+    the target, "most-likely" the one of those with the highest probability in range (the smallest of equals),
+    and the default "aim" the one of those closest to the middle (within 2 %: the most likely in range); when
+    none is, all give the closest (log scale) with a warning."""
     from cnidose.dosing.regimen import choose
 
     rng = np.random.default_rng(seed)
@@ -304,8 +345,9 @@ def test_choice_is_the_smallest_dose_in_target_or_the_closest(low: float, ratio:
     noise = np.exp(rng.normal(0, 0.3, size=200))
     values = slope * doses[:, None] * noise[None, :]
     target = Target("tacrolimus", low, low * ratio)
-    chosen, _, warnings = choose(cands, values, target, 12.0)
+    chosen, _, warnings = choose(cands, values, target, 12.0, "smallest")
     likely, _, warnings2 = choose(cands, values, target, 12.0, "most-likely")
+    aimed, _, warnings3 = choose(cands, values, target, 12.0)  # the default: the target's middle
     med = np.median(values, axis=1)
     inside = np.flatnonzero((med >= target.low) & (med <= target.high))
     assert chosen is not None and likely is not None
@@ -313,6 +355,10 @@ def test_choice_is_the_smallest_dose_in_target_or_the_closest(low: float, ratio:
         assert chosen.dose == doses[inside[0]] and not warnings
         p_in = np.mean((values >= target.low) & (values <= target.high), axis=1)[inside]
         assert likely.dose == doses[inside[int(np.argmax(p_in))]] and not warnings2
+        to_aim = np.abs(np.log(med[inside] / ((target.low + target.high) / 2)))
+        close = to_aim <= to_aim.min() + np.log(1.02)
+        assert aimed.dose == doses[inside[close]][int(np.argmax(p_in[close]))] and not warnings3
     else:
         dist = np.minimum(np.abs(np.log(med / target.low)), np.abs(np.log(med / target.high)))
-        assert chosen.dose == likely.dose == doses[int(np.argmin(dist))] and warnings and warnings2
+        assert chosen.dose == likely.dose == aimed.dose == doses[int(np.argmin(dist))]
+        assert warnings and warnings2 and warnings3

@@ -418,7 +418,7 @@ def test_report_pdf(site: tuple[Any, Store, dict[str, int]]) -> None:
     reader = pypdf.PdfReader(io.BytesIO(r.content))
     text = " ".join(" ".join(page.extract_text() for page in reader.pages).split())  # lines wrap
     assert "Demo, Karel - MRN DEMO-TX-1" in text and "give " in text and "andrews2019_tac_adult_kidney" in text
-    assert "13.9 ng/mL" in text and "choice rule: most-likely" in text
+    assert "13.9 ng/mL" in text and "choice rule: aim at " in text and "(aimed at " in text
     assert len(reader.pages) >= 1
 
 

@@ -12,17 +12,17 @@ import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import numpy as np
 import typer
 
 from cnidose.errors import CnidoseError, InputError
-from cnidose.models.checks import run_checks
-from cnidose.models.describe import describe_model, summarize_model
-from cnidose.models.library import library_models, resolve_model
-from cnidose.models.model import Notice
-from cnidose.records.nonmem import check_doses, read_nonmem_csv, simulate_dataset, write_csv
+
+if TYPE_CHECKING:
+    from cnidose.models.model import Notice
+
+# Everything heavy (NumPy, SciPy, the model library, the data readers) is imported inside the commands, so that
+# `cnidose --help` and a command's argument errors answer at once (`python -X importtime -m cnidose.cli`).
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="cnidose: calcineurin-inhibitor pharmacokinetics and dosing.")
@@ -82,6 +82,8 @@ DoseValuesOpt = Annotated[str, typer.Option(
 
 def _resolve(model: str, dose_values: str) -> Any:
     """The model, with the dose-value convention asked for (README, "Conventions worth knowing")."""
+    from cnidose.models.library import resolve_model
+
     if dose_values not in ("nonmem", "dose-record"):
         raise InputError(f"--dose-values must be nonmem or dose-record, got {dose_values!r}")
     from dataclasses import replace
@@ -99,6 +101,10 @@ def simulate(
     dose_values: DoseValuesOpt = "nonmem",
 ) -> None:
     """Predict every record of a NONMEM-format data set (PRED and IPRED)."""
+    import numpy as np
+
+    from cnidose.records.nonmem import read_nonmem_csv, simulate_dataset, write_csv
+
     if method not in ("auto", "closed", "expm", "ode"):
         typer.echo(f"error: --method must be auto, closed, expm or ode, got {method!r}", err=True)
         raise typer.Exit(2)
@@ -167,6 +173,10 @@ def fit(
     OFV (the objective at the estimate), STATUS and MESSAGE. An individual that cannot be fitted gets
     STATUS error and a message naming its record; the others are fitted regardless.
     """
+    import numpy as np
+
+    from cnidose.records.nonmem import check_doses, read_nonmem_csv, write_csv
+
     if covariance not in ("expected", "exact") or eta_names not in ("model", "positional"):
         typer.echo("error: --covariance is expected or exact; --eta-names is model or positional", err=True)
         raise typer.Exit(2)
@@ -252,13 +262,19 @@ def recommend(
     seed: Annotated[int, typer.Option(help="random seed (results are reproducible)")] = 0,
     intervals: Annotated[str | None, typer.Option(help="also compare these intervals, e.g. 12,24")] = None,
     loading: Annotated[bool, typer.Option(help="also propose a first (loading) dose")] = False,
-    choice: Annotated[str, typer.Option(help="smallest (the smallest dose whose median is in the target) | "
-                                             "most-likely (of those, the one most likely in the target)")
-                      ] = "smallest",
+    choice: Annotated[str, typer.Option(help="aim (of the doses whose median is in the target, the one closest "
+                                             "to --aim, then the most likely in it) | most-likely (the one most "
+                                             "likely in the target) | smallest (the smallest: the low edge)")
+                      ] = "aim",
+    aim: Annotated[float | None, typer.Option(help="the level to aim at, in the target (default: its middle)")
+                   ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Recommend the next regimen for one patient: the dose in marketed strengths, predicted exposure,
     80 % interval and probability in range, with inputs, model, version and warnings."""
+    from cnidose.models.library import resolve_model
+    from cnidose.records.nonmem import read_nonmem_csv
+
 
     def work() -> None:
         from cnidose.dosing import Target, find_target, load_targets, product
@@ -298,14 +314,14 @@ def recommend(
             if metric != tgt.metric:
                 raise InputError(f"the target is a {tgt.metric} range; asked to optimise {metric}")
             rec, weights = recommend_averaged(ms, match[0], tgt, prod, n_draws=draws, seed=seed, interval=interval,
-                                              choice=choice)
+                                              choice=choice, aim=aim)
         else:
             try:
                 alt = [float(x) for x in intervals.split(",")] if intervals else None
             except ValueError:
                 raise InputError(f"--intervals must be comma-separated hours, got {intervals!r}") from None
             rec = do_recommend(m, match[0], tgt, prod, interval=interval, metric=metric, n_draws=draws, seed=seed,
-                               intervals=alt, loading=loading, choice=choice)
+                               intervals=alt, loading=loading, choice=choice, aim=aim)
         if as_json:
             typer.echo(json.dumps(rec.to_dict(), indent=2, default=float))
             return
@@ -399,6 +415,8 @@ def evaluate(
 ) -> None:
     """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
     MAPE, RMSE and share within 20 %, per model and per step."""
+    from cnidose.records.nonmem import check_doses, read_nonmem_csv, write_csv
+
 
     def work() -> None:
         from cnidose.cohort import batch_evaluate
@@ -501,6 +519,8 @@ def simulate_trial(
 
     Patients whose recommendation fails keep their dose; each failure is listed on standard error.
     """
+    from cnidose.records.nonmem import write_csv
+
 
     def work() -> None:
         from cnidose.cohort.trial import load_protocol, run_trial, trial_svg
@@ -538,6 +558,10 @@ def _id(v: float) -> int | float:
 
 def _write_predictions(m: Any, ds: Any, inds: Sequence[Any], results: Sequence[Any], path: Path) -> None:
     """Every record with IPRED (at the estimate) and PRED (typical individual); '.' where not computable."""
+    import numpy as np
+
+    from cnidose.records.nonmem import write_csv
+
     ipred_all: list[float] = []
     pred_all: list[float] = []
     for ind, r in zip(inds, results, strict=True):
@@ -598,6 +622,9 @@ def models_list(
     as_json: JsonOpt = False,
 ) -> None:
     """List library models, filtered by drug, formulation, organ, age group or population."""
+    from cnidose.models.describe import summarize_model
+    from cnidose.models.library import library_models
+
 
     def work() -> None:
         rows = [summarize_model(m) for m in library_models()]
@@ -641,6 +668,9 @@ def models_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Show a model: citation, population and domain, parameters, variability, covariates, equations, checks."""
+    from cnidose.models.describe import describe_model
+    from cnidose.models.library import resolve_model
+
 
     def work() -> None:
         d = describe_model(resolve_model(model))
@@ -722,6 +752,9 @@ def models_check(
     as_json: JsonOpt = False,
 ) -> None:
     """Run every model's reference checks; exit 1 if any fails."""
+    from cnidose.models.checks import run_checks
+    from cnidose.models.library import library_models, resolve_model
+
 
     def work() -> int:
         loaded = [resolve_model(m) for m in models] if models else list(library_models())

@@ -21,7 +21,7 @@ A protocol file (TOML, ``format = 1``)::
                                                 measured so far and cnidose's regimen recommendation
     model = "..."                               recommender only: fit with another model (misspecification)
     draws = 200                                 recommender only: posterior draws per recommendation
-    choice = "smallest"                         recommender only: or "most-likely" (cnidose.dosing.regimen)
+    choice = "aim"                              recommender only: or "most-likely", "smallest" (dosing.regimen)
     residual_error = true                       measured troughs carry the model's residual error
     max_dose_mg = 25                            per administration
     [target]
@@ -125,8 +125,10 @@ def validate_protocol(doc: dict[str, Any], where: str = "protocol") -> dict[str,
         for k in ("model", "draws", "choice"):
             if k in adjust:
                 raise bad("applies to method = \"recommender\" only", f"adjust.{k}")
-    if adjust.get("choice", "smallest") not in ("smallest", "most-likely"):
-        raise bad(f"unknown choice rule {adjust.get('choice')!r} (smallest, most-likely)", "adjust.choice")
+    from cnidose.dosing.regimen import CHOICES
+
+    if adjust.get("choice", "aim") not in CHOICES:
+        raise bad(f"unknown choice rule {adjust.get('choice')!r} ({', '.join(CHOICES)})", "adjust.choice")
     for k, lo in (("every_days", 1), ("draws", 50)):
         if k in adjust and not (isinstance(adjust[k], int) and adjust[k] >= lo):
             raise bad(f"must be a whole number >= {lo}", f"adjust.{k}")
@@ -381,7 +383,7 @@ def _recommend_all(payload: Payload, protocol: dict[str, Any], raw: dict[str, Fl
                 "MDV": evid.astype(float), **{k: np.full(times.size, v[i]) for k, v in raw.items()}}
         try:
             rec = recommend(model, split_individuals(cols)[0], target, prod, interval=tau, n_draws=draws,
-                            seed=int(seeds[i]), max_dose=max_dose, choice=str(adjust.get("choice", "smallest")))
+                            seed=int(seeds[i]), max_dose=max_dose, choice=str(adjust.get("choice", "aim")))
         except InputError as exc:
             failed.append((offset + i + 1, stage, str(exc)))
             continue

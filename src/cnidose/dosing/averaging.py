@@ -58,7 +58,8 @@ def model_weights(models: Sequence[Model], individual: Individual) -> list[Model
 
 def recommend_averaged(models: Sequence[Model], individual: Individual, target: Target, product: Product, *,
                        n_draws: int = 1000, seed: int = 0, interval: float | None = None,
-                       max_units: int = 6, choice: str = "smallest") -> tuple[Recommendation, list[ModelWeight]]:
+                       max_units: int = 6, choice: str = "aim", aim: float | None = None
+                       ) -> tuple[Recommendation, list[ModelWeight]]:
     weights = model_weights(models, individual)
     if not any(w.weight > 0 for w in weights):
         raise InputError("no model could fit this patient: " + "; ".join(f"{w.model}: {w.message}" for w in weights))
@@ -70,7 +71,7 @@ def recommend_averaged(models: Sequence[Model], individual: Individual, target: 
             continue
         k = max(50, round(w.weight * n_draws))
         r = recommend(m, individual, target, product, interval=tau, n_draws=k, seed=seed, max_units=max_units,
-                      choice=choice)
+                      choice=choice, aim=aim)
         assert r.values is not None
         parts.append(r.values)
         warnings += [f"{m.id}: {x}" for x in r.warnings if "closest" not in x]
@@ -78,9 +79,10 @@ def recommend_averaged(models: Sequence[Model], individual: Individual, target: 
         cands = candidate_doses(product.strengths, max_units=max_units, max_dose=r.inputs["max_dose"])
     assert cands is not None
     values = np.concatenate(parts, axis=1)
-    chosen, candidates, more = choose(cands, values, target, tau, choice)
+    chosen, candidates, more = choose(cands, values, target, tau, choice, aim)
     inputs = {"id": float(individual.id), "models": refs, "weights": [w.weight for w in weights], "n_draws": n_draws,
-              "seed": seed, "interval": tau, "product": product.name, "choice": choice}
+              "seed": seed, "interval": tau, "product": product.name, "choice": choice,
+              "aim": (target.low + target.high) / 2 if aim is None else float(aim)}
     rec = Recommendation(chosen, candidates, target, product.name, target.metric, " + ".join(refs), __version__,
                          inputs, warnings + more, values)
     return rec, weights

@@ -81,7 +81,7 @@ def _inputs(record: PatientRecord, as_of: dt.date) -> dict[str, Any]:
 
 
 def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
-            seed: int = 0, choice: str = "most-likely") -> dict[str, Any]:
+            seed: int = 0, choice: str = "aim") -> dict[str, Any]:
     """Fit, curve with 80 % band, recommendation and the clinical assessment for one patient."""
     from cnidose.dosing import find_target, product, recommend
     from cnidose.estimation.posterior import sample_posterior

@@ -1146,7 +1146,7 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
         if r.get("recommendation"):
             lines += [("p", r["recommendation"]["summary"]), ("p", f"Target: {r.get('target')}"),
                       ("p", f"Model: {r.get('model')}; cnidose {a['package_version']}; "
-                            f"choice rule: {r['recommendation']['inputs'].get('choice', 'smallest')}")]
+                            f"choice rule: {_rule(r['recommendation']['inputs'])}")]
         if a.get("decision"):
             lines.append(("p", f"Decision: {a['decision']} (signed {a['signed_at']:%Y-%m-%d %H:%M} UTC)"))
         lines += [("p", f"Warning: {w}") for w in r.get("warnings", [])]
@@ -1163,7 +1163,12 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
 
 
 #: how the app analyses a chart (recorded in every assessment's inputs)
-ANALYSIS: dict[str, Any] = {"n_draws": 500, "seed": 0, "choice": "most-likely"}
+def _rule(inputs: dict[str, Any]) -> str:
+    choice = inputs.get("choice", "smallest")
+    return f"aim at {inputs['aim']:g}" if choice == "aim" and "aim" in inputs else str(choice)
+
+
+ANALYSIS: dict[str, Any] = {"n_draws": 500, "seed": 0, "choice": "aim"}
 
 
 def _reuse_key(patient: dict[str, Any], as_of: dt.date) -> dict[str, Any]:

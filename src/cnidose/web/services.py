@@ -31,7 +31,7 @@ def clinical_assessment(chart: Chart, as_of: dt.date) -> dict[str, Any]:
 
 
 def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
-            seed: int = 0, choice: str = "most-likely") -> dict[str, Any]:
+            seed: int = 0, choice: str = "aim") -> dict[str, Any]:
     """Fit, curve with 80 % band, recommendation and the clinical assessment for the chart's patient."""
     try:
         record = _record(chart)
