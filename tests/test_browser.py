@@ -111,9 +111,22 @@ def test_clinician_adds_a_trough_gets_a_recommendation_signs_and_books(server: t
     # sign the decision
     page.locator(".sign-button").first.click()
     expect(page.locator(".assessment").first).to_contain_text("signed")
-    # book the follow-ups the assessment lists
+    # book the follow-ups the assessment lists: in the transplant clinic, each one said
     page.click("#book-follow-ups")
     expect(page.locator("#appointment-list")).to_contain_text("BK virus")
+    expect(page.locator("#follow-up-report")).to_contain_text("transplant clinic")
+    # a lab: the unit offered is the chosen test's (potassium in mmol/L, not creatinine's umol/L)
+    page.select_option("#lab-name", "potassium")
+    assert page.input_value("#lab-unit") == "mmol/L"  # type: ignore[attr-defined]
+    enabled = page.eval_on_selector_all(  # type: ignore[attr-defined]
+        "#lab-unit option", "os => os.filter(o => !o.disabled && !o.parentElement.disabled).map(o => o.value)")
+    assert enabled == ["mmol/L", "mEq/L"], enabled
+    page.fill("#lab-form input[name=value]", "4.6")
+    page.fill("#lab-form input[name=observed_at]", now.strftime("%Y-%m-%dT%H:%M"))
+    page.click("#lab-form button[type=submit]")
+    expect(page.locator("body")).to_contain_text("4.6 mmol/L")
+    page.select_option("#lab-name", "creatinine")
+    assert page.input_value("#lab-unit") == "umol/L"  # type: ignore[attr-defined]
     # a field error is shown next to the field, and nothing is stored
     page.fill("#level-value", "8000")
     page.fill("#level-time", now.strftime("%Y-%m-%dT%H:%M"))

@@ -131,7 +131,7 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
         ("POST", "/api/v1/patients/{pid}/genotypes", staff, {"gene": "CYP3A5", "result": "*3/*3", "source": "lab"}),
         ("POST", "/api/v1/entries/{kind}/{eid}/entered-in-error", staff, {"reason": "typing error"}),
         ("POST", "/api/v1/patients/{pid}/recommendation", staff, {}),
-        ("GET", "/api/v1/assessments/{aid}", staff | {"karel"}, None),
+        ("GET", "/api/v1/assessments/{aid}", staff, None),  # a draft: a patient sees signed ones only
         ("POST", "/api/v1/assessments/{aid}/sign", staff, {"decision": "continue"}),
         ("POST", "/api/v1/bookings", everyone - {"root"}, lambda: {"starts_at": when(), "contact_name": "B",
                                                         "contact_email": "b@example.org"}),
@@ -172,7 +172,8 @@ def test_role_matrix_over_every_route(site: tuple[Any, Store, dict[str, int]]) -
                 r = c.post(path, json=data, headers={"X-CSRF-Token": token})
             else:
                 r = c.post(path, data={**(data or {}), "csrf": token})
-            denied = r.status_code in (401, 403) or (r.status_code == 303 and r.headers["location"].startswith(
+            # 404 for an object that exists is a denial that hides it (a patient asking for a draft)
+            denied = r.status_code in (401, 403, 404) or (r.status_code == 303 and r.headers["location"].startswith(
                 "/login") and template != "/logout")
             assert r.status_code < 500, (user, method, path, r.text[:300])
             assert denied == (user not in allowed), (user, method, path, r.status_code, r.text[:200])
@@ -422,6 +423,37 @@ def test_report_pdf(site: tuple[Any, Store, dict[str, int]]) -> None:
     assert len(reader.pages) >= 1
 
 
+def test_patients_see_signed_recommendations_only_and_every_signature_is_named(
+        site: tuple[Any, Store, dict[str, int]]) -> None:
+    """A draft is the clinicians' own: the patient's page, chart and the API show it only once it is signed; the
+    page, the report and the PDF name who signed and when (issue 17, item 4)."""
+    import io
+
+    pypdf = pytest.importorskip("pypdf")
+    app, _, ids = site
+    kid = ids["DEMO-TX-1"]
+    clin, token = client(app, "clin")
+    r = clin.post(f"/api/v1/patients/{kid}/recommendation", headers={"X-CSRF-Token": token})
+    assert r.status_code in (200, 201)
+    aid = r.json()["id"]
+    karel, _ = client(app, "karel")
+    assert karel.get(f"/api/v1/assessments/{aid}").status_code == 404
+    assert f'id="assessment-{aid}"' not in karel.get(f"/patients/{kid}").text
+    assert all(a["status"] == "signed" for a in karel.get(f"/api/v1/patients/{kid}").json()["assessments"])
+    assert "Draft: not signed." in clin.get(f"/patients/{kid}/report").text
+    r = clin.post(f"/api/v1/assessments/{aid}/sign", json={"decision": "Give 2 mg every 12 h"},
+                  headers={"X-CSRF-Token": token})
+    assert r.status_code == 200, r.text
+    seen = karel.get(f"/api/v1/assessments/{aid}").json()
+    assert seen["status"] == "signed" and seen["signed_by_name"] == "clin"
+    page = karel.get(f"/patients/{kid}").text
+    assert f'id="assessment-{aid}"' in page and 'class="signer">clin<' in page
+    assert 'class="signer">clin<' in clin.get(f"/patients/{kid}/report").text
+    pdf = pypdf.PdfReader(io.BytesIO(clin.get(f"/patients/{kid}/report.pdf").content))
+    text = " ".join(" ".join(pg.extract_text() for pg in pdf.pages).split())
+    assert "Decision: Give 2 mg every 12 h (signed by clin, " in text
+
+
 def test_pdf_writer_breaks_pages_and_escapes() -> None:
     import io
 
@@ -472,3 +504,45 @@ def test_an_interaction_on_the_medication_list_enters_the_fit_and_the_recommenda
     assert after["recommendation"]["chosen"]["dose"] < before["recommendation"]["chosen"]["dose"]
     assert any(a["rule"] == "interaction:voriconazole" for a in after["clinical"]["alerts"])
     engine.dispose()
+
+
+def test_due_follow_ups_go_to_the_patients_department_and_none_is_dropped_silently(tmp_path: Path) -> None:
+    """A dermatology patient's follow-ups go to dermatology (indications.toml), a transplant patient's to the
+    transplant clinic; a visit due today is booked at a quarter hour still ahead; a day with no free slot is said
+    ("not booked ... book it by hand"), not skipped; booking again books nothing twice (issue 17, item 7)."""
+    from cnidose.web.services import clinical_assessment
+
+    today = dt.date.today()
+    engine = make_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    upgrade(engine)
+    store = Store(engine)
+    ids = seed_demo(store, today)
+    store.create_user(SYSTEM, "clin", hash_password("clin-pw"), "clinician")
+    app = create_app(store, today=lambda: today, rate_limits=ROOMY)
+    c, token = client(app, "clin")
+    derm, kid = ids["DEMO-DERM-1"], ids["DEMO-TX-1"]
+    r = c.post(f"/patients/{derm}/follow-ups", data={"csrf": token})
+    assert r.status_code == 200 and 'id="follow-up-report"' in r.text
+    visits = store.chart(SYSTEM, derm).appointments
+    due = clinical_assessment(store.chart(SYSTEM, derm), today)["due"]
+    assert visits and {a["department"] for a in visits} == {"dermatology"}
+    assert all(_utc(a["starts_at"]) > dt.datetime.now(dt.UTC) for a in visits)
+    assert r.text.count("booked: ") == len(due) or "not booked" in r.text
+    r = c.post(f"/patients/{derm}/follow-ups", data={"csrf": token})
+    assert "nothing new to book" in r.text and len(store.chart(SYSTEM, derm).appointments) == len(visits)
+    # every slot of the transplant patient's first due day is taken: that visit is reported, the others booked
+    first = dt.date.fromisoformat(clinical_assessment(store.chart(SYSTEM, kid), today)["due"][0]["date"])
+    for minute in range(9 * 60, 17 * 60, 15):
+        store.book(SYSTEM, department="transplant clinic", patient_id=derm, minutes=15,
+                   starts_at=dt.datetime(first.year, first.month, first.day, minute // 60, minute % 60,
+                                         tzinfo=dt.UTC))
+    r = c.post(f"/patients/{kid}/follow-ups", data={"csrf": token})
+    assert f"on {first}: no free transplant clinic slot left that day: book it by hand" in r.text
+    booked = store.chart(SYSTEM, kid).appointments
+    assert booked and {a["department"] for a in booked} == {"transplant clinic"}
+    assert all(_utc(a["starts_at"]).date() != first for a in booked)
+    engine.dispose()
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)

@@ -52,8 +52,8 @@ from cnidose.errors import InputError
 from cnidose.models.covariates import STANDARD_COVARIATES
 
 __all__ = ["BP", "BP_RANGE", "SCHEMA", "SCHEMA_V1", "Administration", "CovariateValue", "Genotype", "Lab", "Level",
-           "Medication", "PatientRecord", "RecordError", "Regimen", "Transplant", "convert_lab", "indications",
-           "load_record", "parse_record", "resolve_indication", "upgrade_v1"]
+           "Medication", "PatientRecord", "RecordError", "Regimen", "Transplant", "convert_lab", "department_for",
+           "indications", "lab_units", "load_record", "parse_record", "resolve_indication", "upgrade_v1"]
 
 SCHEMA = "cnidose.patient/2"
 SCHEMA_V1 = "cnidose.patient/1"
@@ -297,6 +297,17 @@ def indications() -> dict[str, Any]:
     return tomllib.loads((resources.files("cnidose.clinical") / "data" / "indications.toml").read_text("utf-8"))
 
 
+def department_for(indication: str) -> str:
+    """The department whose calendar an indication's follow-up visits go to (clinical/data/indications.toml);
+    an indication not in the vocabulary goes to "clinic".
+
+    >>> department_for("psoriasis"), department_for("kidney transplant")
+    ('dermatology', 'transplant clinic')
+    """
+    return next((str(i.get("department", "clinic")) for i in indications()["indications"] if i["key"] == indication),
+                "clinic")
+
+
 def resolve_indication(value: Any, where: str = "indication") -> tuple[str, Code, str | None]:
     """(canonical key, code, severity) for a typed indication or a code; RecordError listing the known ones.
 
@@ -381,6 +392,18 @@ def _text(v: Any, where: str, max_len: int = 200) -> str:
     if len(v) > max_len:
         raise RecordError(f"longer than {max_len} characters", field=where)
     return v.strip()
+
+
+def lab_units() -> dict[str, list[str]]:
+    """Every lab and the units it is accepted in, its canonical unit first (what entry forms offer).
+
+    >>> lab_units()["potassium"], lab_units()["hba1c"]
+    (['mmol/L', 'mEq/L'], ['%', 'mmol/mol'])
+    """
+    out = {name: [canon, *(u for u in factors if u != canon and u != "µmol/L")]
+           for name, (canon, factors, _) in _LABS.items()}
+    out["hba1c"] = ["%", "mmol/mol"]
+    return out
 
 
 def convert_lab(name: Any, value: Any, unit: Any, where: str = "lab") -> tuple[str, float, str]:

@@ -148,6 +148,10 @@ def _chart_queries() -> dict[str, Any]:
     def part(model: Any, order: str, limit: int | None = None) -> Any:
         t = model.__table__
         q = select(t).where(t.c.patient_id == pid)
+        if model is S.Assessment:  # with the signer's name
+            signer = S.User.__table__.alias("signer")
+            q = select(t, signer.c.username.label("signed_by_name")).outerjoin(
+                signer, signer.c.id == t.c.signed_by).where(t.c.patient_id == pid)
         if limit is None:
             return q.order_by(t.c[order], t.c.id)
         return q.order_by(t.c[order].desc(), t.c.id.desc()).limit(limit)
@@ -481,6 +485,9 @@ class Store:
                    for part, q in _CHART.items() if part != ("assessments" if assessments == "latest" else "latest")}
             if not got["patient"]:
                 raise NotFound(f"no patient {patient_id}")
+            if actor.role == "patient":  # a patient sees a recommendation once a clinician has signed it
+                for part in ("assessments", "latest"):
+                    got[part] = [a for a in got.get(part, []) if a["status"] == "signed"]
             chart = Chart(got["patient"][0], got["covariates"], got["regimens"], got["doses"], got["observations"],
                           got["medications"], got["assessments"] if assessments == "all" else got["latest"][::-1],
                           got["appointments"], got["genotypes"])
@@ -771,6 +778,10 @@ class Store:
         self._check(actor, "read", "assessment", pid, assessment_id)
         with self._tx() as s:
             row = _row(self._get(s, S.Assessment, assessment_id, "assessment"))
+            if actor.role == "patient" and row["status"] != "signed":
+                raise NotFound(f"no assessment {assessment_id}")  # drafts are the clinicians' own
+            signer = s.get(S.User, row["signed_by"]) if row["signed_by"] is not None else None
+            row["signed_by_name"] = signer.username if signer is not None else None
             self._audit(s, actor, "read", "assessment", assessment_id, pid)
             return row
 

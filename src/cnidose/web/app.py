@@ -48,6 +48,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match, Route
 
 from cnidose import __version__
+from cnidose.clinical.record import department_for, lab_units, resolve_indication
 from cnidose.errors import CnidoseError
 from cnidose.records.plausibility import NeedsConfirmation
 from cnidose.records.store import ENTRY_TABLES, PUBLIC, YEARS, AccessDenied, Actor, NotFound, SlotTaken, Store
@@ -275,6 +276,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     tz = ZoneInfo(timezone or os.environ.get("CNIDOSE_TIMEZONE", "UTC"))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["MAX"] = MAX  # the forms' maxlength: the same limits as the server's
+    templates.env.globals["LAB_UNITS"] = lab_units()  # each test's units, canonical first
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     vendor = {name: _vendor_file(*where) for name, where in VENDOR.items()}
     flights: dict[str, threading.Lock] = {}  # inputs key -> lock: one computation per key at a time
@@ -634,13 +636,15 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     def patient_response(request: Request, who: tuple[Actor, str], pid: int, status: int = 200,
                          error: str | None = None, error_field: str | None = None,
-                         confirm: dict[str, Any] | None = None) -> HTMLResponse:
+                         confirm: dict[str, Any] | None = None, follow_up_report: list[str] | None = None
+                         ) -> HTMLResponse:
         chart = store.chart(who[0], pid)
         curve = chart.assessments[-1]["result"].get("curve") if chart.assessments else None
         return render(request, "patient.html", who, status, chart=chart,
                       clinical=clinical_assessment(chart, the_day()), trends=trends(chart),
                       staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
-                      curve=curve, confirm=confirm, today=the_day())
+                      curve=curve, confirm=confirm, today=the_day(), follow_up_report=follow_up_report,
+                      department=_department(chart.patient))
 
     @app.get("/patients/{pid}", response_class=HTMLResponse, include_in_schema=False)
     def patient_page(request: Request, pid: Id, who: tuple[Actor, str] = Depends(page_user)) -> Response:
@@ -839,27 +843,43 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     @app.post("/patients/{pid}/follow-ups", include_in_schema=False)
     def follow_ups(request: Request, pid: Id, csrf: str = Form("", max_length=64),
-                   department: str = Form("transplant clinic", max_length=MAX["text"]),
+                   department: str = Form("", max_length=MAX["text"]),
                    who: tuple[Actor, str] = Depends(page_user)) -> Response:
-        """Book every follow-up the assessment says is due (09:00, the app's time zone), skipping taken slots."""
+        """Book every follow-up due from today on in the patient's department (its indication's, from
+        indications.toml, unless the form names one), at the first free quarter hour from 09:00 to 16:45 (the
+        app's time zone) still ahead; the answer lists what was booked and what could not be, never dropping a
+        visit silently."""
         check_csrf(who, csrf)
         store.authorize(who[0], "schedule", "follow-ups", pid)
         chart = store.chart(who[0], pid)
+        dept = department.strip() or _department(chart.patient)
+        now = dt.datetime.now(tz)
+        report: list[str] = []
         for d in clinical_assessment(chart, the_day())["due"]:
             day = dt.date.fromisoformat(d["date"])
-            if day < the_day() or any(a["source"] == d["source"] and a["starts_at"].date() == day
-                                      for a in chart.appointments):
+            if any(a["source"] == d["source"] and _utc_time(a["starts_at"]).astimezone(tz).date() == day
+                   and a["status"] != "cancelled" for a in chart.appointments):
+                continue  # booked before
+            if day < the_day():
+                report.append(f"not booked: {d['what']} was due on {day} (overdue): book it by hand")
                 continue
-            for hour in range(9, 17):
+            start = None
+            for minute in range(9 * 60, 17 * 60, 15):
+                at = dt.datetime(day.year, day.month, day.day, minute // 60, minute % 60, tzinfo=tz)
+                if at <= now:
+                    continue
                 try:
-                    store.book(who[0], department=department, kind="follow-up",
-                               starts_at=dt.datetime(day.year, day.month, day.day, hour, tzinfo=tz),
-                               patient_id=pid, reason=d["what"], source=d["source"])
+                    store.book(who[0], department=dept, kind="follow-up", starts_at=at, patient_id=pid,
+                               reason=d["what"], source=d["source"])
+                    start = at
                     break
                 except FieldError as exc:
                     if exc.field != "starts_at":
                         raise
-        return RedirectResponse(f"/patients/{pid}#appointments", status_code=303)
+            report.append(f"booked: {d['what']}, {dept}, {start:%Y-%m-%d %H:%M} ({tz.key})" if start is not None
+                          else f"not booked: {d['what']} on {day}: no free {dept} slot left that day: book it by "
+                               "hand")
+        return patient_response(request, who, pid, 200, follow_up_report=report or ["nothing new to book"])
 
     @app.get("/appointments/{appt_id}.ics", include_in_schema=False)
     def ics(request: Request, appt_id: Id, who: tuple[Actor, str] = Depends(page_user)) -> Response:
@@ -1147,8 +1167,11 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
             lines += [("p", r["recommendation"]["summary"]), ("p", f"Target: {r.get('target')}"),
                       ("p", f"Model: {r.get('model')}; cnidose {a['package_version']}; "
                             f"choice rule: {_rule(r['recommendation']['inputs'])}")]
-        if a.get("decision"):
-            lines.append(("p", f"Decision: {a['decision']} (signed {a['signed_at']:%Y-%m-%d %H:%M} UTC)"))
+        if a["status"] == "signed":
+            lines.append(("p", f"Decision: {a['decision']} (signed by {a.get('signed_by_name') or '?'}, "
+                               f"{a['signed_at']:%Y-%m-%d %H:%M} UTC)"))
+        else:
+            lines.append(("p", "Draft: not signed."))
         lines += [("p", f"Warning: {w}") for w in r.get("warnings", [])]
     lines.append(("h2", "Drug levels"))
     lines += [("p", f"{o['observed_at']:%Y-%m-%d %H:%M} UTC  {o['value']:.3g} {o['unit']}"
@@ -1163,6 +1186,19 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
 
 
 #: how the app analyses a chart (recorded in every assessment's inputs)
+def _utc_time(t: dt.datetime) -> dt.datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)  # SQLite gives stored UTC times back naive
+
+
+def _department(patient: dict[str, Any]) -> str:
+    """The department whose calendar the patient's follow-ups go to (by the indication)."""
+    try:
+        key = resolve_indication(patient.get("indication") or "")[0]
+    except CnidoseError:
+        return "clinic"
+    return department_for(key)
+
+
 def _rule(inputs: dict[str, Any]) -> str:
     choice = inputs.get("choice", "smallest")
     return f"aim at {inputs['aim']:g}" if choice == "aim" and "aim" in inputs else str(choice)

@@ -36,6 +36,25 @@
          { displayModeBar: false, responsive: true });
     }
   }
+  // the lab form: offer only the chosen test's units, its canonical unit selected
+  function labUnits() {
+    var name = document.getElementById("lab-name"), unit = document.getElementById("lab-unit");
+    if (!name || !unit || unit.dataset.bound) { return; }
+    unit.dataset.bound = "1";
+    var groups = Array.prototype.slice.call(unit.querySelectorAll("optgroup"));
+    function show() {
+      var first = null;
+      groups.forEach(function (g) {
+        var mine = g.dataset.lab === name.value;
+        g.hidden = !mine; g.disabled = !mine;
+        if (mine && !first) { first = g.querySelector("option"); }
+      });
+      if (first) { first.selected = true; }
+    }
+    name.addEventListener("change", show);
+    show();
+  }
+  document.addEventListener("htmx:afterSettle", labUnits);
   document.addEventListener("htmx:afterSettle", ready);
   document.addEventListener("htmx:beforeRequest", function () {
     var s = document.getElementById("htmx-status"); if (s) { s.hidden = true; }
@@ -49,5 +68,6 @@
   }
   document.addEventListener("htmx:responseError", failed);
   document.addEventListener("htmx:sendError", failed);
-  if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", ready); } else { ready(); }
+  function start() { ready(); labUnits(); }
+  if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", start); } else { start(); }
 })();
