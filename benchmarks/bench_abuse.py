@@ -36,32 +36,13 @@ import random
 import re
 import socket
 import sqlite3
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.bench_web import REPO, Conn
+from benchmarks.bench_web import Conn, _start
 
 PASSWORD = {"username": "clinician", "password": "clinician-demo"}
-
-
-def _start(port: int, data: str, workers: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "XDG_DATA_HOME": data}
-    env.pop("CNIDOSE_DATABASE_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cnidose.cli", "serve", "--demo", "--port", str(port),
-                             "--workers", str(workers), "--trusted-proxies", "127.0.0.1"],
-                            env=env, stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2):
-                return proc
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("the server did not start") from None
-            time.sleep(0.2)
 
 
 def _rss_mb(pid: int) -> float:
@@ -260,7 +241,7 @@ def main() -> None:
           f"clinicians (think {args.think:g} s), {args.attackers} attacking connections; {args.seconds:g} s a phase",
           flush=True)
     with tempfile.TemporaryDirectory() as data:
-        proc = _start(port, data, args.workers)
+        proc = _start(port, data, args.workers, None, ("--trusted-proxies", "127.0.0.1"))
         db = Path(data) / "cnidose" / "cnidose-demo.db"
         try:
             loop = asyncio.new_event_loop()

@@ -109,11 +109,14 @@ class Conn:
             self.writer.close()
 
 
-def _start(port: int, data: str, workers: int, database: str | None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "XDG_DATA_HOME": data, "CNIDOSE_SECRET_KEY": "bench"}
+def _start(port: int, data: str, workers: int, database: str | None, extra: tuple[str, ...] = ()
+           ) -> subprocess.Popen[bytes]:
+    """``cnidose serve --demo`` on loopback with its data under ``data`` (``extra``: more options), once it
+    accepts connections."""
+    env = {**os.environ, "XDG_DATA_HOME": data}
     env.pop("CNIDOSE_DATABASE_URL", None)
     proc = subprocess.Popen([sys.executable, "-m", "cnidose.cli", "serve", "--demo", "--port", str(port),
-                             "--workers", str(workers), *(["--database", database] if database else [])],
+                             "--workers", str(workers), *(["--database", database] if database else []), *extra],
                             env=env, stderr=subprocess.DEVNULL, cwd=REPO)
     deadline = time.monotonic() + 60
     while True:

@@ -430,12 +430,12 @@ def test_patients_see_signed_recommendations_only_and_every_signature_is_named(
     import io
 
     pypdf = pytest.importorskip("pypdf")
-    app, _, ids = site
+    app, store, ids = site
     kid = ids["DEMO-TX-1"]
     clin, token = client(app, "clin")
-    r = clin.post(f"/api/v1/patients/{kid}/recommendation", headers={"X-CSRF-Token": token})
-    assert r.status_code in (200, 201)
-    aid = r.json()["id"]
+    # the newest assessment, a draft (what earlier tests computed or signed does not matter)
+    aid = store.save_assessment(SYSTEM, kid, kind="assessment", inputs={}, result={}, model_ref=None,
+                                package_version="test")
     karel, _ = client(app, "karel")
     assert karel.get(f"/api/v1/assessments/{aid}").status_code == 404
     assert f'id="assessment-{aid}"' not in karel.get(f"/patients/{kid}").text
@@ -546,3 +546,44 @@ def test_due_follow_ups_go_to_the_patients_department_and_none_is_dropped_silent
 
 def _utc(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
+
+def test_times_are_typed_and_shown_in_the_apps_time_zone_and_stored_in_utc(tmp_path: Path) -> None:
+    """With the app in Europe/Prague (UTC+1 in November), a trough typed at 07:45 is stored at 06:45 UTC and shown
+    at 07:45 on the page, the plot and the PDF, each naming the zone; the forms say which zone they read (issue
+    17, item 5)."""
+    import io
+    import json as _json
+
+    pypdf = pytest.importorskip("pypdf")
+    engine = make_engine(f"sqlite:///{tmp_path / 'tz.db'}")
+    upgrade(engine)
+    store = Store(engine)
+    ids = seed_demo(store, TODAY)
+    store.create_user(SYSTEM, "clin", hash_password("clin-pw"), "clinician")
+    app = create_app(store, today=lambda: TODAY, timezone="Europe/Prague", rate_limits=ROOMY)
+    c, token = client(app, "clin")
+    kid = ids["DEMO-TX-1"]
+    page = c.get(f"/patients/{kid}").text
+    assert "Drawn at (Europe/Prague)" in page and "Times are in Europe/Prague." in page
+    r = c.post(f"/patients/{kid}/levels", data={"csrf": token, "value": "9.1", "unit": "ng/mL",
+                                                 "observed_at": "2026-11-24T07:45", "sample": "trough",
+                                                 "confirm": "1"})
+    assert r.status_code in (200, 303), r.text[:300]
+    level = next(o for o in store.chart(SYSTEM, kid).observations if o["category"] == "level" and o["value"] == 9.1)
+    stored = level["observed_at"]
+    stored = stored if stored.tzinfo else stored.replace(tzinfo=dt.UTC)
+    assert stored == dt.datetime(2026, 11, 24, 6, 45, tzinfo=dt.UTC)
+    page = c.get(f"/patients/{kid}").text
+    row = re.search(rf'<tr class="final" id="observation-{level["id"]}"><td>([^<]*)</td>', page)
+    assert row is not None and row.group(1) == "2026-11-24 07:45"  # the wall-clock time typed
+    assert c.post(f"/api/v1/patients/{kid}/recommendation", headers={"X-CSRF-Token": token}).status_code == 201
+    page = c.get(f"/patients/{kid}").text
+    m = re.search(r'<script type="application/json" id="curve-data">(.*?)</script>', page, re.S)
+    assert m is not None
+    curve = _json.loads(m.group(1))
+    assert curve["timezone"] == "Europe/Prague" and "2026-11-24T07:45:00" in curve["observed_time"]
+    pdf = pypdf.PdfReader(io.BytesIO(c.get(f"/patients/{kid}/report.pdf").content))
+    text = " ".join(" ".join(pg.extract_text() for pg in pdf.pages).split())
+    assert "2026-11-24 07:45 Europe/Prague 9.1 ng/mL" in text
+    engine.dispose()

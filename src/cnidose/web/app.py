@@ -110,6 +110,7 @@ DEVICE_COOKIE = "cnidose_device"
 DEVICE_AGE = dt.timedelta(days=180)
 #: the least time a checked sign-in takes (s): above the hash's own ~0.11 s and an older hash's ~0.3 s
 SIGN_IN_FLOOR_S = 0.35
+UTC_ZONE = ZoneInfo("UTC")
 
 
 class LevelIn(BaseModel):
@@ -277,6 +278,9 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["MAX"] = MAX  # the forms' maxlength: the same limits as the server's
     templates.env.globals["LAB_UNITS"] = lab_units()  # each test's units, canonical first
+    # times are stored in UTC; pages show and forms read them in the app's time zone, which they name
+    templates.env.globals["TZ"] = tz.key
+    templates.env.filters["local"] = lambda t, seconds=False: _local(t, tz, seconds)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     vendor = {name: _vendor_file(*where) for name, where in VENDOR.items()}
     flights: dict[str, threading.Lock] = {}  # inputs key -> lock: one computation per key at a time
@@ -641,9 +645,10 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         chart = store.chart(who[0], pid)
         curve = chart.assessments[-1]["result"].get("curve") if chart.assessments else None
         return render(request, "patient.html", who, status, chart=chart,
-                      clinical=clinical_assessment(chart, the_day()), trends=trends(chart),
+                      clinical=clinical_assessment(chart, the_day()), trends=_local_trends(trends(chart), tz),
                       staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
-                      curve=curve, confirm=confirm, today=the_day(), follow_up_report=follow_up_report,
+                      curve=_local_curve(curve, tz), confirm=confirm, today=the_day(),
+                      follow_up_report=follow_up_report,
                       department=_department(chart.patient))
 
     @app.get("/patients/{pid}", response_class=HTMLResponse, include_in_schema=False)
@@ -950,7 +955,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     @app.get("/patients/{pid}/report.pdf", include_in_schema=False)
     def report_pdf(pid: Id, who: tuple[Actor, str] = Depends(page_user)) -> Response:
         chart = store.chart(who[0], pid)
-        body = _report_pdf(chart, clinical_assessment(chart, the_day()), the_day())
+        body = _report_pdf(chart, clinical_assessment(chart, the_day()), the_day(), tz)
         store.record_event(who[0], "export", "report-pdf", pid, pid)
         return Response(body, media_type="application/pdf",
                         headers={"Content-Disposition": f'inline; filename="cnidose-report-{pid}.pdf"'})
@@ -1141,7 +1146,7 @@ def app_from_env() -> FastAPI:
     return create_app(Store(make_engine()))
 
 
-def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
+def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date, tz: ZoneInfo = UTC_ZONE) -> bytes:
     """The printable report as a PDF: patient, alerts, the latest recommendation with its provenance and
     decision, levels, regimens."""
     from cnidose.web.pdf import text_pdf
@@ -1162,19 +1167,19 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
     if chart.assessments:
         a = chart.assessments[-1]
         r = a["result"]
-        lines.append(("h2", f"Latest {a['kind']} ({a['status']}, {a['created_at']:%Y-%m-%d %H:%M} UTC)"))
+        lines.append(("h2", f"Latest {a['kind']} ({a['status']}, {_local(a['created_at'], tz)} {tz.key})"))
         if r.get("recommendation"):
             lines += [("p", r["recommendation"]["summary"]), ("p", f"Target: {r.get('target')}"),
                       ("p", f"Model: {r.get('model')}; cnidose {a['package_version']}; "
                             f"choice rule: {_rule(r['recommendation']['inputs'])}")]
         if a["status"] == "signed":
             lines.append(("p", f"Decision: {a['decision']} (signed by {a.get('signed_by_name') or '?'}, "
-                               f"{a['signed_at']:%Y-%m-%d %H:%M} UTC)"))
+                               f"{_local(a['signed_at'], tz)} {tz.key})"))
         else:
             lines.append(("p", "Draft: not signed."))
         lines += [("p", f"Warning: {w}") for w in r.get("warnings", [])]
     lines.append(("h2", "Drug levels"))
-    lines += [("p", f"{o['observed_at']:%Y-%m-%d %H:%M} UTC  {o['value']:.3g} {o['unit']}"
+    lines += [("p", f"{_local(o['observed_at'], tz)} {tz.key}  {o['value']:.3g} {o['unit']}"
                     + (" (below LLOQ)" if o["blq"] else ""))
               for o in chart.observations if o["category"] == "level" and o["status"] == "final"] or [
         ("p", "None recorded.")]
@@ -1186,6 +1191,35 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date) -> bytes:
 
 
 #: how the app analyses a chart (recorded in every assessment's inputs)
+def _local(t: Any, tz: ZoneInfo, seconds: bool = False) -> str:
+    """A stored (UTC) time as the app's wall-clock time, for pages."""
+    if not isinstance(t, dt.datetime):
+        return "" if t is None else str(t)
+    return _utc_time(t).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
+
+
+def _wall(t: dt.datetime, tz: ZoneInfo) -> str:
+    """ISO wall-clock time in ``tz`` without an offset: what Plotly draws as it is (it ignores offsets)."""
+    return _utc_time(t).astimezone(tz).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _local_curve(curve: dict[str, Any] | None, tz: ZoneInfo) -> dict[str, Any] | None:
+    """The stored curve (hours after a UTC origin) with its times as wall-clock times in ``tz``."""
+    if not curve or "hours" not in curve:
+        return curve
+    origin = dt.datetime.fromisoformat(curve["origin"])
+    out = {k: v for k, v in curve.items() if k not in ("hours", "observed_hours")}
+    out["time"] = [_wall(origin + dt.timedelta(hours=h), tz) for h in curve["hours"]]
+    out["observed_time"] = [_wall(origin + dt.timedelta(hours=h), tz) for h in curve["observed_hours"]]
+    out["timezone"] = tz.key
+    return out
+
+
+def _local_trends(tr: dict[str, Any], tz: ZoneInfo) -> dict[str, Any]:
+    return {"egfr": [(_wall(dt.datetime.fromisoformat(t), tz), v) for t, v in tr["egfr"]],
+            "bp": [(_wall(dt.datetime.fromisoformat(t), tz), s, d) for t, s, d in tr["bp"]]}
+
+
 def _utc_time(t: dt.datetime) -> dt.datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=dt.UTC)  # SQLite gives stored UTC times back naive
 
