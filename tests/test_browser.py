@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import socket
 import threading
 import time
@@ -73,6 +74,16 @@ def _shot(page: object, name: str) -> None:
         page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)  # type: ignore[attr-defined]
 
 
+def _contrast(fg: str, bg: str) -> float:
+    """WCAG 2 contrast ratio of two CSS rgb()/rgba() colours."""
+    def lum(css: str) -> float:
+        r, g, b = (int(x) / 255 for x in re.findall(r"[\d.]+", css)[:3])
+        lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    hi, lo = sorted((lum(fg), lum(bg)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
 def _sign_in(page: object, base: str, user: str) -> None:
     page.goto(f"{base}/login")  # type: ignore[attr-defined]
     page.fill("#username", user)  # type: ignore[attr-defined]
@@ -91,6 +102,10 @@ def test_clinician_adds_a_trough_gets_a_recommendation_signs_and_books(server: t
     _sign_in(page, base, "clin")
     expect(page.locator("#patients")).to_contain_text("DEMO-TX-1")
     _shot(page, "patients")
+    # every badge is legible: its text colour against its background has a contrast ratio of 4.5 or more (WCAG)
+    pairs = page.eval_on_selector_all(  # type: ignore[attr-defined]
+        ".badge", "bs => bs.map(b => [getComputedStyle(b).color, getComputedStyle(b).backgroundColor, b.textContent])")
+    assert pairs and all(_contrast(fg, bg) >= 4.5 for fg, bg, _ in pairs), pairs
     page.click("text=Demo, Karel")
     expect(page.locator("#patient-name")).to_have_text("Demo, Karel")
     # htmx (served by the app) posts the forms below in place: a mark set on this page must survive them all

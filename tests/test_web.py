@@ -587,3 +587,22 @@ def test_times_are_typed_and_shown_in_the_apps_time_zone_and_stored_in_utc(tmp_p
     text = " ".join(" ".join(pg.extract_text() for pg in pdf.pages).split())
     assert "2026-11-24 07:45 Europe/Prague 9.1 ng/mL" in text
     engine.dispose()
+
+
+def test_the_patient_list_finds_by_name_or_mrn_and_its_badges_say_what_they_count(
+        site: tuple[Any, Store, dict[str, int]]) -> None:
+    """Search by every word of the query in the name or the MRN; a badge per severity with its count, and each
+    alert's text in the row (not only in a tooltip); "no alerts" when there is none (issue 17, item 7)."""
+    app, _, _ = site
+    c, _ = client(app, "clin")
+    html = c.get("/patients", params={"q": "karel demo"}).text
+    assert "DEMO-TX-1" in html and "DEMO-DERM-1" not in html and "1 patient(s) matching" in html
+    html = c.get("/patients", params={"q": "derm-1"}).text
+    assert "DEMO-DERM-1" in html and "DEMO-TX-1" not in html
+    assert "0 patient(s) matching" in c.get("/patients", params={"q": "nobody"}).text
+    assert c.get("/patients", params={"q": "x" * 65}).status_code == 422
+    html = c.get("/patients").text
+    badges = re.findall(r'<span class="badge (\w+)">([^<]*)</span>', html)
+    assert badges and all(text.split()[-1] == sev or (sev, text) == ("ok", "no alerts") for sev, text in badges)
+    assert all(re.fullmatch(r"\d+ (critical|warning|info)|no alerts", text) for _, text in badges)
+    assert '<ul class="alert-lines"><li>' in html

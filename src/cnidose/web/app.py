@@ -622,8 +622,12 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             return RedirectResponse("/admin/audit", status_code=303)
         return RedirectResponse("/patients", status_code=303)
 
-    def _summaries(actor: Actor) -> list[dict[str, Any]]:
+    def _summaries(actor: Actor, q: str = "") -> list[dict[str, Any]]:
         rows = store.patients(actor)
+        words = q.lower().split()
+        if words:  # every word in the name or the MRN
+            rows = [p for p in rows if all(w in f"{p['family_name']} {p['given_name']} {p['mrn']}".lower()
+                                           for w in words)]
         out = []
         for p in rows:
             chart = store.chart(actor, int(p["id"]))
@@ -633,10 +637,11 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return out
 
     @app.get("/patients", response_class=HTMLResponse, include_in_schema=False)
-    def patient_list(request: Request, who: tuple[Actor, str] = Depends(page_user)) -> Response:
+    def patient_list(request: Request, q: Annotated[str, Query(max_length=MAX["text"])] = "",
+                     who: tuple[Actor, str] = Depends(page_user)) -> Response:
         if who[0].role == "patient":
             return RedirectResponse(f"/patients/{who[0].patient_id}", status_code=303)
-        return render(request, "patients.html", who, patients=_summaries(who[0]))
+        return render(request, "patients.html", who, patients=_summaries(who[0], q.strip()), q=q.strip())
 
     def patient_response(request: Request, who: tuple[Actor, str], pid: int, status: int = 200,
                          error: str | None = None, error_field: str | None = None,
