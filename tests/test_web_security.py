@@ -265,6 +265,19 @@ def test_an_attack_on_an_account_does_not_slow_its_user_on_a_known_device(
     assert n == 2  # clin's and pharm's
 
 
+def test_device_rows_per_user_are_bounded(site: tuple[Store, dict[str, int], Path]) -> None:
+    """A client that signs in without keeping cookies gets a new device row each time; only the newest 50 stay."""
+    from cnidose.records.store import DEVICES_PER_USER
+
+    store, _, _ = site
+    uid = int(store.user("clin")["id"])  # type: ignore[index]
+    tokens = [store.remember_device(uid, max_age=dt.timedelta(days=180)) for _ in range(DEVICES_PER_USER + 5)]
+    with store.engine.connect() as conn:
+        n = conn.exec_driver_sql("SELECT count(*) FROM sign_in_devices").scalar()
+    assert n == DEVICES_PER_USER
+    assert store.device_user(tokens[-1], max_age=dt.timedelta(days=180)) == uid
+
+
 def test_a_flood_of_refused_sign_ins_does_not_grow_the_audit_log(site: tuple[Store, dict[str, int], Path]) -> None:
     """Throttled attempts (no hash computed) are audited once a minute per user name and address, not each."""
     store, _, _ = site

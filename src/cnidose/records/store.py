@@ -74,6 +74,8 @@ class Actor:
 
 SYSTEM = Actor("system", "system")
 PUBLIC = Actor("public", "public")
+#: device cookies kept per user (the newest)
+DEVICES_PER_USER = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,13 +351,16 @@ class Store:
 
     def remember_device(self, user_id: int, *, max_age: dt.timedelta) -> str:
         """A device cookie's token for a user who has just signed in (the database keeps its SHA-256); the user's
-        devices older than ``max_age`` are forgotten."""
+        devices older than ``max_age`` are forgotten, and all but the newest ``DEVICES_PER_USER`` (a script that
+        signs in without keeping cookies would otherwise add a row at every sign-in)."""
         token = secrets.token_urlsafe(32)
+        d = S.SignInDevice
         with self._tx() as s:
-            s.execute(delete(S.SignInDevice).where(S.SignInDevice.user_id == user_id,
-                                                   S.SignInDevice.created_at < _now() - max_age))
-            s.execute(insert(S.SignInDevice.__table__).values(  # type: ignore[arg-type]
+            s.execute(delete(d).where(d.user_id == user_id, d.created_at < _now() - max_age))
+            s.execute(insert(d.__table__).values(  # type: ignore[arg-type]
                 id=_digest(token), user_id=user_id, created_at=_now()))
+            newest = select(d.id).where(d.user_id == user_id).order_by(d.created_at.desc()).limit(DEVICES_PER_USER)
+            s.execute(delete(d).where(d.user_id == user_id, d.id.not_in(newest.scalar_subquery())))
         return token
 
     def device_user(self, token: str | None, *, max_age: dt.timedelta) -> int | None:
