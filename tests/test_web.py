@@ -260,10 +260,11 @@ def test_recommendation_through_the_api_is_stored_with_its_provenance_and_signed
     assert r.status_code == 201, r.text
     a = r.json()
     full = c.get(f"/api/v1/assessments/{a['id']}").json()["result"]
-    assert a["reused"] is False and {k: v for k, v in full.items() if k != "curve"} == a["result"]
+    assert a["reused"] is False and {k: v for k, v in full.items() if k not in ("curve", "forecast")} == a["result"]
     rec = a["result"]["recommendation"]
     assert a["status"] == "draft" and a["model_ref"].startswith("andrews2019_tac_adult_kidney 1.0.0 sha256:")
     assert rec["chosen"]["dose"] > 0 and rec["target"]["source"] and "curve" not in a["result"]
+    assert "forecast" not in a["result"] and full["forecast"]["proposed"]["p50"]
     assert c.get(a["curve_url"]).json()["result"]["curve"]["observed"]
     assert a["inputs"]["chart_sha256"] and a["package_version"]
     r = c.post(f"/api/v1/assessments/{a['id']}/sign", json={"decision": "as recommended"},
@@ -418,9 +419,10 @@ def test_report_pdf(site: tuple[Any, Store, dict[str, int]]) -> None:
     assert r.status_code == 200 and r.headers["content-type"] == "application/pdf"
     reader = pypdf.PdfReader(io.BytesIO(r.content))
     text = " ".join(" ".join(page.extract_text() for page in reader.pages).split())  # lines wrap
-    assert "Demo, Karel - MRN DEMO-TX-1" in text and "give " in text and "andrews2019_tac_adult_kidney" in text
+    assert "Demo, Karel · MRN DEMO-TX-1" in text and "give " in text and "andrews2019_tac_adult_kidney" in text
     assert "13.9 ng/mL" in text and "choice rule: aim at " in text and "(aimed at " in text
-    assert len(reader.pages) >= 1
+    assert "haematocrit (HCT): 0.3 L/L" in text and "Model chosen: Tacrolimus IR, adult kidney transplant" in text
+    assert sum(len(page.images) for page in reader.pages) == 1  # the concentration plot
 
 
 def test_patients_see_signed_recommendations_only_and_every_signature_is_named(
@@ -451,22 +453,61 @@ def test_patients_see_signed_recommendations_only_and_every_signature_is_named(
     assert 'class="signer">clin<' in clin.get(f"/patients/{kid}/report").text
     pdf = pypdf.PdfReader(io.BytesIO(clin.get(f"/patients/{kid}/report.pdf").content))
     text = " ".join(" ".join(pg.extract_text() for pg in pdf.pages).split())
-    assert "Decision: Give 2 mg every 12 h (signed by clin, " in text
+    assert "Regimen signed: Give 2 mg every 12 h Signed by clin, " in text
 
 
-def test_pdf_writer_breaks_pages_and_escapes() -> None:
+def test_pdf_writer_keeps_every_character_and_breaks_pages() -> None:
+    """fpdf2 with DejaVu Sans: Czech, Greek, symbols and PDF delimiters come back exactly; long reports break
+    into numbered pages."""
     import io
 
     pypdf = pytest.importorskip("pypdf")
-    from cnidose.web.pdf import text_pdf
+    from cnidose.web.pdf import report_pdf
 
-    lines = [("h1", "Title (with parentheses) \\ and backslash")] + [("p", f"line {k}: trough ≤ 10 µg/L") for k in
-                                                                     range(120)]
-    reader = pypdf.PdfReader(io.BytesIO(text_pdf(lines, title="t")))
+    blocks = [("h1", "Dvořák, Jiří — Παπαδόπουλος, Γιώργος (with parentheses) \\ and backslash")] + [
+        ("p", f"line {k}: trough ≤ 10 µg/L, 80 % interval 5–9") for k in range(160)]
+    reader = pypdf.PdfReader(io.BytesIO(report_pdf(blocks, title="t")))
     assert len(reader.pages) >= 2
-    text = "\n".join(p.extract_text() for p in reader.pages)
-    assert "Title (with parentheses) \\ and backslash" in text and "line 119: trough <= 10 µg/L" in text
-    assert "page 1 of" in text
+    text = " ".join(" ".join(p.extract_text() for p in reader.pages).split())  # lines wrap
+    assert "Dvořák, Jiří — Παπαδόπουλος, Γιώργος (with parentheses) \\ and backslash" in text
+    assert "line 159: trough ≤ 10 µg/L, 80 % interval 5–9" in text and f"page 1/{len(reader.pages)}" in text
+
+
+def test_pdf_names_czech_and_greek_patients_exactly_with_the_signer_and_the_signed_regimen(
+        site: tuple[Any, Store, dict[str, int]]) -> None:
+    """Issue 17, item 6: the demo transplant record imported under a Czech and under a Greek name, fitted, and a
+    regimen other than the recommended one chosen from the candidate table and signed: the PDF prints each name
+    exactly, the signer, and the regimen signed (not the regimen recorded before it), with the plot."""
+    import io
+
+    from cnidose.records.exchange import chart_to_record_document, import_record
+
+    pypdf = pytest.importorskip("pypdf")
+    app, store, ids = site
+    doc = chart_to_record_document(store.chart(SYSTEM, ids["DEMO-TX-1"]))
+    c, token = client(app, "pharm")
+    for family, given in (("Dvořák", "Jiří"), ("Παπαδόπουλος", "Γιώργος")):
+        pid = import_record(store, SYSTEM, {**doc, "id": f"U-{family}"},
+                            family_name=family, given_name=given)
+        a = c.post(f"/api/v1/patients/{pid}/recommendation", headers={"X-CSRF-Token": token}).json()
+        rec = a["result"]["recommendation"]
+        other = next(i for i, x in enumerate(rec["candidates"]) if x["in_target"] and x != rec["chosen"])
+        # a candidate the assessment does not have, or neither a candidate nor a decision: refused at the field
+        for body, said in (({"candidate": len(rec["candidates"])}, "has no candidate"),
+                           ({"decision": "  "}, "choose a regimen or write the decision")):
+            r = c.post(f"/api/v1/assessments/{a['id']}/sign", json=body, headers={"X-CSRF-Token": token})
+            assert r.status_code == 422 and said in r.text
+        r = c.post(f"/api/v1/assessments/{a['id']}/sign", json={"candidate": other, "decision": "recheck in 5 days"},
+                   headers={"X-CSRF-Token": token})
+        assert r.status_code == 200, r.text
+        dose = rec["candidates"][other]["dose"]
+        assert r.json()["decision"].startswith(f"Give {dose:g} mg Prograf every 12 h (")
+        assert r.json()["decision"].endswith(". recheck in 5 days")
+        reader = pypdf.PdfReader(io.BytesIO(c.get(f"/patients/{pid}/report.pdf").content))
+        text = " ".join(" ".join(pg.extract_text() for pg in reader.pages).split())
+        assert f"{family}, {given} · MRN U-{family}" in text
+        assert f"Regimen signed: Give {dose:g} mg Prograf every 12 h (" in text and "Signed by pharm, " in text
+        assert sum(len(pg.images) for pg in reader.pages) == 1
 
 
 def test_analysis_guesses_nothing(site: tuple[Any, Store, dict[str, int]]) -> None:
@@ -529,7 +570,10 @@ def test_due_follow_ups_go_to_the_patients_department_and_none_is_dropped_silent
     assert all(_utc(a["starts_at"]) > dt.datetime.now(dt.UTC) for a in visits)
     assert r.text.count("booked: ") == len(due) or "not booked" in r.text
     r = c.post(f"/patients/{derm}/follow-ups", data={"csrf": token})
-    assert "nothing new to book" in r.text and len(store.chart(SYSTEM, derm).appointments) == len(visits)
+    # nothing is booked twice (a visit due today whose slots have passed -- late in the day -- is said again)
+    report = re.findall(r"<li class=\"(?:ok|warn)\">([^<]*)</li>", r.text)
+    assert report == ["nothing new to book"] or all(line.startswith("not booked: ") for line in report)
+    assert report and len(store.chart(SYSTEM, derm).appointments) == len(visits)
     # every slot of the transplant patient's first due day is taken: that visit is reported, the others booked
     first = dt.date.fromisoformat(clinical_assessment(store.chart(SYSTEM, kid), today)["due"][0]["date"])
     for minute in range(9 * 60, 17 * 60, 15):
@@ -582,7 +626,8 @@ def test_times_are_typed_and_shown_in_the_apps_time_zone_and_stored_in_utc(tmp_p
     m = re.search(r'<script type="application/json" id="curve-data">(.*?)</script>', page, re.S)
     assert m is not None
     curve = _json.loads(m.group(1))
-    assert curve["timezone"] == "Europe/Prague" and "2026-11-24T07:45:00" in curve["observed_time"]
+    assert curve["timezone"] == "Europe/Prague" and "2026-11-24T07:45:00" in curve["levels"]["time"]
+    assert curve["fit"]["time"] and curve["forecast"]["time"][0] >= curve["levels"]["time"][-1]
     pdf = pypdf.PdfReader(io.BytesIO(c.get(f"/patients/{kid}/report.pdf").content))
     text = " ".join(" ".join(pg.extract_text() for pg in pdf.pages).split())
     assert "2026-11-24 07:45 Europe/Prague 9.1 ng/mL" in text
@@ -606,3 +651,40 @@ def test_the_patient_list_finds_by_name_or_mrn_and_its_badges_say_what_they_coun
     assert badges and all(text.split()[-1] == sev or (sev, text) == ("ok", "no alerts") for sev, text in badges)
     assert all(re.fullmatch(r"\d+ (critical|warning|info)|no alerts", text) for _, text in badges)
     assert '<ul class="alert-lines"><li>' in html
+
+
+def test_errors_on_pages_are_pages_and_a_refused_entry_keeps_what_was_typed(
+        site: tuple[Any, Store, dict[str, int]]) -> None:
+    """Without JavaScript: a refused entry comes back (422) with the message next to its field and the typed
+    values in the form, and htmx is told to swap that form's box only; errors on pages are pages with a way back
+    (a clashing or invalid calendar action, a missing patient, a wrong CSRF token), while the API answers JSON;
+    the calendar names each patient and links every department (issue 17, items 1 and 7)."""
+    app, store, ids = site
+    kid = ids["DEMO-TX-1"]
+    c, token = client(app, "clin")
+    r = c.post(f"/patients/{kid}/levels", data={"csrf": token, "value": "8000", "unit": "ng/mL", "sample": "trough",
+                                               "observed_at": "2026-11-24T07:40"})
+    assert r.status_code == 422 and r.headers["HX-Retarget"] == r.headers["HX-Reselect"] == "#level-box"
+    box = r.text[r.text.index('id="level-box"'):r.text.index('id="dose-box"')]
+    assert 'id="level-error"' in box and "if the unit is ng/L" in box and 'value="8000"' in box
+    assert 'value="2026-11-24T07:40"' in box and 'aria-invalid="true" aria-describedby="level-error"' in box
+    assert 'id="form-error"' not in r.text  # said at the field, not at the top of the page
+    soon = dt.datetime.combine(dt.date.today() + dt.timedelta(days=3), dt.time(10, 15), tzinfo=dt.UTC)
+    appt = store.book(SYSTEM, department="transplant clinic", kind="follow-up", patient_id=kid, starts_at=soon)
+    r = c.post(f"/appointments/{appt}/status", data={"csrf": token, "status": "bogus",
+                                                     "department": "transplant clinic"},
+               headers={"referer": "http://testserver/calendar?department=transplant%20clinic"})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/html")
+    assert 'id="error-page"' in r.text and 'href="/calendar?department=transplant%20clinic"' in r.text
+    r = c.post(f"/appointments/{appt}/status", data={"csrf": "wrong", "status": "cancelled"},
+               headers={"referer": "https://elsewhere.example/x"})
+    assert r.status_code == 403 and 'id="error-page"' in r.text and 'href="/" id="error-back"' in r.text
+    r = c.get("/patients/99999999")
+    assert r.status_code == 404 and 'id="error-page"' in r.text
+    assert c.get("/no/such/page").status_code == 404 and 'id="error-page"' in c.get("/no/such/page").text
+    assert c.get("/api/v1/patients/99999999").headers["content-type"] == "application/json"
+    now, _ = client(create_app(store, today=dt.date.today, rate_limits=ROOMY), "clin")  # the calendar from today
+    page = now.get("/calendar", params={"department": "transplant clinic"}).text
+    assert "Demo, Karel" in page and "DEMO-TX-1" in page and "patient " + str(kid) not in page
+    for dept in ("dermatology", "transplant%20clinic", "nephrology", "gastroenterology"):
+        assert f'href="/calendar?department={dept}"' in page

@@ -127,6 +127,10 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         organ = record.organ or record.indication.replace(" transplant", "")
         target = find_target(record.agent, organ, group, months, concomitant=concomitant)
         ind, fit = _fit_with_exclusions(model, record, exp, out)
+        out["model_inputs"] = _model_inputs(model, ind, record, exp.notes,
+                                            "chosen by the caller" if model_id else
+                                            f"the library's model for {record.agent} in {group} "
+                                            f"{record.indication} (cnidose.records.analysis.MODEL_FOR)")
         first = exp.origin + dt.timedelta(hours=float(ind.time[0])) if exp.origin else None
         applied = [x for x in exposure if x["agent"] == record.agent and first is not None
                    and (x["end"] is None or dt.date.fromisoformat(x["end"]) > first.date())]
@@ -143,6 +147,9 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         out["warnings"].append(f"{type(exc).__name__}: {exc}")
         return out
     out["curve"] = _curve(ind, post, exp.origin, interval, target, seed)
+    if rec.chosen is not None and post is not None:
+        out["forecast"] = _forecast(ind, post, [("current", reg.dose_mg, reg.interval_h),
+                                                ("proposed", rec.chosen.dose, rec.chosen.interval)], seed)
     out["recommendation"] = rec.to_dict()
     summary = rec.summary()
     if out["flagged"] or out["excluded"]:
@@ -235,3 +242,111 @@ def _curve(ind: Any, post: Any, origin: dt.datetime | None, interval: float, tar
             "observed_hours": [round(float(h), 4) for h in ind.time[obs]],
             "observed": ind.covariates["DV"][obs].tolist(), "target": [target.low, target.high],
             "unit": target.unit}
+
+
+#: how far ahead the current and the proposed regimens are forecast (tacrolimus and ciclosporin approach steady
+#: state within 3-5 days)
+FORECAST_DAYS = 5.0
+
+
+def _forecast(ind: Any, post: Any, regimens: list[tuple[str, float, float]], seed: int) -> dict[str, Any]:
+    """The patient's posterior forecast (median, 80 % band) over the next ``FORECAST_DAYS`` under each regimen
+    ``(name, dose mg, interval h)``, continued from the next dose due after the last record (the last dose plus
+    the new interval, or the last record if later). The doses copy the last recorded dose's compartment and
+    infusion duration; covariates keep their last values, except the post-operative day, which advances with
+    the clock. Where the model has between-occasion variability the forecast is a new occasion, its effect drawn
+    from its prior -- the assumption of the recommendation's steady-state predictions, so curve and candidate table
+    agree. The same posterior draws and occasion effects serve every regimen: the curves differ only by the
+    regimen."""
+    dosed = np.flatnonzero((ind.evid == 1) | (ind.evid == 4))
+    last = int(dosed[-1])
+    t_last_record = float(ind.time[-1])
+    covs = {k: v for k, v in ind.covariates.items() if k not in ("DV", "BLQ", "LLOQ")}
+    iov = post.model.iov
+    occ = iov.occasion if iov is not None else None
+    if occ is not None and occ not in covs:
+        covs[occ] = np.zeros(len(ind))
+    out: dict[str, Any] = {"days": FORECAST_DAYS}
+    for name, dose, tau in regimens:
+        start = float(ind.time[last]) + tau
+        while start < t_last_record:
+            start += tau
+        n_doses = int(np.ceil((t_last_record + FORECAST_DAYS * 24.0 - start) / tau))
+        dose_t = start + tau * np.arange(max(n_doses, 1))
+        grid = np.arange(t_last_record, t_last_record + FORECAST_DAYS * 24.0 + 1e-9, 0.25)
+        new_t = np.concatenate([dose_t, grid])
+        n_new = new_t.size
+        rate = 0.0 if ind.rate[last] <= 0 else float(ind.rate[last]) * dose / float(ind.amt[last])
+        cols = {"ID": np.full(len(ind) + n_new, float(ind.id)),
+                "TIME": np.concatenate([ind.time, new_t]),
+                "EVID": np.concatenate([ind.evid, np.ones(dose_t.size), np.full(grid.size, 2.0)]),
+                "AMT": np.concatenate([ind.amt, np.full(dose_t.size, dose), np.zeros(grid.size)]),
+                "RATE": np.concatenate([ind.rate, np.full(dose_t.size, rate), np.zeros(grid.size)]),
+                "CMT": np.concatenate([ind.cmt, np.full(dose_t.size, ind.cmt[last]), np.zeros(grid.size)]),
+                "MDV": np.ones(len(ind) + n_new)}
+        for k, v in covs.items():
+            future = np.full(n_new, v[-1])
+            if k == "POD":
+                future = v[-1] + np.floor((new_t - t_last_record) / 24.0)
+            elif k == occ:
+                future = np.full(n_new, np.max(v) + 1.0)
+            cols[k] = np.concatenate([v, future])
+        mark = np.concatenate([np.zeros(len(ind) + dose_t.size, bool), np.ones(grid.size, bool)])
+        order = np.lexsort((mark, cols["TIME"]))  # as on the fitted curve: a grid point after a dose at its time
+        cols = {k: v[order] for k, v in cols.items()}
+        g = split_individuals(cols)[0]
+        pred = post.predict(g, seed=seed)
+        on_grid = mark[order]
+        band = np.percentile(pred[:, on_grid], [10, 50, 90], axis=0)
+        out.setdefault("hours", [round(float(h), 4) for h in cols["TIME"][on_grid]])
+        out[name] = {"dose": float(dose), "interval": float(tau),
+                     "dose_hours": [round(float(h), 4) for h in dose_t],
+                     **{q: [float(f"{x:.4g}") for x in band[i]] for i, q in enumerate(("p10", "p50", "p90"))}}
+    return out
+
+
+def _model_inputs(model: Any, ind: Any, record: PatientRecord, export_notes: list[str], why: str) -> dict[str, Any]:
+    """The model and every covariate it read, as the fit saw it at the last record: value (model unit), the
+    time of the entry it came from, and its source -- entered (with the entry's own source), derived (the
+    formula and its citation) or the model's default (said, never silent)."""
+    prep = model.prepare(ind)
+    notices = {(n.kind, n.covariate): n.message for n in prep.notices}
+    entered: dict[str, Any] = {}
+    for c in sorted((c for c in record.covariates if c.final), key=lambda c: c.time):
+        entered[c.name] = c
+    geno = record.genotype("CYP3A5")
+    rows = []
+    for name, cov in model.covariates.items():
+        values = prep.covariates.get(name)
+        if values is None or (cov.domain_only and name not in ind.covariates):
+            continue
+        value = float(values[-1])
+        at: str | None = None
+        if ("default", name) in notices:
+            source = "model default: " + notices[("default", name)]
+        elif ("derived", name) in notices:
+            source = "derived: " + notices[("derived", name)]
+        elif name in entered:
+            c = entered[name]
+            at, source = c.time.isoformat(), "entered" + (f" ({c.source})" if c.source else "")
+        elif name == "CYP3A5" and geno is not None:
+            at, source = (None if geno.date is None else geno.date.isoformat(),
+                          f"genotype {geno.result} ({geno.source})")
+        elif name in ("AGE", "SEX"):
+            source = "the record's birth date" if name == "AGE" else "the record's sex"
+        elif name == "POD":
+            source = f"days since the transplant date ({record.transplant_date})"
+        else:
+            source = next((n for n in export_notes if n.startswith(f"{name}: ")), "the record")
+            source = source.split(": ", 1)[-1] if source.startswith(f"{name}: ") else source
+        shown = cov.levels.get(int(value), f"{value:g}") if cov.levels else f"{value:.4g}"
+        rows.append({"name": name, "description": cov.description, "value": value, "shown": shown,
+                     "unit": "" if cov.levels or cov.unit == "1" else cov.unit, "at": at, "source": source,
+                     "outside_domain": ("domain", name) in notices})
+    meta, cit = model.meta, model.citation
+    return {"model": {"ref": model.ref, "title": model.title, "population": meta.get("population"),
+                      "citation": ", ".join(x for x in (str(cit.get("authors", "")).split(",")[0] + " et al."
+                                                         if cit.get("authors") else "", str(cit.get("journal", "")))
+                                            if x) or None,
+                      "confirmed": meta.get("confirmed"), "why": why},
+            "covariates": rows}

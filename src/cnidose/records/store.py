@@ -911,8 +911,21 @@ class Store:
             rows = [_row(x) for x in s.scalars(select(S.Appointment).where(
                 S.Appointment.department == department.lower(), S.Appointment.starts_at < b,
                 S.Appointment.ends_at > a).order_by(S.Appointment.starts_at))]
+            ids = {r["patient_id"] for r in rows if r["patient_id"] is not None}
+            names = {p.id: (p.family_name, p.given_name, p.mrn) for p in s.scalars(
+                select(S.Patient).where(S.Patient.id.in_(ids)))} if ids else {}
+            for r in rows:  # the patient's name and MRN beside the visit (staff only read calendars)
+                r["patient_name"], r["patient_mrn"] = (f"{names[r['patient_id']][0]}, {names[r['patient_id']][1]}",
+                                                       names[r["patient_id"]][2]) if r["patient_id"] in names \
+                    else (None, None)
             self._audit(s, actor, "read", "calendar", department.lower(), None, {"count": len(rows)})
             return rows
+
+    def departments(self, actor: Actor) -> list[str]:
+        """The departments that have appointments (staff), in alphabetical order."""
+        self._check(actor, "schedule", "calendar")
+        with self._tx() as s:
+            return sorted(str(d) for d in s.scalars(select(S.Appointment.department).distinct()))
 
     # -- audit ----------------------------------------------------------------------------------------------
     def audit_log(self, actor: Actor, *, patient_id: int | None = None, limit: int = 1000) -> list[dict[str, Any]]:

@@ -45,10 +45,11 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from cnidose import __version__
-from cnidose.clinical.record import department_for, lab_units, resolve_indication
+from cnidose.clinical.record import department_for, indications, lab_units, resolve_indication
 from cnidose.errors import CnidoseError
 from cnidose.records.plausibility import NeedsConfirmation
 from cnidose.records.store import ENTRY_TABLES, PUBLIC, YEARS, AccessDenied, Actor, NotFound, SlotTaken, Store
@@ -202,7 +203,11 @@ class LabIn(BaseModel):
 
 
 class SignIn(BaseModel):
-    decision: str = Field(min_length=1, max_length=MAX["decision"])
+    """Sign with ``candidate`` (the index of a row of the recommendation's candidate table: the regimen signed,
+    written out as the decision, ``decision`` appended as a note) or with a free-text ``decision``."""
+
+    decision: str = Field("", max_length=MAX["decision"])
+    candidate: int | None = Field(None, ge=0, le=10_000)
 
 
 class BookingIn(BaseModel):
@@ -361,43 +366,82 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     async def _redirect(_: Request, exc: _Redirect) -> Response:
         return RedirectResponse(exc.to, status_code=303)
 
+    def error_page(request: Request, status: int, title: str, message: str, field: str | None = None) -> Response:
+        """An error on a page as a page (with the navigation and a way back), never raw JSON; the API answers
+        JSON. The way back is the referring page of this site only (never an address from elsewhere)."""
+        ref = request.headers.get("referer", "")
+        here = f"{request.url.scheme}://{request.url.netloc}/"
+        back = "/" + ref[len(here):] if ref.startswith(here) else "/"
+        try:
+            who = current(request)
+        except Exception:  # an error page must not fail on the session
+            who = None
+        return render(request, "error.html", who, status, title=title, message=message, field=field, back=back)
+
+    def _message(exc: Exception) -> str:
+        return str(exc).split("] ", 1)[-1]
+
     @app.exception_handler(AccessDenied)
     async def _denied(request: Request, exc: AccessDenied) -> Response:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"detail": str(exc)}, status_code=403)
-        return HTMLResponse(f"<h1>Forbidden</h1><p>{_esc(str(exc))}</p>", status_code=403)
+        return error_page(request, 403, "Not allowed", str(exc))
 
     @app.exception_handler(NotFound)
     async def _missing(request: Request, exc: NotFound) -> Response:
         if request.url.path.startswith("/api/"):
             return JSONResponse({"detail": str(exc)}, status_code=404)
-        return HTMLResponse(f"<h1>Not found</h1><p>{_esc(str(exc))}</p>", status_code=404)
+        return error_page(request, 404, "Not found", str(exc))
 
     @app.exception_handler(NeedsConfirmation)
     async def _confirm(request: Request, exc: NeedsConfirmation) -> Response:
-        return JSONResponse({"detail": str(exc).split("] ", 1)[-1], "field": exc.field, "flags": exc.flags,
+        if not request.url.path.startswith("/api/"):
+            return error_page(request, 409, "Please confirm", _message(exc) + ": " + "; ".join(exc.flags), exc.field)
+        return JSONResponse({"detail": _message(exc), "field": exc.field, "flags": exc.flags,
                              "confirm": "repeat the request with \"confirm\": true to store it with these flags"},
                             status_code=409)
 
     @app.exception_handler(FieldError)
     async def _field(request: Request, exc: FieldError) -> Response:
-        return JSONResponse({"detail": [{"loc": ["body", exc.field], "msg": str(exc).split("] ", 1)[-1],
+        if not request.url.path.startswith("/api/"):
+            return error_page(request, 422, "Not saved", _message(exc), exc.field)
+        return JSONResponse({"detail": [{"loc": ["body", exc.field], "msg": _message(exc),
                                          "type": "value_error"}]}, status_code=422)
 
     @app.exception_handler(SlotTaken)
     async def _taken(request: Request, exc: SlotTaken) -> Response:
         if not request.url.path.startswith("/api/"):
-            return HTMLResponse(f"<h1>Not booked</h1><p>{_esc(str(exc).split('] ', 1)[-1])}</p>", status_code=409)
-        return JSONResponse({"detail": [{"loc": ["body", exc.field], "msg": str(exc).split("] ", 1)[-1],
+            return error_page(request, 409, "Not booked", _message(exc), exc.field)
+        return JSONResponse({"detail": [{"loc": ["body", exc.field], "msg": _message(exc),
                                          "type": "slot_taken"}]}, status_code=409)
 
     @app.exception_handler(CnidoseError)
     async def _cnidose(request: Request, exc: CnidoseError) -> Response:
+        if not request.url.path.startswith("/api/"):
+            return error_page(request, 422, "Not done", str(exc))
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
-        return JSONResponse({"detail": json.loads(json.dumps(exc.errors(), default=str))}, status_code=422)
+        errors = json.loads(json.dumps(exc.errors(), default=str))
+        if not request.url.path.startswith("/api/"):
+            said = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', [])[1:]) or 'request'}: {e.get('msg', '')}"
+                             for e in errors[:5])
+            return error_page(request, 422, "Not accepted", said)
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = getattr(exc, "headers", None)
+        if request.url.path.startswith("/api/") or request.url.path.startswith("/vendor/") or \
+                request.url.path.startswith("/static/"):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+        titles = {400: "Bad request", 401: "Sign in first", 403: "Not allowed", 404: "Not found",
+                  405: "Not allowed", 413: "Too large", 429: "Too many requests"}
+        resp = error_page(request, exc.status_code, titles.get(exc.status_code, "Error"), str(exc.detail))
+        for k, v in (headers or {}).items():
+            resp.headers[k] = v
+        return resp
 
     def render(request: Request, name: str, who: tuple[Actor, str] | None, status: int = 200,
                **ctx: Any) -> HTMLResponse:
@@ -645,15 +689,15 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     def patient_response(request: Request, who: tuple[Actor, str], pid: int, status: int = 200,
                          error: str | None = None, error_field: str | None = None,
-                         confirm: dict[str, Any] | None = None, follow_up_report: list[str] | None = None
-                         ) -> HTMLResponse:
+                         confirm: dict[str, Any] | None = None, follow_up_report: list[str] | None = None,
+                         form: str | None = None, values: dict[str, str] | None = None) -> HTMLResponse:
         chart = store.chart(who[0], pid)
-        curve = chart.assessments[-1]["result"].get("curve") if chart.assessments else None
-        return render(request, "patient.html", who, status, chart=chart,
+        latest = chart.assessments[-1]["result"] if chart.assessments else None
+        return render(request, "patient.html", who, status, chart=chart, plot=_plot_data(chart, latest, tz),
                       clinical=clinical_assessment(chart, the_day()), trends=_local_trends(trends(chart), tz),
                       staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
-                      curve=_local_curve(curve, tz), confirm=confirm, today=the_day(),
-                      follow_up_report=follow_up_report,
+                      latest=latest, confirm=confirm, today=the_day(),
+                      follow_up_report=follow_up_report, form_id=form, values=values or {},
                       department=_department(chart.patient))
 
     @app.get("/patients/{pid}", response_class=HTMLResponse, include_in_schema=False)
@@ -661,18 +705,25 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         # messages come only from the server's own state (a form answered in place), never from the query string
         return patient_response(request, who, pid)
 
-    def _entry_form(request: Request, pid: int, who: tuple[Actor, str], add: Callable[[], Any],
-                    fields: dict[str, str] | None = None) -> Response:
-        """Run ``add``; a field error re-renders the page (422), a plausibility warning asks for confirmation
-        (409: the same values, posted again with confirm=1, store the entry with its flags)."""
+    def _entry_form(request: Request, pid: int, who: tuple[Actor, str], add: Callable[[], Any], form: str,
+                    fields: dict[str, str]) -> Response:
+        """Run ``add``; a field error re-renders the page (422) with the message at the field of ``form`` and the
+        typed ``fields`` kept, a plausibility warning asks for confirmation at the form (409: the same values,
+        posted again with confirm=1, store the entry with its flags). htmx swaps only that form's box in place
+        (HX-Retarget); without JavaScript the whole page comes back with the message at the field."""
         try:
             add()
         except NeedsConfirmation as exc:
-            return patient_response(request, who, pid, 409, confirm={
-                "action": request.url.path, "flags": exc.flags, "field": exc.field, "fields": fields or {}})
+            resp = patient_response(request, who, pid, 409, confirm={
+                "action": request.url.path, "flags": exc.flags, "field": exc.field, "fields": fields, "form": form},
+                form=form, values=fields)
         except FieldError as exc:
-            return patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field)
-        return RedirectResponse(f"/patients/{pid}", status_code=303)
+            resp = patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field, form=form,
+                                    values=fields)
+        else:
+            return RedirectResponse(f"/patients/{pid}", status_code=303)
+        resp.headers.update({"HX-Retarget": f"#{form}-box", "HX-Reselect": f"#{form}-box", "HX-Reswap": "outerHTML"})
+        return resp
 
     @app.post("/patients/{pid}/levels", include_in_schema=False)
     def add_level_form(request: Request, pid: Id, value: str = Form("", max_length=MAX["number"]),
@@ -684,7 +735,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_level(
             who[0], pid, value=_form_number(value, "value"), unit=unit, sample=sample, assay=assay or None,
-            observed_at=form_time(observed_at, "observed_at"), confirm=confirm == "1"),
+            observed_at=form_time(observed_at, "observed_at"), confirm=confirm == "1"), "level",
             {"value": value, "unit": unit, "observed_at": observed_at, "sample": sample, "assay": assay})
 
     @app.post("/patients/{pid}/doses", include_in_schema=False)
@@ -697,7 +748,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_dose(
             who[0], pid, product=product, amount=_form_number(amount, "amount"), unit=unit, route=route,
-            given_at=form_time(given_at, "given_at"), confirm=confirm == "1"),
+            given_at=form_time(given_at, "given_at"), confirm=confirm == "1"), "dose",
             {"amount": amount, "unit": unit, "given_at": given_at, "product": product, "route": route})
 
     @app.post("/patients/{pid}/regimens", include_in_schema=False)
@@ -714,8 +765,9 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             store.add_regimen(who[0], pid, drug=agent, product=product, dose=_form_number(dose, "dose"), unit="mg",
                               interval_h=_form_number(interval_h, "interval_h"),
                               start_at=form_time(start_at, "start_at"), route=route, confirm=confirm == "1")
-        return _entry_form(request, pid, who, add, {"product": product, "dose": dose, "interval_h": interval_h,
-                                                    "start_at": start_at, "route": route})
+        return _entry_form(request, pid, who, add, "regimen", {"product": product, "dose": dose,
+                                                               "interval_h": interval_h, "start_at": start_at,
+                                                               "route": route})
 
     @app.post("/patients/{pid}/medications", include_in_schema=False)
     def add_medication_form(request: Request, pid: Id, name: str = Form("", max_length=MAX["text"]),
@@ -726,14 +778,16 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_medication(
             who[0], pid, name=name, start_on=start_on, stop_on=stop_on or None,
-            daily_mg=_form_number(daily_mg, "daily_mg") if daily_mg else None))
+            daily_mg=_form_number(daily_mg, "daily_mg") if daily_mg else None), "medication",
+            {"name": name, "start_on": start_on, "stop_on": stop_on, "daily_mg": daily_mg})
 
     @app.post("/patients/{pid}/medications/{mid}/stop", include_in_schema=False)
     def stop_medication_form(request: Request, pid: Id, mid: Id, stop_on: str = Form("", max_length=MAX["time"]),
                              csrf: str = Form("", max_length=64),
                              who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
-        return _entry_form(request, pid, who, lambda: store.stop_medication(who[0], mid, stop_on))
+        return _entry_form(request, pid, who, lambda: store.stop_medication(who[0], mid, stop_on), f"stop-{mid}",
+                           {"stop_on": stop_on})
 
     @app.post("/patients/{pid}/vitals", include_in_schema=False)
     def add_bp_form(request: Request, pid: Id, systolic: str = Form("", max_length=MAX["number"]),
@@ -743,7 +797,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_blood_pressure(
             who[0], pid, systolic=_form_number(systolic, "systolic"), diastolic=_form_number(diastolic, "diastolic"),
-            observed_at=form_time(observed_at, "observed_at")))
+            observed_at=form_time(observed_at, "observed_at")), "bp",
+            {"systolic": systolic, "diastolic": diastolic, "observed_at": observed_at})
 
     @app.post("/patients/{pid}/covariates", include_in_schema=False)
     def add_covariate_form(request: Request, pid: Id, name: str = Form("", max_length=MAX["text"]),
@@ -753,7 +808,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                            who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_covariate(
-            who[0], pid, name, _form_number(value, "value"), unit, form_time(measured_at, "measured_at")))
+            who[0], pid, name, _form_number(value, "value"), unit, form_time(measured_at, "measured_at")), "covariate",
+            {"name": name, "value": value, "unit": unit, "measured_at": measured_at})
 
     @app.post("/patients/{pid}/genotypes", include_in_schema=False)
     def add_genotype_form(request: Request, pid: Id, gene: str = Form("", max_length=MAX["text"]),
@@ -763,7 +819,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                           who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_genotype(
-            who[0], pid, gene=gene, result=result, source=source, tested_on=tested_on or None))
+            who[0], pid, gene=gene, result=result, source=source, tested_on=tested_on or None), "genotype",
+            {"gene": gene, "result": result, "source": source, "tested_on": tested_on})
 
     @app.post("/patients/{pid}/record", include_in_schema=False)
     def update_record_form(request: Request, pid: Id, region: str = Form("", max_length=MAX["text"]),
@@ -775,7 +832,9 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         check_csrf(who, csrf)
         given = {k: v for k, v in {"region": region, "indication": indication, "severity": severity,
                                    "product": product, "route": route}.items() if v}
-        return _entry_form(request, pid, who, lambda: store.update_patient(who[0], pid, **given))
+        return _entry_form(request, pid, who, lambda: store.update_patient(who[0], pid, **given), "record",
+                           {"region": region, "indication": indication, "severity": severity, "product": product,
+                            "route": route})
 
     @app.post("/patients/{pid}/entries/{kind}/{eid}/withdraw", include_in_schema=False)
     def withdraw_form(request: Request, pid: Id, kind: str, eid: Id, reason: str = Form("",
@@ -785,7 +844,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         if kind not in ENTRY_TABLES:
             raise HTTPException(404, "no such kind of entry")
         return _entry_form(request, pid, who, lambda: store.mark_entered_in_error(
-            who[0], kind, eid, reason, patient_id=pid))
+            who[0], kind, eid, reason, patient_id=pid), f"withdraw-{kind}-{eid}", {"reason": reason})
 
     @app.post("/patients/{pid}/labs", include_in_schema=False)
     def add_lab_form(request: Request, pid: Id, name: str = Form("", max_length=MAX["text"]), value: str = Form("",
@@ -795,7 +854,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         check_csrf(who, csrf)
         return _entry_form(request, pid, who, lambda: store.add_lab(
             who[0], pid, name=name, value=_form_number(value, "value"), unit=unit,
-            observed_at=form_time(observed_at, "observed_at")))
+            observed_at=form_time(observed_at, "observed_at")), "lab",
+            {"name": name, "value": value, "unit": unit, "observed_at": observed_at})
 
     def _run_assessment(actor: Actor, pid: int) -> tuple[int, bool, dict[str, Any] | None]:
         """The assessment of the patient's chart as it is now: (id, computed now, the stored row when it was
@@ -842,13 +902,23 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     @app.post("/assessments/{aid}/sign", include_in_schema=False)
     def sign_form(request: Request, aid: Id, decision: str = Form("", max_length=MAX["decision"]),
+                  candidate: str = Form("", max_length=MAX["number"]),
                   pid: int = Form(0, ge=0, le=2**31 - 1), csrf: str = Form("", max_length=64),
                   who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         try:
-            store.sign_assessment(who[0], aid, decision)
+            index = None
+            if candidate.strip():
+                if not candidate.strip().isdigit():
+                    raise FieldError(f"not a candidate: {candidate!r}", field="candidate")
+                index = int(candidate)
+            store.sign_assessment(who[0], aid, _decision(store.assessment(who[0], aid), index, decision))
         except FieldError as exc:
-            return patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field)
+            resp = patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field,
+                                    form=f"sign-{aid}", values={"decision": decision, "candidate": candidate})
+            resp.headers.update({"HX-Retarget": f"#sign-{aid}-box", "HX-Reselect": f"#sign-{aid}-box",
+                                 "HX-Reswap": "outerHTML"})
+            return resp
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/patients/{pid}/follow-ups", include_in_schema=False)
@@ -941,7 +1011,12 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                       ) -> Response:
         start = dt.datetime.combine(the_day(), dt.time(0), tzinfo=tz)
         rows = store.calendar(who[0], department, start, start + dt.timedelta(days=60))
-        return render(request, "calendar.html", who, rows=rows, department=department)
+        # every department is one click away: those the indications' follow-ups go to, the consultation desk's,
+        # and any that has appointments
+        known = {department_for(str(i["key"])) for i in indications()["indications"]}
+        departments = sorted(known | {DEPARTMENT} | set(store.departments(who[0])) | {department.lower()})
+        return render(request, "calendar.html", who, rows=rows, department=department.lower(),
+                      departments=departments)
 
     @app.post("/appointments/{appt_id}/status", include_in_schema=False)
     def appt_status(request: Request, appt_id: Id, status: str = Form("", max_length=MAX["text"]),
@@ -1061,13 +1136,14 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     def api_recommend(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> Response:
         """Fit and recommend on the chart as it is (201, stored as a draft); when the newest stored assessment
         has exactly these inputs, that one is returned instead (200, ``"reused": true``). The result's plot data
-        (``curve``, tens of kB) is left out here: ``GET /api/v1/assessments/{id}`` (``curve_url``) has it."""
+        (``curve``, the fitted curve, and ``forecast``, the current and proposed regimens' next days: tens of kB)
+        is left out here: ``GET /api/v1/assessments/{id}`` (``curve_url``) has it."""
         aid, fresh, row = _run_assessment(who[0], pid)
         row = row if row is not None else store.assessment(who[0], aid)
         key = (aid, row["status"], fresh)  # a stored assessment changes only when it is signed
         body = answers.get(key)
         if body is None:
-            result = {k: v for k, v in row["result"].items() if k != "curve"}
+            result = {k: v for k, v in row["result"].items() if k not in PLOT_KEYS}
             body = json.dumps({**row, "result": result, "reused": not fresh,
                                "curve_url": f"/api/v1/assessments/{aid}" if "curve" in row["result"] else None},
                               default=str).encode()
@@ -1083,8 +1159,9 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     @app.post("/api/v1/assessments/{aid}/sign", tags=["assessments"])
     def api_sign(aid: Id, body: SignIn, who: tuple[Actor, str] = Depends(api_user)) -> dict[str, Any]:
-        store.sign_assessment(who[0], aid, body.decision)
-        return {"id": aid, "status": "signed"}
+        text = _decision(store.assessment(who[0], aid), body.candidate, body.decision)
+        store.sign_assessment(who[0], aid, text)
+        return {"id": aid, "status": "signed", "decision": text}
 
     @app.post("/api/v1/bookings", status_code=201, tags=["appointments"],
               responses={429: {"description": "too many booking requests from this address (Retry-After)"}})
@@ -1151,48 +1228,93 @@ def app_from_env() -> FastAPI:
     return create_app(Store(make_engine()))
 
 
+#: the parts of a stored result that only plots read (left out of the recommendation answer)
+PLOT_KEYS = ("curve", "forecast")
+
+
+def _decision(assessment: dict[str, Any], candidate: int | None, note: str) -> str:
+    """The decision signed: the candidate regimen chosen (a row of the stored candidate table, written out with
+    its units and predictions, so the signature names exactly what is to be given), a note after it; or the
+    free-text decision alone."""
+    note = note.strip()
+    if candidate is None:
+        if not note:
+            raise FieldError("choose a regimen or write the decision", field="decision")
+        return note
+    rec = (assessment.get("result") or {}).get("recommendation") or {}
+    cands = rec.get("candidates") or []
+    if not 0 <= candidate < len(cands):
+        raise FieldError(f"assessment {assessment.get('id')} has no candidate {candidate}", field="candidate")
+    c = cands[candidate]
+    units = " + ".join(f"{n} x {s} mg" for s, n in c["units"].items() if n)
+    t = rec.get("target") or {}
+    text = (f"Give {c['dose']:g} mg {rec.get('product', '')} every {c['interval']:g} h ({units}); predicted "
+            f"{rec.get('metric', 'trough')} {c['median']:.3g} {t.get('unit', '')} (80 % interval {c['low']:.3g}-"
+            f"{c['high']:.3g}), {c['p_in_range']:.0%} probability in {t.get('low', 0):g}-{t.get('high', 0):g}")
+    return text + (f". {note}" if note else "")
+
+
 def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date, tz: ZoneInfo = UTC_ZONE) -> bytes:
-    """The printable report as a PDF: patient, alerts, the latest recommendation with its provenance and
-    decision, levels, regimens."""
-    from cnidose.web.pdf import text_pdf
+    """The printable report as a PDF (:mod:`cnidose.web.pdf`): patient, alerts, the regimen signed (the latest
+    signed recommendation's decision, in a box, with who signed it and when; a newer draft is named as not signed),
+    its provenance, the inputs the model read, the concentration plot, levels and the regimens recorded."""
+    from cnidose.web.pdf import plot_png, report_pdf
 
     p = chart.patient
-    lines: list[tuple[str, str]] = [
+    blocks: list[tuple[str, Any]] = [
         ("h1", "Therapeutic drug monitoring report"),
-        ("p", f"{p['family_name']}, {p['given_name']} - MRN {p['mrn']} - born {p['birth_date']} - {p['sex']}"),
+        ("p", f"{p['family_name']}, {p['given_name']} · MRN {p['mrn']} · born {p['birth_date']} · {p['sex']}"),
         ("p", f"{p['agent']} for {p['indication']}" + (f"; transplanted {p['transplant_date']}"
                                                       if p.get("transplant_date") else "")
-         + f" - printed {today.isoformat()} by cnidose {__version__}"),
-        ("h2", "Alerts")]
-    lines += [("p", f"[{a['severity']}] {a['message']} ({a['source']})") for a in clinical["alerts"]] or [
+         + f" · printed {today.isoformat()} by cnidose {__version__} · times in {tz.key}")]
+    signed = next((a for a in reversed(chart.assessments) if a["status"] == "signed"), None)
+    latest = chart.assessments[-1] if chart.assessments else None
+    shown = signed or latest
+    if signed is not None:
+        blocks.append(("box", f"Regimen signed: {signed['decision']}\nSigned by {signed.get('signed_by_name') or '?'}"
+                              f", {_local(signed['signed_at'], tz)} {tz.key}"))
+    else:
+        blocks.append(("box", "No signed recommendation: nothing in this report is an order."))
+    if latest is not None and latest is not signed:
+        blocks.append(("p", f"A newer {latest['kind']} of {_local(latest['created_at'], tz)} {tz.key} is a draft, "
+                            "not signed" + (f": it proposed {latest['result']['recommendation']['summary']}"
+                                            if latest["result"].get("recommendation") else ".")))
+    blocks.append(("h2", "Alerts"))
+    blocks += [("p", f"[{a['severity']}] {a['message']} ({a['source']})") for a in clinical["alerts"]] or [
         ("p", "None.")]
     if clinical["due"]:
-        lines.append(("h2", "Due"))
-        lines += [("p", f"{d['date']}: {d['what']} ({d['source']})") for d in clinical["due"][:8]]
-    if chart.assessments:
-        a = chart.assessments[-1]
-        r = a["result"]
-        lines.append(("h2", f"Latest {a['kind']} ({a['status']}, {_local(a['created_at'], tz)} {tz.key})"))
+        blocks.append(("h2", "Due"))
+        blocks += [("p", f"{d['date']}: {d['what']} ({d['source']})") for d in clinical["due"][:8]]
+    if shown is not None:
+        r = shown["result"]
+        blocks.append(("h2", f"{shown['kind'].capitalize()} of {_local(shown['created_at'], tz)} {tz.key} "
+                             f"({shown['status']})"))
         if r.get("recommendation"):
-            lines += [("p", r["recommendation"]["summary"]), ("p", f"Target: {r.get('target')}"),
-                      ("p", f"Model: {r.get('model')}; cnidose {a['package_version']}; "
-                            f"choice rule: {_rule(r['recommendation']['inputs'])}")]
-        if a["status"] == "signed":
-            lines.append(("p", f"Decision: {a['decision']} (signed by {a.get('signed_by_name') or '?'}, "
-                               f"{_local(a['signed_at'], tz)} {tz.key})"))
-        else:
-            lines.append(("p", "Draft: not signed."))
-        lines += [("p", f"Warning: {w}") for w in r.get("warnings", [])]
-    lines.append(("h2", "Drug levels"))
-    lines += [("p", f"{_local(o['observed_at'], tz)} {tz.key}  {o['value']:.3g} {o['unit']}"
-                    + (" (below LLOQ)" if o["blq"] else ""))
-              for o in chart.observations if o["category"] == "level" and o["status"] == "final"] or [
+            blocks += [("p", "Recommended: " + r["recommendation"]["summary"]), ("p", f"Target: {r.get('target')}"),
+                       ("p", f"Model: {r.get('model')}; cnidose {shown['package_version']}; "
+                             f"choice rule: {_rule(r['recommendation']['inputs'])}")]
+        mi = r.get("model_inputs")
+        if mi:
+            blocks.append(("p", f"Model chosen: {mi['model']['title']} ({mi['model'].get('citation') or ''}); "
+                                f"why: {mi['model']['why']}"))
+            blocks += [("p", f"  {c['description'] or c['name']} ({c['name']}): {c['shown']} {c['unit']}".rstrip()
+                             + (f", recorded {_local(dt.datetime.fromisoformat(c['at']), tz)}" if c.get("at") else "")
+                             + f" — {c['source']}") for c in mi["covariates"]]
+        blocks += [("p", f"Warning: {w}") for w in r.get("warnings", [])]
+        plot = _plot_data(chart, r, tz)
+        if plot["levels"]["time"] or plot["fit"]:
+            blocks += [("h2", f"Concentrations ({tz.key})"), ("png", plot_png(plot))]
+    blocks.append(("h2", "Drug levels"))
+    blocks += [("p", f"{_local(o['observed_at'], tz)} {tz.key}  {o['value']:.3g} {o['unit']}"
+                     + (" (below LLOQ)" if o["blq"] else ""))
+               for o in chart.observations if o["category"] == "level" and o["status"] == "final"] or [
         ("p", "None recorded.")]
-    lines.append(("h2", "Regimens"))
-    lines += [("p", f"{r['product']} {r['dose_mg']:g} mg every {r['interval_h']:g} h from "
-                    f"{r['start_at']:%Y-%m-%d}" + (f" to {r['stop_at']:%Y-%m-%d}" if r["stop_at"] else ""))
-              for r in chart.regimens if r["status"] == "final"] or [("p", "None recorded.")]
-    return text_pdf(lines, title=f"cnidose report {p['mrn']}")
+    blocks.append(("h2", "Regimens recorded"))
+    blocks += [("p", f"{r['product']} {r['dose_mg']:g} mg every {r['interval_h']:g} h from "
+                     f"{_local(r['start_at'], tz)}" + (f" to {_local(r['stop_at'], tz)}" if r["stop_at"] else
+                                                       " (open)"))
+               for r in chart.regimens if r["status"] == "final"] or [("p", "None recorded.")]
+    return report_pdf(blocks, title=f"cnidose report {p['mrn']}")
 
 
 #: how the app analyses a chart (recorded in every assessment's inputs)
@@ -1208,15 +1330,36 @@ def _wall(t: dt.datetime, tz: ZoneInfo) -> str:
     return _utc_time(t).astimezone(tz).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def _local_curve(curve: dict[str, Any] | None, tz: ZoneInfo) -> dict[str, Any] | None:
-    """The stored curve (hours after a UTC origin) with its times as wall-clock times in ``tz``."""
-    if not curve or "hours" not in curve:
-        return curve
-    origin = dt.datetime.fromisoformat(curve["origin"])
-    out = {k: v for k, v in curve.items() if k not in ("hours", "observed_hours")}
-    out["time"] = [_wall(origin + dt.timedelta(hours=h), tz) for h in curve["hours"]]
-    out["observed_time"] = [_wall(origin + dt.timedelta(hours=h), tz) for h in curve["observed_hours"]]
-    out["timezone"] = tz.key
+def _plot_data(chart: Any, result: dict[str, Any] | None, tz: ZoneInfo) -> dict[str, Any]:
+    """What the concentration plot draws, times as wall-clock times in ``tz``: the measured levels and the doses
+    given (shown before any fit), the target band, and from the latest assessment the fitted curve with its 80 %
+    band and the forecast of the current and the proposed regimens."""
+    result = result or {}
+    levels = [o for o in chart.observations if o["category"] == "level" and o["status"] == "final"]
+    doses = [d for d in chart.doses if d["status"] == "final"]
+    rec = result.get("recommendation") or {}
+    target = rec.get("target") or {}
+    out: dict[str, Any] = {
+        "timezone": tz.key, "unit": target.get("unit") or (levels[0]["unit"] if levels else "ng/mL"),
+        "target": [target["low"], target["high"]] if target else None,
+        "levels": {"time": [_wall(o["observed_at"], tz) for o in levels], "value": [o["value"] for o in levels],
+                   "sample": [o.get("sample") or "" for o in levels]},
+        "doses": {"time": [_wall(d["given_at"], tz) for d in doses], "mg": [d["amount_mg"] for d in doses]},
+        "fit": None, "forecast": None}
+    curve = result.get("curve")
+    if curve and "hours" in curve:
+        origin = dt.datetime.fromisoformat(curve["origin"])
+
+        def clock(hours: list[float]) -> list[str]:
+            return [_wall(origin + dt.timedelta(hours=h), tz) for h in hours]
+
+        out["fit"] = {"time": clock(curve["hours"]), **{q: curve[q] for q in ("p10", "p50", "p90")}}
+        fc = result.get("forecast")
+        if fc:
+            out["forecast"] = {"time": clock(fc["hours"]), "days": fc["days"],
+                               **{name: {**{k: fc[name][k] for k in ("dose", "interval", "p10", "p50", "p90")},
+                                         "dose_time": clock(fc[name]["dose_hours"])}
+                                  for name in ("current", "proposed") if name in fc}}
     return out
 
 

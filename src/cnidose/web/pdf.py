@@ -1,77 +1,119 @@
-"""A minimal PDF writer for text reports (PDF 1.4, the standard Helvetica fonts, A4, automatic page breaks).
+"""The printable report as a PDF: fpdf2 (maintained, pure Python, embeds TrueType fonts as subsets with a
+ToUnicode map, so text is searchable and extractable) with DejaVu Sans, the font matplotlib ships (Latin, Greek
+and Cyrillic: "Dvořák, Jiří", "Παπαδόπουλος" print as typed), and the concentration plot drawn by matplotlib
+(Agg, no display) as a PNG.
 
-No dependency: a report is lines of text (optionally bold headings); characters outside WinAnsi (Latin-1)
-are replaced by close equivalents (≤ -> <=, µ kept, – -> -).
+Chosen over ReportLab (also maintained) for fpdf2's automatic text shaping and page breaks with less code, and
+over a browser's print-to-PDF because a server must not need a browser. Both libraries are imported only when a
+PDF is asked for, so neither slows the app's start.
 """
 
 from __future__ import annotations
 
-import textwrap
+import datetime as dt
+import io
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-__all__ = ["text_pdf"]
-
-_A4 = (595.28, 841.89)
-_MARGIN = 56.0
-_SUBST = {"≤": "<=", "≥": ">=", "–": "-", "—": "-", "×": "x", "→": "->", "’": "'", "‘": "'", "“": '"', "”": '"',
-          "…": "...", "²": "2", "·": "-", "Ω": "Omega", "η": "eta"}
+__all__ = ["plot_png", "report_pdf"]
 
 
-def _latin1(s: str) -> str:
-    s = "".join(_SUBST.get(ch, ch) for ch in s)
-    return s.encode("latin-1", "replace").decode("latin-1")
+def _font_dir() -> Path:
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
-def _escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+def plot_png(plot: dict[str, Any], *, width_in: float = 7.0, height_in: float = 3.2, dpi: int = 150) -> bytes:
+    """The concentration plot of the patient page (:func:`cnidose.web.app._plot_data`: wall-clock times, levels,
+    doses, target band, fit and forecast) as a PNG."""
+    import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: no global backend or state in the server
+
+    def times(xs: Sequence[str]) -> Any:  # wall-clock times (no offset) as datetime64, which matplotlib draws
+        return np.array([dt.datetime.fromisoformat(x) for x in xs], dtype="datetime64[s]")
+
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    ax = fig.add_subplot()
+    allx = [times(plot["levels"]["time"]), times(plot["doses"]["time"])]
+    for key, colour, label, style in (("fit", "#1f5fa8", "individual fit", "-"),):
+        s = plot.get(key)
+        if s:
+            x = times(s["time"])
+            ax.fill_between(x, s["p10"], s["p90"], color=colour, alpha=0.2, linewidth=0)
+            ax.plot(x, s["p50"], style, color=colour, label=label, linewidth=1.2)
+            allx.append(x)
+    fc = plot.get("forecast")
+    if fc:
+        x = times(fc["time"])
+        for name, colour, style in (("current", "#b35900", ":"), ("proposed", "#6a3d9a", "--")):
+            s = fc.get(name)
+            if s:
+                ax.fill_between(x, s["p10"], s["p90"], color=colour, alpha=0.15, linewidth=0)
+                ax.plot(x, s["p50"], style, color=colour, linewidth=1.4,
+                        label=f"{name}: {s['dose']:g} mg every {s['interval']:g} h")
+        allx.append(x)
+    if plot["levels"]["time"]:
+        ax.plot(times(plot["levels"]["time"]), plot["levels"]["value"], "o", color="#b3261e", label="measured",
+                markersize=4)
+    if plot["doses"]["time"]:
+        ax.plot(times(plot["doses"]["time"]), [0.0] * len(plot["doses"]["time"]), "^", color="#555555",
+                markersize=4, label="dose given")
+    if plot.get("target") and any(x.size for x in allx):
+        ax.axhspan(plot["target"][0], plot["target"][1], color="#1a7f37", alpha=0.12, linewidth=0, label="target")
+    ax.set_ylabel(plot.get("unit", ""))
+    ax.set_xlabel(f"time ({plot.get('timezone', 'UTC')})")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=6, ncols=3, loc="upper left", frameon=False)
+    ax.tick_params(labelsize=7)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
-def text_pdf(lines: Sequence[tuple[str, str]], *, title: str = "cnidose report") -> bytes:
-    """A PDF of ``lines`` = [(style, text)], style "h1", "h2" or "p"; long lines wrap, pages break."""
-    sizes = {"h1": (16.0, "F2"), "h2": (12.0, "F2"), "p": (10.0, "F1")}
-    width_chars = {"h1": 60, "h2": 80, "p": 100}
-    pages: list[list[str]] = [[]]
-    y = _A4[1] - _MARGIN
-    for style, text in lines:
-        size, font = sizes.get(style, sizes["p"])
-        wrapped = textwrap.wrap(_latin1(text), width_chars.get(style, 100), break_on_hyphens=False) or [""]
-        if style != "p":
-            y -= size * 0.6
-        for part in wrapped:
-            if y < _MARGIN + size:
-                pages.append([])
-                y = _A4[1] - _MARGIN
-            pages[-1].append(f"BT /{font} {size:g} Tf {_MARGIN:.2f} {y:.2f} Td ({_escape(part)}) Tj ET")
-            y -= size * 1.35
-    objects: list[bytes] = []
+def report_pdf(blocks: Sequence[tuple[str, Any]], *, title: str = "cnidose report") -> bytes:
+    """A PDF of ``blocks`` = [(kind, content)]: "h1", "h2", "p", "box" (a framed paragraph: the signed regimen)
+    with text, or "png" with image bytes; A4, pages break by themselves, every page numbered."""
+    from fpdf import FPDF
 
-    def add(body: str | bytes) -> int:
-        objects.append(body.encode("latin-1") if isinstance(body, str) else body)
-        return len(objects)
+    class Doc(FPDF):  # type: ignore[misc]
+        def footer(self) -> None:
+            self.set_y(-12)
+            self.set_font("DejaVu", size=7)
+            self.set_text_color(110, 110, 110)
+            self.cell(0, 5, f"{title} - page {self.page_no()}/{{nb}}", align="C")
 
-    catalog = add("")  # placeholders filled below
-    pages_obj = add("")
-    f1 = add("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
-    f2 = add("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica-Bold /Encoding /WinAnsiEncoding >>")
-    kids = []
-    for k, content in enumerate(pages, start=1):
-        footer = f"BT /F1 8 Tf {_MARGIN:.2f} 30 Td ({_escape(_latin1(title))} - page {k} of {len(pages)}) Tj ET"
-        stream = "\n".join([*content, footer]).encode("latin-1")
-        cid = add(b"<< /Length " + str(len(stream)).encode() + b" >>\nstream\n" + stream + b"\nendstream")
-        kids.append(add(f"<< /Type /Page /Parent {pages_obj} 0 R /MediaBox [0 0 {_A4[0]} {_A4[1]}] "
-                        f"/Resources << /Font << /F1 {f1} 0 R /F2 {f2} 0 R >> >> /Contents {cid} 0 R >>"))
-    objects[catalog - 1] = f"<< /Type /Catalog /Pages {pages_obj} 0 R >>".encode()
-    objects[pages_obj - 1] = (f"<< /Type /Pages /Kids [{' '.join(f'{k} 0 R' for k in kids)}] "
-                              f"/Count {len(kids)} >>").encode()
-    info = add(f"<< /Title ({_escape(_latin1(title))}) /Producer (cnidose) >>")
-    out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
-    offsets = []
-    for n, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += f"{n} 0 obj\n".encode() + body + b"\nendobj\n"
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
-    out += (f"trailer\n<< /Size {len(objects) + 1} /Root {catalog} 0 R /Info {info} 0 R >>\n"
-            f"startxref\n{xref}\n%%EOF\n").encode()
-    return bytes(out)
+    pdf = Doc(format="A4", unit="mm")
+    fonts = _font_dir()
+    pdf.add_font("DejaVu", "", str(fonts / "DejaVuSans.ttf"))
+    pdf.add_font("DejaVu", "B", str(fonts / "DejaVuSans-Bold.ttf"))
+    pdf.set_title(title)
+    pdf.set_creator("cnidose")
+    pdf.set_auto_page_break(auto=True, margin=16)
+    pdf.set_margins(18, 16, 18)
+    pdf.add_page()
+    width = pdf.w - pdf.l_margin - pdf.r_margin
+    for kind, content in blocks:
+        pdf.set_text_color(0, 0, 0)
+        if kind == "h1":
+            pdf.set_font("DejaVu", "B", 15)
+            pdf.multi_cell(width, 8, str(content), align="L", new_x="LMARGIN", new_y="NEXT")
+            pdf.ln(1)
+        elif kind == "h2":
+            pdf.ln(2)
+            pdf.set_font("DejaVu", "B", 11)
+            pdf.multi_cell(width, 6, str(content), align="L", new_x="LMARGIN", new_y="NEXT")
+        elif kind == "box":
+            pdf.ln(1)
+            pdf.set_font("DejaVu", "B", 10)
+            pdf.multi_cell(width, 5.5, str(content), border=1, padding=2, align="L", new_x="LMARGIN", new_y="NEXT")
+            pdf.ln(1)
+        elif kind == "png":
+            pdf.image(io.BytesIO(content), w=width)
+        else:
+            pdf.set_font("DejaVu", size=9)
+            pdf.multi_cell(width, 4.6, str(content), align="L", new_x="LMARGIN", new_y="NEXT")
+    return bytes(pdf.output())

@@ -7,22 +7,33 @@
     if (typeof Plotly === "undefined") { return; }
     var c = data("curve-data");
     if (c && document.getElementById("curve-plot")) {
-      if (c.hours) {  // hours after the origin (UTC) -> UTC clock times
-        var o = Date.parse(c.origin);
-        var clock = function (h) { return new Date(o + h * 3600000).toISOString().slice(0, 19); };
-        c.time = c.hours.map(clock); c.observed_time = c.observed_hours.map(clock);
+      // times arrive as wall-clock times in the app's zone (c.timezone); Plotly draws them as they are
+      var traces = [], t = [].concat(c.levels.time, c.doses.time);
+      function band(x, s, colour, fill, name, dash) {
+        traces.push({ x: x, y: s.p90, mode: "lines", line: { width: 0 }, showlegend: false, hoverinfo: "skip" });
+        traces.push({ x: x, y: s.p10, mode: "lines", line: { width: 0 }, fill: "tonexty", fillcolor: fill, showlegend: false, hoverinfo: "skip" });
+        traces.push({ x: x, y: s.p50, mode: "lines", line: { color: colour, dash: dash || "solid" }, name: name });
+        t = t.concat(x);
       }
-      var t0 = c.time[0], t1 = c.time[c.time.length - 1];
-      Plotly.newPlot("curve-plot", [
-        { x: c.time, y: c.p90, mode: "lines", line: { width: 0 }, showlegend: false, hoverinfo: "skip" },
-        { x: c.time, y: c.p10, mode: "lines", line: { width: 0 }, fill: "tonexty", fillcolor: "rgba(31,95,168,0.2)", name: "80 % band" },
-        { x: c.time, y: c.p50, mode: "lines", line: { color: "#1f5fa8" }, name: "individual fit" },
-        { x: c.observed_time, y: c.observed, mode: "markers", marker: { color: "#b3261e", size: 8 }, name: "measured" }
-      ], {
+      if (c.fit) { band(c.fit.time, c.fit, "#1f5fa8", "rgba(31,95,168,0.2)", "individual fit (median, 80 % band)"); }
+      if (c.forecast) {
+        var f = c.forecast;
+        if (f.current) { band(f.time, f.current, "#b35900", "rgba(179,89,0,0.15)", "current: " + f.current.dose + " mg every " + f.current.interval + " h", "dot"); }
+        if (f.proposed) { band(f.time, f.proposed, "#6a3d9a", "rgba(106,61,154,0.18)", "proposed: " + f.proposed.dose + " mg every " + f.proposed.interval + " h", "dash"); }
+      }
+      traces.push({ x: c.levels.time, y: c.levels.value, mode: "markers", marker: { color: "#b3261e", size: 9 }, name: "measured level",
+                    text: c.levels.sample, hovertemplate: "%{y} " + c.unit + " (%{text})<extra></extra>" });
+      if (c.doses.time.length) {
+        traces.push({ x: c.doses.time, y: c.doses.time.map(function () { return 0; }), mode: "markers", name: "dose given",
+                      marker: { symbol: "triangle-up", color: "#555", size: 8 }, text: c.doses.mg,
+                      hovertemplate: "%{text} mg<extra>dose</extra>" });
+      }
+      t.sort();
+      var shapes = c.target ? [{ type: "rect", xref: "x", yref: "y", x0: t[0], x1: t[t.length - 1], y0: c.target[0], y1: c.target[1],
+                                 fillcolor: "rgba(26,127,55,0.14)", line: { width: 0 }, layer: "below" }] : [];
+      Plotly.newPlot("curve-plot", traces, {
         margin: { t: 10, r: 10, b: 40, l: 50 }, yaxis: { title: { text: c.unit }, rangemode: "tozero" },
-        shapes: [{ type: "rect", xref: "x", yref: "y", x0: t0, x1: t1, y0: c.target[0], y1: c.target[1],
-                   fillcolor: "rgba(26,127,55,0.12)", line: { width: 0 }, layer: "below" }],
-        legend: { orientation: "h" }
+        xaxis: { title: { text: c.timezone } }, shapes: shapes, legend: { orientation: "h" }
       }, { displayModeBar: false, responsive: true });
     }
     var tr = data("trend-data");
@@ -49,11 +60,19 @@
         g.hidden = !mine; g.disabled = !mine;
         if (mine && !first) { first = g.querySelector("option"); }
       });
-      if (first) { first.selected = true; }
+      var sel = unit.options[unit.selectedIndex];
+      if (first && !(sel && sel.parentNode.dataset.lab === name.value)) { first.selected = true; }
     }
     name.addEventListener("change", show);
     show();
   }
+  // a refused entry comes back as its own form's box: bring the field in error into view and focus it
+  function focusError(e) {
+    var box = e.detail && e.detail.elt, bad = box && box.querySelector ? box.querySelector("[aria-invalid=true], #confirm-entry") : null;
+    if (!bad) { bad = document.querySelector("[aria-invalid=true]"); }
+    if (bad) { bad.scrollIntoView({ block: "center" }); bad.focus({ preventScroll: true }); }
+  }
+  document.addEventListener("htmx:afterSettle", focusError);
   document.addEventListener("htmx:afterSettle", labUnits);
   document.addEventListener("htmx:afterSettle", ready);
   document.addEventListener("htmx:beforeRequest", function () {
@@ -68,6 +87,6 @@
   }
   document.addEventListener("htmx:responseError", failed);
   document.addEventListener("htmx:sendError", failed);
-  function start() { ready(); labUnits(); }
+  function start() { ready(); labUnits(); focusError({}); }
   if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", start); } else { start(); }
 })();
