@@ -688,3 +688,28 @@ def test_errors_on_pages_are_pages_and_a_refused_entry_keeps_what_was_typed(
     assert "Demo, Karel" in page and "DEMO-TX-1" in page and "patient " + str(kid) not in page
     for dept in ("dermatology", "transplant%20clinic", "nephrology", "gastroenterology"):
         assert f'href="/calendar?department={dept}"' in page
+
+
+def test_without_a_model_the_assessment_shows_the_rules_and_the_dose_per_kg(
+        site: tuple[Any, Store, dict[str, int]]) -> None:
+    """A psoriasis patient on cyclosporine (no PK model in the library): the button says it assesses by the rules,
+    and the stored assessment shows the selection with its reasons, the current dose in mg/kg/day, the alerts with
+    their dose actions and sources, and what is due -- not an empty card with a Sign button (issue 17)."""
+    app, store, ids = site
+    derm = ids["DEMO-DERM-1"]
+    c, token = client(app, "clin")
+    page = c.get(f"/patients/{derm}").text
+    assert "Assess by the rules" in page and 'id="no-model-note"' in page
+    assert c.post(f"/patients/{derm}/assess", data={"csrf": token}).status_code == 303
+    page = c.get(f"/patients/{derm}").text
+    rules = page[page.index('class="rules"'):]
+    rules = rules[:rules.index("</div>")]
+    chart = store.chart(SYSTEM, derm)
+    weight = max((x for x in chart.covariates if x["name"] == "WT" and x["status"] == "final"),
+                 key=lambda x: x["measured_at"])["value"]
+    reg = next(r for r in chart.regimens if r["status"] == "final" and r["stop_at"] is None)
+    per_kg = reg["dose_mg"] * 24 / reg["interval_h"] / weight
+    assert "Selection: <span class=\"sel-caution\">caution</span>" in rules and "baseline work-up incomplete" in rules
+    assert f"{per_kg:.2f} mg/kg/day</strong> at {weight:g} kg" in rules
+    assert "Reduce the cyclosporine dose by 25-50 %" in rules and "Sandimmun Neoral SmPC" in rules
+    assert "Due: " in rules and "serum creatinine" in rules

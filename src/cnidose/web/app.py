@@ -65,7 +65,7 @@ from cnidose.web.security import (
     verify_or_dummy,
     verify_password,
 )
-from cnidose.web.services import analyse, clinical_assessment, trends
+from cnidose.web.services import MODEL_FOR, analyse, clinical_assessment, trends
 
 __all__ = ["create_app"]
 
@@ -693,7 +693,10 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                          form: str | None = None, values: dict[str, str] | None = None) -> HTMLResponse:
         chart = store.chart(who[0], pid)
         latest = chart.assessments[-1]["result"] if chart.assessments else None
+        p = chart.patient
+        group = "adult" if (the_day() - p["birth_date"]).days >= 18 * 365.25 else "paediatric"
         return render(request, "patient.html", who, status, chart=chart, plot=_plot_data(chart, latest, tz),
+                      has_model=(p["agent"], p["indication"], group) in MODEL_FOR,
                       clinical=clinical_assessment(chart, the_day()), trends=_local_trends(trends(chart), tz),
                       staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
                       latest=latest, confirm=confirm, today=the_day(),
@@ -1298,7 +1301,7 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date, tz: ZoneIn
             blocks.append(("p", f"Model chosen: {mi['model']['title']} ({mi['model'].get('citation') or ''}); "
                                 f"why: {mi['model']['why']}"))
             blocks += [("p", f"  {c['description'] or c['name']} ({c['name']}): {c['shown']} {c['unit']}".rstrip()
-                             + (f", recorded {_local(dt.datetime.fromisoformat(c['at']), tz)}" if c.get("at") else "")
+                             + (f", recorded {_local(c['at'], tz)}" if c.get("at") else "")
                              + f" — {c['source']}") for c in mi["covariates"]]
         blocks += [("p", f"Warning: {w}") for w in r.get("warnings", [])]
         plot = _plot_data(chart, r, tz)
@@ -1319,7 +1322,13 @@ def _report_pdf(chart: Any, clinical: dict[str, Any], today: dt.date, tz: ZoneIn
 
 #: how the app analyses a chart (recorded in every assessment's inputs)
 def _local(t: Any, tz: ZoneInfo, seconds: bool = False) -> str:
-    """A stored (UTC) time as the app's wall-clock time, for pages."""
+    """A stored (UTC) time -- a datetime, or an ISO string with its offset as in a stored result -- as the
+    app's wall-clock time, for pages."""
+    if isinstance(t, str) and "T" in t:
+        try:
+            t = dt.datetime.fromisoformat(t)
+        except ValueError:
+            return t
     if not isinstance(t, dt.datetime):
         return "" if t is None else str(t)
     return _utc_time(t).astimezone(tz).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d %H:%M")
