@@ -348,6 +348,13 @@ def test_decision_aid_errors_at_the_field_inputs_in_view_and_every_page_at_phone
     assert any(str(n).startswith("current: 5 mg every 12 h") for n in names), names
     assert any(str(n).startswith("proposed: ") for n in names) and "individual fit (median, 80 % band)" in names
     assert table.locator("tr.chosen").count() == 1 and table.locator("tbody tr").count() >= 3
+    # the mechanism: what the concentrations do to calcineurin, by the published models, said to be educational
+    mechanism = page.locator("#mechanism")
+    expect(mechanism).to_contain_text("inhibition of calcineurin activity")
+    expect(mechanism).to_contain_text("suppression of NFAT-regulated gene expression")
+    expect(mechanism).to_contain_text("not validated for choosing a dose")
+    expect(mechanism).to_contain_text("Clin Pharmacol Ther 2005;78(2):168-81")
+    expect(page.locator("#pd-plot .main-svg").first).to_be_visible()
     _shot(page, f"decision-aid-{width}")
     assert _fits(page, width), "the fitted patient page is wider than the screen"
     assert _axe_serious(page) == []

@@ -323,7 +323,11 @@ def test_cli_models_check(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     results = json.loads(r.output)
     assert results and all(x["passed"] for x in results)
-    assert {x["model"] for x in results} >= {"andrews2019_tac_adult_kidney", "woillard2014_csa_hsct"}
+    assert {x["model"] for x in results} >= {"andrews2019_tac_adult_kidney", "woillard2014_csa_hsct",
+                                             "fukudo2005_tac_calcineurin", "clinnephrol2017_tac_nfat"}
+    # the concentration-effect models alone, by id
+    r = CliRunner().invoke(app, ["models", "check", "fukudo2005_csa_calcineurin", "--json"])
+    assert r.exit_code == 0 and [x["check"] for x in json.loads(r.output)] == ["E/Emax at 200 ng/mL"]
     # a check that fails makes the command fail
     broken = tmp_path / "m.toml"
     broken.write_text(ANDREWS.read_text().replace("expected = 23.0", "expected = 24.0"))

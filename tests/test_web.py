@@ -260,11 +260,13 @@ def test_recommendation_through_the_api_is_stored_with_its_provenance_and_signed
     assert r.status_code == 201, r.text
     a = r.json()
     full = c.get(f"/api/v1/assessments/{a['id']}").json()["result"]
-    assert a["reused"] is False and {k: v for k, v in full.items() if k not in ("curve", "forecast")} == a["result"]
+    plots = ("curve", "forecast", "pd_curve")
+    assert a["reused"] is False and {k: v for k, v in full.items() if k not in plots} == a["result"]
     rec = a["result"]["recommendation"]
     assert a["status"] == "draft" and a["model_ref"].startswith("andrews2019_tac_adult_kidney 1.0.0 sha256:")
     assert rec["chosen"]["dose"] > 0 and rec["target"]["source"] and "curve" not in a["result"]
     assert "forecast" not in a["result"] and full["forecast"]["proposed"]["p50"]
+    assert "pd_curve" not in a["result"] and full["pd_curve"]["series"] and a["result"]["pd"]["models"]
     assert c.get(a["curve_url"]).json()["result"]["curve"]["observed"]
     assert a["inputs"]["chart_sha256"] and a["package_version"]
     r = c.post(f"/api/v1/assessments/{a['id']}/sign", json={"decision": "as recommended"},

@@ -751,27 +751,39 @@ def models_check(
     = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run every model's reference checks; exit 1 if any fails."""
+    """Run every model's reference checks -- the pharmacokinetic models' and the concentration-effect models'
+    (cnidose.models.pd) -- each against the statement of its paper; exit 1 if any fails."""
     from cnidose.models.checks import run_checks
     from cnidose.models.library import library_models, resolve_model
-
+    from cnidose.models.pd import effect_models
 
     def work() -> int:
-        loaded = [resolve_model(m) for m in models] if models else list(library_models())
+        effects = [e for e in effect_models() if not models or e.id in models]
+        named = {e.id for e in effects}
+        wanted = [m for m in models or [] if m not in named]
+        loaded = [resolve_model(m) for m in wanted] if models else list(library_models())
         results = [r for m in loaded for r in run_checks(m)]
+        rows = [{"model": r.model, "check": r.name, "statement": r.statement, "source": r.source,
+                 "expected": r.expected, "actual": r.actual, "rtol": r.rtol, "passed": r.passed, "error": r.error}
+                for r in results]
+        for e in effects:
+            for ch in e.checks:
+                got = float(e.fraction(ch.concentration))
+                rows.append({"model": e.id, "check": f"E/Emax at {ch.concentration:g} {e.unit}",
+                             "statement": ch.statement, "source": e.source, "expected": ch.expected, "actual": got,
+                             "atol": ch.tolerance, "passed": abs(got - ch.expected) <= ch.tolerance, "error": None})
         if as_json:
-            typer.echo(json.dumps([{"model": r.model, "check": r.name, "statement": r.statement, "source": r.source,
-                                    "expected": r.expected, "actual": r.actual, "rtol": r.rtol,
-                                    "passed": r.passed, "error": r.error} for r in results], indent=2,
-                                  ensure_ascii=False))
+            typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         else:
-            for r in results:
-                status = "PASS" if r.passed else "FAIL"
-                detail = r.error or f"expected {r.expected:g}, got {r.actual:.6g} (rtol {r.rtol:g})"
-                typer.echo(f"{status}  {r.model}: {r.name}: {detail}")
-            n_fail = sum(not r.passed for r in results)
-            typer.echo(f"{len(results) - n_fail} passed, {n_fail} failed, {len(loaded)} model(s)", err=True)
-        return sum(not r.passed for r in results)
+            for r in rows:
+                status = "PASS" if r["passed"] else "FAIL"
+                tol = f"rtol {r['rtol']:g}" if "rtol" in r else f"atol {r['atol']:g}"
+                detail = r["error"] or f"expected {r['expected']:g}, got {r['actual']:.6g} ({tol})"
+                typer.echo(f"{status}  {r['model']}: {r['check']}: {detail}")
+            n_fail = sum(not r["passed"] for r in rows)
+            typer.echo(f"{len(rows) - n_fail} passed, {n_fail} failed, {len(loaded)} model(s), "
+                       f"{len(effects)} concentration-effect model(s)", err=True)
+        return sum(not r["passed"] for r in rows)
 
     if _run(work):
         raise typer.Exit(1)

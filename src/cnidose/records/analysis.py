@@ -150,6 +150,7 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
     if rec.chosen is not None and post is not None:
         out["forecast"] = _forecast(ind, post, [("current", reg.dose_mg, reg.interval_h),
                                                 ("proposed", rec.chosen.dose, rec.chosen.interval)], seed)
+    out.update(_mechanism(record.agent, model, out["curve"], out.get("forecast"), interval))
     out["recommendation"] = rec.to_dict()
     summary = rec.summary()
     if out["flagged"] or out["excluded"]:
@@ -350,3 +351,47 @@ def _model_inputs(model: Any, ind: Any, record: PatientRecord, export_notes: lis
                                             if x) or None,
                       "confirmed": meta.get("confirmed"), "why": why},
             "covariates": rows}
+
+
+def _mechanism(drug: str, model: Any, curve: dict[str, Any], forecast: dict[str, Any] | None, interval: float
+               ) -> dict[str, Any]:
+    """What the concentrations do to the drug's target, by each published concentration-effect model of the drug
+    (:mod:`cnidose.models.pd`), from the median curves: over the last dosing interval of the fit and of each
+    forecast regimen, the fraction of the maximal effect at the trough, at the peak and on average. ``pd`` holds
+    these figures with each model's source; ``pd_curve`` the effect over time for the plot (fit: its last 2 days;
+    forecast: all). Only for models of whole-blood concentrations (the matrix the effect models were estimated
+    on)."""
+    from cnidose.models.pd import EDUCATIONAL, effects_for
+
+    effects = effects_for(drug)
+    if not effects or model.meta.get("matrix", "whole blood") != "whole blood":
+        return {}
+    hours = np.asarray(curve["hours"])
+    p50 = np.asarray(curve["p50"])
+
+    def interval_summary(h: np.ndarray, c: np.ndarray, m: Any) -> dict[str, float]:
+        last = h >= h[-1] - interval - 1e-9
+        e = m.fraction(c[last])
+        return {"trough": float(f"{float(m.fraction(c[last][-1])):.4g}"), "peak": float(f"{float(e.max()):.4g}"),
+                "mean": float(f"{float(e.mean()):.4g}"), "c_trough": float(f"{float(c[last][-1]):.4g}"),
+                "c_peak": float(f"{float(c[last].max()):.4g}")}
+
+    models, series = [], []
+    recent = hours >= hours[-1] - 48.0
+    for m in effects:
+        row: dict[str, Any] = {**m.describe(), "fit": interval_summary(hours, p50, m)}
+        ser: dict[str, Any] = {"id": m.id, "effect": m.effect,
+                               "fit": {"hours": [round(float(x), 4) for x in hours[recent]],
+                                       "fraction": [float(f"{x:.4g}") for x in m.fraction(p50[recent])]}}
+        if forecast:
+            fh = np.asarray(forecast["hours"])
+            for name in ("current", "proposed"):
+                if name in forecast:
+                    c = np.asarray(forecast[name]["p50"])
+                    row[name] = {**interval_summary(fh, c, m), "dose": forecast[name]["dose"],
+                                 "interval": forecast[name]["interval"]}
+                    ser[name] = [float(f"{x:.4g}") for x in m.fraction(c)]
+            ser["forecast_hours"] = forecast["hours"]
+        models.append(row)
+        series.append(ser)
+    return {"pd": {"models": models, "note": EDUCATIONAL}, "pd_curve": {"origin": curve["origin"], "series": series}}

@@ -1232,7 +1232,7 @@ def app_from_env() -> FastAPI:
 
 
 #: the parts of a stored result that only plots read (left out of the recommendation answer)
-PLOT_KEYS = ("curve", "forecast")
+PLOT_KEYS = ("curve", "forecast", "pd_curve")
 
 
 def _decision(assessment: dict[str, Any], candidate: int | None, note: str) -> str:
@@ -1363,6 +1363,12 @@ def _plot_data(chart: Any, result: dict[str, Any] | None, tz: ZoneInfo) -> dict[
             return [_wall(origin + dt.timedelta(hours=h), tz) for h in hours]
 
         out["fit"] = {"time": clock(curve["hours"]), **{q: curve[q] for q in ("p10", "p50", "p90")}}
+        pdc = result.get("pd_curve")
+        if pdc:
+            out["pd"] = [{"id": x["id"], "effect": x["effect"], "fit_time": clock(x["fit"]["hours"]),
+                          "fit": x["fit"]["fraction"],
+                          **({"forecast_time": clock(x["forecast_hours"])} if "forecast_hours" in x else {}),
+                          **{k: x[k] for k in ("current", "proposed") if k in x}} for x in pdc["series"]]
         fc = result.get("forecast")
         if fc:
             out["forecast"] = {"time": clock(fc["hours"]), "days": fc["days"],

@@ -32,9 +32,23 @@
       var shapes = c.target ? [{ type: "rect", xref: "x", yref: "y", x0: t[0], x1: t[t.length - 1], y0: c.target[0], y1: c.target[1],
                                  fillcolor: "rgba(26,127,55,0.14)", line: { width: 0 }, layer: "below" }] : [];
       Plotly.newPlot("curve-plot", traces, {
-        margin: { t: 10, r: 10, b: 40, l: 50 }, yaxis: { title: { text: c.unit }, rangemode: "tozero" },
-        xaxis: { title: { text: c.timezone } }, shapes: shapes, legend: { orientation: "h" }
+        margin: { t: 40, r: 10, b: 40, l: 50 }, yaxis: { title: { text: c.unit }, rangemode: "tozero" },
+        xaxis: { title: { text: "time (" + c.timezone + ")", standoff: 4 } }, shapes: shapes,
+        legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" }
       }, { displayModeBar: false, responsive: true });
+    }
+    if (c && c.pd && document.getElementById("pd-plot")) {
+      var pt = [], colours = ["#1f5fa8", "#0b7a75", "#8a3ffc"];
+      c.pd.forEach(function (m, i) {
+        var col = colours[i % colours.length], pct = function (xs) { return xs.map(function (x) { return 100 * x; }); };
+        pt.push({ x: m.fit_time, y: pct(m.fit), mode: "lines", line: { color: col }, name: m.effect + " (fit)" });
+        if (m.current) { pt.push({ x: m.forecast_time, y: pct(m.current), mode: "lines", line: { color: col, dash: "dot" }, name: m.effect + " (current)" }); }
+        if (m.proposed) { pt.push({ x: m.forecast_time, y: pct(m.proposed), mode: "lines", line: { color: col, dash: "dash" }, name: m.effect + " (proposed)" }); }
+      });
+      Plotly.newPlot("pd-plot", pt, { margin: { t: 40, r: 10, b: 40, l: 50 }, yaxis: { title: { text: "% of maximal effect" }, range: [0, 100] },
+                                      xaxis: { title: { text: "time (" + c.timezone + ")", standoff: 4 } },
+                                      legend: { orientation: "h", x: 0, y: 1.02, yanchor: "bottom" } },
+                     { displayModeBar: false, responsive: true });
     }
     var tr = data("trend-data");
     if (tr && document.getElementById("trend-plot") && (tr.egfr.length || tr.bp.length)) {
