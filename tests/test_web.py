@@ -715,3 +715,34 @@ def test_without_a_model_the_assessment_shows_the_rules_and_the_dose_per_kg(
     assert f"{per_kg:.2f} mg/kg/day</strong> at {weight:g} kg" in rules
     assert "Reduce the cyclosporine dose by 25-50 %" in rules and "Sandimmun Neoral SmPC" in rules
     assert "Due: " in rules and "serum creatinine" in rules
+
+
+def test_the_clinician_sets_the_aim_on_the_page_and_in_the_api(site: tuple[Any, Store, dict[str, int]]) -> None:
+    """Issue 15, item 5: the level the dose choice aims at is the target's middle unless the clinician sets one
+    (page form, API ``?aim=``); the same rule in both; a different aim is a different assessment, the same aim
+    reuses it; an aim outside the target is refused at its field, before any fit, and nothing is stored."""
+    app, store, ids = site
+    kid = ids["DEMO-TX-1"]
+    c, token = client(app, "pharm")
+    low = c.post(f"/api/v1/patients/{kid}/recommendation", params={"aim": 5}, headers={"X-CSRF-Token": token})
+    assert low.status_code in (200, 201), low.text
+    rec = low.json()["result"]["recommendation"]
+    assert rec["inputs"]["aim"] == 5.0 and "(aimed at 5)" in rec["summary"]
+    assert low.json()["inputs"]["settings"]["aim"] == 5.0
+    again = c.post(f"/api/v1/patients/{kid}/recommendation", params={"aim": 5}, headers={"X-CSRF-Token": token})
+    assert again.status_code == 200 and again.json()["id"] == low.json()["id"]  # the same inputs: reused
+    middle = c.post(f"/api/v1/patients/{kid}/recommendation", headers={"X-CSRF-Token": token}).json()
+    assert middle["id"] != low.json()["id"] and middle["result"]["recommendation"]["inputs"]["aim"] == 7.5
+    assert rec["chosen"]["median"] <= middle["result"]["recommendation"]["chosen"]["median"]
+    n = len(store.chart(SYSTEM, kid).assessments)
+    r = c.post(f"/api/v1/patients/{kid}/recommendation", params={"aim": 30}, headers={"X-CSRF-Token": token})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "aim"]
+    assert "outside the target 4-11" in r.text and len(store.chart(SYSTEM, kid).assessments) == n
+    # the page: the same form field, the same refusal at the field with what was typed
+    page = c.post(f"/patients/{kid}/assess", data={"csrf": token, "aim": "30"})
+    assert page.status_code == 422 and page.headers["HX-Retarget"] == "#assess-box"
+    box = page.text[page.text.index('id="assess-box"'):]
+    assert 'id="assess-error"' in box and "outside the target" in box and 'value="30"' in box
+    r = c.post(f"/patients/{kid}/assess", data={"csrf": token, "aim": "5"})
+    assert r.status_code == 303 and r.headers["location"] == f"/patients/{kid}#assessment-{low.json()['id']}"
+    assert len(store.chart(SYSTEM, kid).assessments) == n  # the API's assessment for these inputs, not a copy

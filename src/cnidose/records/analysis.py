@@ -81,11 +81,15 @@ def _inputs(record: PatientRecord, as_of: dt.date) -> dict[str, Any]:
 
 
 def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
-            seed: int = 0, choice: str = "aim") -> dict[str, Any]:
-    """Fit, curve with 80 % band, recommendation and the clinical assessment for one patient."""
+            seed: int = 0, choice: str = "aim", aim: float | None = None) -> dict[str, Any]:
+    """Fit, curve with 80 % band, recommendation and the clinical assessment for one patient.
+
+    ``aim`` is the level the dose choice aims at (default: the middle of the patient's target); one outside the
+    target is refused (FieldError on ``aim``) before any fit -- it is the caller's input, not the record's."""
     from cnidose.dosing import find_target, product, recommend
     from cnidose.estimation.posterior import sample_posterior
     from cnidose.models.library import resolve_model
+    from cnidose.records.units import FieldError
 
     out: dict[str, Any] = {"as_of": as_of.isoformat(), "version": __version__,
                            "clinical": clinical_assessment(record, as_of), "warnings": [],
@@ -126,6 +130,9 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         concomitant = "mmf" if any("mycophenol" in m for m in meds) else "any"
         organ = record.organ or record.indication.replace(" transplant", "")
         target = find_target(record.agent, organ, group, months, concomitant=concomitant)
+        if aim is not None and not target.low <= aim <= target.high:
+            raise FieldError(f"the aim {aim:g} {target.unit} is outside the target {target.low:g}-{target.high:g} "
+                             f"{target.unit} ({target.source})", field="aim")
         ind, fit = _fit_with_exclusions(model, record, exp, out)
         out["model_inputs"] = _model_inputs(model, ind, record, exp.notes,
                                             "chosen by the caller" if model_id else
@@ -142,7 +149,9 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         post = None if fit.status == "error" else sample_posterior(model, ind, n_draws=n_draws, seed=seed,
                                                                    map_result=fit)
         rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed, choice=choice,
-                        fit=fit, posterior=post)
+                        aim=aim, fit=fit, posterior=post)
+    except FieldError:
+        raise
     except CnidoseError as exc:
         out["warnings"].append(f"{type(exc).__name__}: {exc}")
         return out

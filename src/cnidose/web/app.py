@@ -860,18 +860,20 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             observed_at=form_time(observed_at, "observed_at")), "lab",
             {"name": name, "value": value, "unit": unit, "observed_at": observed_at})
 
-    def _run_assessment(actor: Actor, pid: int) -> tuple[int, bool, dict[str, Any] | None]:
-        """The assessment of the patient's chart as it is now: (id, computed now, the stored row when it was
-        already read). The analysis is a function of its inputs (the chart's entries, the date, the settings and
-        this version), so when the newest stored assessment has exactly these inputs it is returned instead of a
+    def _run_assessment(actor: Actor, pid: int, aim: float | None = None) -> tuple[int, bool, dict[str, Any] | None]:
+        """The assessment of the patient's chart as it is now, the dose choice aiming at ``aim`` (default: the
+        target's middle): (id, computed now, the stored row when it was already read). The analysis is a function
+        of its inputs (the chart's entries, the date, the settings -- the aim among them -- and this version), so
+        when the newest stored assessment has exactly these inputs it is returned instead of a
         duplicate -- compared first by the patient's revision (raised by the database on every change of an
         entry) without reading the chart; concurrent requests for the same inputs in this process compute once."""
         store.authorize(actor, "write", "assessment", pid)
         patient, latest = store.latest_assessment(actor, pid)
-        if latest is not None and _same_inputs(latest, _reuse_key(patient, the_day())):
+        settings = _settings(aim)
+        if latest is not None and _same_inputs(latest, _reuse_key(patient, the_day(), settings)):
             return int(latest["id"]), False, latest
         chart = store.chart(actor, pid, assessments="latest")
-        inputs = _analysis_inputs(chart, the_day())
+        inputs = _analysis_inputs(chart, the_day(), settings)
         latest = chart.assessments[-1] if chart.assessments else None
         if latest is not None and _same_inputs(latest, inputs["reuse"]):
             return int(latest["id"]), False, latest
@@ -883,7 +885,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             if aid is not None:
                 return aid, False, None
             try:
-                result = analyse(chart, the_day(), **ANALYSIS)
+                result = analyse(chart, the_day(), **settings)
                 aid = store.save_assessment(actor, pid, kind="recommendation" if "recommendation" in result
                                             else "assessment", inputs=inputs, result=result,
                                             model_ref=result.get("model"), package_version=__version__)
@@ -898,9 +900,19 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     @app.post("/patients/{pid}/assess", include_in_schema=False)
     def assess_form(request: Request, pid: Id, csrf: str = Form("", max_length=64),
+                    aim: str = Form("", max_length=MAX["number"]),
                     who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
-        aid, _, _ = _run_assessment(who[0], pid)
+        try:
+            value = _form_number(aim, "aim") if aim.strip() else None
+            if value is not None and not 0 < value < 1e4:
+                raise FieldError(f"the aim must be a positive level, got {aim!r}", field="aim")
+            aid, _, _ = _run_assessment(who[0], pid, value)
+        except FieldError as exc:
+            resp = patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field, form="assess",
+                                    values={"aim": aim})
+            resp.headers.update({"HX-Retarget": "#assess-box", "HX-Reselect": "#assess-box", "HX-Reswap": "outerHTML"})
+            return resp
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/assessments/{aid}/sign", include_in_schema=False)
@@ -1136,12 +1148,15 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 
     @app.post("/api/v1/patients/{pid}/recommendation", status_code=201, tags=["assessments"],
               response_model=dict[str, Any], responses={200: {"description": "the stored assessment, reused"}})
-    def api_recommend(pid: Id, who: tuple[Actor, str] = Depends(api_user)) -> Response:
+    def api_recommend(pid: Id, aim: Annotated[float | None, Query(gt=0, lt=1e4, description=(
+                          "the level the dose choice aims at (default: the middle of the patient's target); "
+                          "outside the target: 422 on aim"))] = None,
+                      who: tuple[Actor, str] = Depends(api_user)) -> Response:
         """Fit and recommend on the chart as it is (201, stored as a draft); when the newest stored assessment
         has exactly these inputs, that one is returned instead (200, ``"reused": true``). The result's plot data
         (``curve``, the fitted curve, and ``forecast``, the current and proposed regimens' next days: tens of kB)
         is left out here: ``GET /api/v1/assessments/{id}`` (``curve_url``) has it."""
-        aid, fresh, row = _run_assessment(who[0], pid)
+        aid, fresh, row = _run_assessment(who[0], pid, aim)
         row = row if row is not None else store.assessment(who[0], aid)
         key = (aid, row["status"], fresh)  # a stored assessment changes only when it is signed
         body = answers.get(key)
@@ -1404,23 +1419,28 @@ def _rule(inputs: dict[str, Any]) -> str:
 ANALYSIS: dict[str, Any] = {"n_draws": 500, "seed": 0, "choice": "aim"}
 
 
-def _reuse_key(patient: dict[str, Any], as_of: dt.date) -> dict[str, Any]:
+def _settings(aim: float | None) -> dict[str, Any]:
+    """The analysis settings of a request: the app's (ANALYSIS) and the aim, when the clinician set one."""
+    return {**ANALYSIS, **({"aim": float(aim)} if aim is not None else {})}
+
+
+def _reuse_key(patient: dict[str, Any], as_of: dt.date, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """When two analyses have equal keys their inputs are equal: the patient row and its revision (raised on every
     change of an entry), the date, the settings and the package version."""
     row = {k: v for k, v in patient.items() if k != "revision"}
     return {"patient_revision": int(patient["revision"]), "patient_sha256": hashlib.sha256(
         json.dumps(row, default=str, sort_keys=True).encode()).hexdigest(), "as_of": as_of.isoformat(),
-        "settings": ANALYSIS, "version": __version__}
+        "settings": settings or ANALYSIS, "version": __version__}
 
 
-def _analysis_inputs(chart: Any, as_of: dt.date) -> dict[str, Any]:
+def _analysis_inputs(chart: Any, as_of: dt.date, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an analysis depends on, recorded with it: a hash of the chart's entries (patient, covariates, regimens,
     doses, observations, medications; statuses included), the counts, and the reuse key."""
     entries = [chart.patient, chart.covariates, chart.regimens, chart.doses, chart.observations, chart.medications]
     return {"as_of": as_of.isoformat(), "chart_sha256": hashlib.sha256(
         json.dumps(entries, default=str, sort_keys=True).encode()).hexdigest(),
-        "doses": len(chart.doses), "observations": len(chart.observations), "settings": ANALYSIS,
-        "reuse": _reuse_key(chart.patient, as_of)}
+        "doses": len(chart.doses), "observations": len(chart.observations), "settings": settings or ANALYSIS,
+        "reuse": _reuse_key(chart.patient, as_of, settings)}
 
 
 def _same_inputs(assessment: dict[str, Any], key: dict[str, Any]) -> bool:
