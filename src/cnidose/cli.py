@@ -412,17 +412,29 @@ def evaluate(
     workers: WorkersOpt = None,
     chunk_size: Annotated[int, typer.Option(help="individuals per chunk of work")] = 200,
     dose_values: DoseValuesOpt = "nonmem",
+    strategies: Annotated[str, typer.Option("--strategy", "-s", help=(
+        "forecasting strategies to compare, comma-separated: map (published priors; an unseen occasion at its "
+        "prior), flat:L (Omega x L, Hughes & Keizer 2021), occ-last (the last occasion's effect carried "
+        "forward), or parts joined by + (flat:2+occ-last)"))] = "map",
+    bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the patients for 95 % intervals "
+                                                "(0: none)")] = 0,
 ) -> None:
     """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
-    MAPE, RMSE and share within 20 %, per model and per step."""
+    MAPE, RMSE and shares within 20 % and 30 %, per model, strategy and step, side by side on the same
+    forecasts, with bootstrap intervals by patient."""
     from cnidose.records.nonmem import check_doses, read_nonmem_csv, write_csv
 
 
     def work() -> None:
         from cnidose.cohort import batch_evaluate
-        from cnidose.dosing.evaluate import summarise
+        from cnidose.dosing.evaluate import strategy, summarise
 
         ms = [_resolve(x.strip(), dose_values) for x in models.split(",") if x.strip()]
+        strats = [strategy(x) for x in strategies.split(",") if x.strip()]
+        if not strats:
+            raise InputError("--strategy: name at least one (map, flat:L, occ-last)")
+        if not 0 <= bootstrap <= 100_000:
+            raise InputError(f"--bootstrap must be 0-100000, got {bootstrap}")
         inds = read_nonmem_csv(data).individuals()
         for m in ms:
             check_doses(m, inds)
@@ -432,8 +444,8 @@ def evaluate(
         with _progress("evaluating", n_chunks, progress and n_chunks > 1) as callback:
             fc = batch_evaluate(ms, inds, max_step=max_step, backend=backend,  # type: ignore[arg-type]
                                 scheduler=scheduler, workers=workers, chunk_size=chunk_size, progress=callback,
-                                problems=problems, notices=notices)
-        summary = summarise(fc)
+                                problems=problems, notices=notices, strategies=strats)
+        summary = summarise(fc, bootstrap=bootstrap)
         _echo_notices(notices)
         for msg in problems:
             typer.echo(f"skipped: {msg}", err=True)
@@ -446,18 +458,29 @@ def evaluate(
 
             plot.write_text(plot_svg(fc), encoding="utf-8")
         if out is not None:
-            write_csv(out, ["MODEL", "ID", "STEP", "ROW", "DV", "PRED", "PE"],
-                      ([f.model, _id(f.id), f.step, f.row, f.observed, f.predicted, f.error] for f in fc))
+            write_csv(out, ["MODEL", "STRATEGY", "ID", "STEP", "ROW", "DV", "PRED", "PE"],
+                      ([f.model, f.strategy, _id(f.id), f.step, f.row, f.observed, f.predicted, f.error] for f in fc))
         if as_json:
             from dataclasses import asdict
 
             typer.echo(json.dumps([asdict(s) for s in summary], indent=2))
             return
-        typer.echo(f"{'model':<36} {'step':>5} {'n':>6} {'bias %':>8} {'MAPE %':>8} {'RMSE %':>8} {'±20 %':>7}")
+        def cell(s: Any, key: str, value: float) -> str:
+            if s.ci is None:
+                return f"{value:8.1f}"
+            lo, hi = s.ci[key]
+            return f"{value:6.1f} [{lo:5.1f}, {hi:5.1f}]"
+
+        width = 8 if bootstrap == 0 else 22
+        typer.echo(f"{'model':<36} {'strategy':<16} {'step':>5} {'n':>6} {'bias %':>{width}} {'MAPE %':>{width}} "
+                   f"{'RMSE %':>8} {'±20 %':>{width}} {'±30 %':>7}")
         for s in summary:
             step = "all" if s.step is None else str(s.step)
-            typer.echo(f"{s.model:<36} {step:>5} {s.n:>6} {s.median_pe:8.1f} {s.mape:8.1f} {s.rmse:8.1f} "
-                       f"{s.within_20:7.1f}")
+            typer.echo(f"{s.model:<36} {s.strategy:<16} {step:>5} {s.n:>6} {cell(s, 'median_pe', s.median_pe)} "
+                       f"{cell(s, 'mape', s.mape)} {s.rmse:8.1f} {cell(s, 'within_20', s.within_20)} "
+                       f"{s.within_30:7.1f}")
+        if bootstrap:
+            typer.echo(f"[95 % intervals: {bootstrap} bootstrap resamples of the patients]", err=True)
         typer.echo(f"{len(fc)} forecasts", err=True)
 
     _run(work)

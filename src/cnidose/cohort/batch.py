@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cnidose.cohort.executor import Backend, chunked, run_chunks
-from cnidose.dosing.evaluate import Forecast, evaluate
+from cnidose.dosing.evaluate import Forecast, Strategy, evaluate
 from cnidose.estimation.map import MapResult, fit_map
 from cnidose.models.fileformat import parse_model
 from cnidose.models.model import Model, Notice
@@ -61,27 +61,30 @@ def batch_fit(model: Model, individuals: Sequence[Individual], *, backend: Backe
     return [r for part in parts for r in part]
 
 
-def _evaluate_chunk(chunk: list[Individual], payloads: list[Payload], max_step: int | None
-                    ) -> tuple[list[Forecast], list[str], list[Notice]]:
+def _evaluate_chunk(chunk: list[Individual], payloads: list[Payload], max_step: int | None,
+                    strategies: tuple[Strategy, ...] = (Strategy(),)) -> tuple[list[Forecast], list[str], list[Notice]]:
     problems: list[str] = []
     notices: list[Notice] = []
     forecasts = evaluate([_model(p) for p in payloads], chunk, max_step=max_step, problems=problems,
-                         notices=notices)
+                         notices=notices, strategies=strategies)
     return forecasts, problems, notices
 
 
 def batch_evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_step: int | None = None,
                    backend: Backend = "serial", scheduler: str | None = None, workers: int | None = None,
                    chunk_size: int = 200, progress: Callable[[int, int], None] | None = None,
-                   problems: list[str] | None = None, notices: list[Notice] | None = None) -> list[Forecast]:
+                   problems: list[str] | None = None, notices: list[Notice] | None = None,
+                   strategies: Sequence[Strategy] = (Strategy(),)) -> list[Forecast]:
     """:func:`cnidose.dosing.evaluate.evaluate` partitioned by individual, on any backend; the forecasts
-    (and skipped individuals' messages) come back in the serial order: model, step, individual."""
+    (and skipped individuals' messages) come back in the serial order: model, strategy, step, individual."""
     chunks = chunked(list(individuals), chunk_size)
     payloads = [model_payload(m) for m in models]
     parts = run_chunks(_evaluate_chunk, chunks, backend=backend, scheduler=scheduler, workers=workers,
-                       progress=progress, extra=(payloads, max_step))
+                       progress=progress, extra=(payloads, max_step, tuple(strategies)))
     rank = {m.id: k for k, m in enumerate(models)}
-    forecasts = sorted((f for part in parts for f in part[0]), key=lambda f: (rank[f.model], f.step))
+    srank = {s.name: k for k, s in enumerate(strategies)}
+    forecasts = sorted((f for part in parts for f in part[0]),
+                       key=lambda f: (rank[f.model], srank.get(f.strategy, 0), f.step))
     if problems is not None:
         problems += sorted((msg for part in parts for msg in part[1]), key=lambda msg: rank[msg.split(":", 1)[0]])
     if notices is not None:

@@ -6,24 +6,79 @@ A forecast with k = 0 is the a-priori (population) prediction of the first level
 individual at once (:func:`cnidose.estimation.fit_map`).
 
 Metrics (prediction error PE = (predicted − observed) / observed): median PE (bias), median absolute PE
-(MAPE), relative RMSE, and the share of forecasts within ±20 %; per model and per step k.
+(MAPE), relative RMSE, and the shares of forecasts within ±20 % and ±30 %; per model, strategy and step k, with
+bootstrap confidence intervals by patient (resampling patients, not forecasts: a patient's forecasts are
+correlated).
+
+Forecasting strategies (:class:`Strategy`, named by a spec such as ``"flat:2+occ-last"``):
+
+- ``map``: plain MAP with the published priors; a level in an occasion the fit has not seen is forecast with
+  that occasion's effect at its prior mean (zero) -- the occasion-aware default (Abrantes et al. 2019, CPT
+  Pharmacometrics Syst Pharmacol 8:676: estimate with the occasion effects, forecast without them).
+- ``flat:L``: flattened priors, the between-subject covariance Omega multiplied by L > 1 (Hughes & Keizer 2021,
+  Clin Pharmacol Ther 110:1353): the levels weigh more against the population; the occasion prior is kept.
+- ``occ-last``: the next occasion takes the effect estimated for the last occasion with a level (carry-forward):
+  for occasion variability that persists from one occasion to the next.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from cnidose.errors import CnidoseError
+from cnidose.errors import CnidoseError, InputError
 from cnidose.estimation import fit_map
 from cnidose.models.model import Model, Notice
 from cnidose.pk.events import Individual, split_individuals
 
-__all__ = ["Forecast", "Summary", "evaluate", "plot_svg", "summarise"]
+__all__ = ["Forecast", "Strategy", "Summary", "evaluate", "plot_svg", "strategy", "summarise"]
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """How a forecast is made from a fit (module docstring)."""
+
+    name: str = "map"
+    prior_scale: float = 1.0  # Omega (between-subject) multiplied by this
+    occasion: str = "prior"  # "prior": an unseen occasion's effect at zero; "last": the last seen occasion's
+
+    def apply(self, model: Model) -> Model:
+        """The model with its prior flattened (the same model when the scale is 1)."""
+        if self.prior_scale == 1.0:
+            return model
+        return replace(model, iiv=replace(model.iiv, omega=model.iiv.omega * self.prior_scale))
+
+
+def strategy(spec: str) -> Strategy:
+    """The strategy named by ``spec``: ``map``, ``flat:L`` (L > 1), ``occ-last``, or parts joined by ``+``.
+
+    >>> strategy("flat:2+occ-last")
+    Strategy(name='flat:2+occ-last', prior_scale=2.0, occasion='last')
+    """
+    scale, occasion = 1.0, "prior"
+    parts = [x.strip() for x in spec.split("+") if x.strip()]
+    if not parts:
+        raise InputError("a forecasting strategy is map, flat:L or occ-last (joined by +), got an empty one")
+    for part in parts:
+        if part == "map":
+            continue
+        if part == "occ-last":
+            occasion = "last"
+        elif part.startswith("flat:"):
+            try:
+                scale = float(part[5:])
+            except ValueError:
+                raise InputError(f"flat:L needs a number L > 1, got {part!r}") from None
+            if not 1.0 < scale <= 100.0:
+                raise InputError(f"flat:L needs 1 < L <= 100 (Omega multiplied by L), got {part!r}")
+        else:
+            raise InputError(f"unknown forecasting strategy {part!r} (known: map, flat:L, occ-last)")
+    return Strategy(spec.strip(), scale, occasion)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +89,7 @@ class Forecast:
     row: int  # source row of the forecast level
     observed: float
     predicted: float
+    strategy: str = "map"
 
     @property
     def error(self) -> float:
@@ -49,6 +105,11 @@ class Summary:
     mape: float  # median absolute PE, %
     rmse: float  # relative RMSE, %
     within_20: float  # %
+    strategy: str = "map"
+    within_30: float = float("nan")  # %
+    patients: int = 0
+    #: 95 % bootstrap intervals by patient (None without a bootstrap): (low, high) for each metric
+    ci: dict[str, tuple[float, float]] | None = None
 
 
 def _hide_after(ind: Individual, keep: int) -> Individual:
@@ -64,8 +125,9 @@ def _hide_after(ind: Individual, keep: int) -> Individual:
 
 
 def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_step: int | None = None,
-             problems: list[str] | None = None, notices: list[Notice] | None = None) -> list[Forecast]:
-    """Every forecast of every model (k = 0 .. n-1 levels seen).
+             problems: list[str] | None = None, notices: list[Notice] | None = None,
+             strategies: Sequence[Strategy] = (Strategy(),)) -> list[Forecast]:
+    """Every forecast of every model and strategy (k = 0 .. n-1 levels seen).
 
     Individuals a model cannot fit (missing covariate, bad record) are skipped; their messages are
     appended to ``problems`` (one per model and individual). What each fit must show (a covariate outside
@@ -77,14 +139,15 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
         "BLQ", np.zeros(len(i)))) == 1)) for i in individuals]
     n_max = max((o.size for o in obs_idx), default=0)
     steps = range(n_max if max_step is None else min(n_max, max_step + 1))
-    for model in models:
+    for published, strat in itertools.product(models, strategies):
+        model = strat.apply(published)
         for k in steps:
             who = [j for j, o in enumerate(obs_idx) if o.size > k]
             if not who:
                 break
             trimmed = [_hide_after(individuals[j], k) for j in who]
             fits = fit_map(model, trimmed)
-            if notices is not None and k == 0:
+            if notices is not None and k == 0 and strat is strategies[0]:
                 notices.extend(n for r in fits for n in r.notices)
             for j, ind, r in zip(who, trimmed, fits, strict=True):
                 if r.status == "error":
@@ -96,29 +159,63 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
                 eta = r.eta[None]
                 kap = None
                 if model.iov is not None and r.kappa is not None:
-                    kap = r.kappa[None]
+                    kappa = np.array(r.kappa, dtype=np.float64)
+                    if strat.occasion == "last" and k > 0:
+                        occ = model.prepare(ind).occasion
+                        seen = occ[obs_idx[j][:k]]
+                        later = occ[target]
+                        if later not in seen:  # a new occasion: the last seen occasion's effect carried forward
+                            kappa[later] = kappa[seen[-1]]
+                    kap = kappa[None]
                 try:
                     pred = model.simulate(ind, eta, kappas=kap).prediction[0, target]
                 except (CnidoseError, ValueError):  # a forecast that cannot be computed is skipped, not fatal
                     continue
                 dv = float(individuals[j].covariates["DV"][target])
                 if dv > 0 and np.isfinite(pred):
-                    out.append(Forecast(model.id, float(ind.id), k, int(ind.rows[target]), dv, float(pred)))
+                    out.append(Forecast(published.id, float(ind.id), k, int(ind.rows[target]), dv, float(pred),
+                                        strat.name))
     return out
 
 
-def summarise(forecasts: Sequence[Forecast], *, by_step: bool = True) -> list[Summary]:
-    """Summaries per model (all steps), and per model and step when ``by_step``."""
+def _metrics(pe: NDArray[np.float64]) -> dict[str, float]:
+    a = np.abs(pe)
+    return {"median_pe": float(np.median(pe)), "mape": float(np.median(a)), "rmse": float(np.sqrt(np.mean(pe**2))),
+            "within_20": float(np.mean(a <= 20.0) * 100.0), "within_30": float(np.mean(a <= 30.0) * 100.0)}
+
+
+def summarise(forecasts: Sequence[Forecast], *, by_step: bool = True, bootstrap: int = 0,
+              seed: int = 0) -> list[Summary]:
+    """Summaries per model and strategy (all steps), and per step when ``by_step``; with ``bootstrap`` > 0, 95 %
+    percentile intervals of every metric from that many resamples of the patients (with replacement; each
+    resampled patient brings all its forecasts of the group)."""
     out: list[Summary] = []
+    rng = np.random.default_rng(seed)
+    order = {name: k for k, name in enumerate(dict.fromkeys(f.strategy for f in forecasts))}
     for model in sorted({f.model for f in forecasts}):
-        fm = [f for f in forecasts if f.model == model]
-        groups: list[tuple[int | None, list[Forecast]]] = [(None, fm)]
-        if by_step:
-            groups += [(k, [f for f in fm if f.step == k]) for k in sorted({f.step for f in fm})]
-        for k, fs in groups:
-            pe: NDArray[np.float64] = np.array([f.error for f in fs]) * 100.0
-            out.append(Summary(model, k, len(fs), float(np.median(pe)), float(np.median(np.abs(pe))),
-                               float(np.sqrt(np.mean(pe**2))), float(np.mean(np.abs(pe) <= 20.0) * 100.0)))
+        for strat in sorted({f.strategy for f in forecasts if f.model == model}, key=order.__getitem__):
+            fm = [f for f in forecasts if f.model == model and f.strategy == strat]
+            groups: list[tuple[int | None, list[Forecast]]] = [(None, fm)]
+            if by_step:
+                groups += [(k, [f for f in fm if f.step == k]) for k in sorted({f.step for f in fm})]
+            for k, fs in groups:
+                pe: NDArray[np.float64] = np.array([f.error for f in fs]) * 100.0
+                ids = np.array([f.id for f in fs])
+                patients = np.unique(ids)
+                m = _metrics(pe)
+                ci = None
+                if bootstrap > 0 and patients.size > 1:
+                    by_patient = [pe[ids == i] for i in patients]
+                    draws: dict[str, list[float]] = {key: [] for key in m}
+                    for _ in range(bootstrap):
+                        pick = rng.integers(0, patients.size, patients.size)
+                        got = _metrics(np.concatenate([by_patient[i] for i in pick]))
+                        for key, v in got.items():
+                            draws[key].append(v)
+                    ci = {key: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
+                          for key, v in draws.items()}
+                out.append(Summary(model, k, len(fs), m["median_pe"], m["mape"], m["rmse"], m["within_20"], strat,
+                                   m["within_30"], int(patients.size), ci))
     return out
 
 
