@@ -473,6 +473,9 @@ def test_pdf_writer_keeps_every_character_and_breaks_pages() -> None:
     text = " ".join(" ".join(p.extract_text() for p in reader.pages).split())  # lines wrap
     assert "Dvořák, Jiří — Παπαδόπουλος, Γιώργος (with parentheses) \\ and backslash" in text
     assert "line 159: trough ≤ 10 µg/L, 80 % interval 5–9" in text and f"page 1/{len(reader.pages)}" in text
+    # a script the font cannot draw (Chinese) is written as code points, so the name never vanishes silently
+    text = pypdf.PdfReader(io.BytesIO(report_pdf([("h1", "王小明")], title="t"))).pages[0].extract_text()
+    assert "[U+738B][U+5C0F][U+660E]" in text
 
 
 def test_pdf_names_czech_and_greek_patients_exactly_with_the_signer_and_the_signed_regimen(

@@ -784,17 +784,18 @@ def models_check(
         effects = [e for e in effect_models() if not models or e.id in models]
         named = {e.id for e in effects}
         wanted = [m for m in models or [] if m not in named]
-        loaded = [resolve_model(m) for m in wanted] if models else list(library_models())
+        try:
+            loaded = [resolve_model(m) for m in wanted] if models else list(library_models())
+        except InputError as exc:  # say the concentration-effect ids too: the command takes them as well
+            raise InputError(f"{exc}; concentration-effect models: {', '.join(e.id for e in effect_models())}"
+                             ) from None
         results = [r for m in loaded for r in run_checks(m)]
         rows = [{"model": r.model, "check": r.name, "statement": r.statement, "source": r.source,
                  "expected": r.expected, "actual": r.actual, "rtol": r.rtol, "passed": r.passed, "error": r.error}
                 for r in results]
-        for e in effects:
-            for ch in e.checks:
-                got = float(e.fraction(ch.concentration))
-                rows.append({"model": e.id, "check": f"E/Emax at {ch.concentration:g} {e.unit}",
-                             "statement": ch.statement, "source": e.source, "expected": ch.expected, "actual": got,
-                             "atol": ch.tolerance, "passed": abs(got - ch.expected) <= ch.tolerance, "error": None})
+        rows += [{"model": e.id, "check": f"E/Emax at {ch.concentration:g} {e.unit}", "statement": ch.statement,
+                  "source": e.source, "expected": ch.expected, "actual": got, "atol": ch.tolerance, "passed": ok,
+                  "error": None} for e in effects for ch, got, ok in e.check_results()]
         if as_json:
             typer.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         else:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ from cnidose.pk.events import Individual, split_individuals
 from cnidose.pk.structure import LinearStructure
 
 __all__ = ["CHOICES", "IMPLAUSIBLE_LEVEL", "Candidate", "Recommendation", "candidate_doses", "choose", "pick",
-           "recommend", "steady_state_metric_draws"]
+           "recommend", "regimen_text", "steady_state_metric_draws"]
 
 CHOICES = ("aim", "most-likely", "smallest")
 #: "aim": medians within this factor of the best distance to the aim count as equally close (2 %)
@@ -102,12 +103,25 @@ class Recommendation:
     def summary(self) -> str:
         if self.chosen is None:
             return "no recommendation"
-        c = self.chosen
-        units = " + ".join(f"{n} x {s} mg" for s, n in c.units.items() if n)
-        return (f"give {c.dose:g} mg {self.product} every {c.interval:g} h ({units}); predicted {self.metric} "
-                f"{c.median:.3g} {self.target.unit} (80 % interval {c.low:.3g}-{c.high:.3g}), "
-                f"{c.p_in_range:.0%} probability in {self.target.low:g}-{self.target.high:g}"
+        return (regimen_text(asdict(self.chosen), self.product, self.metric, asdict(self.target))
                 + (f" (aimed at {self.inputs['aim']:g})" if self.inputs.get("choice") == "aim" else ""))
+
+
+def regimen_text(candidate: Mapping[str, Any], product: str, metric: str, target: Mapping[str, Any]) -> str:
+    """One candidate regimen in words, with its units and predictions (a :class:`Candidate` and a target as
+    mappings, as they are stored): what a summary says and what a signature names.
+
+    >>> print(regimen_text({"dose": 2.5, "interval": 12.0, "units": {"0.5": 1, "1": 2}, "median": 8.04, "low": 5.41,
+    ...                     "high": 13.2, "p_in_range": 0.77}, "Prograf", "trough",
+    ...                    {"unit": "ng/mL", "low": 4, "high": 11}))  # doctest: +NORMALIZE_WHITESPACE
+    give 2.5 mg Prograf every 12 h (1 x 0.5 mg + 2 x 1 mg); predicted trough 8.04 ng/mL
+    (80 % interval 5.41-13.2), 77% probability in 4-11
+    """
+    c = candidate
+    units = " + ".join(f"{n} x {s} mg" for s, n in c["units"].items() if n)
+    return (f"give {c['dose']:g} mg {product} every {c['interval']:g} h ({units}); predicted {metric} "
+            f"{c['median']:.3g} {target['unit']} (80 % interval {c['low']:.3g}-{c['high']:.3g}), "
+            f"{c['p_in_range']:.0%} probability in {target['low']:g}-{target['high']:g}")
 
 
 def candidate_doses(strengths: tuple[float, ...], *, max_units: int = 6, max_dose: float = float("inf")

@@ -22,12 +22,22 @@ from cnidose.errors import CnidoseError, DataError
 from cnidose.pk.events import split_individuals
 from cnidose.records.exchange import record_to_nonmem
 
-__all__ = ["MODEL_FOR", "analyse", "clinical_assessment", "flagged_inputs"]
+__all__ = ["MODEL_FOR", "analyse", "clinical_assessment", "default_model", "flagged_inputs"]
 
 #: (agent, indication, age group) -> library model used by default (all are in cnidose.models.library)
 MODEL_FOR = {("tacrolimus", "kidney transplant", "adult"): "andrews2019_tac_adult_kidney",
              ("tacrolimus", "kidney transplant", "paediatric"): "andrews2017_tac_paed_kidney",
              ("cyclosporine", "kidney transplant", "adult"): "press2010_csa_adult_kidney"}
+
+
+def age_group(birth_date: dt.date, as_of: dt.date) -> str:
+    """"adult" from 18 years (the age groups of the model library), else "paediatric"."""
+    return "adult" if (as_of - birth_date).days / 365.25 >= 18 else "paediatric"
+
+
+def default_model(agent: str, indication: str, birth_date: dt.date, as_of: dt.date) -> str | None:
+    """The library model the analysis uses for this patient (MODEL_FOR), or None where the library has none."""
+    return MODEL_FOR.get((agent, indication, age_group(birth_date, as_of)))
 
 
 def clinical_assessment(record: PatientRecord, as_of: dt.date) -> dict[str, Any]:
@@ -97,9 +107,8 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
     for f in out["flagged"]:
         out["warnings"].append(f"input flagged at entry and confirmed: {f['kind']} {f['when'] or ''} "
                                f"({'; '.join(f['flags'])})")
-    age = record.age(as_of)
-    group = "adult" if age >= 18 else "paediatric"
-    mid = model_id or MODEL_FOR.get((record.agent, record.indication, group))
+    group = age_group(record.birth_date, as_of)
+    mid = model_id or default_model(record.agent, record.indication, record.birth_date, as_of)
     if mid is None:
         out["warnings"].append(f"no default model for {record.agent} / {record.indication} / {group}: no fit")
         return out
@@ -219,43 +228,27 @@ def _curve(ind: Any, post: Any, origin: dt.datetime | None, interval: float, tar
     t_end = float(ind.time[-1]) + interval
     recent = max(0.0, np.floor(t_end - 7 * 24.0))
     grid = np.concatenate([np.arange(0.0, recent, 1.0), np.arange(recent, t_end + 1e-9, 0.25)])
-    cols = {"ID": np.concatenate([np.ones(len(ind)), np.ones(grid.size)]),
-            "TIME": np.concatenate([ind.time, grid]),
-            "EVID": np.concatenate([ind.evid, np.full(grid.size, 2.0)]),
-            "AMT": np.concatenate([ind.amt, np.zeros(grid.size)]),
-            "RATE": np.concatenate([ind.rate, np.zeros(grid.size)]),
-            "CMT": np.concatenate([ind.cmt, np.zeros(grid.size)]),
-            "MDV": np.ones(len(ind) + grid.size)}
     # a grid point takes the covariates of the interval it lies in: those of the next record (a record's values
     # hold over the interval ending at it), the last record's beyond it
     nxt = np.minimum(np.searchsorted(ind.time, grid, side="left"), len(ind) - 1)
-    for k, v in ind.covariates.items():
-        if k in ("DV", "BLQ", "LLOQ"):
-            continue
-        cols[k] = np.concatenate([v, v[nxt]])
-    order = np.lexsort((cols["EVID"] == 2, cols["TIME"]))
-    cols = {k: v[order] for k, v in cols.items()}
-    g = split_individuals(cols)[0]
+    g, on_grid, times = _with_grid(ind, {}, grid, {k: (v, v[nxt]) for k, v in _covariates(ind).items()})
     assert post is not None  # recommend() refuses a fit that failed
     pred = post.predict(g, seed=seed)
-    on_grid = cols["EVID"] == 2
     band = np.percentile(pred[:, on_grid], [10, 50, 90], axis=0)
     assert origin is not None
 
-    def sig(x: Any) -> list[float]:  # four significant digits: the plot needs no more, the stored result stays small
-        return [float(f"{v:.4g}") for v in x]
-
     obs = (ind.evid == 0) & (ind.mdv == 0)
     # times as hours after ``origin`` (UTC): the page turns them into clock times
-    return {"origin": origin.isoformat(), "hours": [round(float(h), 4) for h in cols["TIME"][on_grid]],
-            "p10": sig(band[0]), "p50": sig(band[1]), "p90": sig(band[2]),
-            "observed_hours": [round(float(h), 4) for h in ind.time[obs]],
+    return {"origin": origin.isoformat(), "hours": _hours(times[on_grid]),
+            "p10": _sig(band[0]), "p50": _sig(band[1]), "p90": _sig(band[2]),
+            "observed_hours": _hours(ind.time[obs]),
             "observed": ind.covariates["DV"][obs].tolist(), "target": [target.low, target.high],
             "unit": target.unit}
 
 
-#: how far ahead the current and the proposed regimens are forecast (tacrolimus and ciclosporin approach steady
-#: state within 3-5 days)
+#: how far ahead the current and the proposed regimens are forecast: the days until the next levels are usually
+#: drawn (a choice of this app, not a published figure; the candidate table gives steady state, which a model with
+#: a slow peripheral compartment -- Andrews 2019: V2/F 5340 L -- approaches only over weeks)
 FORECAST_DAYS = 5.0
 
 
@@ -271,48 +264,75 @@ def _forecast(ind: Any, post: Any, regimens: list[tuple[str, float, float]], see
     dosed = np.flatnonzero((ind.evid == 1) | (ind.evid == 4))
     last = int(dosed[-1])
     t_last_record = float(ind.time[-1])
-    covs = {k: v for k, v in ind.covariates.items() if k not in ("DV", "BLQ", "LLOQ")}
+    covs = _covariates(ind)
     iov = post.model.iov
     occ = iov.occasion if iov is not None else None
     if occ is not None and occ not in covs:
         covs[occ] = np.zeros(len(ind))
+    grid = np.arange(t_last_record, t_last_record + FORECAST_DAYS * 24.0 + 1e-9, 0.25)
     out: dict[str, Any] = {"days": FORECAST_DAYS}
     for name, dose, tau in regimens:
         start = float(ind.time[last]) + tau
         while start < t_last_record:
             start += tau
-        n_doses = int(np.ceil((t_last_record + FORECAST_DAYS * 24.0 - start) / tau))
-        dose_t = start + tau * np.arange(max(n_doses, 1))
-        grid = np.arange(t_last_record, t_last_record + FORECAST_DAYS * 24.0 + 1e-9, 0.25)
+        dose_t = start + tau * np.arange(max(int(np.ceil((grid[-1] - start) / tau)), 1))
         new_t = np.concatenate([dose_t, grid])
-        n_new = new_t.size
         rate = 0.0 if ind.rate[last] <= 0 else float(ind.rate[last]) * dose / float(ind.amt[last])
-        cols = {"ID": np.full(len(ind) + n_new, float(ind.id)),
-                "TIME": np.concatenate([ind.time, new_t]),
-                "EVID": np.concatenate([ind.evid, np.ones(dose_t.size), np.full(grid.size, 2.0)]),
-                "AMT": np.concatenate([ind.amt, np.full(dose_t.size, dose), np.zeros(grid.size)]),
-                "RATE": np.concatenate([ind.rate, np.full(dose_t.size, rate), np.zeros(grid.size)]),
-                "CMT": np.concatenate([ind.cmt, np.full(dose_t.size, ind.cmt[last]), np.zeros(grid.size)]),
-                "MDV": np.ones(len(ind) + n_new)}
+        doses = {"TIME": dose_t, "AMT": np.full(dose_t.size, dose), "RATE": np.full(dose_t.size, rate),
+                 "CMT": np.full(dose_t.size, ind.cmt[last])}
+        future: dict[str, tuple[Any, Any]] = {}
         for k, v in covs.items():
-            future = np.full(n_new, v[-1])
             if k == "POD":
-                future = v[-1] + np.floor((new_t - t_last_record) / 24.0)
+                future[k] = (v, v[-1] + np.floor((new_t - t_last_record) / 24.0))
             elif k == occ:
-                future = np.full(n_new, np.max(v) + 1.0)
-            cols[k] = np.concatenate([v, future])
-        mark = np.concatenate([np.zeros(len(ind) + dose_t.size, bool), np.ones(grid.size, bool)])
-        order = np.lexsort((mark, cols["TIME"]))  # as on the fitted curve: a grid point after a dose at its time
-        cols = {k: v[order] for k, v in cols.items()}
-        g = split_individuals(cols)[0]
-        pred = post.predict(g, seed=seed)
-        on_grid = mark[order]
-        band = np.percentile(pred[:, on_grid], [10, 50, 90], axis=0)
-        out.setdefault("hours", [round(float(h), 4) for h in cols["TIME"][on_grid]])
-        out[name] = {"dose": float(dose), "interval": float(tau),
-                     "dose_hours": [round(float(h), 4) for h in dose_t],
-                     **{q: [float(f"{x:.4g}") for x in band[i]] for i, q in enumerate(("p10", "p50", "p90"))}}
+                future[k] = (v, np.full(new_t.size, np.max(v) + 1.0))
+            else:
+                future[k] = (v, np.full(new_t.size, v[-1]))
+        g, on_grid, times = _with_grid(ind, doses, grid, future)
+        band = np.percentile(post.predict(g, seed=seed)[:, on_grid], [10, 50, 90], axis=0)
+        out.setdefault("hours", _hours(times[on_grid]))
+        out[name] = {"dose": float(dose), "interval": float(tau), "dose_hours": _hours(dose_t),
+                     **{q: _sig(band[i]) for i, q in enumerate(("p10", "p50", "p90"))}}
     return out
+
+
+def _sig(x: Any) -> list[float]:
+    """Four significant digits: the plots need no more, and the stored result stays small."""
+    return [float(f"{v:.4g}") for v in np.atleast_1d(x)]
+
+
+def _hours(x: Any) -> list[float]:
+    return [round(float(h), 4) for h in x]
+
+
+def _covariates(ind: Any) -> dict[str, Any]:
+    """The individual's covariate columns that carry over to added records (not its levels)."""
+    return {k: v for k, v in ind.covariates.items() if k not in ("DV", "BLQ", "LLOQ")}
+
+
+def _with_grid(ind: Any, doses: dict[str, Any], grid: Any, covs: dict[str, tuple[Any, Any]]
+               ) -> tuple[Any, Any, Any]:
+    """``ind``'s records plus added doses (TIME, AMT, RATE, CMT) and prediction-only grid records, in time order
+    with a grid point after any record at its time; ``covs`` gives each covariate column as (its values on
+    ``ind``'s records, its values on the added doses then the grid points). Returns the individual, which of its
+    records are the grid points, and its times."""
+    n_d = doses["TIME"].size if doses else 0
+    n_new = n_d + grid.size
+
+    def added(key: str) -> Any:
+        return np.concatenate([doses[key], np.zeros(grid.size)]) if doses else np.zeros(grid.size)
+
+    cols = {"ID": np.full(len(ind) + n_new, float(ind.id)),
+            "TIME": np.concatenate([ind.time, doses["TIME"] if doses else [], grid]),
+            "EVID": np.concatenate([ind.evid, np.ones(n_d), np.full(grid.size, 2.0)]),
+            "AMT": np.concatenate([ind.amt, added("AMT")]), "RATE": np.concatenate([ind.rate, added("RATE")]),
+            "CMT": np.concatenate([ind.cmt, added("CMT")]), "MDV": np.ones(len(ind) + n_new)}
+    for k, (old, new) in covs.items():
+        cols[k] = np.concatenate([old, new])
+    mark = np.concatenate([np.zeros(len(ind) + n_d, bool), np.ones(grid.size, bool)])
+    order = np.lexsort((mark, cols["TIME"]))
+    cols = {k: v[order] for k, v in cols.items()}
+    return split_individuals(cols)[0], mark[order], cols["TIME"]
 
 
 def _model_inputs(model: Any, ind: Any, record: PatientRecord, export_notes: list[str], why: str) -> dict[str, Any]:
@@ -370,7 +390,7 @@ def _mechanism(drug: str, model: Any, curve: dict[str, Any], forecast: dict[str,
     these figures with each model's source; ``pd_curve`` the effect over time for the plot (fit: its last 2 days;
     forecast: all). Only for models of whole-blood concentrations (the matrix the effect models were estimated
     on)."""
-    from cnidose.models.pd import EDUCATIONAL, effects_for
+    from cnidose.models.pd import EDUCATIONAL, MECHANISM, effects_for
 
     effects = effects_for(drug)
     if not effects or model.meta.get("matrix", "whole blood") != "whole blood":
@@ -378,29 +398,29 @@ def _mechanism(drug: str, model: Any, curve: dict[str, Any], forecast: dict[str,
     hours = np.asarray(curve["hours"])
     p50 = np.asarray(curve["p50"])
 
-    def interval_summary(h: np.ndarray, c: np.ndarray, m: Any) -> dict[str, float]:
-        last = h >= h[-1] - interval - 1e-9
+    def interval_summary(h: np.ndarray, c: np.ndarray, m: Any, tau: float) -> dict[str, float]:
+        last = h >= h[-1] - tau - 1e-9
         e = m.fraction(c[last])
-        return {"trough": float(f"{float(m.fraction(c[last][-1])):.4g}"), "peak": float(f"{float(e.max()):.4g}"),
-                "mean": float(f"{float(e.mean()):.4g}"), "c_trough": float(f"{float(c[last][-1]):.4g}"),
-                "c_peak": float(f"{float(c[last].max()):.4g}")}
+        return dict(zip(("trough", "peak", "mean", "c_trough", "c_peak"),
+                        _sig([e[-1], e.max(), e.mean(), c[last][-1], c[last].max()]), strict=True))
 
     models, series = [], []
     recent = hours >= hours[-1] - 48.0
     for m in effects:
-        row: dict[str, Any] = {**m.describe(), "fit": interval_summary(hours, p50, m)}
+        row: dict[str, Any] = {**m.describe(), "fit": interval_summary(hours, p50, m, interval)}
         ser: dict[str, Any] = {"id": m.id, "effect": m.effect,
-                               "fit": {"hours": [round(float(x), 4) for x in hours[recent]],
-                                       "fraction": [float(f"{x:.4g}") for x in m.fraction(p50[recent])]}}
+                               "fit": {"hours": _hours(hours[recent]), "fraction": _sig(m.fraction(p50[recent]))}}
         if forecast:
             fh = np.asarray(forecast["hours"])
             for name in ("current", "proposed"):
                 if name in forecast:
                     c = np.asarray(forecast[name]["p50"])
-                    row[name] = {**interval_summary(fh, c, m), "dose": forecast[name]["dose"],
-                                 "interval": forecast[name]["interval"]}
-                    ser[name] = [float(f"{x:.4g}") for x in m.fraction(c)]
+                    tau = forecast[name]["interval"]
+                    row[name] = {**interval_summary(fh, c, m, tau), "dose": forecast[name]["dose"], "interval": tau}
+                    ser[name] = _sig(m.fraction(c))
             ser["forecast_hours"] = forecast["hours"]
         models.append(row)
         series.append(ser)
-    return {"pd": {"models": models, "note": EDUCATIONAL}, "pd_curve": {"origin": curve["origin"], "series": series}}
+    how, source = MECHANISM.get(drug, ("", ""))
+    return {"pd": {"models": models, "note": EDUCATIONAL, "mechanism": how, "mechanism_source": source},
+            "pd_curve": {"origin": curve["origin"], "series": series}}

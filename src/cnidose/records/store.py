@@ -912,12 +912,11 @@ class Store:
                 S.Appointment.department == department.lower(), S.Appointment.starts_at < b,
                 S.Appointment.ends_at > a).order_by(S.Appointment.starts_at))]
             ids = {r["patient_id"] for r in rows if r["patient_id"] is not None}
-            names = {p.id: (p.family_name, p.given_name, p.mrn) for p in s.scalars(
-                select(S.Patient).where(S.Patient.id.in_(ids)))} if ids else {}
+            patients = {p.id: p for p in s.scalars(select(S.Patient).where(S.Patient.id.in_(ids)))} if ids else {}
             for r in rows:  # the patient's name and MRN beside the visit (staff only read calendars)
-                r["patient_name"], r["patient_mrn"] = (f"{names[r['patient_id']][0]}, {names[r['patient_id']][1]}",
-                                                       names[r["patient_id"]][2]) if r["patient_id"] in names \
-                    else (None, None)
+                p = patients.get(r["patient_id"])
+                r["patient_name"] = None if p is None else f"{p.family_name}, {p.given_name}"
+                r["patient_mrn"] = None if p is None else p.mrn
             self._audit(s, actor, "read", "calendar", department.lower(), None, {"count": len(rows)})
             return rows
 

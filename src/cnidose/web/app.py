@@ -65,7 +65,7 @@ from cnidose.web.security import (
     verify_or_dummy,
     verify_password,
 )
-from cnidose.web.services import MODEL_FOR, analyse, clinical_assessment, trends
+from cnidose.web.services import analyse, clinical_assessment, default_model, trends
 
 __all__ = ["create_app"]
 
@@ -694,9 +694,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         chart = store.chart(who[0], pid)
         latest = chart.assessments[-1]["result"] if chart.assessments else None
         p = chart.patient
-        group = "adult" if (the_day() - p["birth_date"]).days >= 18 * 365.25 else "paediatric"
         return render(request, "patient.html", who, status, chart=chart, plot=_plot_data(chart, latest, tz),
-                      has_model=(p["agent"], p["indication"], group) in MODEL_FOR,
+                      has_model=default_model(p["agent"], p["indication"], p["birth_date"], the_day()) is not None,
                       clinical=clinical_assessment(chart, the_day()), trends=_local_trends(trends(chart), tz),
                       staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
                       latest=latest, confirm=confirm, today=the_day(),
@@ -708,25 +707,30 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         # messages come only from the server's own state (a form answered in place), never from the query string
         return patient_response(request, who, pid)
 
+    def refused_form(request: Request, who: tuple[Actor, str], pid: int, status: int, form: str,
+                     values: dict[str, str], exc: FieldError | None = None,
+                     confirm: dict[str, Any] | None = None) -> HTMLResponse:
+        """The patient page with ``form``'s refusal (a field error, 422, or a confirmation to give, 409) at its
+        field and the typed ``values`` kept; htmx is told to swap only that form's box (HX-Retarget/Reselect),
+        while a plain form gets the whole page with the same markup."""
+        resp = patient_response(request, who, pid, status, None if exc is None else _message(exc),
+                                None if exc is None else exc.field, confirm=confirm, form=form, values=values)
+        resp.headers.update({"HX-Retarget": f"#{form}-box", "HX-Reselect": f"#{form}-box", "HX-Reswap": "outerHTML"})
+        return resp
+
     def _entry_form(request: Request, pid: int, who: tuple[Actor, str], add: Callable[[], Any], form: str,
                     fields: dict[str, str]) -> Response:
-        """Run ``add``; a field error re-renders the page (422) with the message at the field of ``form`` and the
-        typed ``fields`` kept, a plausibility warning asks for confirmation at the form (409: the same values,
-        posted again with confirm=1, store the entry with its flags). htmx swaps only that form's box in place
-        (HX-Retarget); without JavaScript the whole page comes back with the message at the field."""
+        """Run ``add``; a field error comes back at its field of ``form`` (422) with the typed ``fields`` kept, a
+        plausibility warning asks for confirmation at the form (409: the same values, posted again with
+        confirm=1, store the entry with its flags) -- :func:`refused_form`."""
         try:
             add()
         except NeedsConfirmation as exc:
-            resp = patient_response(request, who, pid, 409, confirm={
-                "action": request.url.path, "flags": exc.flags, "field": exc.field, "fields": fields, "form": form},
-                form=form, values=fields)
+            return refused_form(request, who, pid, 409, form, fields, confirm={
+                "action": request.url.path, "flags": exc.flags, "field": exc.field, "fields": fields, "form": form})
         except FieldError as exc:
-            resp = patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field, form=form,
-                                    values=fields)
-        else:
-            return RedirectResponse(f"/patients/{pid}", status_code=303)
-        resp.headers.update({"HX-Retarget": f"#{form}-box", "HX-Reselect": f"#{form}-box", "HX-Reswap": "outerHTML"})
-        return resp
+            return refused_form(request, who, pid, 422, form, fields, exc)
+        return RedirectResponse(f"/patients/{pid}", status_code=303)
 
     @app.post("/patients/{pid}/levels", include_in_schema=False)
     def add_level_form(request: Request, pid: Id, value: str = Form("", max_length=MAX["number"]),
@@ -909,10 +913,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                 raise FieldError(f"the aim must be a positive level, got {aim!r}", field="aim")
             aid, _, _ = _run_assessment(who[0], pid, value)
         except FieldError as exc:
-            resp = patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field, form="assess",
-                                    values={"aim": aim})
-            resp.headers.update({"HX-Retarget": "#assess-box", "HX-Reselect": "#assess-box", "HX-Reswap": "outerHTML"})
-            return resp
+            return refused_form(request, who, pid, 422, "assess", {"aim": aim}, exc)
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/assessments/{aid}/sign", include_in_schema=False)
@@ -929,11 +930,8 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                 index = int(candidate)
             store.sign_assessment(who[0], aid, _decision(store.assessment(who[0], aid), index, decision))
         except FieldError as exc:
-            resp = patient_response(request, who, pid, 422, str(exc).split("] ", 1)[-1], exc.field,
-                                    form=f"sign-{aid}", values={"decision": decision, "candidate": candidate})
-            resp.headers.update({"HX-Retarget": f"#sign-{aid}-box", "HX-Reselect": f"#sign-{aid}-box",
-                                 "HX-Reswap": "outerHTML"})
-            return resp
+            return refused_form(request, who, pid, 422, f"sign-{aid}", {"decision": decision, "candidate": candidate},
+                                exc)
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/patients/{pid}/follow-ups", include_in_schema=False)
@@ -1154,8 +1152,9 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                       who: tuple[Actor, str] = Depends(api_user)) -> Response:
         """Fit and recommend on the chart as it is (201, stored as a draft); when the newest stored assessment
         has exactly these inputs, that one is returned instead (200, ``"reused": true``). The result's plot data
-        (``curve``, the fitted curve, and ``forecast``, the current and proposed regimens' next days: tens of kB)
-        is left out here: ``GET /api/v1/assessments/{id}`` (``curve_url``) has it."""
+        (PLOT_KEYS: ``curve``, the fitted curve; ``forecast``, the current and proposed regimens' next days;
+        ``pd_curve``, the effect over time: tens of kB) is left out here: ``GET /api/v1/assessments/{id}``
+        (``curve_url``) has it."""
         aid, fresh, row = _run_assessment(who[0], pid, aim)
         row = row if row is not None else store.assessment(who[0], aid)
         key = (aid, row["status"], fresh)  # a stored assessment changes only when it is signed
@@ -1254,6 +1253,8 @@ def _decision(assessment: dict[str, Any], candidate: int | None, note: str) -> s
     """The decision signed: the candidate regimen chosen (a row of the stored candidate table, written out with
     its units and predictions, so the signature names exactly what is to be given), a note after it; or the
     free-text decision alone."""
+    from cnidose.dosing.regimen import regimen_text  # the numerical stack only when a candidate is signed
+
     note = note.strip()
     if candidate is None:
         if not note:
@@ -1263,12 +1264,8 @@ def _decision(assessment: dict[str, Any], candidate: int | None, note: str) -> s
     cands = rec.get("candidates") or []
     if not 0 <= candidate < len(cands):
         raise FieldError(f"assessment {assessment.get('id')} has no candidate {candidate}", field="candidate")
-    c = cands[candidate]
-    units = " + ".join(f"{n} x {s} mg" for s, n in c["units"].items() if n)
-    t = rec.get("target") or {}
-    text = (f"Give {c['dose']:g} mg {rec.get('product', '')} every {c['interval']:g} h ({units}); predicted "
-            f"{rec.get('metric', 'trough')} {c['median']:.3g} {t.get('unit', '')} (80 % interval {c['low']:.3g}-"
-            f"{c['high']:.3g}), {c['p_in_range']:.0%} probability in {t.get('low', 0):g}-{t.get('high', 0):g}")
+    text = regimen_text(cands[candidate], rec.get("product", ""), rec.get("metric", "trough"), rec["target"])
+    text = text[:1].upper() + text[1:]
     return text + (f". {note}" if note else "")
 
 

@@ -9,11 +9,11 @@ from typing import Any
 
 from cnidose.errors import CnidoseError
 from cnidose.records import analysis
-from cnidose.records.analysis import MODEL_FOR
+from cnidose.records.analysis import default_model
 from cnidose.records.exchange import chart_to_record
 from cnidose.records.store import Chart
 
-__all__ = ["MODEL_FOR", "analyse", "clinical_assessment", "trends"]
+__all__ = ["analyse", "clinical_assessment", "default_model", "trends"]
 
 
 def _record(chart: Chart) -> Any:

@@ -1,13 +1,13 @@
 """Concentration-effect models of calcineurin inhibition, as data with their sources (``effects.toml``).
 
-Calcineurin inhibitors work by binding an immunophilin (FKBP12 for tacrolimus, cyclophilin for ciclosporin);
-the complex inhibits calcineurin, whose phosphatase activity would otherwise dephosphorylate NFAT and let it
-switch on the T-cell genes (IL-2, interferon-gamma, GM-CSF). A whole-blood concentration maps to the fraction of
-the drug's maximal effect on that pathway by a sigmoid Emax model, E/Emax = C^h / (EC50^h + C^h).
+How the drugs act (:data:`MECHANISM`, with its source) and, per published study, how a whole-blood concentration
+maps to the fraction of the drug's maximal effect on that pathway by a sigmoid Emax model,
+E/Emax = C^h / (EC50^h + C^h).
 
 The models are separate from the pharmacokinetic models on purpose: each was estimated in its own study, on
-whole-blood concentrations, so it applies to the concentration curve of any pharmacokinetic model of the drug
-(all of which predict whole-blood concentrations). They explain the mechanism; none was validated for dosing.
+whole-blood concentrations, so it applies to the whole-blood curve of any pharmacokinetic model of the drug (the
+analysis applies it only where the model's matrix is whole blood). They explain the mechanism; none was
+validated for dosing.
 
 >>> m = effect_model("clinnephrol2017_tac_nfat")
 >>> round(float(m.fraction(6.7)), 6), round(m.concentration_at(0.95), 1)
@@ -27,7 +27,21 @@ from numpy.typing import ArrayLike, NDArray
 
 from cnidose.errors import InputError, ModelFileError
 
-__all__ = ["EffectCheck", "EffectModel", "effect_model", "effect_models", "effects_for"]
+__all__ = ["MECHANISM", "EffectCheck", "EffectModel", "effect_model", "effect_models", "effects_for"]
+
+#: drug -> (how it acts, in plain words; its source). Tacrolimus: the US Prograf label, section 12.1, read as
+#: quoted in secondary pages [S]; ciclosporin: stated without its binding protein, which no source read here names.
+MECHANISM = {
+    "tacrolimus": ("Inside T cells tacrolimus binds the protein FKBP-12; with calcium and calmodulin the pair blocks "
+                   "calcineurin, whose phosphatase activity would let NF-AT switch on the genes of interleukin-2 and "
+                   "interferon-gamma that drive rejection.",
+                   "US Prograf label, 12.1 Mechanism of Action [S]"),
+    "cyclosporine": ("Inside T cells ciclosporin, bound to its carrier protein, blocks calcineurin, whose phosphatase "
+                     "activity would let NF-AT switch on the genes of interleukin-2 and interferon-gamma that drive "
+                     "rejection.",
+                     "Fukudo 2005 (calcineurin phosphatase activity inhibited by ciclosporin); NF-AT pathway as for "
+                     "tacrolimus"),
+}
 
 EDUCATIONAL = ("Educational: this shows how the concentration relates to the drug's mechanism in the cited study's "
                "patients. It was not validated for choosing a dose; dose by the levels and the target.")
@@ -71,15 +85,18 @@ class EffectModel:
             raise ValueError(f"a fraction of the maximal effect lies strictly between 0 and 1, got {fraction!r}")
         return float(self.ec50 * (fraction / (1.0 - fraction)) ** (1.0 / self.hill))
 
-    def failed_checks(self) -> list[str]:
-        """Each check of the file that this model does not reproduce (empty: all pass)."""
+    def check_results(self) -> list[tuple[EffectCheck, float, bool]]:
+        """Each check of the file with the fraction this model gives and whether it is within the tolerance."""
         out = []
         for ch in self.checks:
             got = float(self.fraction(ch.concentration))
-            if abs(got - ch.expected) > ch.tolerance:
-                out.append(f"{self.id}: {ch.statement}: E/Emax({ch.concentration:g} {self.unit}) = {got:.4f}, "
-                           f"expected {ch.expected:g} +/- {ch.tolerance:g}")
+            out.append((ch, got, abs(got - ch.expected) <= ch.tolerance))
         return out
+
+    def failed_checks(self) -> list[str]:
+        """Each check of the file that this model does not reproduce (empty: all pass)."""
+        return [f"{self.id}: {ch.statement}: E/Emax({ch.concentration:g} {self.unit}) = {got:.4f}, expected "
+                f"{ch.expected:g} +/- {ch.tolerance:g}" for ch, got, ok in self.check_results() if not ok]
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "drug": self.drug, "measure": self.measure, "effect": self.effect,
