@@ -11,10 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnidose.dosing.averaging import laplace_criterion
 from cnidose.dosing.evaluate import Strategy, _hide_after, evaluate, strategy, summarise
 from cnidose.errors import InputError
 from cnidose.estimation import fit_map
+from cnidose.estimation.observations import observation_data
 from cnidose.models.library import resolve_model
+from cnidose.models.model import Fitting
+from cnidose.pk.events import Individual, split_individuals
 from cnidose.records.nonmem import read_nonmem_csv
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tacrolimus_patients.csv"
@@ -108,6 +112,145 @@ def test_the_cli_compares_strategies(tmp_path: Path) -> None:
     rows = json.loads(r.stdout)
     assert {x["strategy"] for x in rows} == {"map", "flat:2+occ-last"}
     assert all(x["ci"] for x in rows if x["patients"] > 1) and any(x["ci"] for x in rows)
-    assert out.read_text().splitlines()[0] == "MODEL,STRATEGY,ID,STEP,ROW,DV,PRED,PE"
+    assert out.read_text().splitlines()[0] == "MODEL,STRATEGY,ID,STEP,ROW,DV,PRED,PE,WEIGHTS"
     r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", str(data), "-s", "flat:0.5"])
     assert r.exit_code != 0 and "1 < L" in r.output
+
+
+def test_log_and_forgetting_specs() -> None:
+    s = strategy("log+forget:14+flat:2")
+    assert (s.log_scale, s.half_life, s.prior_scale, s.occasion) == (True, 336.0, 2.0, "prior")
+    assert "log scale" in s.describe() and "14 days" in s.describe()
+    for bad, said in (("forget:x", "half-life"), ("forget:0.1", "0.5 <= D"), ("logs", "unknown")):
+        with pytest.raises(InputError, match=said):
+            strategy(bad)
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    fitted = s.apply(m)
+    assert fitted.fitting == Fitting(True, 336.0) and m.fitting == Fitting()
+    assert np.allclose(fitted.iiv.omega, 2 * m.iiv.omega)
+
+
+def _two_levels(first: float, second: float) -> list[Individual]:
+    cols = {"ID": [1] * 3, "TIME": [0.0, 36.0, 36.0 + 24 * 20], "EVID": [1, 0, 0], "AMT": [5.0, 0, 0],
+            "II": [12.0, 0, 0], "ADDL": [200, 0, 0], "MDV": [1, 0, 0], "DV": [np.nan, first, second],
+            "CYP3A5": [0] * 3, "AGE": [50] * 3, "ALB": [40] * 3, "SCR": [120] * 3, "HCT": [0.35] * 3,
+            "WT": [75] * 3, "HT": [175] * 3, "SEX": [1] * 3, "OCC": [1, 1, 2]}
+    return split_individuals({k: np.asarray(v, dtype=float) for k, v in cols.items()})
+
+
+def test_log_scale_fits_the_transformed_levels_with_the_sd_at_the_level() -> None:
+    m = resolve_model("woillard2011_tac_prograf_advagraf")  # combined error: proportional and additive
+    inds = read_nonmem_csv(EXAMPLE).individuals()
+    lm = strategy("log").apply(m)
+    prep = lm.prepare(inds[0])
+    natural, logged = observation_data(m, m.prepare(inds[0])), observation_data(lm, prep)
+    level = np.exp(logged.y)
+    dv = inds[0].covariates["DV"][natural.rec]
+    assert logged.log.all() and np.allclose(level, dv) and not natural.log.any()
+    assert np.allclose(logged.sd_log, np.sqrt(natural.prop**2 + (natural.add / dv) ** 2))
+    assert natural.add.max() > 0 and np.ptp(logged.sd_log) > 0  # the additive part makes the SD level-dependent
+    # the objective at the estimate, recomputed here on the log scale
+    r = fit_map(lm, [inds[0]])[0]
+    f = lm.simulate(inds[0], r.eta[None]).prediction[0, natural.rec]
+    est = np.flatnonzero(np.diag(m.omega) > 0)
+    e = r.eta[est]
+    ofv = np.sum((np.log(dv) - np.log(f)) ** 2 / logged.sd_log**2 + np.log(logged.sd_log**2)) + e @ np.linalg.solve(
+        m.omega[np.ix_(est, est)], e)
+    assert r.ofv == pytest.approx(ofv, rel=1e-9)
+
+
+def test_log_scale_removes_the_pull_of_the_proportional_variance() -> None:
+    """A level equal to the typical prediction: on the log scale the estimate stays at the population (the
+    residual and the prior agree); on the natural scale ln V(f) = ln (p f)² rewards a lower prediction."""
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    ind = _two_levels(1.0, 1.0)[0]
+    typical = m.simulate(ind).prediction[0]
+    obs = np.flatnonzero(ind.evid == 0)
+    ind = _two_levels(*typical[obs])[0]
+    nat, log = fit_map(m, [ind])[0], fit_map(strategy("log").apply(m), [ind])[0]
+    assert np.allclose(log.ipred, typical[obs], rtol=1e-4)
+    assert np.all(nat.ipred < typical[obs] * 0.99)  # about p² = 6 % low for Andrews' proportional SD 0.245
+
+
+def test_forgetting_weighs_the_newer_level() -> None:
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    ind = _two_levels(12.0, 4.0)[0]  # 20 days apart: the newer level lower
+    fm = strategy("forget:5").apply(m)
+    od = observation_data(fm, fm.prepare(ind))
+    plain = observation_data(m, m.prepare(ind))
+    assert od.prop == pytest.approx(plain.prop * np.sqrt([2.0**4, 1.0]))  # age 20 days, half-life 5 days
+    last = np.flatnonzero(ind.evid == 0)[-1]
+    a, b = fit_map(m, [ind])[0], fit_map(fm, [ind])[0]
+    assert abs(b.ipred[-1] - ind.covariates["DV"][last]) < abs(a.ipred[-1] - ind.covariates["DV"][last])
+
+
+def test_evaluate_with_log_and_forgetting_changes_only_the_bayesian_forecasts() -> None:
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    inds = read_nonmem_csv(EXAMPLE).individuals()
+    fc = evaluate([m], inds, strategies=[strategy(s) for s in ("map", "log", "forget:3")])
+    by = {k: [f for f in fc if f.strategy == k] for k in ("map", "log", "forget:3")}
+    assert [f.predicted for f in by["map"] if f.step == 0] == [f.predicted for f in by["log"] if f.step == 0]
+    for k in ("log", "forget:3"):
+        assert not np.allclose([f.predicted for f in by["map"] if f.step > 0],
+                               [f.predicted for f in by[k] if f.step > 0])
+
+
+def test_model_averaging_and_selection_in_the_evaluation() -> None:
+    ms = [resolve_model("andrews2019_tac_adult_kidney"), resolve_model("woillard2011_tac_prograf_advagraf")]
+    inds = read_nonmem_csv(EXAMPLE).individuals()
+    fc = evaluate(ms, inds, strategies=[strategy("map")], combine=("average", "select"))
+    single = {(f.model, f.id, f.step): f.predicted for f in fc if f.model in (ms[0].id, ms[1].id)}
+    avg = [f for f in fc if f.model == "average"]
+    sel = [f for f in fc if f.model == "select"]
+    assert avg and len(avg) == len(sel) == len(single) // 2
+    for f in avg:
+        w = dict(f.weights)
+        assert sum(w.values()) == pytest.approx(1.0) and set(w) == {ms[0].id, ms[1].id}
+        if f.step == 0:
+            assert w[ms[0].id] == pytest.approx(0.5)  # a priori: equal weights
+        expect = sum(w[m.id] * single[(m.id, f.id, f.step)] for m in ms)
+        assert f.predicted == pytest.approx(expect, rel=1e-12)
+    assert any(abs(dict(f.weights)[ms[0].id] - 0.5) > 0.01 for f in avg if f.step > 0)
+    for f in sel:
+        best = max(f.weights, key=lambda x: x[1])[0]
+        assert f.predicted == single[(best, f.id, f.step)]
+    # the weight at step k is the Laplace marginal likelihood of levels 1..k
+    ind = _hide_after(inds[0], 1)
+    crit = [laplace_criterion(m, fit_map(m, [ind])[0], ind) for m in ms]
+    w = np.exp(-0.5 * (np.array(crit) - min(crit)))
+    got = next(f for f in avg if f.id == inds[0].id and f.step == 1)
+    assert dict(got.weights)[ms[0].id] == pytest.approx(w[0] / w.sum(), rel=1e-9)
+    with pytest.raises(InputError, match="two models"):
+        evaluate(ms[:1], inds, combine=("average",))
+    with pytest.raises(InputError, match="unknown way"):
+        evaluate(ms, inds, combine=("vote",))
+
+
+def test_the_criterion_compares_models_fitted_on_different_scales() -> None:
+    """A level fitted on the log scale brings its Jacobian, so log-scale and natural-scale fits of the same levels
+    give nearly the same marginal likelihood (a proportional error of SD p: log-normal and normal densities
+    differ by O(p²) per level), not values 2 ln y apart."""
+    m = resolve_model("woillard2011_tac_prograf_advagraf")
+    ind = _hide_after(read_nonmem_csv(EXAMPLE).individuals()[0], 2)
+    lm = strategy("log").apply(m)
+    nat, log = (laplace_criterion(x, fit_map(x, [ind])[0], ind) for x in (m, lm))
+    dv = ind.covariates["DV"][(ind.evid == 0) & (ind.mdv == 0)]
+    assert 2 * np.log(dv).sum() > 8.0 and abs(nat - log) < 1.0
+
+
+def test_the_cli_averages_models(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cnidose.cli import app
+
+    out = tmp_path / "f.csv"
+    args = ["evaluate", "-m", "andrews2019_tac_adult_kidney,woillard2011_tac_prograf_advagraf", "-d", str(EXAMPLE),
+            "--combine", "average,select", "--out", str(out), "--no-progress"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "model weights" in r.output and "average" in r.stdout and "select" in r.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert {x["MODEL"] for x in rows} >= {"average", "select"}
+    assert all("andrews2019_tac_adult_kidney=" in x["WEIGHTS"] for x in rows if x["MODEL"] == "average")
+    r = CliRunner().invoke(app, [*args[:2], "andrews2019_tac_adult_kidney", *args[3:]])
+    assert r.exit_code != 0 and "two or more models" in r.output

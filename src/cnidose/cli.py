@@ -415,9 +415,14 @@ def evaluate(
     strategies: Annotated[str, typer.Option("--strategy", "-s", help=(
         "forecasting strategies to compare, comma-separated: map (published priors; an unseen occasion at its "
         "prior), flat:L (Omega x L, Hughes & Keizer 2021), occ-last (the last occasion's effect carried "
-        "forward), or parts joined by + (flat:2+occ-last)"))] = "map",
+        "forward), log (fit on the log scale), forget:D (older levels at half weight after D days), or parts "
+        "joined by + (flat:2+occ-last)"))] = "map",
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the patients for 95 % intervals "
                                                 "(0: none)")] = 0,
+    combine: Annotated[str, typer.Option(help=(
+        "also forecast with every model at once, comma-separated: average (weighted mean of the models' "
+        "forecasts, weights from each model's marginal likelihood of the levels so far), select (the model "
+        "of largest weight); needs two or more models"))] = "",
 ) -> None:
     """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
     MAPE, RMSE and shares within 20 % and 30 %, per model, strategy and step, side by side on the same
@@ -426,15 +431,23 @@ def evaluate(
 
 
     def work() -> None:
+        import numpy as np
+
         from cnidose.cohort import batch_evaluate
-        from cnidose.dosing.evaluate import strategy, summarise
+        from cnidose.dosing.evaluate import STRATEGY_HELP, strategy, summarise
 
         ms = [_resolve(x.strip(), dose_values) for x in models.split(",") if x.strip()]
         strats = [strategy(x) for x in strategies.split(",") if x.strip()]
         if not strats:
-            raise InputError("--strategy: name at least one (map, flat:L, occ-last)")
+            raise InputError(f"--strategy: name at least one ({STRATEGY_HELP})")
         if not 0 <= bootstrap <= 100_000:
             raise InputError(f"--bootstrap must be 0-100000, got {bootstrap}")
+        ways = tuple(x.strip() for x in combine.split(",") if x.strip())
+        for w in ways:
+            if w not in ("average", "select"):
+                raise InputError(f"--combine: unknown {w!r} (known: average, select)")
+        if ways and len(ms) < 2:
+            raise InputError("--combine needs two or more models (-m a,b)")
         inds = read_nonmem_csv(data).individuals()
         for m in ms:
             check_doses(m, inds)
@@ -444,7 +457,7 @@ def evaluate(
         with _progress("evaluating", n_chunks, progress and n_chunks > 1) as callback:
             fc = batch_evaluate(ms, inds, max_step=max_step, backend=backend,  # type: ignore[arg-type]
                                 scheduler=scheduler, workers=workers, chunk_size=chunk_size, progress=callback,
-                                problems=problems, notices=notices, strategies=strats)
+                                problems=problems, notices=notices, strategies=strats, combine=ways)
         summary = summarise(fc, bootstrap=bootstrap)
         _echo_notices(notices)
         for msg in problems:
@@ -458,8 +471,9 @@ def evaluate(
 
             plot.write_text(plot_svg(fc), encoding="utf-8")
         if out is not None:
-            write_csv(out, ["MODEL", "STRATEGY", "ID", "STEP", "ROW", "DV", "PRED", "PE"],
-                      ([f.model, f.strategy, _id(f.id), f.step, f.row, f.observed, f.predicted, f.error] for f in fc))
+            write_csv(out, ["MODEL", "STRATEGY", "ID", "STEP", "ROW", "DV", "PRED", "PE", "WEIGHTS"],
+                      ([f.model, f.strategy, _id(f.id), f.step, f.row, f.observed, f.predicted, f.error,
+                        " ".join(f"{m}={w:.3f}" for m, w in f.weights)] for f in fc))
         if as_json:
             from dataclasses import asdict
 
@@ -481,6 +495,11 @@ def evaluate(
                        f"{s.within_30:7.1f}")
         if bootstrap:
             typer.echo(f"[95 % intervals: {bootstrap} bootstrap resamples of the patients]", err=True)
+        bayes = [f for f in fc if f.weights and f.step > 0 and f.model == ways[0]] if ways else []
+        if bayes:
+            mean = {m.id: float(np.mean([dict(f.weights)[m.id] for f in bayes])) for m in ms}
+            typer.echo("model weights (mean over the Bayesian forecasts): "
+                       + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()), err=True)
         typer.echo(f"{len(fc)} forecasts", err=True)
 
     _run(work)

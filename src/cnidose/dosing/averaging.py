@@ -13,16 +13,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cnidose import __version__
 from cnidose.dosing.data import Product, Target
 from cnidose.dosing.regimen import Recommendation, candidate_doses, choose, recommend
 from cnidose.errors import InputError
 from cnidose.estimation import fit_map
+from cnidose.estimation.map import MapResult
+from cnidose.estimation.observations import observation_data
 from cnidose.models.model import Model
 from cnidose.pk.events import Individual
 
-__all__ = ["ModelWeight", "model_weights", "recommend_averaged"]
+__all__ = ["ModelWeight", "laplace_criterion", "model_weights", "recommend_averaged", "weights_from"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,26 +37,50 @@ class ModelWeight:
     message: str = ""
 
 
+def laplace_criterion(model: Model, result: MapResult, individual: Individual) -> float:
+    """``-2 ln`` of the patient's marginal likelihood under ``model`` by the Laplace approximation (module
+    docstring), on the natural scale of the levels whatever scale the model fits them on (a level fitted on the
+    log scale adds its Jacobian ``2 ln y``), so that models fitted differently compare. NaN without a fit.
+
+    It is also the patient's own past forecasting performance: the marginal likelihood of levels 1..k is the
+    product of the one-step-ahead predictive densities of each level given the levels before it (Dawid's
+    prequential principle), so the weights favour the model that would have forecast this patient best.
+    """
+    if result.status in ("error", "prior-only") or result.covariance is None:
+        return float("nan")
+    est = np.flatnonzero(np.diag(model.omega) > 0)
+    _, logdet_omega = np.linalg.slogdet(model.omega[np.ix_(est, est)])
+    _, logdet_post = np.linalg.slogdet(result.covariance[: est.size, : est.size])
+    obs = observation_data(model, model.prepare(individual))
+    jac = 2.0 * float(np.sum(obs.y[obs.log & ~obs.blq]))  # y is ln(level) there
+    return float(result.ofv + logdet_omega - logdet_post + jac)
+
+
+def weights_from(criteria: Sequence[float] | NDArray[np.float64],
+                 prior: Sequence[float] | None = None) -> NDArray[np.float64]:
+    """Normalised ``prior * exp(-L/2)``; zero where L is not finite; all zero when none is."""
+    c = np.asarray(criteria, dtype=np.float64)
+    p = np.ones(c.size) if prior is None else np.asarray(prior, dtype=np.float64)
+    ok = np.isfinite(c) & (p > 0)
+    w = np.zeros(c.size)
+    if ok.any():
+        w[ok] = p[ok] * np.exp(-0.5 * (c[ok] - c[ok].min()))
+        w /= w.sum()
+    return w
+
+
 def model_weights(models: Sequence[Model], individual: Individual) -> list[ModelWeight]:
     crit, info = [], []
     for m in models:
         r = fit_map(m, [individual])[0]
-        if r.status in ("error", "prior-only") or r.covariance is None:
-            crit.append(np.nan)
+        crit.append(laplace_criterion(m, r, individual))
+        if not np.isfinite(crit[-1]):
             info.append((m.ref, r.status, r.message or "no levels to weigh the model by"))
-            continue
-        est = np.flatnonzero(np.diag(m.omega) > 0)
-        _, logdet_omega = np.linalg.slogdet(m.omega[np.ix_(est, est)])
-        _, logdet_post = np.linalg.slogdet(r.covariance[: est.size, : est.size])
-        crit.append(r.ofv + logdet_omega - logdet_post)
-        info.append((m.ref, r.status, r.message))
-    c = np.array(crit)
-    ok = np.isfinite(c)
-    w = np.zeros(c.size)
-    if ok.any():
-        w[ok] = np.exp(-0.5 * (c[ok] - c[ok].min()))
-        w /= w.sum()
-    return [ModelWeight(ref, float(wi), float(ci), st, msg) for (ref, st, msg), wi, ci in zip(info, w, c, strict=True)]
+        else:
+            info.append((m.ref, r.status, r.message))
+    w = weights_from(crit)
+    return [ModelWeight(ref, float(wi), float(ci), st, msg)
+            for (ref, st, msg), wi, ci in zip(info, w, crit, strict=True)]
 
 
 def recommend_averaged(models: Sequence[Model], individual: Individual, target: Target, product: Product, *,

@@ -19,11 +19,19 @@ Forecasting strategies (:class:`Strategy`, named by a spec such as ``"flat:2+occ
   Clin Pharmacol Ther 110:1353): the levels weigh more against the population; the occasion prior is kept.
 - ``occ-last``: the next occasion takes the effect estimated for the last occasion with a level (carry-forward):
   for occasion variability that persists from one occasion to the next.
+- ``log``: transform both sides -- a proportional or combined error fitted on the log scale with the SD at the
+  measured level (:class:`cnidose.models.model.Fitting`). With a proportional error of SD p, the ``ln V(f)``
+  term of the natural-scale objective penalises larger predictions and biases the MAP forecasts low by
+  about p² (Andrews 2019, p = 0.245: about 6 %); on the log scale the variance does not depend on the
+  prediction and that bias is gone.
+- ``forget:D``: exponential forgetting -- each level's variance doubled for every D days of its age (counted
+  from the newest level): half weight after D days, a quarter after 2D. A time-weighting scheme for
+  parameters that drift (clearance over the first weeks after transplantation); PKPDmap's ``weight_by_time``
+  is a linear-gradient precedent.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,10 +41,11 @@ from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError, InputError
 from cnidose.estimation import fit_map
-from cnidose.models.model import Model, Notice
+from cnidose.models.model import Fitting, Model, Notice
 from cnidose.pk.events import Individual, split_individuals
 
-__all__ = ["Forecast", "Strategy", "Summary", "evaluate", "plot_svg", "strategy", "summarise"]
+__all__ = ["COMBINE_HELP", "STRATEGY_HELP", "Forecast", "Strategy", "Summary", "evaluate", "plot_svg", "strategy",
+           "summarise"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,29 +55,56 @@ class Strategy:
     name: str = "map"
     prior_scale: float = 1.0  # Omega (between-subject) multiplied by this
     occasion: str = "prior"  # "prior": an unseen occasion's effect at zero; "last": the last seen occasion's
+    log_scale: bool = False  # fit on the log scale (transform both sides)
+    half_life: float | None = None  # hours; older levels weigh less (exponential forgetting)
 
     def apply(self, model: Model) -> Model:
-        """The model with its prior flattened (the same model when the scale is 1)."""
-        if self.prior_scale == 1.0:
-            return model
-        return replace(model, iiv=replace(model.iiv, omega=model.iiv.omega * self.prior_scale))
+        """The model as this strategy fits it (the same model for plain ``map``)."""
+        out = model
+        if self.prior_scale != 1.0:
+            out = replace(out, iiv=replace(out.iiv, omega=out.iiv.omega * self.prior_scale))
+        fitting = Fitting(self.log_scale, self.half_life)
+        if fitting != out.fitting:
+            out = replace(out, fitting=fitting)
+        return out
+
+    def describe(self) -> str:
+        """One line a clinician can read: what this strategy changes, and its source."""
+        parts = []
+        if self.prior_scale != 1.0:
+            parts.append(f"between-patient variability widened x{self.prior_scale:g} (Hughes & Keizer 2021)")
+        if self.log_scale:
+            parts.append("levels fitted on the log scale (transform both sides)")
+        if self.half_life is not None:
+            parts.append(f"older levels weigh less: half-weight after {self.half_life / 24:g} days")
+        if self.occasion == "last":
+            parts.append("the last occasion's effect carried to the next")
+        return "; ".join(parts) or "published priors; a new occasion at its prior (Abrantes 2019)"
+
+
+STRATEGY_HELP = "map, flat:L (1 < L <= 100), occ-last, log, forget:D (half-life D days), joined by +"
 
 
 def strategy(spec: str) -> Strategy:
-    """The strategy named by ``spec``: ``map``, ``flat:L`` (L > 1), ``occ-last``, or parts joined by ``+``.
+    """The strategy named by ``spec``: ``map``, ``flat:L`` (L > 1), ``occ-last``, ``log``, ``forget:D`` (older
+    levels at half weight after D days), or parts joined by ``+``.
 
     >>> strategy("flat:2+occ-last")
-    Strategy(name='flat:2+occ-last', prior_scale=2.0, occasion='last')
+    Strategy(name='flat:2+occ-last', prior_scale=2.0, occasion='last', log_scale=False, half_life=None)
+    >>> strategy("log+forget:14").half_life
+    336.0
     """
-    scale, occasion = 1.0, "prior"
+    scale, occasion, log, half_life = 1.0, "prior", False, None
     parts = [x.strip() for x in spec.split("+") if x.strip()]
     if not parts:
-        raise InputError("a forecasting strategy is map, flat:L or occ-last (joined by +), got an empty one")
+        raise InputError(f"a forecasting strategy is {STRATEGY_HELP}; got an empty one")
     for part in parts:
         if part == "map":
             continue
         if part == "occ-last":
             occasion = "last"
+        elif part == "log":
+            log = True
         elif part.startswith("flat:"):
             try:
                 scale = float(part[5:])
@@ -76,9 +112,17 @@ def strategy(spec: str) -> Strategy:
                 raise InputError(f"flat:L needs a number L > 1, got {part!r}") from None
             if not 1.0 < scale <= 100.0:
                 raise InputError(f"flat:L needs 1 < L <= 100 (Omega multiplied by L), got {part!r}")
+        elif part.startswith("forget:"):
+            try:
+                days = float(part[7:])
+            except ValueError:
+                raise InputError(f"forget:D needs a half-life D in days, got {part!r}") from None
+            if not 0.5 <= days <= 3650.0:
+                raise InputError(f"forget:D needs 0.5 <= D <= 3650 days, got {part!r}")
+            half_life = days * 24.0
         else:
-            raise InputError(f"unknown forecasting strategy {part!r} (known: map, flat:L, occ-last)")
-    return Strategy(spec.strip(), scale, occasion)
+            raise InputError(f"unknown forecasting strategy {part!r} (known: {STRATEGY_HELP})")
+    return Strategy(spec.strip(), scale, occasion, log, half_life)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +134,8 @@ class Forecast:
     observed: float
     predicted: float
     strategy: str = "map"
+    #: combined forecasts ("average", "select"): each model's weight for this patient at this step
+    weights: tuple[tuple[str, float], ...] = ()
 
     @property
     def error(self) -> float:
@@ -124,58 +170,112 @@ def _hide_after(ind: Individual, keep: int) -> Individual:
     return split_individuals(cols, rows=ind.rows)[0]
 
 
+COMBINE_HELP = ("average (weighted mean of the models' forecasts, weights from each model's marginal likelihood "
+                "of the patient's levels so far), select (the model of largest weight)")
+
+
 def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_step: int | None = None,
              problems: list[str] | None = None, notices: list[Notice] | None = None,
-             strategies: Sequence[Strategy] = (Strategy(),)) -> list[Forecast]:
+             strategies: Sequence[Strategy] = (Strategy(),), combine: Sequence[str] = ()) -> list[Forecast]:
     """Every forecast of every model and strategy (k = 0 .. n-1 levels seen).
+
+    ``combine`` adds forecasts that use every model at once, as model ``"average"`` or ``"select"`` (Uster et
+    al. 2021, Clin Pharmacol Ther 109:175: model averaging and selection): each model's weight for a patient
+    at step k is its Laplace marginal likelihood of levels 1..k (:func:`cnidose.dosing.averaging.
+    laplace_criterion`, which is also the product of its one-step-ahead forecast densities for those levels:
+    the patient's past forecasting performance); equal weights a priori (k = 0). ``average`` forecasts the
+    weighted mean of the models' forecasts, ``select`` the forecast of the largest weight; each forecast
+    carries the weights.
 
     Individuals a model cannot fit (missing covariate, bad record) are skipped; their messages are
     appended to ``problems`` (one per model and individual). What each fit must show (a covariate outside
     the model's domain, defaulted or derived) is appended to ``notices``, once per model and individual.
     """
+    from cnidose.dosing.averaging import laplace_criterion, weights_from
+
+    for c in combine:
+        if c not in ("average", "select"):
+            raise InputError(f"unknown way to combine models {c!r} (known: average, select)")
+    if combine and len(models) < 2:
+        raise InputError("combining models (average, select) needs at least two models")
     out: list[Forecast] = []
     seen_problem: set[tuple[str, float]] = set()
     obs_idx = [np.flatnonzero((i.evid == 0) & (i.mdv == 0) & ~(np.nan_to_num(i.covariates.get(
         "BLQ", np.zeros(len(i)))) == 1)) for i in individuals]
     n_max = max((o.size for o in obs_idx), default=0)
     steps = range(n_max if max_step is None else min(n_max, max_step + 1))
-    for published, strat in itertools.product(models, strategies):
-        model = strat.apply(published)
+    per_model: dict[tuple[str, str], list[Forecast]] = {}
+    combined: list[Forecast] = []
+    for strat in strategies:
+        fitted = [strat.apply(m) for m in models]
         for k in steps:
             who = [j for j, o in enumerate(obs_idx) if o.size > k]
             if not who:
                 break
             trimmed = [_hide_after(individuals[j], k) for j in who]
-            fits = fit_map(model, trimmed)
-            if notices is not None and k == 0 and strat is strategies[0]:
-                notices.extend(n for r in fits for n in r.notices)
-            for j, ind, r in zip(who, trimmed, fits, strict=True):
-                if r.status == "error":
-                    if problems is not None and (model.id, float(ind.id)) not in seen_problem:
-                        seen_problem.add((model.id, float(ind.id)))
-                        problems.append(f"{model.id}: ID {ind.id:g}: {r.message}")
+            preds = np.full((len(models), len(who)), np.nan)
+            crit = np.full((len(models), len(who)), np.nan)
+            for a, (published, model) in enumerate(zip(models, fitted, strict=True)):
+                fits = fit_map(model, trimmed)
+                if notices is not None and k == 0 and strat is strategies[0]:
+                    notices.extend(n for r in fits for n in r.notices)
+                for b, (j, ind, r) in enumerate(zip(who, trimmed, fits, strict=True)):
+                    if r.status == "error":
+                        if problems is not None and (model.id, float(ind.id)) not in seen_problem:
+                            seen_problem.add((model.id, float(ind.id)))
+                            problems.append(f"{model.id}: ID {ind.id:g}: {r.message}")
+                        continue
+                    target = int(obs_idx[j][k])
+                    pred = _forecast(model, strat, ind, r, obs_idx[j], k)
+                    dv = float(individuals[j].covariates["DV"][target])
+                    if not (dv > 0 and np.isfinite(pred)):
+                        continue
+                    preds[a, b] = pred
+                    crit[a, b] = 0.0 if k == 0 else (laplace_criterion(model, r, ind) if combine else np.nan)
+                    per_model.setdefault((published.id, strat.name), []).append(Forecast(
+                        published.id, float(ind.id), k, int(ind.rows[target]), dv, float(pred), strat.name))
+            for b, (j, ind) in enumerate(zip(who, trimmed, strict=True)):
+                if not combine:
+                    break
+                ok = np.isfinite(preds[:, b])
+                w = weights_from(np.where(ok, crit[:, b], np.nan))
+                if not w.any():
                     continue
                 target = int(obs_idx[j][k])
-                eta = r.eta[None]
-                kap = None
-                if model.iov is not None and r.kappa is not None:
-                    kappa = np.array(r.kappa, dtype=np.float64)
-                    if strat.occasion == "last" and k > 0:
-                        occ = model.prepare(ind).occasion
-                        seen = occ[obs_idx[j][:k]]
-                        later = occ[target]
-                        if later not in seen:  # a new occasion: the last seen occasion's effect carried forward
-                            kappa[later] = kappa[seen[-1]]
-                    kap = kappa[None]
-                try:
-                    pred = model.simulate(ind, eta, kappas=kap).prediction[0, target]
-                except (CnidoseError, ValueError):  # a forecast that cannot be computed is skipped, not fatal
-                    continue
                 dv = float(individuals[j].covariates["DV"][target])
-                if dv > 0 and np.isfinite(pred):
-                    out.append(Forecast(published.id, float(ind.id), k, int(ind.rows[target]), dv, float(pred),
-                                        strat.name))
+                weights = tuple((m.id, float(x)) for m, x in zip(models, w, strict=True))
+                for c in combine:
+                    value = float(np.sum(w[ok] * preds[ok, b])) if c == "average" else float(
+                        preds[int(np.argmax(w)), b])
+                    combined.append(Forecast(c, float(ind.id), k, int(ind.rows[target]), dv, value, strat.name,
+                                             weights))
+    for m in models:
+        for strat in strategies:
+            out += sorted(per_model.get((m.id, strat.name), []), key=lambda f: f.step)
+    for c in combine:
+        for strat in strategies:
+            out += [f for f in combined if f.model == c and f.strategy == strat.name]
     return out
+
+
+def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArray[np.int64], k: int) -> float:
+    """The fit's prediction of level k (record ``obs[k]``); NaN when it cannot be computed."""
+    target = int(obs[k])
+    eta = r.eta[None]
+    kap = None
+    if model.iov is not None and r.kappa is not None:
+        kappa = np.array(r.kappa, dtype=np.float64)
+        if strat.occasion == "last" and k > 0:
+            occ = model.prepare(ind).occasion
+            seen = occ[obs[:k]]
+            later = occ[target]
+            if later not in seen:  # a new occasion: the last seen occasion's effect carried forward
+                kappa[later] = kappa[seen[-1]]
+        kap = kappa[None]
+    try:
+        return float(model.simulate(ind, eta, kappas=kap).prediction[0, target])
+    except (CnidoseError, ValueError):  # a forecast that cannot be computed is skipped, not fatal
+        return float("nan")
 
 
 def _metrics(pe: NDArray[np.float64]) -> dict[str, float]:

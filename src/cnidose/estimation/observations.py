@@ -10,7 +10,9 @@ Data items read from each individual's records (case-insensitive columns):
 ``LLOQ``
     optional; the limit (same unit as DV). Without it, DV on a BLQ record is taken as the limit.
 
-An observation type with an ``exponential`` error model is fitted on the log scale.
+An observation type with an ``exponential`` error model is fitted on the log scale. The model's
+:class:`~cnidose.models.model.Fitting` may fit every type on the log scale (``log_scale``) and weigh older
+levels less (``half_life``).
 
 Objective (the NONMEM definition of the shared validation suite; no 2π, no ln|Ω|)::
 
@@ -129,6 +131,24 @@ def observation_data(model: Model, prep: Prepared) -> ObservationData:
     if nonpos_log.any():
         raise DataError("a level of 0 cannot be fitted on the log scale (exponential error): mark it BLQ",
                         row=int(rows[np.flatnonzero(nonpos_log)[0]]), column="DV")
+    fitting = model.fitting
+    if fitting.log_scale:  # transform both sides: SD on the log scale at the measured level (Fitting)
+        natural = ~log
+        if np.any(natural & (level <= 0)):
+            j = int(np.flatnonzero(natural & (level <= 0))[0])
+            raise DataError("a level of 0 cannot be fitted on the log scale (the log strategy): mark it BLQ",
+                            row=int(rows[j]), column="DV")
+        with np.errstate(divide="ignore"):
+            sd_nat = np.sqrt(prop**2 + (add / np.where(natural, level, 1.0)) ** 2)
+        sd_log = np.where(natural, sd_nat, sd_log)
+        prop, add = np.where(natural, 0.0, prop), np.where(natural, 0.0, add)
+        if_zero = np.where(natural, np.nan, if_zero)
+        log = np.ones(rec.size, bool)
+    if fitting.half_life is not None:  # exponential forgetting: variance x 2^(age / half-life)
+        t = ind.time[rec]
+        age = np.maximum(t.max() - t, 0.0)
+        inflate = np.sqrt(np.exp2(np.minimum(age / fitting.half_life, 100.0)))
+        prop, add, sd_log = prop * inflate, add * inflate, sd_log * inflate
     y = np.where(log & ~blq, np.log(np.where(log & ~blq, y, 1.0)), y)
     limit = np.where(log & blq, np.log(np.where(log & blq, limit, 1.0)), limit)
     return ObservationData(rec, rows, y, blq, limit, log, prop, add, sd_log, if_zero)

@@ -38,6 +38,7 @@ __all__ = [
     "Check",
     "Covariate",
     "ErrorModel",
+    "Fitting",
     "Model",
     "ModelSimulation",
     "Notice",
@@ -211,6 +212,26 @@ class ModelSimulation:
 
 
 @dataclass(frozen=True, slots=True)
+class Fitting:
+    """How the levels enter a fit: options of the estimation, not of the published model.
+
+    ``log_scale``: a proportional, additive or combined residual error is fitted on the log scale
+    (transform both sides), with SD ``sqrt(p² + (a/level)²)`` at each measured level -- the variance no longer
+    depends on the prediction, so the ``ln V(f)`` term that pulls a proportional-error MAP estimate towards
+    higher predictions by about ``p²`` is gone. ``half_life`` (hours): the variance of a level is multiplied
+    by ``2**(age / half_life)``, its age counted back from the newest level of the fit -- older levels weigh
+    less (exponential forgetting), so a parameter that drifts is followed.
+    """
+
+    log_scale: bool = False
+    half_life: float | None = None
+
+    @property
+    def plain(self) -> bool:
+        return not self.log_scale and self.half_life is None
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     """A loaded, validated model. Immutable; results cite ``id``, ``version`` and ``content_hash``."""
 
@@ -234,6 +255,8 @@ class Model:
     #: Which record's F, R and D a dose takes (:func:`cnidose.pk.simulate`): "nonmem" (those in force when it
     #: enters, PREDPP's rule) or "dose-record" (mrgsolve's); ``dataclasses.replace(model, dose_values=...)``.
     dose_values: DoseValues = "nonmem"
+    #: Estimation options (:class:`Fitting`); ``dataclasses.replace(model, fitting=Fitting(...))``.
+    fitting: Fitting = Fitting()
 
     # -- identity ---------------------------------------------------------------------------------------------------
     @property
