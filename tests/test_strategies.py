@@ -27,7 +27,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tacrolimus_pati
 def test_strategy_specs() -> None:
     assert strategy("map") == Strategy("map", 1.0, "prior")
     assert strategy("flat:2.5") == Strategy("flat:2.5", 2.5, "prior")
-    assert strategy(" occ-last + flat:4 ") == Strategy("occ-last + flat:4", 4.0, "last")
+    assert strategy(" occ-last + flat:4 ") == Strategy("flat:4+occ-last", 4.0, "last")
+    assert strategy("forget:14+log+map").name == "log+forget:14" and strategy("map+map").name == "map"
     for bad, said in (("flat:1", "1 < L"), ("flat:x", "a number"), ("bayes", "unknown forecasting strategy"),
                       ("", "empty"), ("flat:1000", "1 < L")):
         with pytest.raises(InputError, match=said):
@@ -254,3 +255,56 @@ def test_the_cli_averages_models(tmp_path: Path) -> None:
     assert all("andrews2019_tac_adult_kidney=" in x["WEIGHTS"] for x in rows if x["MODEL"] == "average")
     r = CliRunner().invoke(app, [*args[:2], "andrews2019_tac_adult_kidney", *args[3:]])
     assert r.exit_code != 0 and "two or more models" in r.output
+
+
+def test_recommend_with_a_strategy_carries_the_last_occasion_and_says_so(tmp_path: Path) -> None:
+    from cnidose.dosing import Target, product, recommend
+    from cnidose.estimation.posterior import sample_posterior
+
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    data = _with_occasions(tmp_path)
+    data.write_text(data.read_text().replace(",8.0,0,", ",16.0,0,"))  # ID 2: the last level doubles
+    ind = read_nonmem_csv(data).individuals()[1]
+    t = Target("tacrolimus", 4.0, 11.0, source="test")
+    prior = recommend(m, ind, t, product("Prograf"), n_draws=400, seed=3)
+    last = recommend(m, ind, t, product("Prograf"), n_draws=400, seed=3, occasion="last")
+    assert prior.inputs["occasion"] == "prior" and last.inputs["occasion"] == "last"
+    post = sample_posterior(m, ind, n_draws=400, seed=3)
+    occ = m.prepare(ind).occasion[np.flatnonzero((ind.evid == 0) & (ind.mdv == 0))[-1]]
+    kappa_last = post.draws[:, len(m.iiv):].reshape(400, post.n_occasions, 1)[:, occ, 0]
+    assert prior.values is not None and last.values is not None
+    # KAPPA_CL of the last occasion carried forward: clearance exp(kappa) higher, levels lower (and vice versa)
+    shift = np.median(last.values) / np.median(prior.values)
+    assert np.median(kappa_last) < -0.05 and np.sign(np.log(shift)) == -np.sign(np.median(kappa_last))
+    with pytest.raises(InputError, match="occasion"):
+        recommend(m, ind, t, product("Prograf"), n_draws=50, occasion="next")
+
+
+def test_fit_and_recommend_cli_take_a_strategy(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cnidose.cli import app
+
+    outs = {}
+    for spec, backend in (("map", "serial"), ("log+flat:2", "serial"), ("log+flat:2", "processes")):
+        out = tmp_path / f"{spec}-{backend}.csv"
+        r = CliRunner().invoke(app, ["fit", "-m", "andrews2019_tac_adult_kidney", "-d", str(EXAMPLE), "-s", spec,
+                                     "--backend", backend, "--workers", "2", "--chunk-size", "1", "--out", str(out),
+                                     "--no-progress"])
+        assert r.exit_code == 0, r.output
+        assert f"strategy {strategy(spec).name}" in r.output
+        outs[spec, backend] = list(csv.DictReader(out.open()))
+    # the strategy reaches the worker processes (the payload carries the fitting options and the widened Omega)
+    assert outs["log+flat:2", "serial"] == outs["log+flat:2", "processes"]
+    assert outs["map", "serial"][0]["ETA_CL"] != outs["log+flat:2", "serial"][0]["ETA_CL"]
+    m = strategy("log+flat:2").apply(resolve_model("andrews2019_tac_adult_kidney"))
+    expect = fit_map(m, read_nonmem_csv(EXAMPLE).individuals())
+    assert float(outs["log+flat:2", "serial"][0]["ETA_CL"]) == pytest.approx(float(expect[0].eta[0]), rel=1e-9)
+    r = CliRunner().invoke(app, ["recommend", "-m", "andrews2019_tac_adult_kidney", "-d", str(EXAMPLE), "--id", "2",
+                                 "--target", "4-11", "-s", "log", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert json.loads(r.stdout)["inputs"]["strategy"] == "log"
+    r = CliRunner().invoke(app, ["fit", "-m", "andrews2019_tac_adult_kidney", "-d", str(EXAMPLE), "-s", "bayes"])
+    assert r.exit_code != 0 and "unknown forecasting strategy" in r.output

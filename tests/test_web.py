@@ -749,3 +749,41 @@ def test_the_clinician_sets_the_aim_on_the_page_and_in_the_api(site: tuple[Any, 
     r = c.post(f"/patients/{kid}/assess", data={"csrf": token, "aim": "5"})
     assert r.status_code == 303 and r.headers["location"] == f"/patients/{kid}#assessment-{low.json()['id']}"
     assert len(store.chart(SYSTEM, kid).assessments) == n  # the API's assessment for these inputs, not a copy
+
+
+def test_the_clinician_chooses_the_fitting_strategy_on_the_page_and_in_the_api(
+        site: tuple[Any, Store, dict[str, int]]) -> None:
+    """Issue 15, item 1: the forecasting strategy is a setting of the assessment -- page select, API
+    ``?strategy=`` -- stored with its inputs and shown; spellings of one strategy are one assessment; an unknown
+    one is refused at its field before any fit."""
+    app, store, ids = site
+    kid = ids["DEMO-TX-1"]
+    c, token = client(app, "pharm")
+    plain = c.post(f"/api/v1/patients/{kid}/recommendation", headers={"X-CSRF-Token": token}).json()
+    logged = c.post(f"/api/v1/patients/{kid}/recommendation", params={"strategy": "forget:14 + log"},
+                    headers={"X-CSRF-Token": token})
+    assert logged.status_code in (200, 201), logged.text
+    body = logged.json()
+    assert body["id"] != plain["id"] and body["inputs"]["settings"]["strategy"] == "log+forget:14"
+    assert "strategy" not in plain["inputs"]["settings"]  # the standard one is not a setting
+    rec = body["result"]["recommendation"]
+    assert rec["inputs"]["strategy"] == "log+forget:14" and rec["inputs"]["fitting"] == {
+        "log_scale": True, "half_life_h": 336.0}
+    assert body["result"]["strategy"]["name"] == "log+forget:14"
+    assert rec["inputs"]["eta_map"] != plain["result"]["recommendation"]["inputs"]["eta_map"]
+    same = c.post(f"/api/v1/patients/{kid}/recommendation", params={"strategy": "log+forget:14"},
+                  headers={"X-CSRF-Token": token})
+    assert same.status_code == 200 and same.json()["id"] == body["id"]
+    n = len(store.chart(SYSTEM, kid).assessments)
+    for bad in ("bayes", "forget:0", "flat:1000"):
+        r = c.post(f"/api/v1/patients/{kid}/recommendation", params={"strategy": bad}, headers={"X-CSRF-Token": token})
+        assert r.status_code == 422 and "strategy" in r.text, (bad, r.text)
+    assert len(store.chart(SYSTEM, kid).assessments) == n
+    page = c.get(f"/patients/{kid}").text
+    assert 'name="strategy"' in page and 'value="log+forget:14"' in page
+    assert "fit: levels fitted on the log scale" in page  # the stored assessment says how it was fitted
+    r = c.post(f"/patients/{kid}/assess", data={"csrf": token, "strategy": "log+forget:14"})
+    assert r.status_code == 303 and r.headers["location"] == f"/patients/{kid}#assessment-{body['id']}"
+    r = c.post(f"/patients/{kid}/assess", data={"csrf": token, "strategy": "flat:3"})  # not offered on the page
+    assert r.status_code == 422 and "not a strategy of this page" in r.text
+    assert len(store.chart(SYSTEM, kid).assessments) == n

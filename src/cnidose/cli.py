@@ -151,6 +151,12 @@ SchedulerOpt = Annotated[str | None, typer.Option(help="Dask scheduler address, 
 WorkersOpt = Annotated[int | None, typer.Option(help="local processes or loopback Dask workers")]
 
 
+StrategyOpt = Annotated[str, typer.Option("--strategy", "-s", help=(
+    "how the levels are fitted: map (published priors), flat:L (Omega x L), log (fit on the log scale), "
+    "forget:D (older levels at half weight after D days), occ-last (recommend: the last occasion's effect "
+    "carried forward), parts joined by +; see cnidose.dosing.strategies"))]
+
+
 @app.command()
 def fit(
     model: Annotated[str, typer.Option("--model", "-m", help="model file (.toml) or library id")],
@@ -166,6 +172,7 @@ def fit(
     workers: WorkersOpt = None,
     chunk_size: Annotated[int, typer.Option(help="individuals per chunk of work")] = 500,
     dose_values: DoseValuesOpt = "nonmem",
+    strategy_spec: StrategyOpt = "map",
 ) -> None:
     """MAP Bayesian estimates of every individual's random effects (NONMEM's objective).
 
@@ -182,9 +189,13 @@ def fit(
         raise typer.Exit(2)
 
     def work() -> None:
+        from cnidose.dosing.strategies import strategy
         from cnidose.estimation import fit_map
 
-        m = _resolve(model, dose_values)
+        strat = strategy(strategy_spec)
+        m = strat.apply(_resolve(model, dose_values))
+        if strat.occasion == "last":
+            typer.echo("note: occ-last changes forecasts and recommendations, not the estimates", err=True)
         ds = read_nonmem_csv(data)
         inds = ds.individuals()
         check_doses(m, inds)
@@ -223,7 +234,8 @@ def fit(
         for r in results:
             counts[r.status] = counts.get(r.status, 0) + 1
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-        typer.echo(f"{len(results)} individuals: {summary} (model {m.ref}, covariance {covariance})", err=True)
+        typer.echo(f"{len(results)} individuals: {summary} (model {m.ref}, covariance {covariance}, strategy "
+                   f"{strat.name}: {strat.describe()})", err=True)
         _echo_notices([n for r in results for n in r.notices])
         for r in results:
             if r.status == "error":
@@ -269,6 +281,7 @@ def recommend(
     aim: Annotated[float | None, typer.Option(help="the level to aim at, in the target (default: its middle)")
                    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    strategy_spec: StrategyOpt = "map",
 ) -> None:
     """Recommend the next regimen for one patient: the dose in marketed strengths, predicted exposure,
     80 % interval and probability in range, with inputs, model, version and warnings."""
@@ -279,13 +292,15 @@ def recommend(
     def work() -> None:
         from cnidose.dosing import Target, find_target, load_targets, product
         from cnidose.dosing import recommend as do_recommend
+        from cnidose.dosing.strategies import strategy
 
+        strat = strategy(strategy_spec)
         if record_file is not None:
-            _recommend_record(record_file, as_of, model, draws, seed, as_json)
+            _recommend_record(record_file, as_of, model, draws, seed, as_json, strat.name)
             return
         if model is None or data is None or patient is None:
             raise InputError("give --patient RECORD.json, or --model, --data and --id")
-        ms = [resolve_model(x.strip()) for x in model.split(",") if x.strip()]
+        ms = [strat.apply(resolve_model(x.strip())) for x in model.split(",") if x.strip()]
         m = ms[0]
         drug = m.meta.get("drug", "")
         if any(x.meta.get("drug", "") != drug for x in ms):
@@ -314,14 +329,15 @@ def recommend(
             if metric != tgt.metric:
                 raise InputError(f"the target is a {tgt.metric} range; asked to optimise {metric}")
             rec, weights = recommend_averaged(ms, match[0], tgt, prod, n_draws=draws, seed=seed, interval=interval,
-                                              choice=choice, aim=aim)
+                                              choice=choice, aim=aim, occasion=strat.occasion)
         else:
             try:
                 alt = [float(x) for x in intervals.split(",")] if intervals else None
             except ValueError:
                 raise InputError(f"--intervals must be comma-separated hours, got {intervals!r}") from None
             rec = do_recommend(m, match[0], tgt, prod, interval=interval, metric=metric, n_draws=draws, seed=seed,
-                               intervals=alt, loading=loading, choice=choice, aim=aim)
+                               intervals=alt, loading=loading, choice=choice, aim=aim, occasion=strat.occasion)
+        rec.inputs["strategy"] = strat.name
         if as_json:
             typer.echo(json.dumps(rec.to_dict(), indent=2, default=float))
             return
@@ -338,6 +354,7 @@ def recommend(
         else:
             typer.echo(f"model {rec.model}; cnidose {rec.version}; posterior {rec.inputs['posterior_method']} "
                        f"({draws} draws, seed {seed})")
+        typer.echo(f"strategy {strat.name}: {strat.describe()}")
         typer.echo("  dose mg   median   80 % interval   P(in range)")
         for c in rec.candidates:
             mark = " <" if rec.chosen is not None and c.dose == rec.chosen.dose else ""
@@ -350,7 +367,8 @@ def recommend(
     _run(work)
 
 
-def _recommend_record(path: Path, as_of: str | None, model: str | None, draws: int, seed: int, as_json: bool) -> None:
+def _recommend_record(path: Path, as_of: str | None, model: str | None, draws: int, seed: int, as_json: bool,
+                      strategy: str = "map") -> None:
     """``recommend --patient``: the use case of :mod:`cnidose.records.analysis` on a patient record."""
     import datetime as dt
 
@@ -359,7 +377,7 @@ def _recommend_record(path: Path, as_of: str | None, model: str | None, draws: i
 
     day = _day(as_of)
     rec = load_record(path, as_of=day)
-    result = analyse(rec, day, model_id=model, n_draws=draws, seed=seed)
+    result = analyse(rec, day, model_id=model, n_draws=draws, seed=seed, strategy=strategy)
     if as_json:
         typer.echo(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=2, default=str))
         return
@@ -369,6 +387,7 @@ def _recommend_record(path: Path, as_of: str | None, model: str | None, draws: i
         typer.echo(r["summary"])
         typer.echo(f"target: {result['target']}")
         typer.echo(f"model {result['model']}; cnidose {result['version']}")
+        typer.echo(f"strategy {result['strategy']['name']}: {result['strategy']['description']}")
         typer.echo("  dose mg   median   80 % interval   P(in range)")
         chosen = (r.get("chosen") or {}).get("dose")
         for c in r["candidates"]:
@@ -437,7 +456,7 @@ def evaluate(
         from cnidose.dosing.evaluate import STRATEGY_HELP, strategy, summarise
 
         ms = [_resolve(x.strip(), dose_values) for x in models.split(",") if x.strip()]
-        strats = [strategy(x) for x in strategies.split(",") if x.strip()]
+        strats = list({s.name: s for s in (strategy(x) for x in strategies.split(",") if x.strip())}.values())
         if not strats:
             raise InputError(f"--strategy: name at least one ({STRATEGY_HELP})")
         if not 0 <= bootstrap <= 100_000:

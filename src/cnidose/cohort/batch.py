@@ -13,11 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cnidose.cohort.executor import Backend, chunked, run_chunks
 from cnidose.dosing.evaluate import Forecast, Strategy, evaluate
 from cnidose.estimation.map import MapResult, fit_map
 from cnidose.models.fileformat import parse_model
-from cnidose.models.model import Model, Notice
+from cnidose.models.model import Fitting, Model, Notice
 from cnidose.pk.events import Individual
 
 __all__ = ["Payload", "batch_evaluate", "batch_fit", "model_payload"]
@@ -25,23 +27,31 @@ __all__ = ["Payload", "batch_evaluate", "batch_fit", "model_payload"]
 _MODELS: dict[str, Model] = {}
 
 
-Payload = tuple[bytes, str, str]
+Payload = tuple[bytes, str, str, Fitting, bytes]
 
 
 def model_payload(model: Model) -> Payload:
-    """What a worker needs to rebuild ``model``: the file's bytes, its source name and the dose-value reading."""
+    """What a worker needs to rebuild ``model``: the file's bytes, its source name, the dose-value reading, the
+    fitting options and the between-subject covariance (a strategy may have widened it)."""
     if not model.source:
         raise ValueError("the model has no source file")
-    return Path(model.source).read_bytes(), model.source, model.dose_values
+    return (Path(model.source).read_bytes(), model.source, model.dose_values, model.fitting,
+            np.ascontiguousarray(model.iiv.omega, dtype=np.float64).tobytes())
 
 
 def _model(payload: Payload) -> Model:
-    raw, source, dose_values = payload
-    key = hashlib.sha256(raw).hexdigest() + dose_values
+    raw, source, dose_values, fitting, omega = payload
+    key = hashlib.sha256(raw + omega).hexdigest() + dose_values + repr(fitting)
     if key not in _MODELS:
         model = parse_model(raw, source=source)
-        _MODELS[key] = model if dose_values == model.dose_values else replace(
-            model, dose_values=dose_values)  # type: ignore[arg-type]
+        if dose_values != model.dose_values:
+            model = replace(model, dose_values=dose_values)  # type: ignore[arg-type]
+        if fitting != model.fitting:
+            model = replace(model, fitting=fitting)
+        om = np.frombuffer(omega, dtype=np.float64).reshape(model.iiv.omega.shape)
+        if not np.array_equal(om, model.iiv.omega):
+            model = replace(model, iiv=replace(model.iiv, omega=om.copy()))
+        _MODELS[key] = model
     return _MODELS[key]
 
 

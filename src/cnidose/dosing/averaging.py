@@ -85,8 +85,8 @@ def model_weights(models: Sequence[Model], individual: Individual) -> list[Model
 
 def recommend_averaged(models: Sequence[Model], individual: Individual, target: Target, product: Product, *,
                        n_draws: int = 1000, seed: int = 0, interval: float | None = None,
-                       max_units: int = 6, choice: str = "aim", aim: float | None = None
-                       ) -> tuple[Recommendation, list[ModelWeight]]:
+                       max_units: int = 6, choice: str = "aim", aim: float | None = None,
+                       occasion: str = "prior") -> tuple[Recommendation, list[ModelWeight]]:
     weights = model_weights(models, individual)
     if not any(w.weight > 0 for w in weights):
         raise InputError("no model could fit this patient: " + "; ".join(f"{w.model}: {w.message}" for w in weights))
@@ -98,7 +98,7 @@ def recommend_averaged(models: Sequence[Model], individual: Individual, target: 
             continue
         k = max(50, round(w.weight * n_draws))
         r = recommend(m, individual, target, product, interval=tau, n_draws=k, seed=seed, max_units=max_units,
-                      choice=choice, aim=aim)
+                      choice=choice, aim=aim, occasion=occasion)
         assert r.values is not None
         parts.append(r.values)
         warnings += [f"{m.id}: {x}" for x in r.warnings if "closest" not in x]

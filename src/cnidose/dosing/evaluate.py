@@ -10,119 +10,26 @@ Metrics (prediction error PE = (predicted − observed) / observed): median PE (
 bootstrap confidence intervals by patient (resampling patients, not forecasts: a patient's forecasts are
 correlated).
 
-Forecasting strategies (:class:`Strategy`, named by a spec such as ``"flat:2+occ-last"``):
-
-- ``map``: plain MAP with the published priors; a level in an occasion the fit has not seen is forecast with
-  that occasion's effect at its prior mean (zero) -- the occasion-aware default (Abrantes et al. 2019, CPT
-  Pharmacometrics Syst Pharmacol 8:676: estimate with the occasion effects, forecast without them).
-- ``flat:L``: flattened priors, the between-subject covariance Omega multiplied by L > 1 (Hughes & Keizer 2021,
-  Clin Pharmacol Ther 110:1353): the levels weigh more against the population; the occasion prior is kept.
-- ``occ-last``: the next occasion takes the effect estimated for the last occasion with a level (carry-forward):
-  for occasion variability that persists from one occasion to the next.
-- ``log``: transform both sides -- a proportional or combined error fitted on the log scale with the SD at the
-  measured level (:class:`cnidose.models.model.Fitting`). With a proportional error of SD p, the ``ln V(f)``
-  term of the natural-scale objective penalises larger predictions and biases the MAP forecasts low by
-  about p² (Andrews 2019, p = 0.245: about 6 %); on the log scale the variance does not depend on the
-  prediction and that bias is gone.
-- ``forget:D``: exponential forgetting -- each level's variance doubled for every D days of its age (counted
-  from the newest level): half weight after D days, a quarter after 2D. A time-weighting scheme for
-  parameters that drift (clearance over the first weeks after transplantation); PKPDmap's ``weight_by_time``
-  is a linear-gradient precedent.
+Forecasting strategies: :mod:`cnidose.dosing.strategies`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from cnidose.dosing.strategies import STRATEGY_HELP, Strategy, strategy
 from cnidose.errors import CnidoseError, InputError
 from cnidose.estimation import fit_map
-from cnidose.models.model import Fitting, Model, Notice
+from cnidose.models.model import Model, Notice
 from cnidose.pk.events import Individual, split_individuals
 
 __all__ = ["COMBINE_HELP", "STRATEGY_HELP", "Forecast", "Strategy", "Summary", "evaluate", "plot_svg", "strategy",
            "summarise"]
-
-
-@dataclass(frozen=True, slots=True)
-class Strategy:
-    """How a forecast is made from a fit (module docstring)."""
-
-    name: str = "map"
-    prior_scale: float = 1.0  # Omega (between-subject) multiplied by this
-    occasion: str = "prior"  # "prior": an unseen occasion's effect at zero; "last": the last seen occasion's
-    log_scale: bool = False  # fit on the log scale (transform both sides)
-    half_life: float | None = None  # hours; older levels weigh less (exponential forgetting)
-
-    def apply(self, model: Model) -> Model:
-        """The model as this strategy fits it (the same model for plain ``map``)."""
-        out = model
-        if self.prior_scale != 1.0:
-            out = replace(out, iiv=replace(out.iiv, omega=out.iiv.omega * self.prior_scale))
-        fitting = Fitting(self.log_scale, self.half_life)
-        if fitting != out.fitting:
-            out = replace(out, fitting=fitting)
-        return out
-
-    def describe(self) -> str:
-        """One line a clinician can read: what this strategy changes, and its source."""
-        parts = []
-        if self.prior_scale != 1.0:
-            parts.append(f"between-patient variability widened x{self.prior_scale:g} (Hughes & Keizer 2021)")
-        if self.log_scale:
-            parts.append("levels fitted on the log scale (transform both sides)")
-        if self.half_life is not None:
-            parts.append(f"older levels weigh less: half-weight after {self.half_life / 24:g} days")
-        if self.occasion == "last":
-            parts.append("the last occasion's effect carried to the next")
-        return "; ".join(parts) or "published priors; a new occasion at its prior (Abrantes 2019)"
-
-
-STRATEGY_HELP = "map, flat:L (1 < L <= 100), occ-last, log, forget:D (half-life D days), joined by +"
-
-
-def strategy(spec: str) -> Strategy:
-    """The strategy named by ``spec``: ``map``, ``flat:L`` (L > 1), ``occ-last``, ``log``, ``forget:D`` (older
-    levels at half weight after D days), or parts joined by ``+``.
-
-    >>> strategy("flat:2+occ-last")
-    Strategy(name='flat:2+occ-last', prior_scale=2.0, occasion='last', log_scale=False, half_life=None)
-    >>> strategy("log+forget:14").half_life
-    336.0
-    """
-    scale, occasion, log, half_life = 1.0, "prior", False, None
-    parts = [x.strip() for x in spec.split("+") if x.strip()]
-    if not parts:
-        raise InputError(f"a forecasting strategy is {STRATEGY_HELP}; got an empty one")
-    for part in parts:
-        if part == "map":
-            continue
-        if part == "occ-last":
-            occasion = "last"
-        elif part == "log":
-            log = True
-        elif part.startswith("flat:"):
-            try:
-                scale = float(part[5:])
-            except ValueError:
-                raise InputError(f"flat:L needs a number L > 1, got {part!r}") from None
-            if not 1.0 < scale <= 100.0:
-                raise InputError(f"flat:L needs 1 < L <= 100 (Omega multiplied by L), got {part!r}")
-        elif part.startswith("forget:"):
-            try:
-                days = float(part[7:])
-            except ValueError:
-                raise InputError(f"forget:D needs a half-life D in days, got {part!r}") from None
-            if not 0.5 <= days <= 3650.0:
-                raise InputError(f"forget:D needs 0.5 <= D <= 3650 days, got {part!r}")
-            half_life = days * 24.0
-        else:
-            raise InputError(f"unknown forecasting strategy {part!r} (known: {STRATEGY_HELP})")
-    return Strategy(spec.strip(), scale, occasion, log, half_life)
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,7 +212,7 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
               interval: float | None = None, metric: str | None = None, n_draws: int = 1000, seed: int = 0,
               max_units: int = 6, max_dose: float | None = None, intervals: list[float] | None = None,
               loading: bool = False, choice: str = "aim", aim: float | None = None, fit: MapResult | None = None,
-              posterior: Posterior | None = None) -> Recommendation:
+              posterior: Posterior | None = None, occasion: str = "prior") -> Recommendation:
     """Recommend a regimen for ``individual`` (its doses and levels so far) from ``model``.
 
     ``choice`` is the rule (module docstring) and ``aim`` the level it aims at (default: the target's middle;
@@ -222,7 +222,9 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
     (the recommendation is then the choice, by the same rule, over all of them; of equals the smaller daily
     dose, then the product's own interval). ``loading`` also proposes a first
     dose, given from the last record on top of the current state, whose predicted level one interval later
-    is in the target (by the same rule).
+    is in the target (by the same rule). ``occasion`` (models with between-occasion variability): "prior", the
+    coming occasions' effects drawn from their prior (a new occasion); "last", each posterior draw's effect of
+    the last occasion with a level carried forward (:mod:`cnidose.dosing.strategies`, ``occ-last``).
 
     Raises InputError on inconsistent input (another drug's product or target, a non-positive interval,
     no dose in the history); everything else clinical is reported as a warning on the result.
@@ -263,11 +265,19 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
         warnings.append(f"the posterior was sampled by MCMC (SIR degenerated); effective sample size {post.ess:.0f}")
     eta = post.eta
     kappa = None
+    if occasion not in ("prior", "last"):
+        raise InputError(f"occasion is prior or last, got {occasion!r}")
     if model.iov is not None:
-        rng = np.random.default_rng(seed + 1)
         nk = len(model.iov)
-        kappa = (rng.standard_normal((eta.shape[0], 1, nk)) @ np.linalg.cholesky(
-            model.iov.omega + 1e-300 * np.eye(nk)).T)
+        observed = np.flatnonzero((individual.evid == 0) & (individual.mdv == 0))
+        if occasion == "last" and observed.size and post.n_occasions:
+            last = int(model.prepare(individual).occasion[observed[-1]])
+            seen = post.draws[:, len(model.iiv):].reshape(eta.shape[0], post.n_occasions, nk)
+            kappa = seen[:, last: last + 1, :]
+        else:
+            rng = np.random.default_rng(seed + 1)
+            kappa = (rng.standard_normal((eta.shape[0], 1, nk)) @ np.linalg.cholesky(
+                model.iov.omega + 1e-300 * np.eye(nk)).T)
     limit_dose = max_dose if max_dose is not None else max_dose_mg(drug)
     cands = candidate_doses(product.strengths, max_units=max_units, max_dose=limit_dose)
     if not cands:
@@ -306,7 +316,8 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
         "product": product.name, "strengths": list(product.strengths), "product_source": product.source,
         "max_units": max_units, "max_dose": limit_dose, "n_draws": n_draws, "seed": seed,
         "fit_status": fit.status, "eta_map": [float(x) for x in fit.eta], "posterior_method": post.method,
-        "posterior_ess": post.ess, "choice": choice, "aim": aim,
+        "posterior_ess": post.ess, "choice": choice, "aim": aim, "occasion": occasion,
+        "fitting": {"log_scale": model.fitting.log_scale, "half_life_h": model.fitting.half_life},
     }
     return Recommendation(chosen, candidates, target, product.name, met, model.ref, __version__, inputs, warnings,
                           values, load)

@@ -18,7 +18,7 @@ import numpy as np
 
 from cnidose import __version__
 from cnidose.clinical.record import PatientRecord
-from cnidose.errors import CnidoseError, DataError
+from cnidose.errors import CnidoseError, DataError, InputError
 from cnidose.pk.events import split_individuals
 from cnidose.records.exchange import record_to_nonmem
 
@@ -91,17 +91,25 @@ def _inputs(record: PatientRecord, as_of: dt.date) -> dict[str, Any]:
 
 
 def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
-            seed: int = 0, choice: str = "aim", aim: float | None = None) -> dict[str, Any]:
+            seed: int = 0, choice: str = "aim", aim: float | None = None, strategy: str = "map") -> dict[str, Any]:
     """Fit, curve with 80 % band, recommendation and the clinical assessment for one patient.
 
     ``aim`` is the level the dose choice aims at (default: the middle of the patient's target); one outside the
-    target is refused (FieldError on ``aim``) before any fit -- it is the caller's input, not the record's."""
+    target is refused (FieldError on ``aim``) before any fit -- it is the caller's input, not the record's.
+    ``strategy`` is how the levels are fitted and the next occasion is treated (:mod:`cnidose.dosing.strategies`;
+    an unknown one: FieldError on ``strategy``)."""
     from cnidose.dosing import find_target, product, recommend
+    from cnidose.dosing.strategies import strategy as parse_strategy
     from cnidose.estimation.posterior import sample_posterior
     from cnidose.models.library import resolve_model
     from cnidose.records.units import FieldError
 
+    try:
+        strat = parse_strategy(strategy)
+    except InputError as exc:
+        raise FieldError(str(exc), field="strategy") from None
     out: dict[str, Any] = {"as_of": as_of.isoformat(), "version": __version__,
+                           "strategy": {"name": strat.name, "description": strat.describe()},
                            "clinical": clinical_assessment(record, as_of), "warnings": [],
                            "inputs": _inputs(record, as_of), "flagged": flagged_inputs(record), "excluded": []}
     for f in out["flagged"]:
@@ -130,7 +138,7 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         return out
     assert reg is not None
     try:
-        model = resolve_model(mid)
+        model = strat.apply(resolve_model(mid))
         prod = product(reg.product, record.agent)
         interval = reg.interval_h
         transplant = record.transplant_date
@@ -158,7 +166,8 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         post = None if fit.status == "error" else sample_posterior(model, ind, n_draws=n_draws, seed=seed,
                                                                    map_result=fit)
         rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed, choice=choice,
-                        aim=aim, fit=fit, posterior=post)
+                        aim=aim, fit=fit, posterior=post, occasion=strat.occasion)
+        rec.inputs["strategy"] = strat.name
     except FieldError:
         raise
     except CnidoseError as exc:

@@ -50,7 +50,7 @@ from starlette.routing import Match, Route
 
 from cnidose import __version__
 from cnidose.clinical.record import department_for, indications, lab_units, resolve_indication
-from cnidose.errors import CnidoseError
+from cnidose.errors import CnidoseError, InputError
 from cnidose.records.plausibility import NeedsConfirmation
 from cnidose.records.store import ENTRY_TABLES, PUBLIC, YEARS, AccessDenied, Actor, NotFound, SlotTaken, Store
 from cnidose.records.units import FieldError
@@ -282,6 +282,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     tz = ZoneInfo(timezone or os.environ.get("CNIDOSE_TIMEZONE", "UTC"))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     templates.env.globals["MAX"] = MAX  # the forms' maxlength: the same limits as the server's
+    templates.env.globals["STRATEGIES"] = STRATEGIES
     templates.env.globals["LAB_UNITS"] = lab_units()  # each test's units, canonical first
     # times are stored in UTC; pages show and forms read them in the app's time zone, which they name
     templates.env.globals["TZ"] = tz.key
@@ -864,16 +865,17 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
             observed_at=form_time(observed_at, "observed_at")), "lab",
             {"name": name, "value": value, "unit": unit, "observed_at": observed_at})
 
-    def _run_assessment(actor: Actor, pid: int, aim: float | None = None) -> tuple[int, bool, dict[str, Any] | None]:
+    def _run_assessment(actor: Actor, pid: int, aim: float | None = None, strategy: str = "map"
+                        ) -> tuple[int, bool, dict[str, Any] | None]:
         """The assessment of the patient's chart as it is now, the dose choice aiming at ``aim`` (default: the
         target's middle): (id, computed now, the stored row when it was already read). The analysis is a function
         of its inputs (the chart's entries, the date, the settings -- the aim among them -- and this version), so
         when the newest stored assessment has exactly these inputs it is returned instead of a
         duplicate -- compared first by the patient's revision (raised by the database on every change of an
         entry) without reading the chart; concurrent requests for the same inputs in this process compute once."""
+        settings = _settings(aim, strategy)
         store.authorize(actor, "write", "assessment", pid)
         patient, latest = store.latest_assessment(actor, pid)
-        settings = _settings(aim)
         if latest is not None and _same_inputs(latest, _reuse_key(patient, the_day(), settings)):
             return int(latest["id"]), False, latest
         chart = store.chart(actor, pid, assessments="latest")
@@ -905,15 +907,18 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     @app.post("/patients/{pid}/assess", include_in_schema=False)
     def assess_form(request: Request, pid: Id, csrf: str = Form("", max_length=64),
                     aim: str = Form("", max_length=MAX["number"]),
+                    strategy: str = Form("map", max_length=64),
                     who: tuple[Actor, str] = Depends(page_user)) -> Response:
         check_csrf(who, csrf)
         try:
             value = _form_number(aim, "aim") if aim.strip() else None
             if value is not None and not 0 < value < 1e4:
                 raise FieldError(f"the aim must be a positive level, got {aim!r}", field="aim")
-            aid, _, _ = _run_assessment(who[0], pid, value)
+            if strategy not in STRATEGIES:
+                raise FieldError(f"not a strategy of this page: {strategy!r}", field="strategy")
+            aid, _, _ = _run_assessment(who[0], pid, value, strategy)
         except FieldError as exc:
-            return refused_form(request, who, pid, 422, "assess", {"aim": aim}, exc)
+            return refused_form(request, who, pid, 422, "assess", {"aim": aim, "strategy": strategy}, exc)
         return RedirectResponse(f"/patients/{pid}#assessment-{aid}", status_code=303)
 
     @app.post("/assessments/{aid}/sign", include_in_schema=False)
@@ -1149,13 +1154,16 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     def api_recommend(pid: Id, aim: Annotated[float | None, Query(gt=0, lt=1e4, description=(
                           "the level the dose choice aims at (default: the middle of the patient's target); "
                           "outside the target: 422 on aim"))] = None,
+                      strategy: Annotated[str, Query(max_length=64, pattern=r"^[a-z0-9:.+ -]+$", description=(
+                          "how the levels are fitted (cnidose.dosing.strategies): map, flat:L, log, forget:D, "
+                          "occ-last, joined by +; unknown: 422 on strategy"))] = "map",
                       who: tuple[Actor, str] = Depends(api_user)) -> Response:
         """Fit and recommend on the chart as it is (201, stored as a draft); when the newest stored assessment
         has exactly these inputs, that one is returned instead (200, ``"reused": true``). The result's plot data
         (PLOT_KEYS: ``curve``, the fitted curve; ``forecast``, the current and proposed regimens' next days;
         ``pd_curve``, the effect over time: tens of kB) is left out here: ``GET /api/v1/assessments/{id}``
         (``curve_url``) has it."""
-        aid, fresh, row = _run_assessment(who[0], pid, aim)
+        aid, fresh, row = _run_assessment(who[0], pid, aim, strategy)
         row = row if row is not None else store.assessment(who[0], aid)
         key = (aid, row["status"], fresh)  # a stored assessment changes only when it is signed
         body = answers.get(key)
@@ -1416,9 +1424,27 @@ def _rule(inputs: dict[str, Any]) -> str:
 ANALYSIS: dict[str, Any] = {"n_draws": 500, "seed": 0, "choice": "aim"}
 
 
-def _settings(aim: float | None) -> dict[str, Any]:
-    """The analysis settings of a request: the app's (ANALYSIS) and the aim, when the clinician set one."""
-    return {**ANALYSIS, **({"aim": float(aim)} if aim is not None else {})}
+#: The strategies the page offers (any valid spec through the API): name -> what a clinician reads
+STRATEGIES: dict[str, str] = {
+    "map": "standard (published priors)",
+    "log": "log-scale fit (no pull towards low forecasts)",
+    "forget:14": "recent levels weigh more (half weight after 14 days)",
+    "log+forget:14": "log-scale fit, recent levels weigh more",
+    "flat:2": "wider priors (trust the levels more)",
+}
+
+
+def _settings(aim: float | None, strategy: str = "map") -> dict[str, Any]:
+    """The analysis settings of a request: the app's (ANALYSIS), the aim when the clinician set one, and the
+    forecasting strategy (its canonical name) when it is not the standard one. FieldError on ``strategy``."""
+    from cnidose.dosing.strategies import strategy as parse_strategy
+
+    try:
+        name = parse_strategy(strategy).name
+    except InputError as exc:
+        raise FieldError(str(exc), field="strategy") from None
+    return {**ANALYSIS, **({"aim": float(aim)} if aim is not None else {}),
+            **({"strategy": name} if name != "map" else {})}
 
 
 def _reuse_key(patient: dict[str, Any], as_of: dt.date, settings: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ def clinical_assessment(chart: Chart, as_of: dt.date) -> dict[str, Any]:
 
 
 def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
-            seed: int = 0, choice: str = "aim", aim: float | None = None) -> dict[str, Any]:
+            seed: int = 0, choice: str = "aim", aim: float | None = None, strategy: str = "map") -> dict[str, Any]:
     """Fit, curve with 80 % band, recommendation and the clinical assessment for the chart's patient."""
     try:
         record = _record(chart)
@@ -39,7 +39,8 @@ def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draw
         return {"as_of": as_of.isoformat(), "warnings": [f"the record cannot be read: {exc}"],
                 "clinical": {"error": str(exc), "alerts": [], "due": [], "exposure": [], "selection": "unknown",
                              "selection_reasons": [], "notes": []}}
-    return analysis.analyse(record, as_of, model_id=model_id, n_draws=n_draws, seed=seed, choice=choice, aim=aim)
+    return analysis.analyse(record, as_of, model_id=model_id, n_draws=n_draws, seed=seed, choice=choice, aim=aim,
+                            strategy=strategy)
 
 
 def trends(chart: Chart) -> dict[str, Any]:
