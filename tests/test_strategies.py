@@ -308,3 +308,38 @@ def test_fit_and_recommend_cli_take_a_strategy(tmp_path: Path) -> None:
     assert json.loads(r.stdout)["inputs"]["strategy"] == "log"
     r = CliRunner().invoke(app, ["fit", "-m", "andrews2019_tac_adult_kidney", "-d", str(EXAMPLE), "-s", "bayes"])
     assert r.exit_code != 0 and "unknown forecasting strategy" in r.output
+
+
+def test_post_forecasts_the_posterior_predictive_median(tmp_path: Path) -> None:
+    from cnidose.dosing.evaluate import POSTERIOR_DRAWS
+    from cnidose.estimation.posterior import sample_posterior
+
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    inds = read_nonmem_csv(_with_occasions(tmp_path)).individuals()
+    assert strategy("post+log").name == "log+post" and strategy("post").forecast == "posterior"
+    fc = evaluate([m], inds, strategies=[strategy("map"), strategy("post")], max_step=1)
+    got = {(f.strategy, f.id, f.step): f.predicted for f in fc}
+    ind = _hide_after(inds[1], 1)
+    r = fit_map(m, [ind])[0]
+    target = np.flatnonzero((ind.evid == 0))[1]
+    draws = sample_posterior(m, ind, n_draws=POSTERIOR_DRAWS, seed=0, map_result=r).predict(ind, seed=0)[:, target]
+    assert got["post", inds[1].id, 1] == pytest.approx(float(np.median(draws)), rel=1e-12)
+    assert got["post", inds[1].id, 1] != got["map", inds[1].id, 1]
+    assert got["post", inds[1].id, 0] == got["map", inds[1].id, 0]  # a priori: the typical prediction for both
+
+
+def test_an_occasion_without_a_level_is_predicted_as_a_new_occasion(tmp_path: Path) -> None:
+    """Posterior predictions at a record whose occasion has no level: that occasion's effect is drawn from its prior
+    (it was not estimated), so the draws spread more there than with the between-patient effects alone."""
+    from cnidose.estimation.posterior import sample_posterior
+
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    ind = _hide_after(read_nonmem_csv(_with_occasions(tmp_path)).individuals()[1], 1)
+    post = sample_posterior(m, ind, n_draws=2000, seed=1)
+    target = int(np.flatnonzero(ind.evid == 0)[2])  # occasion 3: no level seen
+    occ = m.prepare(ind).occasion
+    assert occ[target] not in occ[np.flatnonzero((ind.evid == 0) & (ind.mdv == 0))]
+    pred = post.predict(ind, seed=2)[:, target]
+    zero = m.simulate(ind, post.eta, kappas=np.zeros((post.eta.shape[0], post.n_occasions, 1))).prediction[:, target]
+    extra = np.var(np.log(pred)) - np.var(np.log(zero))
+    assert extra == pytest.approx(float(m.iov.omega[0, 0]), rel=0.35)  # the occasion's variance, KAPPA_CL on CL

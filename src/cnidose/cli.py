@@ -154,7 +154,8 @@ WorkersOpt = Annotated[int | None, typer.Option(help="local processes or loopbac
 StrategyOpt = Annotated[str, typer.Option("--strategy", "-s", help=(
     "how the levels are fitted: map (published priors), flat:L (Omega x L), log (fit on the log scale), "
     "forget:D (older levels at half weight after D days), occ-last (recommend: the last occasion's effect "
-    "carried forward), parts joined by +; see cnidose.dosing.strategies"))]
+    "carried forward), post (evaluate: the posterior predictive median; a recommendation always uses it), parts "
+    "joined by +; see cnidose.dosing.strategies"))]
 
 
 @app.command()
@@ -194,8 +195,8 @@ def fit(
 
         strat = strategy(strategy_spec)
         m = strat.apply(_resolve(model, dose_values))
-        if strat.occasion == "last":
-            typer.echo("note: occ-last changes forecasts and recommendations, not the estimates", err=True)
+        if strat.occasion == "last" or strat.forecast == "posterior":
+            typer.echo("note: occ-last and post change forecasts and recommendations, not the estimates", err=True)
         ds = read_nonmem_csv(data)
         inds = ds.individuals()
         check_doses(m, inds)
@@ -434,8 +435,8 @@ def evaluate(
     strategies: Annotated[str, typer.Option("--strategy", "-s", help=(
         "forecasting strategies to compare, comma-separated: map (published priors; an unseen occasion at its "
         "prior), flat:L (Omega x L, Hughes & Keizer 2021), occ-last (the last occasion's effect carried "
-        "forward), log (fit on the log scale), forget:D (older levels at half weight after D days), or parts "
-        "joined by + (flat:2+occ-last)"))] = "map",
+        "forward), log (fit on the log scale), forget:D (older levels at half weight after D days), post (the "
+        "posterior predictive median, as a recommendation forecasts), or parts joined by + (log+post)"))] = "map",
     bootstrap: Annotated[int, typer.Option(help="bootstrap resamples of the patients for 95 % intervals "
                                                 "(0: none)")] = 0,
     combine: Annotated[str, typer.Option(help=(

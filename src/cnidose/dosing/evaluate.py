@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from cnidose.dosing.strategies import STRATEGY_HELP, Strategy, strategy
 from cnidose.errors import CnidoseError, InputError
 from cnidose.estimation import fit_map
+from cnidose.estimation.posterior import sample_posterior
 from cnidose.models.model import Model, Notice
 from cnidose.pk.events import Individual, split_individuals
 
@@ -76,6 +77,10 @@ def _hide_after(ind: Individual, keep: int) -> Individual:
     cols.update(ind.covariates)
     return split_individuals(cols, rows=ind.rows)[0]
 
+
+#: posterior draws of a ``post`` forecast (SIR; seed 0): the median's Monte Carlo error is about 1.25 SD/sqrt(ESS),
+#: about 1 % of the level for a posterior SD of 15 % and an effective sample size of 300
+POSTERIOR_DRAWS = 300
 
 COMBINE_HELP = ("average (weighted mean of the models' forecasts, weights from each model's marginal likelihood "
                 "of the patient's levels so far), select (the model of largest weight)")
@@ -180,9 +185,27 @@ def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArr
                 kappa[later] = kappa[seen[-1]]
         kap = kappa[None]
     try:
+        if strat.forecast == "posterior" and r.status != "prior-only":
+            post = sample_posterior(model, ind, n_draws=POSTERIOR_DRAWS, seed=0, map_result=r)
+            draws = post.predict(ind, seed=0)[:, target]
+            if strat.occasion == "last" and kap is not None:  # the carried effect in every draw
+                draws = _with_carried(model, post, ind, obs, k)
+            return float(np.median(draws))
         return float(model.simulate(ind, eta, kappas=kap).prediction[0, target])
     except (CnidoseError, ValueError):  # a forecast that cannot be computed is skipped, not fatal
         return float("nan")
+
+
+def _with_carried(model: Model, post: Any, ind: Individual, obs: NDArray[np.int64], k: int) -> NDArray[np.float64]:
+    """Posterior predictions of level k with each draw's effect of the last seen occasion carried to level k's."""
+    occ = model.prepare(ind).occasion
+    seen, later = occ[obs[:k]], int(occ[obs[k]])
+    n_eta, n_k = len(model.iiv), len(model.iov) if model.iov is not None else 0
+    kappa = post.draws[:, n_eta:].reshape(post.draws.shape[0], post.n_occasions, n_k).copy()
+    if later not in seen and k > 0:
+        kappa[:, later] = kappa[:, int(seen[-1])]
+    out: NDArray[np.float64] = model.simulate(ind, post.draws[:, :n_eta], kappas=kappa).prediction[:, int(obs[k])]
+    return out
 
 
 def _metrics(pe: NDArray[np.float64]) -> dict[str, float]:

@@ -59,7 +59,8 @@ class Posterior:
 
         ``individual`` may add future doses and sampling times to the fitted records. With ``residual``,
         residual error is added to each prediction (a future measured level rather than the true one).
-        Occasions (IOV) that the fit did not see get between-occasion effects drawn from their prior.
+        Occasions (IOV) that the fit did not see -- after the fitted records, or among them without a level -- get
+        between-occasion effects drawn from their prior (the posterior predictive of a new occasion).
         """
         ind = self.individual if individual is None else individual
         model = self.model
@@ -70,10 +71,15 @@ class Posterior:
         kappas = None
         if model.iov is not None:
             n_k = len(model.iov)
-            seen = self.draws[:, n_eta:].reshape(n, self.n_occasions, n_k)
+            seen = self.draws[:, n_eta:].reshape(n, self.n_occasions, n_k).copy()
+            chol = np.linalg.cholesky(model.iov.omega + 1e-300 * np.eye(n_k))
+            # an occasion of the fitted records without a level was not estimated: its effect is a new occasion's
+            unseen = [k for k in range(self.n_occasions)
+                      if not any(f"{nm}_OCC{k + 1}" in self.names for nm in model.iov.names)]
+            if unseen:
+                seen[:, unseen] = rng.standard_normal((n, len(unseen), n_k)) @ chol.T
             extra = prep.n_occasions - self.n_occasions
             if extra > 0:
-                chol = np.linalg.cholesky(model.iov.omega + 1e-300 * np.eye(n_k))
                 new = rng.standard_normal((n, extra, n_k)) @ chol.T
                 kappas = np.concatenate([seen, new], axis=1)
             else:
