@@ -30,11 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tdm_cohorts import COHORTS, cohort  # noqa: E402
+from tdm_cohorts import COHORTS, cohort
 
-from cnidose.dosing.evaluate import evaluate, summarise  # noqa: E402
-from cnidose.dosing.strategies import strategy  # noqa: E402
-from cnidose.models.library import resolve_model  # noqa: E402
+from cnidose.dosing.evaluate import evaluate, summarise
+from cnidose.dosing.strategies import strategy
+from cnidose.models.library import resolve_model
 
 SPECS = {
     "as-published": ("map", "post", "log", "log+post", "forget:14", "flat:2"),

@@ -98,7 +98,7 @@ def cohort(model: Model, n: int, seed: int, *, drift: float | None = None, omega
             t = 12.0 * k
             if taken[k]:
                 truth.append({"ID": i, "TIME": t, "EVID": 1, "AMT": dose, "MDV": 1, "OCC": k // 2 + 1, **cov})
-        for j, t in enumerate(drawn):
+        for t in drawn:
             truth.append({"ID": i, "TIME": float(t), "EVID": 0, "AMT": 0.0, "MDV": 0, "OCC": int(t // 24) + 1, **cov})
         truth.sort(key=lambda r: (r["TIME"], r["EVID"]))  # a level drawn with a dose at the same time: before it
         ind = split_individuals(_columns(truth))[0]
@@ -119,7 +119,8 @@ def cohort(model: Model, n: int, seed: int, *, drift: float | None = None, omega
         chart = [{"ID": i, "TIME": 0.0, "EVID": 1, "AMT": dose, "II": 12.0, "ADDL": 2 * n_days - 1, "MDV": 1,
                   "DV": np.nan, "OCC": 1, **cov}]
         chart += [{"ID": i, "TIME": float(t), "EVID": 0, "AMT": 0.0, "II": 0.0, "ADDL": 0, "MDV": 0,
-                   "DV": float(round(v, 2)), "OCC": j + 1, **cov} for j, (t, v) in enumerate(zip(nominal, dv))]
+                   "DV": float(round(v, 2)), "OCC": j + 1, **cov}
+                  for j, (t, v) in enumerate(zip(nominal, dv, strict=True))]
         out += split_individuals(_columns(chart))
     return out
 

@@ -321,7 +321,7 @@ def test_post_forecasts_the_posterior_predictive_median(tmp_path: Path) -> None:
     got = {(f.strategy, f.id, f.step): f.predicted for f in fc}
     ind = _hide_after(inds[1], 1)
     r = fit_map(m, [ind])[0]
-    target = np.flatnonzero((ind.evid == 0))[1]
+    target = np.flatnonzero(ind.evid == 0)[1]
     draws = sample_posterior(m, ind, n_draws=POSTERIOR_DRAWS, seed=0, map_result=r).predict(ind, seed=0)[:, target]
     assert got["post", inds[1].id, 1] == pytest.approx(float(np.median(draws)), rel=1e-12)
     assert got["post", inds[1].id, 1] != got["map", inds[1].id, 1]
