@@ -113,7 +113,7 @@ def test_the_cli_compares_strategies(tmp_path: Path) -> None:
     rows = json.loads(r.stdout)
     assert {x["strategy"] for x in rows} == {"map", "flat:2+occ-last"}
     assert all(x["ci"] for x in rows if x["patients"] > 1) and any(x["ci"] for x in rows)
-    assert out.read_text().splitlines()[0] == "MODEL,STRATEGY,ID,STEP,ROW,DV,PRED,PE,WEIGHTS"
+    assert out.read_text().splitlines()[0] == "MODEL,STRATEGY,ID,STEP,ROW,DAY,DV,PRED,PE,WEIGHTS"
     r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", str(data), "-s", "flat:0.5"])
     assert r.exit_code != 0 and "1 < L" in r.output
 
@@ -343,3 +343,23 @@ def test_an_occasion_without_a_level_is_predicted_as_a_new_occasion(tmp_path: Pa
     zero = m.simulate(ind, post.eta, kappas=np.zeros((post.eta.shape[0], post.n_occasions, 1))).prediction[:, target]
     extra = np.var(np.log(pred)) - np.var(np.log(zero))
     assert extra == pytest.approx(float(m.iov.omega[0, 0]), rel=0.35)  # the occasion's variance, KAPPA_CL on CL
+
+
+def test_evaluation_by_time_since_transplant() -> None:
+    from cnidose.dosing.evaluate import days_since_transplant
+
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    inds = read_nonmem_csv(EXAMPLE).individuals()
+    ind = inds[0]  # POD 5 on every record: a baseline value, counted on by TIME
+    assert days_since_transplant(ind, 1) == pytest.approx(5 + 59.5 / 24)
+    fc = evaluate([m], inds)
+    assert {round(f.day, 3) for f in fc if f.id == 1} == {round(5 + 59.5 / 24, 3), round(5 + 107.5 / 24, 3)}
+    cols = {k: np.asarray(v, dtype=float) for k, v in {
+        "ID": [1, 1, 1], "TIME": [0, 100, 500], "EVID": [1, 0, 0], "AMT": [5, 0, 0], "MDV": [1, 0, 0],
+        "POD": [2, 6, 23]}.items()}
+    varying = split_individuals(cols)[0]
+    assert [days_since_transplant(varying, r) for r in range(3)] == [2, 6, 23]
+    s = summarise(fc, by_step=False, by_period=True)
+    periods = [(x.period, x.step, x.n) for x in s if x.period is not None]
+    assert periods == [("days 7-14", None, 3), ("days 7-14", 0, 2)]  # Bayesian and a priori apart
+    assert sum(x.n for x in s if x.period is None) == len(fc)

@@ -443,6 +443,9 @@ def evaluate(
         "also forecast with every model at once, comma-separated: average (weighted mean of the models' "
         "forecasts, weights from each model's marginal likelihood of the levels so far), select (the model "
         "of largest weight); needs two or more models"))] = "",
+    by_time: Annotated[bool, typer.Option("--by-time", help=(
+        "also summarise by days since transplantation (POD or TSFT column, else TIME/24): 0-7, 7-14, 14-30, "
+        "30-90, 90-365, 365+, Bayesian and a priori apart"))] = False,
 ) -> None:
     """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
     MAPE, RMSE and shares within 20 % and 30 %, per model, strategy and step, side by side on the same
@@ -478,7 +481,7 @@ def evaluate(
             fc = batch_evaluate(ms, inds, max_step=max_step, backend=backend,  # type: ignore[arg-type]
                                 scheduler=scheduler, workers=workers, chunk_size=chunk_size, progress=callback,
                                 problems=problems, notices=notices, strategies=strats, combine=ways)
-        summary = summarise(fc, bootstrap=bootstrap)
+        summary = summarise(fc, bootstrap=bootstrap, by_period=by_time)
         _echo_notices(notices)
         for msg in problems:
             typer.echo(f"skipped: {msg}", err=True)
@@ -491,8 +494,8 @@ def evaluate(
 
             plot.write_text(plot_svg(fc), encoding="utf-8")
         if out is not None:
-            write_csv(out, ["MODEL", "STRATEGY", "ID", "STEP", "ROW", "DV", "PRED", "PE", "WEIGHTS"],
-                      ([f.model, f.strategy, _id(f.id), f.step, f.row, f.observed, f.predicted, f.error,
+            write_csv(out, ["MODEL", "STRATEGY", "ID", "STEP", "ROW", "DAY", "DV", "PRED", "PE", "WEIGHTS"],
+                      ([f.model, f.strategy, _id(f.id), f.step, f.row, f.day, f.observed, f.predicted, f.error,
                         " ".join(f"{m}={w:.3f}" for m, w in f.weights)] for f in fc))
         if as_json:
             from dataclasses import asdict
@@ -506,11 +509,13 @@ def evaluate(
             return f"{value:6.1f} [{lo:5.1f}, {hi:5.1f}]"
 
         width = 8 if bootstrap == 0 else 22
-        typer.echo(f"{'model':<36} {'strategy':<16} {'step':>5} {'n':>6} {'bias %':>{width}} {'MAPE %':>{width}} "
+        typer.echo(f"{'model':<36} {'strategy':<16} {'step':>12} {'n':>6} {'bias %':>{width}} {'MAPE %':>{width}} "
                    f"{'RMSE %':>8} {'±20 %':>{width}} {'±30 %':>7}")
         for s in summary:
             step = "all" if s.step is None else str(s.step)
-            typer.echo(f"{s.model:<36} {s.strategy:<16} {step:>5} {s.n:>6} {cell(s, 'median_pe', s.median_pe)} "
+            if s.period is not None:
+                step = f"{s.period[5:]}d " + ("a priori" if s.step == 0 else "k>=1")
+            typer.echo(f"{s.model:<36} {s.strategy:<16} {step:>12} {s.n:>6} {cell(s, 'median_pe', s.median_pe)} "
                        f"{cell(s, 'mape', s.mape)} {s.rmse:8.1f} {cell(s, 'within_20', s.within_20)} "
                        f"{s.within_30:7.1f}")
         if bootstrap:

@@ -44,6 +44,8 @@ class Forecast:
     strategy: str = "map"
     #: combined forecasts ("average", "select"): each model's weight for this patient at this step
     weights: tuple[tuple[str, float], ...] = ()
+    #: days since transplantation at the forecast level (:func:`days_since_transplant`)
+    day: float = float("nan")
 
     @property
     def error(self) -> float:
@@ -64,6 +66,35 @@ class Summary:
     patients: int = 0
     #: 95 % bootstrap intervals by patient (None without a bootstrap): (low, high) for each metric
     ci: dict[str, tuple[float, float]] | None = None
+    #: a period since transplantation ("days 0-7", ...): this summary is of the forecasts in it (None: all); with a
+    #: period, step None means the Bayesian forecasts (k >= 1) and step 0 the a-priori ones
+    period: str | None = None
+
+
+#: the periods since transplantation forecasts are summarised by, in days [from, to)
+PERIODS: tuple[tuple[float, float], ...] = ((0, 7), (7, 14), (14, 30), (30, 90), (90, 365), (365, float("inf")))
+
+
+def _period(day: float) -> str | None:
+    for lo, hi in PERIODS:
+        if lo <= day < hi:
+            return f"days {lo:g}-{hi:g}" if np.isfinite(hi) else f"days {lo:g}+"
+    return None
+
+
+def days_since_transplant(ind: Individual, record: int) -> float:
+    """Days since transplantation at ``record``: the data's ``POD`` (post-operative day) or ``TSFT`` (days since
+    transplantation) column when there is one (one value for every record of the individual: a baseline value,
+    counted on by TIME from the first record), else TIME (hours) / 24 -- the data's time origin taken as the
+    day of transplantation (a centre's data set usually counts from it)."""
+    for name in ("POD", "TSFT"):
+        col = ind.covariates.get(name)
+        if col is not None and np.isfinite(col[record]):
+            finite = col[np.isfinite(col)]
+            if np.ptp(finite) == 0 and np.ptp(ind.time) > 0:  # a baseline value: counted on from the first record
+                return float(col[record]) + float(ind.time[record] - ind.time[0]) / 24.0
+            return float(col[record])
+    return float(ind.time[record]) / 24.0
 
 
 def _hide_after(ind: Individual, keep: int) -> Individual:
@@ -145,7 +176,8 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
                     preds[a, b] = pred
                     crit[a, b] = 0.0 if k == 0 else (laplace_criterion(model, r, ind) if combine else np.nan)
                     per_model.setdefault((published.id, strat.name), []).append(Forecast(
-                        published.id, float(ind.id), k, int(ind.rows[target]), dv, float(pred), strat.name))
+                        published.id, float(ind.id), k, int(ind.rows[target]), dv, float(pred), strat.name,
+                        day=days_since_transplant(ind, target)))
             for b, (j, ind) in enumerate(zip(who, trimmed, strict=True)):
                 if not combine:
                     break
@@ -160,7 +192,7 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
                     value = float(np.sum(w[ok] * preds[ok, b])) if c == "average" else float(
                         preds[int(np.argmax(w)), b])
                     combined.append(Forecast(c, float(ind.id), k, int(ind.rows[target]), dv, value, strat.name,
-                                             weights))
+                                             weights, days_since_transplant(ind, target)))
     for m in models:
         for strat in strategies:
             out += sorted(per_model.get((m.id, strat.name), []), key=lambda f: f.step)
@@ -215,8 +247,9 @@ def _metrics(pe: NDArray[np.float64]) -> dict[str, float]:
 
 
 def summarise(forecasts: Sequence[Forecast], *, by_step: bool = True, bootstrap: int = 0,
-              seed: int = 0) -> list[Summary]:
-    """Summaries per model and strategy (all steps), and per step when ``by_step``; with ``bootstrap`` > 0, 95 %
+              seed: int = 0, by_period: bool = False) -> list[Summary]:
+    """Summaries per model and strategy (all steps), and per step when ``by_step``, and per period since
+    transplantation (:data:`PERIODS`; Bayesian and a priori apart) when ``by_period``; with ``bootstrap`` > 0, 95 %
     percentile intervals of every metric from that many resamples of the patients (with replacement; each
     resampled patient brings all its forecasts of the group)."""
     out: list[Summary] = []
@@ -225,10 +258,18 @@ def summarise(forecasts: Sequence[Forecast], *, by_step: bool = True, bootstrap:
     for model in sorted({f.model for f in forecasts}):
         for strat in sorted({f.strategy for f in forecasts if f.model == model}, key=order.__getitem__):
             fm = [f for f in forecasts if f.model == model and f.strategy == strat]
-            groups: list[tuple[int | None, list[Forecast]]] = [(None, fm)]
+            groups: list[tuple[int | None, str | None, list[Forecast]]] = [(None, None, fm)]
             if by_step:
-                groups += [(k, [f for f in fm if f.step == k]) for k in sorted({f.step for f in fm})]
-            for k, fs in groups:
+                groups += [(k, None, [f for f in fm if f.step == k]) for k in sorted({f.step for f in fm})]
+            if by_period:
+                labels = [_period(f.day) for f in fm]
+                for lo, _hi in PERIODS:
+                    label = _period(lo)
+                    part = [f for f, x in zip(fm, labels, strict=True) if x == label]
+                    bayes, prior = [f for f in part if f.step > 0], [f for f in part if f.step == 0]
+                    groups += [(None, label, bayes)] if bayes else []
+                    groups += [(0, label, prior)] if prior else []
+            for k, period, fs in groups:
                 pe: NDArray[np.float64] = np.array([f.error for f in fs]) * 100.0
                 ids = np.array([f.id for f in fs])
                 patients = np.unique(ids)
@@ -245,7 +286,7 @@ def summarise(forecasts: Sequence[Forecast], *, by_step: bool = True, bootstrap:
                     ci = {key: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
                           for key, v in draws.items()}
                 out.append(Summary(model, k, len(fs), m["median_pe"], m["mape"], m["rmse"], m["within_20"], strat,
-                                   m["within_30"], int(patients.size), ci))
+                                   m["within_30"], int(patients.size), ci, period))
     return out
 
 
