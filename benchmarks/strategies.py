@@ -18,6 +18,13 @@ Prints, per cohort and strategy, the Bayesian forecasts' (steps 1-7) median PE, 
 each with its 95 % bootstrap interval by patient, and the paired difference in absolute error against ``map``
 (median over patients of each patient's mean |PE| difference; negative: the strategy is better) with its interval.
 Limited by the MAP fits of the IOV model with eight occasions (about 0.4 s each, issue 14).
+
+Measured 2026-12-03 (``python benchmarks/strategies.py 20 1 COHORT``; median PE / MAPE / % within ±20 %; paired
+mean change of |PE| against map, 95 % interval): as published map -9.0/17.3/60.7, post -5.6/14.9/63.6
+(-0.5 [-1.4, +0.4]), log -5.3/15.9/64.3 (-0.4 [-1.0, +0.1]); omega x4 map -15.2/20.0/50.7, flat:4
+-10.5/17.5/57.9 (-2.0 [-3.6, -0.4]), flat:4+post -5.0/14.8/60.7 (-2.8 [-5.1, -0.5]); drift map -13.2/18.7/52.9,
+post -9.4/18.4/55.7 (-0.9 [-1.6, -0.3]), forget:7 and forget:14 no better (+0.1 to +0.3); realistic: none
+clearly better than map (-11.3/21.7/46.4).
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ def test_model_averaging_and_selection_in_the_evaluation() -> None:
         assert f.predicted == single[(best, f.id, f.step)]
     # the weight at step k is the Laplace marginal likelihood of levels 1..k
     ind = _hide_after(inds[0], 1)
-    crit = [laplace_criterion(m, fit_map(m, [ind])[0], ind) for m in ms]
+    crit = [laplace_criterion(m, fit_map(m, [ind])[0]) for m in ms]
     w = np.exp(-0.5 * (np.array(crit) - min(crit)))
     got = next(f for f in avg if f.id == inds[0].id and f.step == 1)
     assert dict(got.weights)[ms[0].id] == pytest.approx(w[0] / w.sum(), rel=1e-9)
@@ -234,7 +234,7 @@ def test_the_criterion_compares_models_fitted_on_different_scales() -> None:
     m = resolve_model("woillard2011_tac_prograf_advagraf")
     ind = _hide_after(read_nonmem_csv(EXAMPLE).individuals()[0], 2)
     lm = strategy("log").apply(m)
-    nat, log = (laplace_criterion(x, fit_map(x, [ind])[0], ind) for x in (m, lm))
+    nat, log = (laplace_criterion(x, fit_map(x, [ind])[0]) for x in (m, lm))
     dv = ind.covariates["DV"][(ind.evid == 0) & (ind.mdv == 0)]
     assert 2 * np.log(dv).sum() > 8.0 and abs(nat - log) < 1.0
 

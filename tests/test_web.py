@@ -781,6 +781,7 @@ def test_the_clinician_chooses_the_fitting_strategy_on_the_page_and_in_the_api(
     assert len(store.chart(SYSTEM, kid).assessments) == n
     page = c.get(f"/patients/{kid}").text
     assert 'name="strategy"' in page and 'value="log+forget:14"' in page
+    assert '<option value="log+forget:14" selected>' in page  # the newest assessment's strategy, kept
     assert "fit: levels fitted on the log scale" in page  # the stored assessment says how it was fitted
     r = c.post(f"/patients/{kid}/assess", data={"csrf": token, "strategy": "log+forget:14"})
     assert r.status_code == 303 and r.headers["location"] == f"/patients/{kid}#assessment-{body['id']}"

@@ -457,7 +457,7 @@ def evaluate(
         import numpy as np
 
         from cnidose.cohort import batch_evaluate
-        from cnidose.dosing.evaluate import STRATEGY_HELP, strategy, summarise
+        from cnidose.dosing.evaluate import STRATEGY_HELP, check_combine, strategy, summarise
 
         ms = [_resolve(x.strip(), dose_values) for x in models.split(",") if x.strip()]
         strats = list({s.name: s for s in (strategy(x) for x in strategies.split(",") if x.strip())}.values())
@@ -466,11 +466,7 @@ def evaluate(
         if not 0 <= bootstrap <= 100_000:
             raise InputError(f"--bootstrap must be 0-100000, got {bootstrap}")
         ways = tuple(x.strip() for x in combine.split(",") if x.strip())
-        for w in ways:
-            if w not in ("average", "select"):
-                raise InputError(f"--combine: unknown {w!r} (known: average, select)")
-        if ways and len(ms) < 2:
-            raise InputError("--combine needs two or more models (-m a,b)")
+        check_combine(ways, len(ms))
         inds = read_nonmem_csv(data).individuals()
         for m in ms:
             check_doses(m, inds)
@@ -520,11 +516,12 @@ def evaluate(
                        f"{s.within_30:7.1f}")
         if bootstrap:
             typer.echo(f"[95 % intervals: {bootstrap} bootstrap resamples of the patients]", err=True)
-        bayes = [f for f in fc if f.weights and f.step > 0 and f.model == ways[0]] if ways else []
-        if bayes:
-            mean = {m.id: float(np.mean([dict(f.weights)[m.id] for f in bayes])) for m in ms}
-            typer.echo("model weights (mean over the Bayesian forecasts): "
-                       + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()), err=True)
+        for strat in strats if ways else []:
+            bayes = [f for f in fc if f.step > 0 and f.model == ways[0] and f.strategy == strat.name]
+            if bayes:
+                mean = {m.id: float(np.mean([dict(f.weights)[m.id] for f in bayes])) for m in ms}
+                typer.echo(f"model weights, {strat.name} (mean over the Bayesian forecasts): "
+                           + ", ".join(f"{k} {v:.2f}" for k, v in mean.items()), err=True)
         typer.echo(f"{len(fc)} forecasts", err=True)
 
     _run(work)

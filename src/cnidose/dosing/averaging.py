@@ -21,7 +21,6 @@ from cnidose.dosing.regimen import Recommendation, candidate_doses, choose, reco
 from cnidose.errors import InputError
 from cnidose.estimation import fit_map
 from cnidose.estimation.map import MapResult
-from cnidose.estimation.observations import observation_data
 from cnidose.models.model import Model
 from cnidose.pk.events import Individual
 
@@ -37,7 +36,7 @@ class ModelWeight:
     message: str = ""
 
 
-def laplace_criterion(model: Model, result: MapResult, individual: Individual) -> float:
+def laplace_criterion(model: Model, result: MapResult) -> float:
     """``-2 ln`` of the patient's marginal likelihood under ``model`` by the Laplace approximation (module
     docstring), on the natural scale of the levels whatever scale the model fits them on (a level fitted on the
     log scale adds its Jacobian ``2 ln y``), so that models fitted differently compare. NaN without a fit.
@@ -51,9 +50,7 @@ def laplace_criterion(model: Model, result: MapResult, individual: Individual) -
     est = np.flatnonzero(np.diag(model.omega) > 0)
     _, logdet_omega = np.linalg.slogdet(model.omega[np.ix_(est, est)])
     _, logdet_post = np.linalg.slogdet(result.covariance[: est.size, : est.size])
-    obs = observation_data(model, model.prepare(individual))
-    jac = 2.0 * float(np.sum(obs.y[obs.log & ~obs.blq]))  # y is ln(level) there
-    return float(result.ofv + logdet_omega - logdet_post + jac)
+    return float(result.ofv + logdet_omega - logdet_post + 2.0 * result.log_levels)
 
 
 def weights_from(criteria: Sequence[float] | NDArray[np.float64],
@@ -73,7 +70,7 @@ def model_weights(models: Sequence[Model], individual: Individual) -> list[Model
     crit, info = [], []
     for m in models:
         r = fit_map(m, [individual])[0]
-        crit.append(laplace_criterion(m, r, individual))
+        crit.append(laplace_criterion(m, r))
         if not np.isfinite(crit[-1]):
             info.append((m.ref, r.status, r.message or "no levels to weigh the model by"))
         else:

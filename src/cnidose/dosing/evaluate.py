@@ -29,8 +29,19 @@ from cnidose.estimation.posterior import sample_posterior
 from cnidose.models.model import Model, Notice
 from cnidose.pk.events import Individual, split_individuals
 
-__all__ = ["COMBINE_HELP", "STRATEGY_HELP", "Forecast", "Strategy", "Summary", "evaluate", "plot_svg", "strategy",
-           "summarise"]
+__all__ = [
+    "COMBINE",
+    "STRATEGY_HELP",
+    "Forecast",
+    "Strategy",
+    "Summary",
+    "check_combine",
+    "days_since_transplant",
+    "evaluate",
+    "plot_svg",
+    "strategy",
+    "summarise",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +124,16 @@ def _hide_after(ind: Individual, keep: int) -> Individual:
 #: about 1 % of the level for a posterior SD of 15 % and an effective sample size of 300
 POSTERIOR_DRAWS = 300
 
-COMBINE_HELP = ("average (weighted mean of the models' forecasts, weights from each model's marginal likelihood "
-                "of the patient's levels so far), select (the model of largest weight)")
+COMBINE = ("average", "select")
+
+
+def check_combine(ways: Sequence[str], n_models: int) -> None:
+    """InputError unless every way is one of COMBINE and there are models to combine."""
+    for c in ways:
+        if c not in COMBINE:
+            raise InputError(f"unknown way to combine models {c!r} (known: {', '.join(COMBINE)})")
+    if ways and n_models < 2:
+        raise InputError("average and select combine two models or more: give two or more models (-m a,b)")
 
 
 def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_step: int | None = None,
@@ -136,11 +155,7 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
     """
     from cnidose.dosing.averaging import laplace_criterion, weights_from
 
-    for c in combine:
-        if c not in ("average", "select"):
-            raise InputError(f"unknown way to combine models {c!r} (known: average, select)")
-    if combine and len(models) < 2:
-        raise InputError("combining models (average, select) needs at least two models")
+    check_combine(combine, len(models))
     out: list[Forecast] = []
     seen_problem: set[tuple[str, float]] = set()
     obs_idx = [np.flatnonzero((i.evid == 0) & (i.mdv == 0) & ~(np.nan_to_num(i.covariates.get(
@@ -174,7 +189,7 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
                     if not (dv > 0 and np.isfinite(pred)):
                         continue
                     preds[a, b] = pred
-                    crit[a, b] = 0.0 if k == 0 else (laplace_criterion(model, r, ind) if combine else np.nan)
+                    crit[a, b] = 0.0 if k == 0 else (laplace_criterion(model, r) if combine else np.nan)
                     per_model.setdefault((published.id, strat.name), []).append(Forecast(
                         published.id, float(ind.id), k, int(ind.rows[target]), dv, float(pred), strat.name,
                         day=days_since_transplant(ind, target)))
@@ -205,39 +220,24 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
 def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArray[np.int64], k: int) -> float:
     """The fit's prediction of level k (record ``obs[k]``); NaN when it cannot be computed."""
     target = int(obs[k])
-    eta = r.eta[None]
-    kap = None
-    if model.iov is not None and r.kappa is not None:
-        kappa = np.array(r.kappa, dtype=np.float64)
-        if strat.occasion == "last" and k > 0:
-            occ = model.prepare(ind).occasion
-            seen = occ[obs[:k]]
-            later = occ[target]
-            if later not in seen:  # a new occasion: the last seen occasion's effect carried forward
-                kappa[later] = kappa[seen[-1]]
-        kap = kappa[None]
+    carry = None  # occ-last: (the last seen occasion, the new occasion of level k)
+    if model.iov is not None and r.kappa is not None and strat.occasion == "last" and k > 0:
+        occ = model.prepare(ind).occasion
+        if occ[target] not in occ[obs[:k]]:
+            carry = (int(occ[obs[k - 1]]), int(occ[target]))
     try:
         if strat.forecast == "posterior" and r.status != "prior-only":
             post = sample_posterior(model, ind, n_draws=POSTERIOR_DRAWS, seed=0, map_result=r)
-            draws = post.predict(ind, seed=0)[:, target]
-            if strat.occasion == "last" and kap is not None:  # the carried effect in every draw
-                draws = _with_carried(model, post, ind, obs, k)
-            return float(np.median(draws))
-        return float(model.simulate(ind, eta, kappas=kap).prediction[0, target])
+            return float(np.median(post.predict(ind, seed=0, carry=carry)[:, target]))
+        kap = None
+        if model.iov is not None and r.kappa is not None:
+            kap = np.array(r.kappa, dtype=np.float64)
+            if carry is not None:
+                kap[carry[1]] = kap[carry[0]]
+            kap = kap[None]
+        return float(model.simulate(ind, r.eta[None], kappas=kap).prediction[0, target])
     except (CnidoseError, ValueError):  # a forecast that cannot be computed is skipped, not fatal
         return float("nan")
-
-
-def _with_carried(model: Model, post: Any, ind: Individual, obs: NDArray[np.int64], k: int) -> NDArray[np.float64]:
-    """Posterior predictions of level k with each draw's effect of the last seen occasion carried to level k's."""
-    occ = model.prepare(ind).occasion
-    seen, later = occ[obs[:k]], int(occ[obs[k]])
-    n_eta, n_k = len(model.iiv), len(model.iov) if model.iov is not None else 0
-    kappa = post.draws[:, n_eta:].reshape(post.draws.shape[0], post.n_occasions, n_k).copy()
-    if later not in seen and k > 0:
-        kappa[:, later] = kappa[:, int(seen[-1])]
-    out: NDArray[np.float64] = model.simulate(ind, post.draws[:, :n_eta], kappas=kappa).prediction[:, int(obs[k])]
-    return out
 
 
 def _metrics(pe: NDArray[np.float64]) -> dict[str, float]:

@@ -238,6 +238,8 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
     if not tau > 0:
         raise InputError(f"the dosing interval must be positive, got {tau:g} h")
     aim = _aim(choice, aim, target)
+    if occasion not in ("prior", "last"):
+        raise InputError(f"occasion is prior or last, got {occasion!r}")
     met = metric or target.metric
     if met != target.metric:
         raise InputError(f"the target is a {target.metric} range; asked to optimise {met}")
@@ -265,8 +267,6 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
         warnings.append(f"the posterior was sampled by MCMC (SIR degenerated); effective sample size {post.ess:.0f}")
     eta = post.eta
     kappa = None
-    if occasion not in ("prior", "last"):
-        raise InputError(f"occasion is prior or last, got {occasion!r}")
     if model.iov is not None:
         nk = len(model.iov)
         observed = np.flatnonzero((individual.evid == 0) & (individual.mdv == 0))

@@ -72,6 +72,9 @@ class MapResult:
     n_blq: int = 0
     starts: int = 1
     model: str = ""
+    #: Σ ln(level) over the levels fitted on the log scale (BLQ excluded): the Jacobian 2·log_levels turns the
+    #: objective into -2 ln of the levels' density on their natural scale, comparable between models
+    log_levels: float = 0.0
 
 
 @dataclass(slots=True)
@@ -687,7 +690,7 @@ def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: Cov
                 covariance=cov_all[k], covariance_method=covariance, names=g.names, iterations=iters,
                 ipred=f_est[lo:hi], pred=f_typ[lo:hi], obs_records=m.obs.rec, notices=m.notices,
                 n_observations=int(hi - lo), n_blq=int(m.obs.blq.sum()), starts=1 + (n_restart > 0),
-                model=model.ref)
+                model=model.ref, log_levels=float(np.sum(m.obs.y[m.obs.log & ~m.obs.blq])))
             done += 1
             if progress is not None:
                 progress(done, total)

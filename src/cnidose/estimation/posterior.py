@@ -54,13 +54,14 @@ class Posterior:
         return self.draws[:, : len(self.model.iiv)]
 
     def predict(self, individual: Individual | None = None, *, seed: int | None = 0,
-                residual: bool = False) -> FloatArray:
+                residual: bool = False, carry: tuple[int, int] | None = None) -> FloatArray:
         """Predictions of every record of ``individual`` (default: the fitted one) for every draw, (n, R).
 
         ``individual`` may add future doses and sampling times to the fitted records. With ``residual``,
         residual error is added to each prediction (a future measured level rather than the true one).
         Occasions (IOV) that the fit did not see -- after the fitted records, or among them without a level -- get
-        between-occasion effects drawn from their prior (the posterior predictive of a new occasion).
+        between-occasion effects drawn from their prior (the posterior predictive of a new occasion). ``carry``
+        ``(a, b)``: occasion ``b`` (0-based) takes each draw's effect of occasion ``a`` instead.
         """
         ind = self.individual if individual is None else individual
         model = self.model
@@ -84,6 +85,8 @@ class Posterior:
                 kappas = np.concatenate([seen, new], axis=1)
             else:
                 kappas = seen[:, : prep.n_occasions]
+            if carry is not None:
+                kappas[:, carry[1]] = kappas[:, carry[0]]
         sim = model.simulate(prep, self.draws[:, :n_eta], kappas=kappas)
         pred = sim.prediction
         if residual:
