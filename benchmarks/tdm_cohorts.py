@@ -26,6 +26,9 @@ of :func:`cohort`):
     sampling-time error: each trough drawn at the nominal time + N(0, time_sd²) h, recorded as nominal.
 ``missed``
     the probability that a dose was not taken (the chart says it was).
+``cl_scale``
+    a centre whose typical clearance differs from the published one: every patient's CL multiplied by this
+    (for ``cnidose adapt``).
 ``residual``
     ``"assay"``: a 10 % log-normal assay error (the default); ``"model"``: the model's own residual error
     (proportional, Andrews' 0.245, normal: ``Y = F (1 + e)``).
@@ -50,6 +53,7 @@ COHORTS: dict[str, dict[str, Any]] = {
     "omega-x4": {"omega_scale": 4.0},
     "drift": {"drift": 0.7},
     "model-residual": {"residual": "model"},
+    "centre-cl-0.7": {"cl_scale": 0.7},
     "realistic": {"drift": 0.7, "omega_scale": 2.0, "iov_scale": 1.5, "cyp3a5_factor": 1.3, "time_sd": 0.75,
                   "missed": 0.05},
 }
@@ -73,7 +77,7 @@ def _columns(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
 
 def cohort(model: Model, n: int, seed: int, *, drift: float | None = None, omega_scale: float = 1.0,
            iov_scale: float = 1.0, cyp3a5_factor: float = 1.0, time_sd: float = 0.0, missed: float = 0.0,
-           residual: str = "assay") -> list[Individual]:
+           residual: str = "assay", cl_scale: float = 1.0) -> list[Individual]:
     """``n`` patients' data as a chart holds it, with levels simulated from the truth (module docstring)."""
     rng = np.random.default_rng(seed)
     chol = np.linalg.cholesky(model.iiv.omega * omega_scale)
@@ -85,6 +89,7 @@ def cohort(model: Model, n: int, seed: int, *, drift: float | None = None, omega
         cov = _patient(rng)
         dose = 8.0 if cov["CYP3A5"] == 1 else 5.0
         eta = chol @ rng.standard_normal(chol.shape[0])
+        eta[cl] += np.log(cl_scale)
         if cov["CYP3A5"] == 1:
             eta[cl] += np.log(cyp3a5_factor)
         a = rng.normal(np.log(drift), 0.15) if drift is not None else 0.0

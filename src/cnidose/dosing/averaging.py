@@ -20,7 +20,7 @@ from cnidose.dosing.data import Product, Target
 from cnidose.dosing.regimen import Recommendation, candidate_doses, choose, recommend
 from cnidose.errors import InputError
 from cnidose.estimation import fit_map
-from cnidose.estimation.map import MapResult
+from cnidose.estimation.population import laplace_criterion
 from cnidose.models.model import Model
 from cnidose.pk.events import Individual
 
@@ -34,23 +34,6 @@ class ModelWeight:
     criterion: float  # L above; NaN when the model could not fit
     status: str
     message: str = ""
-
-
-def laplace_criterion(model: Model, result: MapResult) -> float:
-    """``-2 ln`` of the patient's marginal likelihood under ``model`` by the Laplace approximation (module
-    docstring), on the natural scale of the levels whatever scale the model fits them on (a level fitted on the
-    log scale adds its Jacobian ``2 ln y``), so that models fitted differently compare. NaN without a fit.
-
-    It is also the patient's own past forecasting performance: the marginal likelihood of levels 1..k is the
-    product of the one-step-ahead predictive densities of each level given the levels before it (Dawid's
-    prequential principle), so the weights favour the model that would have forecast this patient best.
-    """
-    if result.status in ("error", "prior-only") or result.covariance is None:
-        return float("nan")
-    est = np.flatnonzero(np.diag(model.omega) > 0)
-    _, logdet_omega = np.linalg.slogdet(model.omega[np.ix_(est, est)])
-    _, logdet_post = np.linalg.slogdet(result.covariance[: est.size, : est.size])
-    return float(result.ofv + logdet_omega - logdet_post + 2.0 * result.log_levels)
 
 
 def weights_from(criteria: Sequence[float] | NDArray[np.float64],

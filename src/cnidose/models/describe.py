@@ -90,5 +90,6 @@ def describe_model(model: Model) -> dict[str, Any]:
         "checks": [{"name": c.name, "kind": c.kind, "statement": c.statement, "source": c.source,
                     "expected": c.expected, "rtol": c.rtol} for c in model.checks],
         "source": model.source,
+        "adaptation": dict(model.meta["adaptation"]) if "adaptation" in model.meta else None,
     })
     return out

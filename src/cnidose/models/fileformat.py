@@ -37,10 +37,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
+import json
 import math
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -61,13 +62,16 @@ from cnidose.models.model import (
 from cnidose.models.units import Unit, UnitError, parse_unit
 from cnidose.pk.structure import Flow, LinearStructure, OdeStructure
 
-__all__ = ["load_model", "parse_model"]
+__all__ = ["load_model", "parse_model", "rewrite_model"]
 
 _TOP = {
     "format", "id", "version", "title", "drug", "formulations", "release", "route", "population", "organ",
     "age_group", "matrix", "assay", "confirmed", "confirmation", "notes", "citation", "units", "domain",
-    "structure", "parameters", "random_effects", "covariates", "pk", "observations", "checks",
+    "structure", "parameters", "random_effects", "covariates", "pk", "observations", "checks", "adaptation",
 }
+_ADAPTATION = {"parent", "parent_sha256", "data", "data_sha256", "method", "date", "software", "subjects",
+               "observations", "prior_sd", "omega_df", "omega_adapted", "iterations", "converged", "objective",
+               "objective_parent", "estimates", "not_adapted", "excluded", "warnings", "validation", "note"}
 _CITATION = {"authors", "title", "journal", "year", "doi", "url", "pmcid", "text", "note", "secondary", "tables"}
 _DOMAIN = {"description", "subjects", "observations", "age", "time_after_transplant", "note"}
 _STRUCTURE = {"kind", "compartments", "default_dose", "default_obs", "flows", "transit", "ode", "absorption"}
@@ -233,6 +237,8 @@ def parse_model(raw: bytes, *, source: str = "<string>") -> Model:
     citation = dict(ctx.keys(doc.get("citation", {}), _CITATION, "citation"))
     domain = dict(ctx.keys(doc.get("domain", {}), _DOMAIN, "domain"))
     meta["domain"] = domain
+    if "adaptation" in doc:
+        meta["adaptation"] = dict(ctx.keys(doc["adaptation"], _ADAPTATION, "adaptation", required=("parent",)))
 
     units = ctx.keys(doc["units"], {"dose", "time", "concentration"}, "units",
                      required=("dose", "time", "concentration"))
@@ -716,3 +722,134 @@ def _checks(ctx: _Ctx, items: Any, known: set[str], observations: tuple[Observat
             observation=observation,
         ))
     return tuple(out)
+
+
+# -- writing an adapted model --------------------------------------------------------------------------------------
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def _sections(lines: list[str]) -> list[str]:
+    """The table header in force at each line ('' before the first)."""
+    out, current = [], ""
+    for line in lines:
+        m = re.match(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$", line)
+        if m:
+            current = m.group(1)
+        out.append(current)
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(float(v)) if isinstance(v, float) else str(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
+def rewrite_model(text: str, *, id: str, version: str, title: str, values: Mapping[str, float],
+                  variances: Sequence[float] | None, adaptation: Mapping[str, Any],
+                  value_source: Mapping[str, str] | None = None) -> str:
+    """A new model file from ``text`` (the parent's): a new ``id``, ``version`` and ``title``; parameter values
+    replaced (``[parameters]``: ``NAME = { value = ... }`` or ``[parameters.NAME]``), each with its new
+    ``source``; the between-subject variances replaced (``variance = [...]``, correlations kept); the parent's
+    ``[[checks]]`` of values and steady-state levels left out (they check the published numbers, which this
+    model no longer holds; its ratio checks, covariate effects, are kept);
+    ``confirmed = false``; and an ``[adaptation]`` table naming the parent, the data and the fit. Comments and
+    everything else are kept. The result is parsed and its values compared with those asked for: a file whose
+    layout this cannot edit is refused, never written wrong."""
+    lines = text.splitlines()
+    where = _sections(lines)
+    # a check of a ratio (one expression at two covariate sets) still holds when typical values, which scale
+    # the expression, change; a check of a value or a steady-state level does not
+    parent_checks = tomllib.loads(text).get("checks", [])
+    keep_check = [isinstance(c, dict) and c.get("kind") == "ratio" for c in parent_checks] + [False]
+    out_checks: list[str] = []
+    out: list[str] = []
+    done: set[str] = set()
+    skip_check = False
+    seen_re = False
+    for line, sec in zip(lines, where, strict=True):
+        header = re.match(r"\s*\[", line) is not None
+        if header:
+            skip_check = re.match(r"\s*\[\[\s*checks\s*\]\]", line) is not None and \
+                not keep_check[len(out_checks)]
+            if re.match(r"\s*\[\[\s*checks\s*\]\]", line):
+                out_checks.append(line)
+        if skip_check:
+            continue
+        if sec == "" and not header:
+            m = re.match(r"(\s*)(id|version|title|confirmed|confirmation)(\s*=\s*)(.*)$", line)
+            if m:
+                key = m.group(2)
+                new = {"id": id, "version": version, "title": title, "confirmed": False,
+                       "confirmation": f"adapted from {adaptation.get('parent', '')} by cnidose adapt (see "
+                                       "[adaptation]); the structure and covariate effects are the parent's"}[key]
+                out.append(f"{m.group(1)}{key}{m.group(3)}{_toml_value(new)}")
+                done.add(key)
+                continue
+        if not header and (sec == "parameters" or sec.startswith("parameters.")):
+            name = sec.split(".", 1)[1].strip() if sec.startswith("parameters.") else None
+            m = re.match(r"(\s*)([A-Za-z_][A-Za-z0-9_]*)(\s*=\s*)(.*)$", line)
+            if m and name is None and m.group(2) in values:
+                name = m.group(2)
+                body = m.group(4)
+                new_value = repr(float(values[name]))
+                body, k = re.subn(r"(\bvalue\s*=\s*)" + _NUMBER, lambda mm, v=new_value: mm.group(1) + v,  # type: ignore[misc]
+                                  body, count=1)
+                if value_source and name in value_source:
+                    new_source = json.dumps(value_source[name])
+                    body, _ = re.subn(r'(\bsource\s*=\s*)"(?:[^"\\]|\\.)*"',
+                                      lambda mm, v=new_source: mm.group(1) + v, body, count=1)  # type: ignore[misc]
+                if k:
+                    done.add("param:" + name)
+                out.append(f"{m.group(1)}{m.group(2)}{m.group(3)}{body}")
+                continue
+            if m and name is not None and name in values and m.group(2) in ("value", "source"):
+                if m.group(2) == "value":
+                    out.append(f"{m.group(1)}value{m.group(3)}{float(values[name])!r}")
+                    done.add("param:" + name)
+                elif value_source and name in value_source:
+                    out.append(f"{m.group(1)}source{m.group(3)}{json.dumps(value_source[name])}")
+                else:
+                    out.append(line)
+                continue
+        if variances is not None and sec == "random_effects" and not header:
+            m = re.match(r"(\s*)(cv_percent|sd|variance|cv_conversion)(\s*=\s*)", line)
+            if m:
+                if not seen_re and m.group(2) != "cv_conversion":
+                    out.append(f"{m.group(1)}variance{m.group(3)}{_toml_value([float(v) for v in variances])}")
+                    seen_re = True
+                    done.add("variances")
+                continue  # the published form and its conversion go: the file now holds variances
+        out.append(line)
+    missing = [k for k in ("id", "version", "title") if k not in done]
+    missing += [n for n in values if "param:" + n not in done]
+    if variances is not None and "variances" not in done:
+        missing.append("random_effects variances (one line: variance = [...] or cv_percent = [...])")
+    if missing:
+        raise ModelFileError("cannot rewrite this model file's " + ", ".join(missing) +
+                             " (keep each on one line as the library's files do)")
+    body = "\n".join(out).rstrip("\n")
+    if "confirmed" not in done:
+        body = re.sub(r"^(title\s*=.*)$", r"\1\nconfirmed = false", body, count=1, flags=re.M)
+    table = ["", "", "# How this model was obtained from its parent (written by cnidose adapt).", "[adaptation]"]
+    table += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in adaptation.items()]
+    new = body + "\n".join(table) + "\n"
+    model = parse_model(new.encode("utf-8"), source="<adapted>")
+    for n, v in values.items():
+        if not math.isclose(model.parameters[n].value, float(v), rel_tol=1e-12):
+            raise ModelFileError(f"rewriting {n} failed (the file's layout)")
+    if variances is not None and not np.allclose(np.diag(model.iiv.omega), variances, rtol=1e-12, atol=0):
+        raise ModelFileError("rewriting the random-effect variances failed (the file's layout)")
+    return new
