@@ -363,3 +363,34 @@ def test_evaluation_by_time_since_transplant() -> None:
     periods = [(x.period, x.step, x.n) for x in s if x.period is not None]
     assert periods == [("days 7-14", None, 3), ("days 7-14", 0, 2)]  # Bayesian and a priori apart
     assert sum(x.n for x in s if x.period is None) == len(fc)
+
+
+def test_plot_by_time_since_transplant(tmp_path: Path) -> None:
+    """The SVG of bias by period: one polyline per model and strategy across the periods it has, a priori
+    forecasts hollow, and it parses as XML."""
+    import xml.etree.ElementTree as ET
+
+    from typer.testing import CliRunner
+
+    from cnidose.cli import app
+    from cnidose.dosing.evaluate import Forecast, plot_by_time_svg
+
+    fc = [Forecast("m<1>", 1.0, step, 0, 10.0, 10.0 * (1 + pe), "map", (), day)
+          for step, pe, day in ((0, 0.3, 3.0), (1, 0.1, 5.0), (2, -0.1, 10.0), (3, 0.05, 20.0))]
+    fc += [Forecast("m<1>", 2.0, 1, 0, 10.0, 12.0, "post", (), 10.0), Forecast("m<1>", 2.0, 2, 0, 10.0, 11.0,
+                                                                          "post", (), 40.0)]
+    svg = plot_by_time_svg(fc)
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    assert len(root.findall(f"{ns}polyline")) == 2  # one line per (model, strategy) with two periods or more
+    labels = [t.text for t in root.findall(f"{ns}text")]
+    assert {"0-7", "7-14", "14-30", "30-90"} <= set(labels) and "90-365" not in labels
+    assert "m&lt;1&gt; (map)" in svg  # names are escaped
+    hollow = [c for c in root.findall(f"{ns}circle") if c.get("fill") == "none"]
+    assert len(hollow) == 1 and "a priori median PE +30.0 %" in hollow[0].findtext(f"{ns}title", "")
+    # through the CLI
+    out = tmp_path / "time.svg"
+    res = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", str(EXAMPLE),
+                                   "--plot-time", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    ET.fromstring(out.read_text())

@@ -425,6 +425,9 @@ def evaluate(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="every forecast, as CSV")] = None,
     max_step: Annotated[int | None, typer.Option(help="forecast at most this many steps ahead")] = None,
     plot: Annotated[Path | None, typer.Option(help="forecast against observed, as an SVG file")] = None,
+    plot_time: Annotated[Path | None, typer.Option(help=(
+        "median prediction error by days since transplantation, per model and strategy, as an SVG file"))]
+    = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar on standard error")] = True,
     backend: BackendOpt = "serial",
@@ -489,6 +492,10 @@ def evaluate(
             from cnidose.dosing.evaluate import plot_svg
 
             plot.write_text(plot_svg(fc), encoding="utf-8")
+        if plot_time is not None:
+            from cnidose.dosing.evaluate import plot_by_time_svg
+
+            plot_time.write_text(plot_by_time_svg(fc), encoding="utf-8")
         if out is not None:
             write_csv(out, ["MODEL", "STRATEGY", "ID", "STEP", "ROW", "DAY", "DV", "PRED", "PE", "WEIGHTS"],
                       ([f.model, f.strategy, _id(f.id), f.step, f.row, f.day, f.observed, f.predicted, f.error,

@@ -321,3 +321,73 @@ def plot_svg(forecasts: Sequence[Forecast], *, size: int = 420) -> str:
                  'text-anchor="middle">forecast (log scale)</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def plot_by_time_svg(forecasts: Sequence[Forecast], *, width: int = 560, height: int = 360) -> str:
+    """Bias by time since transplantation as SVG: for each model and strategy, the median prediction error of
+    its Bayesian forecasts in each period of :data:`PERIODS` (points joined by a line, the interquartile range as
+    a whisker, the count below), a priori forecasts as hollow points, the ±20 % band dashed. Periods without
+    a forecast are left out; errors beyond -60/+60 % are drawn at the edge."""
+    import html
+
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    labelled = [(f, _period(f.day)) for f in forecasts]
+    periods = [p for p in (_period(lo) for lo, _ in PERIODS) if p is not None and any(x == p for _, x in labelled)]
+    series = list(dict.fromkeys((f.model, f.strategy) for f in forecasts))
+    pad_l, pad_r, pad_t, pad_b = 56, 16, 24 + 13 * len(series), 44
+    plot_w, plot_h = width - pad_l - pad_r, max(height - pad_t - pad_b, 120)
+    height = plot_h + pad_t + pad_b
+    lim = 60.0
+
+    def y_of(pe: float) -> float:
+        return pad_t + (lim - float(np.clip(pe, -lim, lim))) / (2 * lim) * plot_h
+
+    def x_of(k: int, j: float) -> float:
+        step = plot_w / max(len(periods), 1)
+        return pad_l + step * (k + 0.5) + (j - (len(series) - 1) / 2) * min(10.0, step / (2 * len(series) + 1))
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for pe, dash in ((0.0, ""), (20.0, ' stroke-dasharray="4 3"'), (-20.0, ' stroke-dasharray="4 3"')):
+        parts.append(f'<line x1="{pad_l}" y1="{y_of(pe):.1f}" x2="{width - pad_r}" y2="{y_of(pe):.1f}" '
+                     f'stroke="#888"{dash}/>')
+    for pe in (-60, -40, -20, 0, 20, 40, 60):
+        parts.append(f'<text x="{pad_l - 6}" y="{y_of(pe) + 4:.1f}" text-anchor="end">{pe:+d}</text>')
+    for k, p in enumerate(periods):
+        parts.append(f'<text x="{x_of(k, (len(series) - 1) / 2):.1f}" y="{pad_t + plot_h + 16}" '
+                     f'text-anchor="middle">{html.escape(p[5:])}</text>')
+    for j, (model, strat) in enumerate(series):
+        c = colours[j % len(colours)]
+        points = []
+        for k, p in enumerate(periods):
+            bayes = np.array([f.error for f, x in labelled if x == p and f.model == model and f.strategy == strat
+                              and f.step > 0]) * 100.0
+            prior = np.array([f.error for f, x in labelled if x == p and f.model == model and f.strategy == strat
+                              and f.step == 0]) * 100.0
+            x = x_of(k, j)
+            if bayes.size:
+                q1, med, q3 = np.percentile(bayes, [25, 50, 75])
+                points.append((x, y_of(med)))
+                parts.append(f'<line x1="{x:.1f}" y1="{y_of(q1):.1f}" x2="{x:.1f}" y2="{y_of(q3):.1f}" stroke="{c}"/>')
+                parts.append(f'<circle cx="{x:.1f}" cy="{y_of(med):.1f}" r="3.5" fill="{c}"><title>'
+                             f'{html.escape(model)} {html.escape(strat)}, {html.escape(p)}: median PE {med:+.1f} %, '
+                             f'n {bayes.size}</title></circle>')
+                if j == 0:
+                    parts.append(f'<text x="{x:.1f}" y="{pad_t + plot_h + 30}" text-anchor="middle" '
+                                 f'font-size="9" fill="{c}">{bayes.size}</text>')
+            if prior.size:
+                med0 = float(np.median(prior))
+                parts.append(f'<circle cx="{x:.1f}" cy="{y_of(med0):.1f}" r="3.5" fill="none" stroke="{c}"><title>'
+                             f'{html.escape(model)}, {html.escape(p)}: a priori median PE {med0:+.1f} %, '
+                             f'n {prior.size}</title></circle>')
+        if len(points) > 1:
+            parts.append('<polyline fill="none" stroke="' + c + '" points="' +
+                         " ".join(f"{x:.1f},{y:.1f}" for x, y in points) + '"/>')
+        parts.append(f'<text x="{pad_l}" y="{16 + 13 * j}" fill="{c}">{html.escape(model)} ({html.escape(strat)})'
+                     "</text>")
+    parts.append(f'<text x="{pad_l + plot_w / 2:.0f}" y="{height - 4}" text-anchor="middle">days since '
+                 "transplantation (count of Bayesian forecasts of the first series below)</text>")
+    parts.append(f'<text x="14" y="{pad_t + plot_h / 2:.0f}" transform="rotate(-90 14 {pad_t + plot_h / 2:.0f})" '
+                 'text-anchor="middle">median prediction error, % (IQR)</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
