@@ -171,6 +171,10 @@ def test_rewrite_model_names_parent_data_and_fit_and_keeps_the_rest() -> None:
     with pytest.raises(ModelFileError, match="cannot rewrite"):
         rewrite_model(text, id="x", version="1", title="x", values={"NOT_THERE": 1.0}, variances=None,
                       adaptation=record)
+    multi = text.replace("cv_percent = [38.6, 49.2, 53.0, 78.7]", "cv_percent = [\n  38.6, 49.2,\n  53.0, 78.7]")
+    with pytest.raises(ModelFileError, match="cannot rewrite this model file's layout"):
+        rewrite_model(multi, id="x", version="1", title="x", values={}, variances=[0.1, 0.2, 0.3, 0.4],
+                      adaptation=record)
     # a parameter written as its own table is edited too
     table = text.replace('TVQ = { value = 11.6, unit = "L/h", description = "Q/F", source = "Table 2" }\n', '')
     table = table.replace("[random_effects]\n", '[parameters.TVQ]\nvalue = 11.6\nunit = "L/h"\nsource = "Table 2"\n\n'

@@ -846,7 +846,11 @@ def rewrite_model(text: str, *, id: str, version: str, title: str, values: Mappi
     table = ["", "", "# How this model was obtained from its parent (written by cnidose adapt).", "[adaptation]"]
     table += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in adaptation.items()]
     new = body + "\n".join(table) + "\n"
-    model = parse_model(new.encode("utf-8"), source="<adapted>")
+    try:
+        model = parse_model(new.encode("utf-8"), source="<adapted>")
+    except ModelFileError as exc:
+        raise ModelFileError("cannot rewrite this model file's layout (keep each parameter and the "
+                             f"random-effect variances on one line as the library's files do): {exc}") from None
     for n, v in values.items():
         if not math.isclose(model.parameters[n].value, float(v), rel_tol=1e-12):
             raise ModelFileError(f"rewriting {n} failed (the file's layout)")
