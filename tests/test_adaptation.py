@@ -74,6 +74,16 @@ def test_typical_values_are_found_by_equivalence_on_the_data(andrews: Any) -> No
     found, missing = typical_values(odd, TDM.cohort(odd, 3, 1))
     assert found == {"ETA_CL": "TVCL", "ETA_V1": "TVV1"}
     assert "no parameter multiplies" in missing["ETA_Q"] and "ambiguous" in missing["ETA_V2"]
+    # a formulation factor (PROGRAF_KTR if PROGRAF == 1 else 1) is no typical value, even where every patient of
+    # the data takes the one formulation
+    from cnidose.records.nonmem import read_nonmem_csv
+
+    woillard = resolve_model("woillard2011_tac_prograf_advagraf")
+    found, missing = typical_values(woillard, read_nonmem_csv(ROOT / "examples/tacrolimus_patients.csv").individuals())
+    assert found["ETA_KTR"] == "TVKTR" and found["ETA_V1"] == "TVV1" and not missing
+    with pytest.raises(CnidoseError, match=r"ID 1: column CF"):
+        typical_values(resolve_model("monchaud2012_tac_lung"),
+                       read_nonmem_csv(ROOT / "examples/tacrolimus_patients.csv").individuals())
 
 
 def test_laplace_criterion_counts_the_occasion_effects(andrews: Any) -> None:

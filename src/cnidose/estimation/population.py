@@ -150,16 +150,27 @@ def _scaled(model: Model, name: str, factor: float) -> Model:
 
 def typical_values(model: Model, individuals: Sequence[Individual]) -> tuple[dict[str, str], dict[str, str]]:
     """For each random effect with a variance, the parameter that is its typical value (``P * ... * exp(ETA)``),
-    found by checking on the individuals' own records that scaling ``P`` and shifting the effect give the same
-    model. Returns (effect -> parameter, effect -> why none)."""
+    found by checking on the individuals' own records (and with each binary covariate flipped) that scaling ``P``
+    and shifting the effect give the same model. Returns (effect -> parameter, effect -> why none)."""
     preps = []
+    first_error = ""
     for ind in individuals[:25]:
         try:
             preps.append(model.prepare(ind))
-        except DataError:
+        except DataError as exc:
+            first_error = first_error or f"ID {ind.id:g}: {exc}"
             continue
     if not preps:
-        raise CnidoseError("no individual of the data can be bound to the model (see fit's messages)")
+        raise CnidoseError(f"no individual of the data can be bound to model {model.id} (the first: "
+                           f"{first_error})")
+    # a binary covariate flipped as well (a formulation, a genotype): a factor applied only to one group
+    # (``PROGRAF_KTR if PROGRAF == 1 else 1``) is no typical value even where the data hold one group alone
+    flipped = []
+    for prep in preps[:3]:
+        for name, v in prep.covariates.items():
+            if v.size and np.all(np.isin(v, (0.0, 1.0))):
+                flipped.append(replace(prep, covariates={**prep.covariates, name: 1.0 - v}))
+    preps += flipped
     elsewhere: set[str] = set()  # parameters the residual error or a transform reads: never a typical value
     for ob in model.observations:
         for ex in (ob.transform, *((ob.error.proportional, ob.error.additive, ob.error.exponential)
