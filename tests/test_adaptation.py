@@ -218,3 +218,28 @@ def test_cli_adapt_writes_a_model_that_fit_and_models_show_read(tmp_path: Path, 
     bad = runner.invoke(app, ["adapt", "-m", "andrews2019_tac_adult_kidney", "-d", str(data), "-o",
                               str(tmp_path / "b.toml"), "--prior-sd", "0"])
     assert bad.exit_code == 2 and "--prior-sd" in bad.output and not (tmp_path / "b.toml").exists()
+
+
+def test_a_centres_models_join_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CNIDOSE_MODELS names the centre's model directory: its models are listed, checked and resolved by id
+    like the shipped ones; a centre file with a shipped model's id is refused."""
+    from cnidose.models.library import library_ids, library_models
+
+    text = rewrite_model(ANDREWS.read_text(), id="ours", version="1+c", title="Ours", values={"TVCL": 17.0},
+                         variances=None, adaptation={"parent": "andrews2019_tac_adult_kidney 1.0.0"})
+    (tmp_path / "ours.toml").write_text(text)
+    monkeypatch.setenv("CNIDOSE_MODELS", str(tmp_path))
+    assert "ours" in library_ids() and "andrews2019_tac_adult_kidney" in library_ids()
+    assert resolve_model("ours").parameters["TVCL"].value == 17.0
+    assert any(m.id == "ours" for m in library_models())
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models", "list", "--json"])
+    assert listed.exit_code == 0 and any(r["id"] == "ours" for r in json.loads(listed.stdout))
+    checked = runner.invoke(app, ["models", "check", "ours"])
+    assert checked.exit_code == 0 and checked.stdout.count("PASS  ours") == 4 and "FAIL" not in checked.stdout
+    (tmp_path / "andrews2019_tac_adult_kidney.toml").write_text(text)
+    with pytest.raises(ModelFileError, match="id of a shipped model"):
+        library_ids()
+    monkeypatch.setenv("CNIDOSE_MODELS", str(tmp_path / "nowhere"))
+    with pytest.raises(ModelFileError, match="not a directory"):
+        resolve_model("ours")

@@ -684,6 +684,9 @@ def adapt(
         for x in a.excluded:
             typer.echo(f"left out: {x}", err=True)
         typer.echo(f"wrote {out} (model {mid})", err=True)
+        if out.stem != mid:
+            typer.echo(f"note: to use it by its id, save it as {mid}.toml in the directory named by "
+                       "CNIDOSE_MODELS (the centre's models)", err=True)
 
     import numpy as np
 
