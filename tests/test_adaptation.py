@@ -24,6 +24,7 @@ from cnidose.estimation.population import (
     conditional_moments,
     laplace_criterion,
     prior_covariance,
+    residual_parameters,
     typical_values,
 )
 from cnidose.models.checks import run_checks
@@ -146,6 +147,15 @@ def test_adapt_omega_widens_towards_a_more_heterogeneous_centre(andrews: Any) ->
     assert not a.converged and "not converged in 8 iterations" in a.warnings[0]
 
 
+def test_adapt_residual_error_recovers_the_simulated_one(andrews: Any) -> None:
+    """Levels simulated with the model's own residual error (proportional 0.245): the adapted SD is within 2 SE."""
+    a = adapt(andrews, TDM.cohort(andrews, 30, 3, residual="model"), residual=True)
+    prop = next(v for v in a.values if v.parameter == "PROP_MS")
+    assert a.converged and prop.effect == "residual" and abs(np.log(prop.estimate / 0.245)) < 2 * prop.se_log
+    ia = next(v for v in a.values if v.parameter == "PROP_IA")
+    assert ia.ratio == pytest.approx(prop.ratio)  # one factor on every SD
+
+
 def test_adapt_refuses_what_it_cannot_do(andrews: Any) -> None:
     inds = TDM.cohort(andrews, 2, 1)
     with pytest.raises(ValueError, match="prior_sd"):
@@ -158,6 +168,10 @@ def test_adapt_refuses_what_it_cannot_do(andrews: Any) -> None:
         adapt(flat, inds)
     with pytest.raises(InputError, match="folds"):
         cross_validate(andrews, inds, folds=3)
+    literal = ANDREWS.read_text().replace('proportional = "PROP_IA if IMMUNOASSAY == 1 else PROP_MS"',
+                                          'proportional = "0.2"')
+    with pytest.raises(CnidoseError, match="written without parameters"):
+        residual_parameters(parse_model(literal.encode(), source="literal.toml"))
 
 
 # -- the model file ----------------------------------------------------------------------------------------------

@@ -548,6 +548,8 @@ def adapt(
     = False,
     omega_df: Annotated[float, typer.Option(help="weight of the published Omega, in patients (inverse-Wishart "
                                                  "degrees of freedom)")] = 10.0,
+    residual: Annotated[bool, typer.Option("--residual/--no-residual", help=(
+        "also adapt the residual error (one factor on every residual SD parameter)"))] = False,
     max_iter: Annotated[int, typer.Option(help="EM iterations at most")] = 30,
     draws: Annotated[int, typer.Option(help="importance-sampling draws per patient and iteration")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the draws and of the folds")] = 0,
@@ -564,9 +566,9 @@ def adapt(
     dose_values: DoseValuesOpt = "nonmem",
 ) -> None:
     """Adapt a published model to a centre's patients: re-estimate its typical values (and, with --omega, its
-    between-subject variances) on the centre's data with the published estimates as the prior (iterative
-    two-stage Bayesian EM with an importance-sampling E-step), and write a new model file that names its
-    parent, its data and its fit. Covariate effects and the residual error stay as published. With --cv K,
+    between-subject variances, with --residual its residual error) on the centre's data with the published
+    estimates as the prior (iterative two-stage Bayesian EM with an importance-sampling E-step), and write a
+    new model file that names its parent, its data and its fit. Covariate effects stay as published. With --cv K,
     each fold's forecasts are made by a model adapted without it (out of sample)."""
     import hashlib
     import re
@@ -600,7 +602,8 @@ def adapt(
         raw = data.read_bytes()
         inds = read_nonmem_csv(data).individuals()
         check_doses(parent, inds)
-        options = {"prior_sd": prior_sd, "omega": omega, "omega_df": omega_df, "max_iter": max_iter,
+        options = {"prior_sd": prior_sd, "omega": omega, "omega_df": omega_df, "residual": residual,
+                   "max_iter": max_iter,
                    "n_draws": draws, "seed": seed}
 
         def step(it: int, objective: float, penalised: float) -> None:
@@ -635,10 +638,11 @@ def adapt(
             "data_sha256": hashlib.sha256(raw).hexdigest(),
             "method": "iterative two-stage Bayesian EM (importance-sampling E-step, Fisher-scoring M-step); normal "
                       f"prior on log typical values, SD {prior_sd:g}" + (f"; inverse-Wishart prior on Omega, "
-                                                                          f"{omega_df:g} df" if omega else ""),
+                                                                          f"{omega_df:g} df" if omega else "") + (
+                          "; residual SDs by one common factor (EM)" if residual else ""),
             "date": date.today().isoformat(), "software": f"cnidose {__version__}", "subjects": a.n_subjects,
             "observations": a.n_observations, "prior_sd": prior_sd, "omega_df": omega_df,
-            "omega_adapted": omega, "iterations": a.iterations, "converged": a.converged,
+            "omega_adapted": omega, "residual_adapted": residual, "iterations": a.iterations, "converged": a.converged,
             "objective": round(a.objective, 4), "objective_parent": round(a.objective_published, 4),
             "estimates": [{"parameter": v.parameter, "effect": v.effect, "published": v.published,
                            "estimate": float(f"{v.estimate:.6g}"), "se_log": round(v.se_log, 5),

@@ -18,8 +18,9 @@ with a normal prior on the log typical values and an inverse-Wishart prior on Om
 A random effect is adapted through the one typical value it multiplies: the parameter ``P`` for which
 scaling ``P`` by a factor is exactly the same model as shifting the effect by the log of that factor, for
 every record of the data (``P * ... * exp(ETA)``). A random effect with no such parameter keeps its
-typical value, and the result says so. Covariate effects, parameters without between-subject variability
-and the residual error stay as published.
+typical value, and the result says so. Covariate effects and parameters without between-subject variability
+stay as published; the residual error too unless ``residual=True`` (one EM-estimated factor on every residual
+SD parameter).
 
 The standard error of each adapted log typical value is from the marginal information
 ``sum_i (Omega^-1 - Omega^-1 C_i Omega^-1) + S^-1`` (each patient's levels seen through its own
@@ -31,13 +32,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from math import lgamma, log, pi
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError, DataError
 from cnidose.estimation.cohort import build_groups
-from cnidose.estimation.map import MapResult, _ofv, fit_map
+from cnidose.estimation.map import MapResult, _obs_slices, _ofv, fit_map
 from cnidose.estimation.posterior import mr_theta
 from cnidose.models.model import Model
 from cnidose.pk.events import Individual
@@ -219,7 +221,8 @@ def typical_values(model: Model, individuals: Sequence[Individual]) -> tuple[dic
 
 
 def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 0.3, omega: bool = False,
-          omega_df: float = 10.0, max_iter: int = 30, tol: float = 1e-3, fit: Fitter | None = None,
+          omega_df: float = 10.0, residual: bool = False, max_iter: int = 30, tol: float = 1e-3,
+          fit: Fitter | None = None,
           n_draws: int = 500, seed: int = 0,
           progress: Callable[[int, float, float], None] | None = None) -> Adaptation:
     """Re-estimate ``model``'s typical values (and Omega with ``omega=True``) on ``individuals`` (module
@@ -233,6 +236,10 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
     omega, omega_df : bool, float
         Adapt the variances of the random effects, with an inverse-Wishart prior worth ``omega_df`` patients
         centred on the published Omega.
+    residual : bool
+        Adapt the residual error by one common factor on its standard deviations (every parameter the error
+        expressions read is multiplied by it; the EM update is the conditional mean of the squared standardised
+        residuals of the levels, BLQ ones left out). A model whose error is written as numbers is refused.
     max_iter, tol :
         iterations; converged when no log typical value moves by more than ``tol`` (or the objective's
         predicted fall is below the optimiser's noise) and no variance by more than ``10 tol`` relative.
@@ -264,6 +271,7 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
     if est.size == 0:
         raise CnidoseError(f"model {model.id} has no between-subject random effects: nothing to adapt")
     found, missing = typical_values(model, inds)
+    error_params = residual_parameters(model) if residual else ()
     targets = np.array([k for k in est if names[k] in found], dtype=np.int64)
     if targets.size == 0 and not omega:
         raise CnidoseError(f"no typical value of model {model.id} can be adapted: " +
@@ -275,14 +283,16 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
     history: list[tuple[float, ...]] = []
     converged = False
     published_objective = float("nan")
-    # the last accepted point: penalised objective, delta, omega, objective, information
-    best: tuple[float, FloatArray, FloatArray, float, FloatArray] | None = None
+    log_r = 0.0  # log of the factor on the residual SDs
+    # the last accepted point: penalised objective, delta, omega, objective, information, log_r
+    best: tuple[float, FloatArray, FloatArray, float, FloatArray, float] | None = None
+    n_resid = 0
     excluded: list[str] = []
     info = np.zeros((est.size, est.size))
     n_obs = N = it = 0
     halvings = 0
     for it in range(1, max_iter + 1):
-        current = _with(model, found, delta, om)
+        current = _with(model, found, delta, om, error_params, log_r)
         results = fitter(current, inds)
         A = np.linalg.inv(om[np.ix_(est, est)])
         moments = conditional_moments(current, inds, results, n_draws=n_draws, seed=seed)
@@ -290,6 +300,8 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
         excluded = []
         n_obs = 0
         info = np.zeros((est.size, est.size))
+        sq_resid, n_resid = 0.0, 0
+        mc_var = 0.0
         for ind, r, mo in zip(inds, results, moments, strict=True):
             if mo is None:
                 if r.status != "prior-only":
@@ -300,6 +312,9 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
             cov_l.append(c)
             info += A - A @ c @ A
             crit.append(mo.minus2ll)
+            sq_resid += mo.resid
+            n_resid += mo.n_resid
+            mc_var += mo.mc_var
             n_obs += r.n_observations - r.n_blq
         if not eta_l:
             raise CnidoseError("no patient could be fitted: " + "; ".join(excluded[:5]))
@@ -312,18 +327,25 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
         history.append((objective, *(float(delta[k]) for k in targets)))
         if progress is not None:
             progress(it, objective, penalised)
-        if best is not None and penalised > best[0] + _NOISE and halvings < 6:
+        if best is not None and penalised > best[0] + _NOISE:
+            if halvings >= 4:
+                # four halvings of the step found nothing better: the best point is the optimum to within the
+                # objective's noise (the optimiser's, and the draws': see Moments.mc_var)
+                converged = True
+                break
             # worse than the last accepted point: halve the step (the scoring step overshot)
             halvings += 1
             delta = 0.5 * (delta + best[1])
             om = 0.5 * (om + best[2])
+            log_r = 0.5 * (log_r + best[5])
             if np.max(np.abs(delta - best[1])) < tol and np.max(np.abs(np.diag(om)[est] / np.diag(best[2])[est]
-                                                                       - 1.0)) < 10 * tol:
+                                                                       - 1.0)) < 10 * tol and \
+                    abs(log_r - best[5]) < tol:
                 converged = True  # no step from the best point improves it beyond the optimiser's noise
                 break
             continue
         halvings = 0
-        best = (penalised, delta.copy(), om.copy(), objective, info.copy())
+        best = (penalised, delta.copy(), om.copy(), objective, info.copy(), log_r)
         new_delta = delta.copy()
         decrement = 0.0
         if targets.size:
@@ -342,16 +364,20 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
                    np.einsum("nkk->k", cov)) / (omega_df + N)
             sd = np.sqrt(var)
             new_om[np.ix_(est, est)] = corr * np.outer(sd, sd)
+        new_log_r = log_r
+        if error_params and n_resid:
+            # EM for a common variance factor: r^2 <- r^2 * E[sum of squared standardised residuals] / n
+            new_log_r = log_r + 0.5 * float(np.log(max(sq_resid, 1e-12) / n_resid))
         step = float(np.max(np.abs(new_delta - delta))) if targets.size else 0.0
         rel = float(np.max(np.abs(np.diag(new_om)[est] / np.diag(om)[est] - 1.0)))
-        if (step < tol or decrement < _NOISE / 10) and rel < 10 * tol:
+        if (step < tol or decrement < 2 * _NOISE) and rel < 10 * tol and abs(new_log_r - log_r) < tol:
             converged = True
             break
-        delta, om = new_delta, new_om
+        delta, om, log_r = new_delta, new_om, new_log_r
     assert best is not None
     if not (converged and halvings == 0):
         # stopped on max_iter or by halving back to the best point: report the best point seen
-        delta, om, objective, info = best[1], best[2], best[3], best[4]
+        delta, om, objective, info, log_r = best[1], best[2], best[3], best[4], best[5]
     values = []
     if targets.size:
         i_tt = info[np.ix_(t_in_est, t_in_est)] + np.eye(targets.size) / prior_sd**2
@@ -360,6 +386,11 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
             par = model.parameters[found[names[k]]]
             values.append(AdaptedValue(par.name, names[k], par.value, par.value * float(np.exp(delta[k])),
                                        float(se[j]), par.unit))
+    for name in error_params:
+        par = model.parameters[name]
+        # the SD of a log variance estimated from n residuals is about sqrt(2 / n): of the log SD, sqrt(1 / 2n)
+        values.append(AdaptedValue(name, "residual", par.value, par.value * float(np.exp(log_r)),
+                                   float(np.sqrt(0.5 / max(n_resid, 1))), par.unit))
     warnings = []
     if not converged:
         warnings.append(f"not converged in {max_iter} iterations (last change above {tol:g}); the estimates are "
@@ -376,8 +407,45 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
         excluded=tuple(excluded), warnings=tuple(warnings))
 
 
-def _with(model: Model, found: dict[str, str], delta: FloatArray, omega: FloatArray) -> Model:
+def residual_parameters(model: Model) -> tuple[str, ...]:
+    """The parameters the residual-error expressions read (all magnitudes: one factor scales every SD); refused
+    where an error is written with numbers alone or a parameter is also read by the equations."""
+    names: set[str] = set()
+    pk_names: set[str] = set()
+    for _, pk_expr in model.pk:
+        pk_names |= pk_expr.names
+    for ob in model.observations:
+        if ob.error is None:
+            continue
+        for ex in (ob.error.proportional, ob.error.additive, ob.error.exponential):
+            if ex is None:
+                continue
+            used = {n for n in ex.names if n in model.parameters}
+            if not used:
+                try:
+                    zero = float(np.asarray(ex({})))
+                except (KeyError, NameError, TypeError):
+                    zero = float("nan")
+                if zero == 0.0:  # e.g. additive = "0": nothing to scale
+                    continue
+                raise CnidoseError(f"the residual error of {ob.name} ({ex.source}) is written without parameters: "
+                                   "it cannot be adapted")
+            names |= used
+    shared = sorted(names & pk_names)
+    if shared:
+        raise CnidoseError(f"{', '.join(shared)} are read by the residual error and by the equations: the residual "
+                           "error cannot be adapted alone")
+    if not names:
+        raise CnidoseError(f"model {model.id} has no residual error to adapt")
+    return tuple(n for n in model.parameters if n in names)
+
+
+def _with(model: Model, found: dict[str, str], delta: FloatArray, omega: FloatArray,
+          error_params: Sequence[str] = (), log_r: float = 0.0) -> Model:
     params = dict(model.parameters)
+    for name in error_params:
+        if log_r != 0.0:
+            params[name] = replace(params[name], value=model.parameters[name].value * float(np.exp(log_r)))
     for k, eff in enumerate(model.eta_names):
         if eff in found and delta[k] != 0.0:
             p = params[found[eff]]
@@ -410,6 +478,9 @@ class Moments:
     minus2ll: float
     ess: float  # effective sample size of the weights
     sampled: bool  # False: too few effective draws, the Laplace values (mode, MAP covariance) are used
+    resid: float = 0.0  # conditional mean of the sum of squared standardised residuals (levels not BLQ)
+    n_resid: int = 0
+    mc_var: float = 0.0  # Monte Carlo variance of minus2ll (delta method: 4 (1/ESS - 1/draws))
 
 
 def conditional_moments(model: Model, individuals: Sequence[Individual], results: Sequence[MapResult], *,
@@ -454,6 +525,8 @@ def conditional_moments(model: Model, individuals: Sequence[Individual], results
         with np.errstate(all="ignore"):
             f = g.predict(theta, which)
             ofv = _ofv(g, which, theta, f)
+            idx_o, starts_o = _obs_slices(g, which)
+            z2 = _standardised_sq(g, idx_o, f)  # (O', M)
         _, logdet_prior = np.linalg.slogdet(2 * pi * np.linalg.inv(g.precision))
         lw = np.where(np.isfinite(ofv), -0.5 * ofv - 0.5 * logdet_prior - log_q, -np.inf)
         top = np.max(lw, axis=1, keepdims=True)
@@ -481,5 +554,25 @@ def conditional_moments(model: Model, individuals: Sequence[Individual], results
                 cov[np.ix_(idx, idx)] = np.asarray(r.covariance)[np.ix_(pos, pos)]
                 m2ll = laplace_criterion(model, r) - 2.0 * r.log_levels
                 sampled = False
-            out[g.members[k].index] = Moments(mean, cov, m2ll, ess, sampled)
+            seg = slice(int(starts_o[j]), int(starts_o[j + 1]))
+            ok_obs = ~g.blq[idx_o[seg]]
+            zz = z2[seg][ok_obs]
+            resid = float(np.sum(zz @ wn)) if sampled else float(np.sum(zz[:, int(np.argmax(wn))]))
+            if not np.isfinite(resid):
+                resid = float(np.sum(_standardised_sq(g, idx_o[seg][ok_obs], r.ipred[~g.blq[idx_o[seg]], None])))
+            mc_var = 4.0 * max(1.0 / ess - 1.0 / n_draws, 0.0) if sampled else 0.0
+            out[g.members[k].index] = Moments(mean, cov, m2ll, ess, sampled, resid, int(ok_obs.sum()), mc_var)
     return out
+
+
+def _standardised_sq(g: Any, idx: NDArray[np.int64], f: FloatArray) -> FloatArray:
+    """Squared standardised residuals ``(y' - f')^2 / V`` of observations ``idx`` for predictions ``f`` (O, M), on
+    the scale each is fitted on (log: ``ln y - ln f`` over the log SD)."""
+    col = (slice(None), None)
+    y, log = g.y[idx][col], g.log[idx][col]
+    prop, add, sd_log, if_zero = g.prop[idx][col], g.add[idx][col], g.sd_log[idx][col], g.if_zero[idx][col]
+    with np.errstate(all="ignore"):
+        fp = np.where(log, np.log(np.where(f > 0, f, np.nan)), f)
+        f_eff = np.where(np.isfinite(if_zero) & (f == 0), if_zero, f)
+        V = np.where(log, sd_log**2, (prop * f_eff) ** 2 + add**2)
+        return np.asarray((y - fp) ** 2 / V, dtype=np.float64)

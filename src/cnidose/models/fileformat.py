@@ -70,8 +70,9 @@ _TOP = {
     "structure", "parameters", "random_effects", "covariates", "pk", "observations", "checks", "adaptation",
 }
 _ADAPTATION = {"parent", "parent_sha256", "data", "data_sha256", "method", "date", "software", "subjects",
-               "observations", "prior_sd", "omega_df", "omega_adapted", "iterations", "converged", "objective",
-               "objective_parent", "estimates", "not_adapted", "excluded", "warnings", "validation", "note"}
+               "observations", "prior_sd", "omega_df", "omega_adapted", "residual_adapted", "iterations",
+               "converged", "objective", "objective_parent", "estimates", "not_adapted", "excluded", "warnings",
+               "validation", "note"}
 _CITATION = {"authors", "title", "journal", "year", "doi", "url", "pmcid", "text", "note", "secondary", "tables"}
 _DOMAIN = {"description", "subjects", "observations", "age", "time_after_transplant", "note"}
 _STRUCTURE = {"kind", "compartments", "default_dose", "default_obs", "flows", "transit", "ode", "absorption"}
