@@ -11,17 +11,18 @@ map), and the paired change in |PE| and in 100 |ln(pred/obs)| with 95 % bootstra
 
 Measured on the 2-core development machine (2026-12-03), ``python benchmarks/adaptation.py 40 5``:
 
-as-published (the data are the published model's): 2 iterations, 14.6 s; -2 ln L 867.0 -> 866.7; every typical
+as-published (the data are the published model's): 2 iterations, 15.6 s; -2 ln L 867.0 -> 866.7; every typical
 value within 0.51 SE of the truth (TVCL 23.94, TVV1 682.8, TVV2 5423, TVQ 11.23; SE(log) 0.078, 0.138, 0.226,
-0.154). Cross-validated (5 folds, 282 s): |PE| change a priori +1.78 [-1.96, +6.42], Bayesian +0.11 [-0.04,
-+0.25]: no gain and no significant loss where there is nothing to adapt.
+0.154). Cross-validated (5 folds, 294 s): Bayesian forecasts (280) |PE| +0.11 [-0.03, +0.26], 100 |ln(pred/obs)|
++0.24 [+0.10, +0.39] (a small loss: the folds' estimates scatter about the truth), median PE -7.3 % -> -8.0 %;
+a priori (40) 100 |ln(pred/obs)| +1.11 [-0.53, +2.71].
 
-centre-cl-0.7 (the centre's patients clear 30 % less: true TVCL 16.1): 4 iterations, 18.0 s; -2 ln L 1080.1 ->
-1060.8; TVCL 17.38 (+0.97 SE from the truth; the published 23 is 3.6 SE away), TVV1 693.2, TVV2 5231, TVQ 11.29
-(all within 0.2 SE). Cross-validated (273 s): Bayesian forecasts (280) |PE| -1.07 points [-1.79, -0.38],
-100 |ln(pred/obs)| -1.90 [-2.60, -1.24], median PE -12.3 % -> -8.3 %, within 20 % 58.8 -> 66.6 % (all steps);
-a priori (40, the day-3 trough) median PE -14.0 % -> +6.2 %, 100 |ln(pred/obs)| +0.80 [-5.84, +7.76] (no
-difference: between-patient variability dominates one a-priori level), |PE| +14.9 [+3.6, +27.2] (|PE| punishes
+centre-cl-0.7 (the centre's patients clear 30 % less: true TVCL 16.1): 2 iterations, 15.3 s; -2 ln L 1080.1 ->
+1061.1; TVCL 17.74 (+1.25 SE from the truth; the published 23 is 3.3 SE away), TVV1 708.7, TVV2 5041, TVQ 10.96
+(all within 0.4 SE). Cross-validated (244 s): Bayesian forecasts (280) |PE| -1.05 points [-1.74, -0.36],
+100 |ln(pred/obs)| -1.85 [-2.54, -1.20], median PE -12.3 % -> -8.4 %, within 20 % 58.8 -> 66.2 % (all steps);
+a priori (40, the day-3 trough) median PE -14.0 % -> +6.4 %, 100 |ln(pred/obs)| +0.82 [-5.83, +7.78] (no
+difference: between-patient variability dominates one a-priori level), |PE| +14.9 [+3.7, +27.1] (|PE| punishes
 over-prediction more than under-prediction, so an unbiased a-priori forecast scores worse on it than a low one).
 What limits speed: the E-step's MAP fits (the first with the global search for Andrews' wide ETA_Q prior, about
 10 s for 40 patients; then 1.2 s per iteration) and, for cross-validation, the forecasts (0.45 s each).
