@@ -250,7 +250,9 @@ def test_demo_transplant_alerts_entry_confirmation_and_withdrawal(server: tuple[
     page.fill("#level-time", (now + dt.timedelta(days=2)).strftime("%Y-%m-%dT%H:%M"))
     page.click("#add-level")
     expect(page.locator("#level-error")).to_contain_text("in the future")
-    # a regimen change shows at once as the current regimen
+    # a regimen change shows at once as the current regimen (after the swaps the last entries triggered have
+    # settled: a box re-rendered under the typing would drop what was typed)
+    page.wait_for_load_state("networkidle")
     page.fill("#regimen-form input[name=dose]", "3")
     page.fill("#regimen-form input[name=start_at]", now.strftime("%Y-%m-%dT%H:%M"))
     page.click("#add-regimen")
