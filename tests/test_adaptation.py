@@ -154,6 +154,9 @@ def test_adapt_residual_error_recovers_the_simulated_one(andrews: Any) -> None:
     assert a.converged and prop.effect == "residual" and abs(np.log(prop.estimate / 0.245)) < 2 * prop.se_log
     ia = next(v for v in a.values if v.parameter == "PROP_IA")
     assert ia.ratio == pytest.approx(prop.ratio)  # one factor on every SD
+    # few levels, an occasion effect for each: the prior keeps the residual SD from collapsing
+    few = adapt(andrews, TDM.cohort(andrews, 2, 3, residual="model"), residual=True, max_iter=10)
+    assert next(v for v in few.values if v.parameter == "PROP_MS").ratio > 0.5
 
 
 def test_adapt_refuses_what_it_cannot_do(andrews: Any) -> None:
@@ -232,6 +235,10 @@ def test_cli_adapt_writes_a_model_that_fit_and_models_show_read(tmp_path: Path, 
     bad = runner.invoke(app, ["adapt", "-m", "andrews2019_tac_adult_kidney", "-d", str(data), "-o",
                               str(tmp_path / "b.toml"), "--prior-sd", "0"])
     assert bad.exit_code == 2 and "--prior-sd" in bad.output and not (tmp_path / "b.toml").exists()
+    for args, said in ((["-d", str(tmp_path / "none.csv"), "-o", str(tmp_path / "c.toml")], "no such file"),
+                       (["-d", str(data), "-o", str(tmp_path / "no" / "c.toml")], "does not exist")):
+        res = runner.invoke(app, ["adapt", "-m", "andrews2019_tac_adult_kidney", *args])
+        assert res.exit_code == 2 and said in res.output, res.output
 
 
 def test_a_centres_models_join_the_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -550,6 +550,7 @@ def adapt(
                                                  "degrees of freedom)")] = 10.0,
     residual: Annotated[bool, typer.Option("--residual/--no-residual", help=(
         "also adapt the residual error (one factor on every residual SD parameter)"))] = False,
+    residual_df: Annotated[float, typer.Option(help="weight of the published residual error, in levels")] = 20.0,
     max_iter: Annotated[int, typer.Option(help="EM iterations at most")] = 30,
     draws: Annotated[int, typer.Option(help="importance-sampling draws per patient and iteration")] = 500,
     seed: Annotated[int, typer.Option(help="seed of the draws and of the folds")] = 0,
@@ -574,6 +575,8 @@ def adapt(
     import re
     from datetime import date
 
+    import numpy as np
+
     from cnidose.records.nonmem import check_doses, read_nonmem_csv
 
     def work() -> None:
@@ -590,8 +593,12 @@ def adapt(
             raise InputError(f"{out} exists (use --force to overwrite)")
         if out.resolve() == Path(parent.source).resolve():
             raise InputError("--out is the parent's own file")
-        if not (0 < prior_sd <= 10) or not (0 <= omega_df <= 100_000):
-            raise InputError("--prior-sd must be in (0, 10] and --omega-df in [0, 100000]")
+        if not (0 < prior_sd <= 10) or not (0 <= omega_df <= 100_000) or not (0 <= residual_df <= 100_000):
+            raise InputError("--prior-sd must be in (0, 10], --omega-df and --residual-df in [0, 100000]")
+        if not data.is_file():
+            raise InputError(f"--data {data}: no such file")
+        if not out.parent.is_dir():
+            raise InputError(f"--out {out}: the directory {out.parent} does not exist")
         if not (1 <= max_iter <= 500) or not (50 <= draws <= 100_000) or cv < 0 or cv == 1:
             raise InputError("--max-iter 1-500, --draws 50-100000, --cv 0 or at least 2")
         strat = strategy(strategy_spec)
@@ -603,7 +610,7 @@ def adapt(
         inds = read_nonmem_csv(data).individuals()
         check_doses(parent, inds)
         options = {"prior_sd": prior_sd, "omega": omega, "omega_df": omega_df, "residual": residual,
-                   "max_iter": max_iter,
+                   "residual_df": residual_df, "max_iter": max_iter,
                    "n_draws": draws, "seed": seed}
 
         def step(it: int, objective: float, penalised: float) -> None:
@@ -639,7 +646,8 @@ def adapt(
             "method": "iterative two-stage Bayesian EM (importance-sampling E-step, Fisher-scoring M-step); normal "
                       f"prior on log typical values, SD {prior_sd:g}" + (f"; inverse-Wishart prior on Omega, "
                                                                           f"{omega_df:g} df" if omega else "") + (
-                          "; residual SDs by one common factor (EM)" if residual else ""),
+                          f"; residual SDs by one common factor (EM, inverse-gamma prior, {residual_df:g} levels)"
+                          if residual else ""),
             "date": date.today().isoformat(), "software": f"cnidose {__version__}", "subjects": a.n_subjects,
             "observations": a.n_observations, "prior_sd": prior_sd, "omega_df": omega_df,
             "omega_adapted": omega, "residual_adapted": residual, "iterations": a.iterations, "converged": a.converged,
@@ -659,7 +667,10 @@ def adapt(
         text = rewrite_model(Path(parent.source).read_text(encoding="utf-8"), id=mid,
                              version=f"{parent.version}+{stem}", title=f"{parent.title}, adapted to {data.name}",
                              values=values, variances=variances, adaptation=record, value_source=sources)
-        out.write_text(text, encoding="utf-8")
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise InputError(f"--out {out}: cannot write ({exc.strerror})") from None
         if as_json:
             typer.echo(json.dumps(record, indent=2))
             return
@@ -691,8 +702,6 @@ def adapt(
         if out.stem != mid:
             typer.echo(f"note: to use it by its id, save it as {mid}.toml in the directory named by "
                        "CNIDOSE_MODELS (the centre's models)", err=True)
-
-    import numpy as np
 
     _run(work)
 

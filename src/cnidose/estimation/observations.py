@@ -172,6 +172,18 @@ def _error_env(model: Model, prep: Prepared, rec: IntArray) -> dict[str, Any]:
     return env
 
 
+def scaled_prediction_and_variance(f: FloatArray, log: BoolArray, prop: FloatArray, add: FloatArray,
+                                   sd_log: FloatArray, if_zero: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """``f'`` (the prediction on the scale each observation is fitted on: ln f on the log scale) and the residual
+    variance ``V`` there, for predictions ``f`` (O, B) and per-observation error arrays broadcast to it."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fp = np.where(log, np.log(np.where(f > 0, f, np.nan)), f)
+        fp = np.where(log & ~(f > 0), -np.inf, fp)
+        f_eff = np.where(np.isfinite(if_zero) & (f == 0), if_zero, f)
+        V = np.where(log, sd_log**2, (prop * f_eff) ** 2 + add**2)
+    return fp, V
+
+
 def terms(f: FloatArray, y: FloatArray, blq: BoolArray, limit: FloatArray, log: BoolArray, prop: FloatArray,
           add: FloatArray, sd_log: FloatArray, if_zero: FloatArray, *, derivatives: bool = True
           ) -> tuple[FloatArray, FloatArray | None, FloatArray | None, FloatArray | None]:
@@ -185,11 +197,8 @@ def terms(f: FloatArray, y: FloatArray, blq: BoolArray, limit: FloatArray, log: 
     y, limit = y[col], limit[col]
     blq, log = blq[col], log[col]
     prop, add, sd_log, if_zero = prop[col], add[col], sd_log[col], if_zero[col]
+    fp, V = scaled_prediction_and_variance(f, log, prop, add, sd_log, if_zero)
     with np.errstate(divide="ignore", invalid="ignore"):
-        fp = np.where(log, np.log(np.where(f > 0, f, np.nan)), f)
-        fp = np.where(log & ~(f > 0), -np.inf, fp)
-        f_eff = np.where(np.isfinite(if_zero) & (f == 0), if_zero, f)
-        V = np.where(log, sd_log**2, (prop * f_eff) ** 2 + add**2)
         dV = np.where(log | (np.isfinite(if_zero) & (f == 0)), 0.0, 2.0 * prop**2 * f)  # dV/df' (f' = f here)
         target = np.where(blq, limit, y)
         r = target - fp

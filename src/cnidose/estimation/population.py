@@ -2,18 +2,24 @@
 centre's data with the published estimates as the prior.
 
 The method is the iterative two-stage Bayesian algorithm (ITS; Prevost 1977, Steimer et al. 1984; the
-population method of ADAPT 5, D'Argenio et al. 2009) -- an EM algorithm whose E-step is each patient's MAP
-estimate and its conditional covariance (the Laplace approximation of the conditional distribution), here
-with a normal prior on the log typical values and an inverse-Wishart prior on Omega, the roles of NONMEM's
-``$PRIOR NWPRI`` (Gisleskog et al. 2002). Each iteration:
+population method of ADAPT 5, D'Argenio et al. 2009) with a normal prior on the log typical values and an
+inverse-Wishart prior on Omega, the roles of NONMEM's ``$PRIOR NWPRI`` (Gisleskog et al. 2002). Each iteration:
 
-* E-step: fit every patient (MAP) under the current typical values and Omega; ``phi_i = delta + eta_i``
-  are the patient's random effects about the *published* typical values, ``C_i`` their conditional
-  covariance.
-* M-step: ``delta = (N A_TT + S^-1)^-1 (A sum phi_i)_T`` with ``A = Omega^-1`` (the normal-normal
-  posterior mode; ``S = diag(prior_sd^2)``; T the adapted effects, the others kept at zero) and, when Omega
-  is adapted, ``omega_k^2 = (nu omega0_k^2 + sum_i ((phi_ik - delta_k)^2 + C_i,kk)) / (nu + N)`` (the
-  correlations, if any, are kept).
+* E-step (:func:`conditional_moments`): each patient's MAP fit under the current values centres an
+  importance-sampling proposal; the weighted draws give the conditional mean ``E[eta_i]`` and covariance
+  ``C_i`` of the random effects, and the patient's marginal likelihood (NONMEM's IMP does the same). The mode
+  alone is not enough: where the levels say little and the model is nonlinear in an effect, an update on
+  modes drifts (a volume fell to half its true value on troughs alone).
+* M-step, typical values (``delta``, the log ratios to the published values, T the adapted effects): a
+  Fisher-scoring step on the marginal posterior, gradient ``(A sum E[eta_i])_T - delta_T / s^2`` (Fisher's
+  identity) over the information ``sum_i (A - A C_i A)_TT + I / s^2`` (Louis), ``A = Omega^-1``; a step that
+  makes the penalised objective worse is halved. (The plain EM step divides by ``N A`` and crawls where the
+  levels say little about an effect.)
+* M-step, Omega (``omega=True``): ``omega_k^2 = (nu omega0_k^2 + sum_i ((delta_k + E[eta_ik] - delta'_k)^2
+  + C_i,kk)) / (nu + N)`` (EM; correlations kept). Residual error (``residual=True``): one factor ``r`` on
+  every residual SD, ``r^2 = (nu_r + r^2 sum_i E[z_i^2]) / (nu_r + n)`` with ``z`` the standardised
+  residuals of the levels (EM with an inverse-gamma prior worth ``residual_df`` levels at the published
+  error).
 
 A random effect is adapted through the one typical value it multiplies: the parameter ``P`` for which
 scaling ``P`` by a factor is exactly the same model as shifting the effect by the log of that factor, for
@@ -22,9 +28,8 @@ typical value, and the result says so. Covariate effects and parameters without 
 stay as published; the residual error too unless ``residual=True`` (one EM-estimated factor on every residual
 SD parameter).
 
-The standard error of each adapted log typical value is from the marginal information
-``sum_i (Omega^-1 - Omega^-1 C_i Omega^-1) + S^-1`` (each patient's levels seen through its own
-conditional covariance), so a patient with little information adds little.
+The standard error of each adapted log typical value is from that information, so a patient with little
+information adds little.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from numpy.typing import NDArray
 from cnidose.errors import CnidoseError, DataError
 from cnidose.estimation.cohort import build_groups
 from cnidose.estimation.map import MapResult, _obs_slices, _ofv, fit_map
+from cnidose.estimation.observations import scaled_prediction_and_variance
 from cnidose.estimation.posterior import mr_theta
 from cnidose.models.model import Model
 from cnidose.pk.events import Individual
@@ -221,7 +227,8 @@ def typical_values(model: Model, individuals: Sequence[Individual]) -> tuple[dic
 
 
 def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 0.3, omega: bool = False,
-          omega_df: float = 10.0, residual: bool = False, max_iter: int = 30, tol: float = 1e-3,
+          omega_df: float = 10.0, residual: bool = False, residual_df: float = 20.0, max_iter: int = 30,
+          tol: float = 1e-3,
           fit: Fitter | None = None,
           n_draws: int = 500, seed: int = 0,
           progress: Callable[[int, float, float], None] | None = None) -> Adaptation:
@@ -239,7 +246,9 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
     residual : bool
         Adapt the residual error by one common factor on its standard deviations (every parameter the error
         expressions read is multiplied by it; the EM update is the conditional mean of the squared standardised
-        residuals of the levels, BLQ ones left out). A model whose error is written as numbers is refused.
+        residuals of the levels, BLQ ones left out), with an inverse-gamma prior worth ``residual_df`` levels at
+        the published error (with few levels and an occasion effect per level the two are barely told apart, and
+        without a prior the residual SD collapses). A model whose error is written as numbers is refused.
     max_iter, tol :
         iterations; converged when no log typical value moves by more than ``tol`` (or the objective's
         predicted fall is below the optimiser's noise) and no variance by more than ``10 tol`` relative.
@@ -252,8 +261,8 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
     """
     if not (prior_sd > 0 and np.isfinite(prior_sd)):
         raise ValueError("prior_sd must be a positive number")
-    if not (omega_df >= 0 and np.isfinite(omega_df)):
-        raise ValueError("omega_df must be a non-negative number")
+    if not (omega_df >= 0 and np.isfinite(omega_df)) or not (residual_df >= 0 and np.isfinite(residual_df)):
+        raise ValueError("omega_df and residual_df must be non-negative numbers")
     # after the first iteration each patient's optimum is near the last one: the global search for distant
     # optima (wide priors) is not repeated; a poorer mode only makes the proposal poorer, the weights correct it
     first: list[bool] = [True]
@@ -366,8 +375,9 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
             new_om[np.ix_(est, est)] = corr * np.outer(sd, sd)
         new_log_r = log_r
         if error_params and n_resid:
-            # EM for a common variance factor: r^2 <- r^2 * E[sum of squared standardised residuals] / n
-            new_log_r = log_r + 0.5 * float(np.log(max(sq_resid, 1e-12) / n_resid))
+            # EM for a common variance factor, the prior worth residual_df levels at r = 1
+            r2 = (residual_df + np.exp(2 * log_r) * sq_resid) / (residual_df + n_resid)
+            new_log_r = 0.5 * float(np.log(max(r2, 1e-12)))
         step = float(np.max(np.abs(new_delta - delta))) if targets.size else 0.0
         rel = float(np.max(np.abs(np.diag(new_om)[est] / np.diag(om)[est] - 1.0)))
         if (step < tol or decrement < 2 * _NOISE) and rel < 10 * tol and abs(new_log_r - log_r) < tol:
@@ -390,7 +400,7 @@ def adapt(model: Model, individuals: Sequence[Individual], *, prior_sd: float = 
         par = model.parameters[name]
         # the SD of a log variance estimated from n residuals is about sqrt(2 / n): of the log SD, sqrt(1 / 2n)
         values.append(AdaptedValue(name, "residual", par.value, par.value * float(np.exp(log_r)),
-                                   float(np.sqrt(0.5 / max(n_resid, 1))), par.unit))
+                                   float(np.sqrt(0.5 / max(n_resid + residual_df, 1.0))), par.unit))
     warnings = []
     if not converged:
         warnings.append(f"not converged in {max_iter} iterations (last change above {tol:g}); the estimates are "
@@ -556,10 +566,10 @@ def conditional_moments(model: Model, individuals: Sequence[Individual], results
                 sampled = False
             seg = slice(int(starts_o[j]), int(starts_o[j + 1]))
             ok_obs = ~g.blq[idx_o[seg]]
-            zz = z2[seg][ok_obs]
-            resid = float(np.sum(zz @ wn)) if sampled else float(np.sum(zz[:, int(np.argmax(wn))]))
-            if not np.isfinite(resid):
-                resid = float(np.sum(_standardised_sq(g, idx_o[seg][ok_obs], r.ipred[~g.blq[idx_o[seg]], None])))
+            if sampled:  # draws of zero weight (parameters the model cannot use) may have NaN residuals
+                resid = float(np.sum(np.where(wn > 0, z2[seg][ok_obs], 0.0) @ wn))
+            else:
+                resid = float(np.sum(_standardised_sq(g, idx_o[seg][ok_obs], r.ipred[ok_obs, None])))
             mc_var = 4.0 * max(1.0 / ess - 1.0 / n_draws, 0.0) if sampled else 0.0
             out[g.members[k].index] = Moments(mean, cov, m2ll, ess, sampled, resid, int(ok_obs.sum()), mc_var)
     return out
@@ -567,12 +577,9 @@ def conditional_moments(model: Model, individuals: Sequence[Individual], results
 
 def _standardised_sq(g: Any, idx: NDArray[np.int64], f: FloatArray) -> FloatArray:
     """Squared standardised residuals ``(y' - f')^2 / V`` of observations ``idx`` for predictions ``f`` (O, M), on
-    the scale each is fitted on (log: ``ln y - ln f`` over the log SD)."""
+    the scale each is fitted on."""
     col = (slice(None), None)
-    y, log = g.y[idx][col], g.log[idx][col]
-    prop, add, sd_log, if_zero = g.prop[idx][col], g.add[idx][col], g.sd_log[idx][col], g.if_zero[idx][col]
+    fp, V = scaled_prediction_and_variance(f, g.log[idx][col], g.prop[idx][col], g.add[idx][col],
+                                           g.sd_log[idx][col], g.if_zero[idx][col])
     with np.errstate(all="ignore"):
-        fp = np.where(log, np.log(np.where(f > 0, f, np.nan)), f)
-        f_eff = np.where(np.isfinite(if_zero) & (f == 0), if_zero, f)
-        V = np.where(log, sd_log**2, (prop * f_eff) ** 2 + add**2)
-        return np.asarray((y - fp) ** 2 / V, dtype=np.float64)
+        return np.asarray((g.y[idx][col] - fp) ** 2 / V, dtype=np.float64)

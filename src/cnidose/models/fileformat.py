@@ -775,7 +775,7 @@ def rewrite_model(text: str, *, id: str, version: str, title: str, values: Mappi
     # the expression, change; a check of a value or a steady-state level does not
     parent_checks = tomllib.loads(text).get("checks", [])
     keep_check = [isinstance(c, dict) and c.get("kind") == "ratio" for c in parent_checks] + [False]
-    out_checks: list[str] = []
+    n_checks = 0  # [[checks]] headers seen so far
     out: list[str] = []
     done: set[str] = set()
     skip_check = False
@@ -783,10 +783,9 @@ def rewrite_model(text: str, *, id: str, version: str, title: str, values: Mappi
     for line, sec in zip(lines, where, strict=True):
         header = re.match(r"\s*\[", line) is not None
         if header:
-            skip_check = re.match(r"\s*\[\[\s*checks\s*\]\]", line) is not None and \
-                not keep_check[len(out_checks)]
-            if re.match(r"\s*\[\[\s*checks\s*\]\]", line):
-                out_checks.append(line)
+            is_check = re.match(r"\s*\[\[\s*checks\s*\]\]", line) is not None
+            skip_check = is_check and not keep_check[n_checks]
+            n_checks += is_check
         if skip_check:
             continue
         if sec == "" and not header:

@@ -63,9 +63,6 @@ def resolve_model(ref: str) -> Model:
         if not p.is_file():
             raise ModelFileError("no such model file", source=ref)
         return load_model(p)
-    shipped = _library_dir() / f"{ref}.toml"
-    if shipped.is_file() and centre_dir() is None:
-        return load_model(shipped)
     files = _files()
     if ref in files:
         return load_model(files[ref])
