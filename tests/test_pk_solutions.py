@@ -175,6 +175,27 @@ def test_batch_equals_separate_runs_with_per_draw_lag() -> None:
         np.testing.assert_allclose(batch.prediction[j], one.prediction[0], rtol=1e-12, atol=1e-14)
 
 
+def test_batch_with_a_repeated_eigenvalue_member_matches_separate_runs_and_the_formula() -> None:
+    """A batch where one member's KA equals its CL/V (a repeated eigenvalue: the eigen-decomposition is unusable
+    for it) is solved with the matrix exponential for that member only; every member must agree with its own
+    separate run, and the degenerate one with the textbook limit of the Bateman function, D KA t e^(-k t) / V."""
+    reg = {"ID": [1] * 5, "TIME": [0, 1, 3, 8, 20], "AMT": [100, 0, 0, 0, 0], "CMT": [1, 2, 2, 2, 2],
+           "RATE": [0, 0, 0, 0, 0]}
+    ind, = split_individuals(reg)
+    s = one_compartment()
+    cl = np.array([2.0, 2.0, 3.0])
+    v = np.array([20.0, 20.0, 30.0])
+    ka = np.array([1.5, 0.1, 0.7])  # the second member: KA = CL/V exactly
+    batch = simulate(s, ind, {n: a[:, None] * np.ones((1, 5)) for n, a in (("CL", cl), ("V", v), ("KA", ka),
+                                                                         ("S2", v))})
+    for j in range(3):
+        one = simulate(s, ind, {"CL": cl[j], "V": v[j], "KA": ka[j], "S2": v[j]})
+        np.testing.assert_allclose(batch.prediction[j], one.prediction[0], rtol=1e-10)
+    t = np.array([1.0, 3.0, 8.0, 20.0])
+    k = 0.1
+    np.testing.assert_allclose(batch.prediction[1, 1:], 100 * 0.1 * t * np.exp(-k * t) / 20.0, rtol=1e-10)
+
+
 def test_dose_is_linear_and_superposes() -> None:
     s = three_compartment()
     p = {"CL": 3.0, "V1": 30.0, "Q2": 5.0, "V2": 60.0, "Q3": 1.0, "V3": 200.0, "KA": 0.8, "S2": 30.0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +21,13 @@ from cnidose.errors import CnidoseError, InputError
 
 if TYPE_CHECKING:
     from cnidose.models.model import Notice
+
+# The numerical work is many tiny matrices at once: BLAS threads only add overhead there (measured with
+# benchmarks/bench_forecast.py, 304 Størset forecasts: 30.9 s wall and 49.4 s of CPU with OpenBLAS's threads,
+# 29.9 s and 28.8 s with one). Parallel work goes through --backend processes or dask instead, whose workers
+# inherit this. Set before NumPy is first imported; a user's own setting wins.
+for _threads in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_threads, "1")
 
 # Everything heavy (NumPy, SciPy, the model library, the data readers) is imported inside the commands, so that
 # `cnidose --help` and a command's argument errors answer at once (`python -X importtime -m cnidose.cli`).

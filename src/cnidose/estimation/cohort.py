@@ -90,12 +90,39 @@ class Group:
         full = self.expand(theta)
         if self.fast:
             return self._predict_fast(full, which)
-        parts = [self._predict_engine(self.members[int(g)], full[k]) for k, g in enumerate(which)]
-        return np.concatenate(parts, axis=0) if parts else np.zeros((0, theta.shape[1]))
+        if which.size == 0:
+            return np.zeros((0, theta.shape[1]))
+        # one engine run per distinct member, over all its rows' points at once (several starts of one
+        # member: the engine's cost is mostly per run, not per point)
+        B = theta.shape[1]
+        uniq, inverse = np.unique(which, return_inverse=True)
+        runs = {int(u): self._predict_engine(self.members[int(u)], full[inverse == j].reshape(-1, self.full_dim), B)
+                for j, u in enumerate(uniq)}
+        seen = dict.fromkeys(runs, 0)
+        parts = []
+        for g in which.tolist():
+            k = seen[g]
+            parts.append(runs[g][:, k * B:(k + 1) * B])
+            seen[g] = k + 1
+        return np.concatenate(parts, axis=0)
 
     # -- the two paths ---------------------------------------------------------------------------------------------
-    def _predict_engine(self, m: Member, theta: FloatArray) -> FloatArray:
-        """theta (B, full_dim) for one member -> (O_m, B)."""
+    def _predict_engine(self, m: Member, theta: FloatArray, block: int | None = None) -> FloatArray:
+        """theta (B, full_dim) for one member -> (O_m, B). Where the parameters of some row are unusable and
+        ``theta`` stacks blocks of ``block`` rows, each block is run alone, so that only its rows are lost."""
+        if block is not None and theta.shape[0] > block:
+            try:
+                return self._run_engine(m, theta)
+            except (CnidoseError, FloatingPointError, np.linalg.LinAlgError):
+                return np.concatenate([self._predict_engine(m, theta[k:k + block])
+                                       for k in range(0, theta.shape[0], block)], axis=1)
+        try:
+            return self._run_engine(m, theta)
+        except (CnidoseError, FloatingPointError, np.linalg.LinAlgError):
+            assert m.obs is not None
+            return np.full((m.obs.rec.size, theta.shape[0]), np.nan)  # parameters the model cannot use
+
+    def _run_engine(self, m: Member, theta: FloatArray) -> FloatArray:
         model = self.model
         assert m.prep is not None and m.obs is not None
         n_eta = len(model.iiv)
@@ -103,10 +130,7 @@ class Group:
         kappas = None
         if model.iov is not None:
             kappas = theta[:, n_eta:].reshape(theta.shape[0], m.n_occasions, len(model.iov))
-        try:
-            sim = model.simulate(m.prep, etas, kappas=kappas)
-        except (CnidoseError, FloatingPointError, np.linalg.LinAlgError):
-            return np.full((m.obs.rec.size, theta.shape[0]), np.nan)  # parameters the model cannot use
+        sim = model.simulate(m.prep, etas, kappas=kappas)
         return sim.prediction[:, m.obs.rec].T
 
     def _predict_fast(self, full: FloatArray, which: IntArray) -> FloatArray:

@@ -419,6 +419,7 @@ def simulate(
             s: Solver = OdeSolver(structure, B, rtol=rtol, atol=atol)
             used_method = "ode"
         else:
+            es = None
             if method in ("auto", "closed"):
                 es = EigenSolver(structure, B)
                 es.set_params(pi)
@@ -426,8 +427,12 @@ def simulate(
                     if used_method != "expm":
                         used_method = "eigen"
                     return es
-            s = ExpmSolver(structure, B)
+            xs = ExpmSolver(structure, B)
             used_method = "expm"
+            xs.set_params(pi)
+            if es is not None:  # the members that decompose well keep their closed form
+                xs.use_decomposition(es)
+            return xs
         s.set_params(pi)
         return s
 

@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cnidose.errors import NumericalError
+from cnidose.pk.eigen import eigen_blocks, flow_blocks
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
 __all__ = ["EigenSolver", "ExpmSolver", "OdeSolver", "Solver"]
@@ -98,21 +99,39 @@ class _LinearSolver(Solver, ABC):
         """Prepare for the rate matrices K of shape (B, n, n)."""
 
 
+def _inv_or_nan(a: FloatArray) -> FloatArray:
+    try:
+        return np.asarray(np.linalg.inv(a), dtype=np.float64)
+    except np.linalg.LinAlgError:
+        return np.full_like(a, np.nan)
+
+
 class EigenSolver(_LinearSolver):
     """Closed form by eigen-decomposition (diagonalisable rate matrix)."""
 
     def _setup(self, K: FloatArray) -> None:
-        lam, V = np.linalg.eig(K)
-        real = not np.iscomplexobj(lam) or bool(np.all(lam.imag == 0))
-        self.lam = np.ascontiguousarray(lam.real)
-        self.V = np.ascontiguousarray(V.real)
+        blocks = flow_blocks(self.structure)
+        if all(len(b) <= 2 for b in blocks):  # closed form (every library model): ~10x LAPACK's batched eig
+            lam_r, V_r, imag = eigen_blocks(K, blocks)
+            self.lam, self.V = np.ascontiguousarray(lam_r), np.ascontiguousarray(V_r)
+        else:
+            lam, V = np.linalg.eig(K)
+            imag = np.any(lam.imag != 0, axis=-1) if np.iscomplexobj(lam) else np.zeros(lam.shape[0], bool)
+            self.lam = np.ascontiguousarray(lam.real)
+            self.V = np.ascontiguousarray(V.real)
         with np.errstate(all="ignore"):
-            self.W = np.linalg.inv(self.V)
+            finite: NDArray[np.bool_] = np.all(np.isfinite(self.V), axis=(1, 2))
+            V_safe = np.where(finite[:, None, None], self.V, self._eye)
+            try:
+                self.W = np.linalg.inv(V_safe)
+            except np.linalg.LinAlgError:  # some member's V is exactly singular: invert one by one
+                self.W = np.stack([_inv_or_nan(v) for v in V_safe])
             # Infinity-norm condition number of V: large when eigenvalues (nearly) repeat,
             # where the decomposition loses digits and the matrix exponential must be used.
             cond = np.abs(self.V).sum(axis=2).max(axis=1) * np.abs(self.W).sum(axis=2).max(axis=1)
-        self.usable = bool(real and np.all(np.isfinite(self.lam)) and np.all(np.isfinite(cond))
-                           and np.max(cond) < 1e6)
+        #: members whose decomposition can be used (real, finite, well conditioned)
+        self.good = ~np.asarray(imag, bool) & np.all(np.isfinite(self.lam), axis=1) & np.isfinite(cond) & (cond < 1e6)
+        self.usable = bool(np.all(self.good))
 
     def to_internal(self, x: FloatArray) -> FloatArray:
         return np.einsum("bij,bj->bi", self.W, x)
@@ -167,22 +186,42 @@ class EigenSolver(_LinearSolver):
 class ExpmSolver(_LinearSolver):
     """Closed form by matrix exponential (any linear system)."""
 
+    _eig: EigenSolver | None = None
+
+    def use_decomposition(self, eig: EigenSolver) -> None:
+        """Take the exponentials of the members that ``eig`` decomposes well from it (call after
+        :meth:`set_params` with the same parameters); only the others need the matrix exponential."""
+        self._eig = eig
+
     def _setup(self, K: FloatArray) -> None:
         self.K = np.ascontiguousarray(K)
+        self._eig = None
 
     def _phi_gamma(self, dt: DT) -> tuple[FloatArray, FloatArray]:
         scalar = np.ndim(dt) == 0
         if scalar and float(dt) in self._cache:
             return self._cache[float(dt)]
         n = self.n
-        M = np.zeros((self.batch, 2 * n, 2 * n))
-        M[:, :n, :n] = self.K
-        M[:, :n, n:] = self._eye
-        M *= (float(dt) if scalar else np.asarray(dt)[:, None, None])
-        import scipy.linalg  # imported where used: keeps the command line quick to start
+        eig = self._eig
+        bad = np.ones(self.batch, bool) if eig is None else ~eig.good
+        phi = np.empty((self.batch, n, n))
+        gam = np.empty((self.batch, n, n))
+        if eig is not None and not bad.all():
+            ok = ~bad
+            e, g = eig._factors(dt)  # (B, n) each
+            V, W = eig.V[ok], eig.W[ok]
+            phi[ok] = np.einsum("bik,bk,bkj->bij", V, e[ok], W)
+            gam[ok] = np.einsum("bik,bk,bkj->bij", V, g[ok], W)
+        if bad.any():
+            M = np.zeros((int(bad.sum()), 2 * n, 2 * n))
+            M[:, :n, :n] = self.K[bad]
+            M[:, :n, n:] = self._eye
+            M *= (float(dt) if scalar else np.asarray(dt)[bad][:, None, None])
+            import scipy.linalg  # imported where used: keeps the command line quick to start
 
-        E = scipy.linalg.expm(M)
-        out = (E[:, :n, :n], E[:, :n, n:])
+            E = scipy.linalg.expm(M)
+            phi[bad], gam[bad] = E[:, :n, :n], E[:, :n, n:]
+        out = (phi, gam)
         if scalar:
             self._cache[float(dt)] = out
         return out
