@@ -16,12 +16,16 @@ assay error.
 
 Measured 2026-12-03 on the project's 2-core machine (``python benchmarks/bench_forecast.py``), 304 forecasts:
 
-==========  =================  ==================  =====================
-model       before (e9c062c)   serial              2 processes
-==========  =================  ==================  =====================
-Størset     (not run: > 60 s)  29.9 s (98 ms)      16.1 s (53 ms)
-Andrews     ~105 s (0.35 s)    15.3 s (50 ms)      8.5 s (28 ms)
-==========  =================  ==================  =====================
+==========  ===========================  ==================  =====================
+model       before (e9c062c), serial     serial              2 processes
+==========  ===========================  ==================  =====================
+Størset     194 s wall, 172 s CPU        29.9 s (98 ms)      16.1 s (53 ms)
+Andrews     83 s wall, 81 s CPU          15.3 s (50 ms)      8.5 s (28 ms)
+==========  ===========================  ==================  =====================
+
+(The e9c062c figures: ``PYTHONPATH=<e9c062c>/src python -m cnidose.cli evaluate ...`` on the same files with one
+BLAS thread; the Størset run shared the machine with another job part of the time, so its CPU time is the fairer
+figure.)
 
 What it took: the wide-prior search of the MAP (Størset's ka, Andrews' Q) made nearly free on unimodal
 objectives (its starts are optimised only when they may leave the estimate's basin; rays and cloud only along

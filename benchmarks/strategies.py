@@ -17,7 +17,8 @@ Cohorts (tdm_cohorts.COHORTS) and the strategies compared on each:
 Prints, per cohort and strategy, the Bayesian forecasts' (steps 1-7) median PE, median APE and share within ±20 %,
 each with its 95 % bootstrap interval by patient, and the paired difference in absolute error against ``map``
 (median over patients of each patient's mean |PE| difference; negative: the strategy is better) with its interval.
-Limited by the MAP fits of the IOV model with eight occasions (about 0.4 s each, issue 14).
+Limited by the MAP fits of the IOV model with eight occasions (about 0.4 s each when measured below; about 50 ms
+since the wide-prior search was made cheap, see benchmarks/bench_forecast.py).
 
 Measured 2026-12-03 (``python benchmarks/strategies.py 20 1 COHORT``; median PE / MAPE / % within ±20 %; paired
 mean change of |PE| against map, 95 % interval): as published map -9.0/17.3/60.7, post -5.6/14.9/63.6
