@@ -241,3 +241,29 @@ def test_iov_by_occasion() -> None:
     # posterior predictions on a new occasion draw its effect from the prior
     post = sample_posterior(m, two_occ, n_draws=500, seed=2, map_result=r)
     assert post.draws.shape == (500, 4 + 2)
+
+
+def test_warm_start_reaches_the_same_optimum_in_fewer_iterations() -> None:
+    """Starting at the estimate on the first trough (one occasion) the fit on both troughs (two occasions:
+    the new occasion's effect starts at zero) finds the cold start's optimum; a start at the optimum itself
+    needs no descent; a start of the wrong length is refused."""
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    base = _tacrolimus_patient()
+    cols: dict[str, Any] = {"ID": [1, 1, 1], "TIME": base.time, "EVID": base.evid, "AMT": base.amt, "CMT": base.cmt,
+                            "II": base.ii, "ADDL": base.addl, "MDV": base.mdv, "OCC": [1, 1, 2]}
+    cols.update(base.covariates)
+    two = split_individuals(cols)[0]
+    one_cols = {**cols, "MDV": [1, 0, 1], "EVID": [1, 0, 2]}
+    one = split_individuals(one_cols)[0]
+    first = fit_map(m, [one])[0]
+    assert first.status == "converged"
+    cold = fit_map(m, [two])[0]
+    warm = fit_map(m, [two], start=[first])[0]
+    assert warm.status == "converged"
+    np.testing.assert_allclose(warm.eta, cold.eta, atol=1e-4)
+    np.testing.assert_allclose(warm.kappa, cold.kappa, atol=1e-4)
+    assert warm.ofv == pytest.approx(cold.ofv, abs=1e-8)
+    again = fit_map(m, [two], start=[cold], restarts=False)[0]
+    assert again.iterations <= 2 < cold.iterations
+    with pytest.raises(ValueError, match="start has 2 entries"):
+        fit_map(m, [two], start=[cold, cold])
