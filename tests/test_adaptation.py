@@ -264,3 +264,39 @@ def test_a_centres_models_join_the_library(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setenv("CNIDOSE_MODELS", str(tmp_path / "nowhere"))
     with pytest.raises(ModelFileError, match="not a directory"):
         resolve_model("ours")
+
+
+def test_model_choice_by_drug_organ_age_and_formulation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """choose_model: the formulation must be one the model describes (never an immediate-release model for a
+    prolonged-release product), organ and age group must match, and among equals a centre's adaptation wins,
+    then the curated default, then a model checked against its publication; every step is said."""
+    from cnidose.models.library import choose_model
+
+    prefer = {("tacrolimus", "kidney", "adult"): "andrews2019_tac_adult_kidney"}
+    c = choose_model("tacrolimus", "kidney", "adult", "Prograf", prefer=prefer)
+    assert c.id == "andrews2019_tac_adult_kidney" and "is the default" in c.explanation()
+    assert any(a.startswith("storset2014_tac_adult_kidney (not the default)") for a in c.alternatives)
+    without = choose_model("tacrolimus", "kidney", "adult", "Prograf")
+    assert without.id in ("andrews2019_tac_adult_kidney", "storset2014_tac_adult_kidney")  # both confirmed
+    assert "checked against its primary publication" in without.explanation()
+    adv = choose_model("tacrolimus", "kidney", "adult", "Advagraf", prefer=prefer)
+    assert adv.id in ("benkali2010_tac_advagraf", "woillard2011_tac_prograf_advagraf")
+    assert "andrews2019" not in " ".join(adv.alternatives)  # a Prograf-only model is not a candidate
+    env = choose_model("tacrolimus", "kidney", "adult", "Envarsus XR", prefer=prefer)
+    assert env.id is None and "describes Envarsus XR" in env.explanation()
+    assert choose_model("tacrolimus", "lung", "adult", "Prograf").id == "monchaud2012_tac_lung"
+    liver = choose_model("tacrolimus", "liver", "adult", "Prograf")
+    assert liver.id is None and "no library model is for tacrolimus, liver, adult" in liver.explanation()
+    assert choose_model("tacrolimus", "kidney", "paediatric", None).id == "andrews2017_tac_paed_kidney"
+    assert choose_model("voclosporin", "lupus", "adult", "Lupkynis").id is None
+    # a centre's adaptation of a qualifying model comes first, and says so
+    text = rewrite_model(ANDREWS.read_text(), id="centre_andrews", version="1+c", title="Ours",
+                         values={"TVCL": 17.0}, variances=None,
+                         adaptation={"parent": "andrews2019_tac_adult_kidney 1.0.0 sha256:0"})
+    (tmp_path / "centre_andrews.toml").write_text(text)
+    monkeypatch.setenv("CNIDOSE_MODELS", str(tmp_path))
+    ours = choose_model("tacrolimus", "kidney", "adult", "Prograf", prefer=prefer)
+    assert ours.id == "centre_andrews" and "adaptation of andrews2019_tac_adult_kidney" in ours.explanation()
+    assert any(a.startswith("andrews2019_tac_adult_kidney (not this centre's adaptation)") for a in ours.alternatives)
+    # not for another formulation than its parent's
+    assert choose_model("tacrolimus", "kidney", "adult", "Advagraf", prefer=prefer).id != "centre_andrews"

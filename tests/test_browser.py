@@ -341,7 +341,10 @@ def test_decision_aid_errors_at_the_field_inputs_in_view_and_every_page_at_phone
     page.click("#run-assessment")
     table = page.locator(".candidate-table").first
     expect(table).to_be_visible()
-    expect(page.locator("#model-used")).to_contain_text("Why: the library's model for tacrolimus")
+    expect(page.locator("#model-used")).to_contain_text(
+        "Why: tacrolimus, kidney, adult, Prograf; andrews2019_tac_adult_kidney is the default for tacrolimus, kidney, "
+        "adult")
+    expect(page.locator("#model-used")).to_contain_text("Also considered: storset2014_tac_adult_kidney")
     covariates = page.locator("#model-covariates")
     expect(covariates).to_contain_text("haematocrit")
     expect(covariates).to_contain_text("derived: BSA derived from WT, HT by bsa_mosteller")

@@ -349,6 +349,22 @@ def test_cli_recommend_and_the_use_case_give_the_same_answer(tmp_path: Path) -> 
     assert [a["rule"] for a in cli["clinical"]["alerts"]] == [a["rule"] for a in direct["clinical"]["alerts"]]
 
 
+def test_the_model_follows_the_formulation_and_says_why() -> None:
+    """The same patient on Prograf is fitted with the kidney default (Andrews 2019); on Envarsus XR, which no
+    library model describes, there is no fit, and the reason names the formulation -- an immediate-release
+    model is never used silently for a once-daily prolonged-release product."""
+    doc = kidney()
+    out = analyse(parse_record(doc, as_of=AS_OF), AS_OF, n_draws=200)
+    assert out["model_choice"]["id"] == "andrews2019_tac_adult_kidney"
+    assert out["model"].startswith("andrews2019_tac_adult_kidney")
+    assert "is the default for tacrolimus, kidney, adult" in out["model_inputs"]["model"]["why"]
+    for r in doc["regimens"]:
+        r["product"] = "Envarsus XR"
+    env = analyse(parse_record(doc, as_of=AS_OF), AS_OF, n_draws=200)
+    assert env["model_choice"]["id"] is None and "recommendation" not in env
+    assert any("describes Envarsus XR" in w for w in env["warnings"]), env["warnings"]
+
+
 def test_a_pre_transplant_level_does_not_block_the_fit() -> None:
     doc = kidney()
     doc["administrations"].insert(0, {"time": at(-3, 8), "dose": 5})  # given before the transplant

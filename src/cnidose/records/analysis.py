@@ -22,9 +22,10 @@ from cnidose.errors import CnidoseError, DataError, InputError
 from cnidose.pk.events import split_individuals
 from cnidose.records.exchange import record_to_nonmem
 
-__all__ = ["MODEL_FOR", "analyse", "clinical_assessment", "default_model", "flagged_inputs"]
+__all__ = ["MODEL_FOR", "analyse", "choose_model", "clinical_assessment", "default_model", "flagged_inputs"]
 
-#: (agent, indication, age group) -> library model used by default (all are in cnidose.models.library)
+#: (agent, indication, age group) -> the curated default among library models that fit the patient equally
+#: (choose_model: drug, organ, age group and formulation first; a centre's adaptation before it)
 MODEL_FOR = {("tacrolimus", "kidney transplant", "adult"): "andrews2019_tac_adult_kidney",
              ("tacrolimus", "kidney transplant", "paediatric"): "andrews2017_tac_paed_kidney",
              ("cyclosporine", "kidney transplant", "adult"): "press2010_csa_adult_kidney"}
@@ -35,9 +36,22 @@ def age_group(birth_date: dt.date, as_of: dt.date) -> str:
     return "adult" if (as_of - birth_date).days / 365.25 >= 18 else "paediatric"
 
 
-def default_model(agent: str, indication: str, birth_date: dt.date, as_of: dt.date) -> str | None:
-    """The library model the analysis uses for this patient (MODEL_FOR), or None where the library has none."""
-    return MODEL_FOR.get((agent, indication, age_group(birth_date, as_of)))
+def default_model(agent: str, indication: str, birth_date: dt.date, as_of: dt.date,
+                  formulation: str | None = None, organ: str | None = None) -> str | None:
+    """The library model the analysis uses for this patient (:func:`choose_model`), or None where none fits."""
+    return choose_model(agent, indication, birth_date, as_of, formulation, organ).id
+
+
+def choose_model(agent: str, indication: str, birth_date: dt.date, as_of: dt.date,
+                 formulation: str | None = None, organ: str | None = None) -> Any:
+    """The library's choice for this patient, with its reasons (:func:`cnidose.models.library.choose_model`):
+    by drug, organ (the transplanted organ, else the indication's), age group and formulation; among equals a
+    centre's adaptation, then the curated default MODEL_FOR, then a model checked against its publication."""
+    from cnidose.models.library import choose_model as choose
+
+    prefer = {(a, ind.replace(" transplant", ""), g): mid for (a, ind, g), mid in MODEL_FOR.items()}
+    where = organ or indication.replace(" transplant", "")
+    return choose(agent, where, age_group(birth_date, as_of), formulation, prefer=prefer)
 
 
 def clinical_assessment(record: PatientRecord, as_of: dt.date) -> dict[str, Any]:
@@ -116,9 +130,18 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         out["warnings"].append(f"input flagged at entry and confirmed: {f['kind']} {f['when'] or ''} "
                                f"({'; '.join(f['flags'])})")
     group = age_group(record.birth_date, as_of)
-    mid = model_id or default_model(record.agent, record.indication, record.birth_date, as_of)
+    reg_now = record.current_regimen(as_of)
+    why_model = "chosen by the caller"
+    if model_id:
+        mid: str | None = model_id
+    else:
+        picked = choose_model(record.agent, record.indication, record.birth_date, as_of,
+                              reg_now.product if reg_now is not None else None, record.organ)
+        out["model_choice"] = {"id": picked.id, "reasons": list(picked.reasons),
+                               "alternatives": list(picked.alternatives)}
+        mid, why_model = picked.id, picked.explanation()
     if mid is None:
-        out["warnings"].append(f"no default model for {record.agent} / {record.indication} / {group}: no fit")
+        out["warnings"].append(f"no model, so no fit: {why_model}")
         return out
     exposure = out["clinical"].get("exposure", [])
     exp = record_to_nonmem(record, ident=1, exposure=exposure)
@@ -151,10 +174,7 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
             raise FieldError(f"the aim {aim:g} {target.unit} is outside the target {target.low:g}-{target.high:g} "
                              f"{target.unit} ({target.source})", field="aim")
         ind, fit = _fit_with_exclusions(model, record, exp, out)
-        out["model_inputs"] = _model_inputs(model, ind, record, exp.notes,
-                                            "chosen by the caller" if model_id else
-                                            f"the library's model for {record.agent} in {group} "
-                                            f"{record.indication} (cnidose.records.analysis.MODEL_FOR)")
+        out["model_inputs"] = _model_inputs(model, ind, record, exp.notes, why_model)
         first = exp.origin + dt.timedelta(hours=float(ind.time[0])) if exp.origin else None
         applied = [x for x in exposure if x["agent"] == record.agent and first is not None
                    and (x["end"] is None or dt.date.fromisoformat(x["end"]) > first.date())]
