@@ -705,6 +705,9 @@ def test_without_a_model_the_assessment_shows_the_rules_and_the_dose_per_kg(
     c, token = client(app, "clin")
     page = c.get(f"/patients/{derm}").text
     assert "Assess by the rules" in page and 'id="no-model-note"' in page
+    # and why there is no model, in the library's words (models.library.choose_model)
+    assert ("No pharmacokinetic model for this patient: no library model is for cyclosporine, psoriasis, adult"
+            in page)
     assert c.post(f"/patients/{derm}/assess", data={"csrf": token}).status_code == 303
     page = c.get(f"/patients/{derm}").text
     rules = page[page.index('class="rules"'):]

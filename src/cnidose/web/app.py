@@ -65,7 +65,7 @@ from cnidose.web.security import (
     verify_or_dummy,
     verify_password,
 )
-from cnidose.web.services import analyse, clinical_assessment, default_model, trends
+from cnidose.web.services import analyse, clinical_assessment, model_choice, trends
 
 __all__ = ["create_app"]
 
@@ -694,9 +694,10 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
                          form: str | None = None, values: dict[str, str] | None = None) -> HTMLResponse:
         chart = store.chart(who[0], pid)
         latest = chart.assessments[-1]["result"] if chart.assessments else None
-        p = chart.patient
+        picked = model_choice(chart, the_day())
         return render(request, "patient.html", who, status, chart=chart, plot=_plot_data(chart, latest, tz),
-                      has_model=default_model(p["agent"], p["indication"], p["birth_date"], the_day()) is not None,
+                      has_model=picked is not None and picked.id is not None,
+                      model_why=picked.explanation() if picked is not None else "the record cannot be read",
                       clinical=clinical_assessment(chart, the_day()), trends=_local_trends(trends(chart), tz),
                       staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
                       latest=latest, confirm=confirm, today=the_day(),

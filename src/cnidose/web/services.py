@@ -13,7 +13,7 @@ from cnidose.records.analysis import default_model
 from cnidose.records.exchange import chart_to_record
 from cnidose.records.store import Chart
 
-__all__ = ["analyse", "clinical_assessment", "default_model", "trends"]
+__all__ = ["analyse", "clinical_assessment", "default_model", "model_choice", "trends"]
 
 
 def _record(chart: Chart) -> Any:
@@ -28,6 +28,18 @@ def clinical_assessment(chart: Chart, as_of: dt.date) -> dict[str, Any]:
         return {"error": str(exc), "alerts": [], "due": [], "exposure": [], "selection": "unknown",
                 "selection_reasons": [], "notes": []}
     return analysis.clinical_assessment(record, as_of)
+
+
+def model_choice(chart: Chart, as_of: dt.date) -> Any:
+    """The library model the analysis would use for the chart's patient, with its reasons
+    (:func:`cnidose.records.analysis.choose_model`); None where the record cannot be read."""
+    try:
+        record = _record(chart)
+    except CnidoseError:
+        return None
+    reg = record.current_regimen(as_of)
+    return analysis.choose_model(record.agent, record.indication, record.birth_date, as_of,
+                                 reg.product if reg is not None else None, record.organ)
 
 
 def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
