@@ -223,13 +223,19 @@ def test_cli_fit(tmp_path: Path, shared: Path) -> None:
     assert r.stdout.splitlines()[0].startswith("ID,ETA1,ETA2,ETA3,SD_ETA1")
 
 
-def test_iov_by_occasion() -> None:
-    """Two troughs on two occasions: one between-occasion effect per occasion, estimated with the IIV."""
-    m = resolve_model("andrews2019_tac_adult_kidney")
+def _two_occasion_columns() -> dict[str, Any]:
+    """The tacrolimus patient's records with its two troughs on two occasions (OCC 1, 1, 2)."""
     base = _tacrolimus_patient()
     cols: dict[str, Any] = {"ID": [1, 1, 1], "TIME": base.time, "EVID": base.evid, "AMT": base.amt, "CMT": base.cmt,
                             "II": base.ii, "ADDL": base.addl, "MDV": base.mdv, "OCC": [1, 1, 2]}
     cols.update(base.covariates)
+    return cols
+
+
+def test_iov_by_occasion() -> None:
+    """Two troughs on two occasions: one between-occasion effect per occasion, estimated with the IIV."""
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    cols = _two_occasion_columns()
     two_occ = split_individuals(cols)[0]
     r = fit_map(m, [two_occ])[0]
     assert r.status == "converged" and r.kappa is not None and r.kappa.shape == (2, 1)
@@ -248,10 +254,7 @@ def test_warm_start_reaches_the_same_optimum_in_fewer_iterations() -> None:
     the new occasion's effect starts at zero) finds the cold start's optimum; a start at the optimum itself
     needs no descent; a start of the wrong length is refused."""
     m = resolve_model("andrews2019_tac_adult_kidney")
-    base = _tacrolimus_patient()
-    cols: dict[str, Any] = {"ID": [1, 1, 1], "TIME": base.time, "EVID": base.evid, "AMT": base.amt, "CMT": base.cmt,
-                            "II": base.ii, "ADDL": base.addl, "MDV": base.mdv, "OCC": [1, 1, 2]}
-    cols.update(base.covariates)
+    cols = _two_occasion_columns()
     two = split_individuals(cols)[0]
     one_cols = {**cols, "MDV": [1, 0, 1], "EVID": [1, 0, 2]}
     one = split_individuals(one_cols)[0]
