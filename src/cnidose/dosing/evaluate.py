@@ -24,8 +24,7 @@ from numpy.typing import NDArray
 
 from cnidose.dosing.strategies import STRATEGY_HELP, Strategy, strategy
 from cnidose.errors import CnidoseError, InputError
-from cnidose.estimation import fit_map
-from cnidose.estimation.map import MapResult
+from cnidose.estimation import MapResult, fit_map
 from cnidose.estimation.posterior import sample_posterior
 from cnidose.models.model import Model, Notice
 from cnidose.pk.events import Individual, split_individuals

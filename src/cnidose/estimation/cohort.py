@@ -27,7 +27,7 @@ def _inv(a: NDArray[np.floating]) -> NDArray[np.float64]:  # type: ignore[type-a
     return np.asarray(np.linalg.inv(a), dtype=np.float64)
 
 
-__all__ = ["Group", "Member", "build_groups"]
+__all__ = ["Group", "Member", "build_groups", "effect_layout"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -58,6 +58,8 @@ class Group:
     estimated: IntArray  # positions of the estimated effects in the model's full vector
     full_dim: int
     fast: bool
+    bases: tuple[str, ...] = ()  # the model's effect behind each estimated one (KAPPA_CL for KAPPA_CL_OCC2)
+    occasions: tuple[int, ...] = ()  # the occasion of each estimated effect; 0: between-subject
     design: Design | None = None
     obs_start: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
     # concatenated observations of the members
@@ -275,12 +277,18 @@ def _block_diag(blocks: list[FloatArray]) -> FloatArray:
     return out
 
 
+def effect_layout(model: Model, n_occasions: int) -> list[tuple[str, str, int]]:
+    """The model's full random-effect vector for ``n_occasions`` occasions: (name, the model's effect, occasion)
+    per position -- the between-subject effects (occasion 0), then each occasion's effects as ``NAME_OCCk``."""
+    out = [(n, n, 0) for n in model.iiv.names]
+    if model.iov is not None:
+        out += [(f"{n}_OCC{k + 1}", n, k + 1) for k in range(n_occasions) for n in model.iov.names]
+    return out
+
+
 def _group(model: Model, members: list[Member], est: IntArray, precision: FloatArray, full_dim: int, *,
            fast: bool) -> Group:
-    names = list(model.iiv.names)
-    if model.iov is not None and full_dim > len(model.iiv):
-        occ = (full_dim - len(model.iiv)) // len(model.iov)
-        names += [f"{n}_OCC{k + 1}" for k in range(occ) for n in model.iov.names]
+    layout = effect_layout(model, (full_dim - len(model.iiv)) // len(model.iov) if model.iov is not None else 0)
     obs = [m.obs for m in members]
     assert all(o is not None for o in obs)
 
@@ -288,7 +296,8 @@ def _group(model: Model, members: list[Member], est: IntArray, precision: FloatA
         return np.concatenate([getattr(o, attr) for o in obs]) if obs else np.zeros(0)
 
     counts = [len(o) for o in obs if o is not None]
-    return Group(model=model, members=members, dim=int(est.size), names=tuple(names[int(k)] for k in est),
+    return Group(model=model, members=members, dim=int(est.size), names=tuple(layout[int(k)][0] for k in est),
+                 bases=tuple(layout[int(k)][1] for k in est), occasions=tuple(layout[int(k)][2] for k in est),
                  precision=precision, estimated=est, full_dim=full_dim, fast=fast,
                  obs_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                  y=cat("y"), blq=cat("blq"), limit=cat("limit"), log=cat("log"), prop=cat("prop"), add=cat("add"),

@@ -32,8 +32,8 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from cnidose.estimation.cohort import Group, Member, build_groups
-from cnidose.estimation.observations import terms
+from cnidose.estimation.cohort import Group, Member, build_groups, effect_layout
+from cnidose.estimation.observations import scaled_prediction_and_variance, terms
 from cnidose.models.model import Model, Notice
 from cnidose.pk.events import Individual
 
@@ -310,9 +310,8 @@ def _doubtful(g: Group, which: IntArray, st: _State) -> NDArray[np.bool_]:
     if ok.size:
         f = g.predict(st.theta[ok][:, None, :], which[ok])[:, 0]
         idx, starts = _obs_slices(g, which[ok])
-        fp = np.where(g.log[idx], np.log(np.maximum(f, 1e-300)), f)
-        f_eff = np.where(np.isfinite(g.if_zero[idx]) & (f == 0), g.if_zero[idx], f)
-        V = np.where(g.log[idx], g.sd_log[idx] ** 2, (g.prop[idx] * f_eff) ** 2 + g.add[idx] ** 2)
+        fp, V = scaled_prediction_and_variance(f, g.log[idx], g.prop[idx], g.add[idx], g.sd_log[idx],
+                                               g.if_zero[idx])
         z = np.abs(np.where(g.blq[idx], 0.0, g.y[idx] - fp)) / np.sqrt(V)
         flag = (z > 5.0) | ((f == 0) & ~g.blq[idx])
         out[ok] |= _segment_sum(flag.astype(float), starts, ok.size) > 0
@@ -418,7 +417,7 @@ def _timing_effects(g: Group) -> IntArray:
     for name, d in deps.items():
         if re.fullmatch(r"(ALAG|D|R)\d+", name):
             timing |= d
-    return np.asarray([j for j, nm in enumerate(g.names) if re.sub(r"_OCC\d+$", "", nm) in timing],
+    return np.asarray([j for j, base in enumerate(g.bases) if base in timing],
                       dtype=np.int64)
 
 
@@ -455,11 +454,6 @@ def _wide(g: Group) -> IntArray:
     return np.flatnonzero(np.sqrt(np.diag(_inv(g.precision))) > _WIDE_PRIOR_SD).astype(np.int64)
 
 
-def _occasion_of(g: Group) -> list[int]:
-    """The occasion (1, 2, ...) of each estimated effect; 0 for the between-subject effects."""
-    return [int(m.group(1)) if (m := re.search(r"_OCC(\d+)$", nm)) else 0 for nm in g.names]
-
-
 def _ray_scan(g: Group, which: IntArray, st: _State, members: IntArray, *, n_best: int = 3) -> None:
     """Look for other basins along rays from the estimate: the axis of every wide effect and every diagonal
     pair of axes with at least one wide effect and not of two different occasions (e_i, e_i + e_j, e_i - e_j),
@@ -472,7 +466,7 @@ def _ray_scan(g: Group, which: IntArray, st: _State, members: IntArray, *, n_bes
     if members.size == 0 or not wide:
         return
     d = g.dim
-    occ = _occasion_of(g)
+    occ = g.occasions
     dirs = [np.eye(d)[i] for i in sorted(wide)]
     for i in range(d):
         for j in range(i + 1, d):
@@ -600,7 +594,7 @@ def _global_screen(g: Group, which: IntArray, st: _State, members: IntArray, *, 
     Between-occasion effects are left to the rays (:func:`_ray_scan`): each acts on its own occasion's levels,
     and a cloud over the product of many occasions' effects would cover none of them well.
     """
-    occ = _occasion_of(g)
+    occ = g.occasions
     wide = np.asarray([w for w in _wide(g).tolist() if occ[w] == 0], dtype=np.int64)
     if members.size == 0 or wide.size == 0:
         return
@@ -706,12 +700,10 @@ def fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovM
 
 
 def _start_values(model: Model, r: MapResult) -> dict[str, float]:
-    """An estimate's effects by name (between-occasion ones as ``NAME_OCCk``, as :class:`Group` names them)."""
-    out = {n: float(v) for n, v in zip(model.iiv.names, r.eta, strict=True)}
-    if r.kappa is not None and model.iov is not None:
-        for k in range(r.kappa.shape[0]):
-            out.update({f"{n}_OCC{k + 1}": float(r.kappa[k, j]) for j, n in enumerate(model.iov.names)})
-    return {n: v for n, v in out.items() if np.isfinite(v)}
+    """An estimate's effects by name (:func:`cnidose.estimation.cohort.effect_layout`)."""
+    full = np.concatenate([r.eta, r.kappa.ravel()]) if r.kappa is not None else r.eta
+    layout = effect_layout(model, r.kappa.shape[0] if r.kappa is not None else 0)
+    return {name: float(v) for (name, _, _), v in zip(layout, full, strict=True) if np.isfinite(v)}
 
 
 def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovMethod, fast: bool,

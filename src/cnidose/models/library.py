@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -68,14 +69,27 @@ def resolve_model(ref: str) -> Model:
         return load_model(p)
     files = _files()
     if ref in files:
-        return load_model(files[ref])
+        return _load(files[ref])
     have = ", ".join(sorted(files)) or "none yet"
     raise ModelFileError(f"not a model file and not a library id (library: {have})", source=ref)
 
 
 def library_models() -> tuple[Model, ...]:
     """Every library model, shipped and the centre's, loaded (a malformed file raises ModelFileError naming it)."""
-    return tuple(load_model(p) for _, p in sorted(_files().items()))
+    return tuple(_load(p) for _, p in sorted(_files().items()))
+
+
+def _load(path: Path) -> Model:
+    """A library file, loaded once per version of the file (models are immutable): the model choice reads every
+    model's metadata for each patient page and analysis."""
+    st = path.stat()
+    return _load_version(str(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=256)
+def _load_version(path: str, mtime_ns: int, size: int) -> Model:
+    del mtime_ns, size  # the cache key: a rewritten file is loaded again
+    return load_model(Path(path))
 
 
 @dataclass(frozen=True, slots=True)

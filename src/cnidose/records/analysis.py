@@ -12,7 +12,7 @@ confirmed despite a plausibility warning are listed in the result's ``flagged`` 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,7 +22,10 @@ from cnidose.errors import CnidoseError, DataError, InputError
 from cnidose.pk.events import split_individuals
 from cnidose.records.exchange import record_to_nonmem
 
-__all__ = ["MODEL_FOR", "analyse", "choose_model", "clinical_assessment", "default_model", "flagged_inputs"]
+if TYPE_CHECKING:
+    from cnidose.models.library import ModelChoice
+
+__all__ = ["MODEL_FOR", "analyse", "choose_model", "clinical_assessment", "flagged_inputs"]
 
 #: (agent, indication, age group) -> the curated default among library models that fit the patient equally
 #: (choose_model: drug, organ, age group and formulation first; a centre's adaptation before it)
@@ -36,22 +39,22 @@ def age_group(birth_date: dt.date, as_of: dt.date) -> str:
     return "adult" if (as_of - birth_date).days / 365.25 >= 18 else "paediatric"
 
 
-def default_model(agent: str, indication: str, birth_date: dt.date, as_of: dt.date,
-                  formulation: str | None = None, organ: str | None = None) -> str | None:
-    """The library model the analysis uses for this patient (:func:`choose_model`), or None where none fits."""
-    return choose_model(agent, indication, birth_date, as_of, formulation, organ).id
-
-
-def choose_model(agent: str, indication: str, birth_date: dt.date, as_of: dt.date,
-                 formulation: str | None = None, organ: str | None = None) -> Any:
-    """The library's choice for this patient, with its reasons (:func:`cnidose.models.library.choose_model`):
-    by drug, organ (the transplanted organ, else the indication's), age group and formulation; among equals a
-    centre's adaptation, then the curated default MODEL_FOR, then a model checked against its publication."""
+def choose_model(record: PatientRecord, as_of: dt.date) -> ModelChoice:
+    """The library's model for this patient, with its reasons (:func:`cnidose.models.library.choose_model`): by
+    drug, organ (the transplanted organ, else the indication's), age group and the formulation of the regimen in
+    force; among equals a centre's adaptation, then the curated default MODEL_FOR, then a model checked against
+    its publication."""
     from cnidose.models.library import choose_model as choose
 
-    prefer = {(a, ind.replace(" transplant", ""), g): mid for (a, ind, g), mid in MODEL_FOR.items()}
-    where = organ or indication.replace(" transplant", "")
-    return choose(agent, where, age_group(birth_date, as_of), formulation, prefer=prefer)
+    prefer = {(a, _organ_of(ind), g): mid for (a, ind, g), mid in MODEL_FOR.items()}
+    reg = record.current_regimen(as_of)
+    return choose(record.agent, record.organ or _organ_of(record.indication), age_group(record.birth_date, as_of),
+                  reg.product if reg is not None else None, prefer=prefer)
+
+
+def _organ_of(indication: str) -> str:
+    """"kidney transplant" -> "kidney"; an indication that is not a transplant stands for itself."""
+    return indication.replace(" transplant", "")
 
 
 def clinical_assessment(record: PatientRecord, as_of: dt.date) -> dict[str, Any]:
@@ -130,13 +133,11 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         out["warnings"].append(f"input flagged at entry and confirmed: {f['kind']} {f['when'] or ''} "
                                f"({'; '.join(f['flags'])})")
     group = age_group(record.birth_date, as_of)
-    reg_now = record.current_regimen(as_of)
     why_model = "chosen by the caller"
     if model_id:
         mid: str | None = model_id
     else:
-        picked = choose_model(record.agent, record.indication, record.birth_date, as_of,
-                              reg_now.product if reg_now is not None else None, record.organ)
+        picked = choose_model(record, as_of)
         out["model_choice"] = {"id": picked.id, "reasons": list(picked.reasons),
                                "alternatives": list(picked.alternatives)}
         mid, why_model = picked.id, picked.explanation()
@@ -168,7 +169,7 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         months = (as_of - transplant).days / 30.4375 if transplant else 0.0
         meds = {m.name for m in record.final_medications()}
         concomitant = "mmf" if any("mycophenol" in m for m in meds) else "any"
-        organ = record.organ or record.indication.replace(" transplant", "")
+        organ = record.organ or _organ_of(record.indication)
         target = find_target(record.agent, organ, group, months, concomitant=concomitant)
         if aim is not None and not target.low <= aim <= target.high:
             raise FieldError(f"the aim {aim:g} {target.unit} is outside the target {target.low:g}-{target.high:g} "

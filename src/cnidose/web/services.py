@@ -5,15 +5,17 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnidose.errors import CnidoseError
 from cnidose.records import analysis
-from cnidose.records.analysis import default_model
 from cnidose.records.exchange import chart_to_record
 from cnidose.records.store import Chart
 
-__all__ = ["analyse", "clinical_assessment", "default_model", "model_choice", "trends"]
+if TYPE_CHECKING:
+    from cnidose.models.library import ModelChoice
+
+__all__ = ["analyse", "clinical_assessment", "model_choice", "trends"]
 
 
 def _record(chart: Chart) -> Any:
@@ -30,16 +32,14 @@ def clinical_assessment(chart: Chart, as_of: dt.date) -> dict[str, Any]:
     return analysis.clinical_assessment(record, as_of)
 
 
-def model_choice(chart: Chart, as_of: dt.date) -> Any:
+def model_choice(chart: Chart, as_of: dt.date) -> ModelChoice | None:
     """The library model the analysis would use for the chart's patient, with its reasons
     (:func:`cnidose.records.analysis.choose_model`); None where the record cannot be read."""
     try:
         record = _record(chart)
     except CnidoseError:
         return None
-    reg = record.current_regimen(as_of)
-    return analysis.choose_model(record.agent, record.indication, record.birth_date, as_of,
-                                 reg.product if reg is not None else None, record.organ)
+    return analysis.choose_model(record, as_of)
 
 
 def analyse(chart: Chart, as_of: dt.date, *, model_id: str | None = None, n_draws: int = 500,
