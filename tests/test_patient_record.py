@@ -347,6 +347,10 @@ def test_cli_recommend_and_the_use_case_give_the_same_answer(tmp_path: Path) -> 
     assert cli["recommendation"]["summary"] == direct["recommendation"]["summary"]
     assert cli["recommendation"]["chosen"]["dose"] < 5  # troughs above range: a lower dose
     assert [a["rule"] for a in cli["clinical"]["alerts"]] == [a["rule"] for a in direct["clinical"]["alerts"]]
+    text = CliRunner().invoke(app, ["recommend", "--patient", str(path), "--as-of", "2026-11-30", "--draws", "300"])
+    assert text.exit_code == 0, text.output
+    assert "why this model: tacrolimus, kidney, adult, Prograf; andrews2019_tac_adult_kidney is the default" \
+        in text.stdout
 
 
 def test_the_model_follows_the_formulation_and_says_why() -> None:

@@ -396,6 +396,9 @@ def _recommend_record(path: Path, as_of: str | None, model: str | None, draws: i
         typer.echo(r["summary"])
         typer.echo(f"target: {result['target']}")
         typer.echo(f"model {result['model']}; cnidose {result['version']}")
+        why = (result.get("model_inputs") or {}).get("model", {}).get("why")
+        if why:
+            typer.echo(f"  why this model: {why}")
         typer.echo(f"strategy {result['strategy']['name']}: {result['strategy']['description']}")
         typer.echo("  dose mg   median   80 % interval   P(in range)")
         chosen = (r.get("chosen") or {}).get("dose")
