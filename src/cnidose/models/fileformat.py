@@ -16,7 +16,8 @@ result. The full reference, with an annotated example, is
     [citation]   authors, title, journal, year, doi, url, pmcid, secondary, ...
     [units]      dose, time, concentration
     [domain]     description, subjects, ...  (covariate ranges sit with each covariate)
-    [structure]  compartments, default_dose, default_obs, flows = [{from, to?, rate, per?}],
+    [structure]  compartments, default_dose, default_obs, iv_dose (where intravenous doses enter),
+                 flows = [{from, to?, rate, per?}],
                  transit = {from, to, n, rate}   (n transit compartments between from and to)
                  or kind = "ode" with [structure.ode] d<CMT> = "expression"
     [parameters.NAME]  value, unit, description, source, fixed
@@ -75,7 +76,8 @@ _ADAPTATION = {"parent", "parent_sha256", "data", "data_sha256", "method", "date
                "validation", "note"}
 _CITATION = {"authors", "title", "journal", "year", "doi", "url", "pmcid", "text", "note", "secondary", "tables"}
 _DOMAIN = {"description", "subjects", "observations", "age", "time_after_transplant", "note"}
-_STRUCTURE = {"kind", "compartments", "default_dose", "default_obs", "flows", "transit", "ode", "absorption"}
+_STRUCTURE = {"kind", "compartments", "default_dose", "default_obs", "iv_dose", "flows", "transit", "ode",
+              "absorption"}
 _PARAM = {"value", "unit", "description", "source", "fixed", "note"}
 _RE = {"names", "variance", "sd", "cv_percent", "cv_conversion", "correlations", "source", "note", "occasion"}
 _COV = {"unit", "description", "domain", "default", "default_note", "levels", "derive", "derive_note", "source",
@@ -263,6 +265,14 @@ def parse_model(raw: bytes, *, source: str = "<string>") -> Model:
         ctx.fail("between-occasion effects need occasion = \"<data column>\"", "random_effects.iov.occasion")
     covs = _covariates(ctx, doc.get("covariates", {}))
     structure = _structure(ctx, doc["structure"])
+    iv_dose = None
+    if "iv_dose" in doc["structure"]:
+        iv = doc["structure"]["iv_dose"]
+        if iv not in structure.compartments:
+            ctx.fail(f"{iv!r} is not one of {', '.join(structure.compartments)}", "structure.iv_dose")
+        if "intravenous" not in meta.get("route", ()):
+            ctx.fail("a model with an intravenous dose compartment lists \"intravenous\" in route", "structure.iv_dose")
+        iv_dose = structure.compartments.index(iv) + 1
 
     names: dict[str, str] = {}  # name -> kind, for clash detection
     usable_covs = [n for n, c in covs.items() if not c.domain_only]
@@ -299,7 +309,7 @@ def parse_model(raw: bytes, *, source: str = "<string>") -> Model:
         parameters=params, iiv=iiv, iov=iov, covariates=covs, pk=tuple(pk), pk_units=pk_units,
         observations=observations, units={"dose": units["dose"], "time": units["time"],
                                           "concentration": units["concentration"]},
-        checks=checks, meta=meta, citation=citation, source=source,
+        checks=checks, meta=meta, citation=citation, source=source, iv_dose=iv_dose,
     )
 
 

@@ -115,7 +115,7 @@ def _form_key(name: str) -> str:
 
 
 def choose_model(drug: str, organ: str | None, age_group: str, formulation: str | None = None, *,
-                 prefer: Mapping[tuple[str, str, str], str] | None = None,
+                 intravenous: bool = False, prefer: Mapping[tuple[str, str, str], str] | None = None,
                  models: tuple[Model, ...] | None = None) -> ModelChoice:
     """The library model for a patient given drug, organ (transplanted organ or population, e.g. ``kidney``,
     ``hsct``), age group (``adult`` or ``paediatric``) and formulation (the product taken, e.g. ``Advagraf``).
@@ -126,7 +126,9 @@ def choose_model(drug: str, organ: str | None, age_group: str, formulation: str 
     never taken silently. Among those that qualify, in order: a centre's model adapted from one of them
     (``cnidose adapt``: fitted to this centre's own patients); the curated default ``prefer`` for (drug, organ,
     age group); a model checked against its primary publication (``confirmed``); then the id, so that the
-    choice never depends on file order. Each step that decides is said in the reasons.
+    choice never depends on file order. Each step that decides is said in the reasons. ``intravenous``: the
+    patient's doses include intravenous ones, so only a model whose ``route`` includes intravenous describes them
+    (any other refuses them: :data:`cnidose.models.model.IV`).
     """
     pool = library_models() if models is None else models
     want_organ = (organ or "").strip().lower()
@@ -155,6 +157,15 @@ def choose_model(drug: str, organ: str | None, age_group: str, formulation: str 
     else:
         cands = list(fits_population)
         reasons = [f"{population}; the formulation is not recorded, so it was not matched"]
+    if intravenous:
+        oral_only = [m for m in cands if "intravenous" not in m.meta.get("route", ())]
+        cands = [m for m in cands if m not in oral_only]
+        if not cands:
+            return ModelChoice(None, (f"the record has intravenous doses and no library model for {population} "
+                                      "describes intravenous doses: "
+                                      f"{', '.join(m.id for m in oral_only)} describe oral doses only",))
+        reasons.append("the record has intravenous doses: only a model with an intravenous route describes them"
+                       + (f" (not {', '.join(m.id for m in oral_only)})" if oral_only else ""))
     ids = {m.id for m in cands}
 
     def parent(m: Model) -> str:

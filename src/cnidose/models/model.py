@@ -19,6 +19,7 @@ Every result names the model (``id``, ``version``, ``content_hash``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from cnidose.pk.structure import LinearStructure, OdeStructure
 
 __all__ = [
     "EXPOSURE",
+    "IV",
     "Check",
     "Covariate",
     "ErrorModel",
@@ -58,6 +60,10 @@ IntArray = NDArray[np.int64]
 #: interval ending at it. Absent or 1: no change. ``cnidose.models.exposure.with_exposure`` writes it.
 EXPOSURE = "EXPOSURE"
 EXPOSED_PARAMETER = "CL"
+#: Reserved data column: 1 on a dose record given intravenously, 0 (or missing) for the model's default route.
+#: A dose with IV = 1 and no CMT enters the model's ``iv_dose`` compartment (``[structure] iv_dose``); a model
+#: without one refuses it (an intravenous dose read as oral would be absorbed, with oral bioavailability).
+IV = "IV"
 ErrorKind = Literal["proportional", "additive", "combined", "exponential"]
 
 
@@ -255,6 +261,9 @@ class Model:
     #: Which record's F, R and D a dose takes (:func:`cnidose.pk.simulate`): "nonmem" (those in force when it
     #: enters, PREDPP's rule) or "dose-record" (mrgsolve's); ``dataclasses.replace(model, dose_values=...)``.
     dose_values: DoseValues = "nonmem"
+    #: 1-based compartment that intravenous doses enter (``[structure] iv_dose``); None: the model has no
+    #: intravenous route.
+    iv_dose: int | None = None
     #: Estimation options (:class:`Fitting`); ``dataclasses.replace(model, fitting=Fitting(...))``.
     fitting: Fitting = Fitting()
 
@@ -277,7 +286,7 @@ class Model:
         """Resolve covariates, occasions and observation types for ``individual`` (once)."""
         if isinstance(individual, Prepared):
             return individual
-        ind = individual
+        ind = self._route_doses(individual)
         notices: list[Notice] = []
         covs = {}
         for name, cov in self.covariates.items():
@@ -308,6 +317,29 @@ class Model:
         for k, ob in enumerate(self.observations):
             obs_type[obs_cmt == ob.compartment] = k
         return Prepared(ind, covs, occasion, n_occ, obs_type, tuple(notices))
+
+    def _route_doses(self, ind: Individual) -> Individual:
+        """Send intravenous doses (``IV`` = 1, no CMT) to the model's intravenous compartment, or refuse them."""
+        col = ind.covariates.get(IV)
+        if col is None:
+            return ind
+        dose = (ind.evid == 1) | (ind.evid == 4)
+        odd = dose & ~np.isnan(col) & (col != 0) & (col != 1)
+        if odd.any():
+            j = int(np.flatnonzero(odd)[0])
+            raise DataError(f"IV is 1 (an intravenous dose) or 0, got {col[j]:g}", row=int(ind.rows[j]), column=IV)
+        iv = dose & (col == 1) & (ind.cmt == 0)
+        if not iv.any():
+            return ind
+        if self.iv_dose is None:
+            j = int(np.flatnonzero(iv)[0])
+            routes = ", ".join(self.meta.get("route", ())) or "its default"
+            raise DataError(f"an intravenous dose, and {self.id} describes {routes} doses only: it would be read "
+                            "as absorbed, with oral bioavailability (use a model whose route includes intravenous, "
+                            "see cnidose models list, or leave the dose out)", row=int(ind.rows[j]), column=IV)
+        cmt = ind.cmt.copy()
+        cmt[iv] = self.iv_dose
+        return dataclasses.replace(ind, cmt=cmt)
 
     def _exposure(self, ind: Individual) -> FloatArray | None:
         """The EXPOSURE column, checked (None when absent or 1 throughout)."""

@@ -42,14 +42,15 @@ def age_group(birth_date: dt.date, as_of: dt.date) -> str:
 def choose_model(record: PatientRecord, as_of: dt.date) -> ModelChoice:
     """The library's model for this patient, with its reasons (:func:`cnidose.models.library.choose_model`): by
     drug, organ (the transplanted organ, else the indication's), age group and the formulation of the regimen in
-    force; among equals a centre's adaptation, then the curated default MODEL_FOR, then a model checked against
-    its publication."""
+    force, and a model with an intravenous route where the record has intravenous doses; among equals a centre's
+    adaptation, then the curated default MODEL_FOR, then a model checked against its publication."""
     from cnidose.models.library import choose_model as choose
 
     prefer = {(a, _organ_of(ind), g): mid for (a, ind, g), mid in MODEL_FOR.items()}
     reg = record.current_regimen(as_of)
+    iv = any(d.route == "intravenous" and d.time.date() <= as_of for d in record.final_administrations())
     return choose(record.agent, record.organ or _organ_of(record.indication), age_group(record.birth_date, as_of),
-                  reg.product if reg is not None else None, prefer=prefer)
+                  reg.product if reg is not None else None, intravenous=iv, prefer=prefer)
 
 
 def _organ_of(indication: str) -> str:

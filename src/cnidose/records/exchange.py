@@ -237,7 +237,9 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
         series.sort(key=lambda x: x[0])
     names = sorted(covs)
     tx = record.transplant_date
-    extra = ["AGE", "SEX"] + (["POD"] if tx else []) + ["IMMUNOASSAY"] + (["EXPOSURE"] if mine else [])
+    iv = any(d.route == "intravenous" for d in doses)  # the reserved IV column (cnidose.models.model.IV)
+    extra = (["AGE", "SEX"] + (["POD"] if tx else []) + ["IMMUNOASSAY"] + (["EXPOSURE"] if mine else [])
+             + (["IV"] if iv else []))
     header = _BASE + [n for n in extra if n not in names] + names
     # NONMEM IDs are numbers: a text record id (an MRN) becomes 1
     pid: float | str = ident if ident is not None else (record.id if _numeric(record.id) else 1)
@@ -252,6 +254,8 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
             dur = e.infusion_h
             row |= {"EVID": 1, "AMT": e.dose_mg, "RATE": e.dose_mg / dur if dur else 0, "DV": ".", "MDV": 1, "BLQ": 0,
                     "LLOQ": "."}
+            if iv:
+                row["IV"] = 1 if e.route == "intravenous" else 0
         elif kind == 2:  # an exposure boundary: no dose, no level
             row |= {"EVID": 2, "AMT": 0, "RATE": 0, "DV": ".", "MDV": 1, "BLQ": 0, "LLOQ": "."}
         else:
