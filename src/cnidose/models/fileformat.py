@@ -19,6 +19,8 @@ result. The full reference, with an annotated example, is
     [structure]  compartments, default_dose, default_obs, iv_dose (where intravenous doses enter),
                  flows = [{from, to?, rate, per?}],
                  transit = {from, to, n, rate}   (n transit compartments between from and to)
+                 transit_input = {n, mtt}   (doses into default_dose arrive through n transit compartments
+                 of mean transit time mtt, n any real >= 0: Savic 2007; n and mtt name parameters)
                  or kind = "ode" with [structure.ode] d<CMT> = "expression"
     [parameters.NAME]  value, unit, description, source, fixed
     [random_effects]   names, one of variance | sd | cv_percent (+ cv_conversion = "sqrt" | "lognormal"),
@@ -61,7 +63,7 @@ from cnidose.models.model import (
     RandomEffects,
 )
 from cnidose.models.units import Unit, UnitError, parse_unit
-from cnidose.pk.structure import Flow, LinearStructure, OdeStructure
+from cnidose.pk.structure import Flow, GammaInput, LinearStructure, OdeStructure
 
 __all__ = ["load_model", "parse_model", "rewrite_model"]
 
@@ -76,8 +78,8 @@ _ADAPTATION = {"parent", "parent_sha256", "data", "data_sha256", "method", "date
                "validation", "note"}
 _CITATION = {"authors", "title", "journal", "year", "doi", "url", "pmcid", "text", "note", "secondary", "tables"}
 _DOMAIN = {"description", "subjects", "observations", "age", "time_after_transplant", "note"}
-_STRUCTURE = {"kind", "compartments", "default_dose", "default_obs", "iv_dose", "flows", "transit", "ode",
-              "absorption"}
+_STRUCTURE = {"kind", "compartments", "default_dose", "default_obs", "iv_dose", "flows", "transit",
+              "transit_input", "ode", "absorption"}
 _PARAM = {"value", "unit", "description", "source", "fixed", "note"}
 _RE = {"names", "variance", "sd", "cv_percent", "cv_conversion", "correlations", "source", "note", "occasion"}
 _COV = {"unit", "description", "domain", "default", "default_note", "levels", "derive", "derive_note", "source",
@@ -289,10 +291,13 @@ def parse_model(raw: bytes, *, source: str = "<string>") -> Model:
 
     pk, pk_units = _pk(ctx, doc["pk"], set(names), params)
     defined = {n for n, _ in pk}
-    missing = [p for p in structure.rate_parameters if p not in defined and p not in params]
+    needs = list(structure.rate_parameters)
+    if structure.gamma is not None:
+        needs += [p for p in (structure.gamma.n, structure.gamma.mtt) if p not in needs]
+    missing = [p for p in needs if p not in defined and p not in params]
     if missing:
         ctx.fail(f"the structure needs {', '.join(missing)}, not defined in [pk] or [parameters]", "pk")
-    for p in structure.rate_parameters:
+    for p in needs:
         if p not in defined:
             pk.append((p, compile_expression(p)))
             pk_units[p] = params[p].unit
@@ -508,6 +513,12 @@ def _structure(ctx: _Ctx, spec: Any) -> LinearStructure | OdeStructure:
 
     dose = cmt(spec["default_dose"], "structure.default_dose")
     obs = cmt(spec["default_obs"], "structure.default_obs")
+    gamma = None
+    if "transit_input" in spec:
+        ti = ctx.keys(spec["transit_input"], {"n", "mtt"}, "structure.transit_input", required=("n", "mtt"))
+        if not (isinstance(ti["n"], str) and isinstance(ti["mtt"], str)):
+            ctx.fail("transit_input = {n = <parameter>, mtt = <parameter>}", "structure.transit_input")
+        gamma = GammaInput(dose, ti["n"], ti["mtt"])
     kind = ctx.get(spec, "kind", str, "structure", "linear")
     if kind == "linear":
         if "ode" in spec:
@@ -520,7 +531,7 @@ def _structure(ctx: _Ctx, spec: Any) -> LinearStructure | OdeStructure:
             flows_spec.append((f["from"], f.get("to"), f["rate"], f.get("per"), where))
         flows = tuple(Flow(cmt(a, w + ".from"), None if b is None else cmt(b, w + ".to"), r, p)
                       for a, b, r, p, w in flows_spec)
-        return LinearStructure(tuple(names), dose, obs, flows)
+        return LinearStructure(tuple(names), dose, obs, flows, gamma=gamma)
     if kind == "ode":
         if flows_spec or "flows" in spec:
             ctx.fail("flows are for kind = \"linear\"", "structure.flows")
@@ -540,7 +551,7 @@ def _structure(ctx: _Ctx, spec: Any) -> LinearStructure | OdeStructure:
             return np.concatenate([np.broadcast_to(np.asarray(e(env), dtype=np.float64), (x.shape[0], 1))
                                    for e in exprs], axis=1)
 
-        return OdeStructure(comp_names, dose, obs, rhs, tuple(needed))
+        return OdeStructure(comp_names, dose, obs, rhs, tuple(needed), gamma=gamma)
     ctx.fail(f"unknown kind {kind!r} (linear or ode)", "structure.kind")
 
 
@@ -603,6 +614,13 @@ def _check_units(ctx: _Ctx, structure: LinearStructure | OdeStructure, pk: list[
                 what = f"{f.rate}/{f.per}" if f.per else f.rate
                 ctx.fail(f"flow rate {what} is in {ur}{'/' + str(_unit_of(f.per, pk_units, params)) if f.per else ''}"
                          ", which is not 1/h", field)
+    if structure.gamma is not None:
+        for name, want, text in ((structure.gamma.n, parse_unit("1"), "1 (a number of compartments)"),
+                                 (structure.gamma.mtt, u_time, "h")):
+            u = _unit_of(name, pk_units, params)
+            if u is None or parse_unit(u) != want:
+                ctx.fail(f"{name} is the transit input's {'n' if want != u_time else 'mtt'}: give it the unit {text}",
+                         f"pk.{name}")
     expected: dict[str, Callable[[], Unit]] = {
         "ALAG": lambda: u_time, "D": lambda: u_time, "R": lambda: u_dose.per(u_time), "F": lambda: parse_unit("1"),
     }

@@ -52,8 +52,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from cnidose.errors import DataError, NumericalError
 from cnidose.pk.events import Individual
-from cnidose.pk.solvers import EigenSolver, ExpmSolver, OdeSolver, Solver
-from cnidose.pk.structure import LinearStructure, OdeStructure
+from cnidose.pk.solvers import EigenSolver, ExpmSolver, GammaDose, OdeSolver, Solver, gamma_support
+from cnidose.pk.structure import GammaInput, LinearStructure, OdeStructure
 
 __all__ = ["DoseValues", "Method", "Simulation", "simulate", "simulate_many"]
 
@@ -167,8 +167,11 @@ class _DoseParameters:
 class _State:
     """Mutable state of one simulation run (internal to the engine)."""
 
-    def __init__(self, solver: Solver, batch: int, n: int, doses: _DoseParameters, *, retime: bool):
+    def __init__(self, solver: Solver, batch: int, n: int, doses: _DoseParameters, *, retime: bool,
+                 gamma: GammaInput | None = None):
         self.solver = solver
+        self.gamma = gamma  # bolus doses into gamma.cmt enter at a gamma-density rate (GammaInput)
+        self.gammas: list[GammaDose] = []
         self.y = np.zeros((batch, n))
         self.r = np.zeros((batch, n))  # natural-coordinate input rates
         self.ry: FloatArray | None = None  # internal-coordinate input rates
@@ -186,6 +189,7 @@ class _State:
         self.ry = None
         self.pending = []
         self.running = []
+        self.gammas = []
 
     def switch(self, solver: Solver) -> None:
         x = self.solver.to_natural(self.y)
@@ -203,8 +207,8 @@ class _State:
         inc = delta[:, None] * self.solver.unit(cmt)
         self.ry = np.array(inc) if self.ry is None else self.ry + inc
 
-    def apply(self, atom: _Atom, mask: NDArray[np.bool_] | None) -> None:
-        """Give a bolus or a rate change to the members in ``mask`` (all when None)."""
+    def apply(self, atom: _Atom, mask: NDArray[np.bool_] | None, time: float | FloatArray) -> None:
+        """Give a bolus or a rate change, at ``time``, to the members in ``mask`` (all when None)."""
         c = atom.cmt
         if atom.kind == _RATE:
             self.add_rate(c, atom.value if mask is None else np.where(mask, atom.value, 0.0))
@@ -212,12 +216,44 @@ class _State:
         rec = self.rec if atom.rec < 0 else atom.rec
         amount = self.doses.get("F", c, rec, src=atom.src, mask=mask) * atom.value
         val = amount if mask is None else np.where(mask, amount, 0.0)
+        if self.gamma is not None and c == self.gamma.cmt - 1:
+            self.gammas.append(self._gamma_dose(c, val, rec, atom.src, time, mask))
+            return
         self.y = self.y + val[:, None] * self.solver.unit(c)
+
+    def _gamma_dose(self, c: int, amount: FloatArray, rec: int, src: int, time: float | FloatArray,
+                    mask: NDArray[np.bool_] | None) -> GammaDose:
+        """A bolus into the gamma-input compartment: its shape n + 1 and rate (n + 1) / mtt at record ``rec``."""
+        g = self.gamma
+        assert g is not None
+        vals = []
+        for name, low, text in ((g.n, 0.0, ">= 0"), (g.mtt, None, "> 0")):
+            a = self.doses.P.get(name)
+            if a is None:
+                raise DataError(f"the gamma (transit) input needs {name}; the model defines none", column=name)
+            v = a[:, rec]
+            w = v if mask is None else v[mask]
+            good = np.isfinite(w) & ((w >= 0) if low is not None else (w > 0))
+            if not np.all(good):
+                bad = w[~good]
+                where = ("" if rec == src else
+                         f" (the value in force when the dose of row {int(self.doses.rows[src])} enters)")
+                raise DataError(f"transit input parameter {name} must be finite and {text}, got {float(bad[0]):g}"
+                                f"{where}", row=int(self.doses.rows[rec]), column=name)
+            vals.append(np.where(np.isfinite(v) & (v > 0 if low is None else v >= 0), v, 1.0))
+        shape = vals[0] + 1.0
+        rate = shape / vals[1]
+        start = np.broadcast_to(np.asarray(time, dtype=np.float64), (self.batch,)).copy()
+        return GammaDose(start, np.array(amount, dtype=np.float64), shape, rate, gamma_support(shape, rate), c)
 
     def start(self, atom: _Atom, mask: NDArray[np.bool_]) -> list[_Atom]:
         """A zero-order input starting for the members in ``mask``: its rate and duration are those of the
         record whose values it takes, so it becomes a rate change at its start and another at its end."""
         rec = self.rec if atom.rec < 0 else atom.rec
+        if self.gamma is not None and atom.cmt == self.gamma.cmt - 1:
+            raise DataError("a zero-order input into a compartment whose doses enter through the model's gamma "
+                            "(transit) input: give the dose as a bolus (RATE = 0) or into another compartment",
+                            row=int(self.doses.rows[atom.src]), column="RATE")
         amount = self.doses.get("F", atom.cmt, rec, src=atom.src, mask=mask) * atom.value
         rho, dur = _rate_duration(self.doses, atom, amount, rec, mask)
         live = mask & (dur > 0)
@@ -250,11 +286,17 @@ class _State:
             run.rho = np.where(changed, R, run.rho)
         self.running = keep
 
-    def step(self, dt: float | FloatArray) -> None:
+    def step(self, dt: float | FloatArray, t_from: float | FloatArray) -> None:
+        """Advance by ``dt`` (scalar or (B,)) from ``t_from``, the time the step starts (the gamma inputs')."""
         if np.ndim(dt) == 0:
-            if dt > 0:
-                self.y = self.solver.propagate(self.y, self.ry, float(dt))
-        elif np.any(dt > 0):
+            if not dt > 0:
+                return
+            dt = float(dt)
+        elif not np.any(dt > 0):
+            return
+        if self.gammas:
+            self.y = self.solver.propagate_gamma(self.y, self.ry, dt, t_from, self.gammas)
+        else:
             self.y = self.solver.propagate(self.y, self.ry, dt)
 
     def advance(self, t0: float, t1: float, rec: int) -> None:
@@ -264,9 +306,11 @@ class _State:
         of record ``rec`` (or its own fixed record), so its start and end are known before stepping.
         """
         self.rec = rec
+        if self.gammas:  # forget the inputs that are over
+            self.gammas = [g for g in self.gammas if np.any((g.amount != 0) & (t0 - g.start < g.end))]
         due = [a for a in self.pending if a.lo <= t1]
         if not due:
-            self.step(t1 - t0)
+            self.step(t1 - t0, t0)
             return
         if any(a.kind == _START for a in due):
             expanded: list[_Atom] = []
@@ -283,11 +327,11 @@ class _State:
         if all(a.uniform for a in due):  # one time for every batch member: scalar steps, cached propagators
             cur = t0
             for a in sorted(due, key=lambda a: a.lo):
-                self.step(a.lo - cur)
+                self.step(a.lo - cur, cur)
                 cur = max(cur, a.lo)
                 a.consume(None)
-                self.apply(a, None)
-            self.step(t1 - cur)
+                self.apply(a, None, cur)
+            self.step(t1 - cur, cur)
         else:
             T = np.stack([np.where(a.time <= t1, a.time, np.inf) for a in due], axis=1)
             order = np.argsort(T, axis=1, kind="stable")
@@ -299,13 +343,13 @@ class _State:
                 act = np.isfinite(tj)
                 if not act.any():
                     break
-                self.step(np.where(act, tj - cur_v, 0.0))
+                self.step(np.where(act, tj - cur_v, 0.0), cur_v)
                 cur_v = np.where(act, tj, cur_v)
                 for m in np.unique(idx[act]):
-                    self.apply(due[int(m)], act & (idx == m))
+                    self.apply(due[int(m)], act & (idx == m), cur_v)
             for a in due:
                 a.consume(a.time <= t1)
-            self.step(t1 - cur_v)
+            self.step(t1 - cur_v, cur_v)
         self.pending = [a for a in self.pending if a.lo < np.inf]
 
 
@@ -448,7 +492,7 @@ def simulate(
         raise ValueError(f"dose_values must be 'nonmem' or 'dose-record', not {dose_values!r}")
     nonmem = dose_values == "nonmem"
     doses = _DoseParameters(P, individual.rows, B)
-    st = _State(make_solver(0), B, n, doses, retime=nonmem)
+    st = _State(make_solver(0), B, n, doses, retime=nonmem, gamma=structure.gamma)
     out = np.empty((B, R))
     amounts = np.empty((B, R, n)) if return_amounts else None
     t_prev = float(individual.time[0])
@@ -473,6 +517,10 @@ def simulate(
             rate = float(individual.rate[i])
             ii = float(individual.ii[i])
             const_inf = ss == 1 and amt == 0 and rate > 0 and ii == 0
+            if structure.gamma is not None and c == structure.gamma.cmt - 1 and rate != 0:
+                raise DataError("a zero-order input into a compartment whose doses enter through the model's gamma "
+                                "(transit) input: give the dose as a bolus (RATE = 0) or into another compartment",
+                                row=int(individual.rows[i]), column="RATE")
             if const_inf:
                 # Constant infusion at steady state; it stops at the record time
                 # (NONMEM help, "SS dose event record").
@@ -514,11 +562,18 @@ def _add_steady_state(st: _State, structure: LinearStructure | OdeStructure, t: 
     if kind == _START:
         probe = _Atom(np.full(st.batch, t), c, kind, np.full(st.batch, amt), rate=rate, rec=rec, src=rec)
         rho, dur = _rate_duration(st.doses, probe, amount, rec, None)
-    span = L if dur is None else L + dur
+    gamma = structure.gamma is not None and c == structure.gamma.cmt - 1
+    shape = rate_g = None
+    if gamma:  # the implied doses' inputs take the steady-state record's shape and rate
+        gd = st._gamma_dose(c, amount, rec, rec, t, None)
+        shape, rate_g = gd.a, gd.b
+        span = L + gd.end
+    else:
+        span = L if dur is None else L + dur
     k0 = max(1, ceil(float(np.max(span)) / ii))
 
     def replay(n_doses: int) -> _State:
-        sub = _State(solver, st.batch, structure.n, st.doses, retime=st.retime)
+        sub = _State(solver, st.batch, structure.n, st.doses, retime=st.retime, gamma=st.gamma)
         start = t - n_doses * ii - 1.0
         sub.pending = [_Atom(np.array(t + L - k * ii, dtype=np.float64), c, kind, np.full(st.batch, amt),
                              rate=rate, rec=rec, src=rec) for k in range(1, n_doses + 1)]
@@ -530,7 +585,11 @@ def _add_steady_state(st: _State, structure: LinearStructure | OdeStructure, t: 
         # Doses k > k0 are complete by t: w is dose k0's trace at t; the rest
         # is the geometric series sum_{j>=1} exp(K j II) w.
         u = np.asarray(solver.unit(c))
-        if rho is None or dur is None:
+        if gamma:
+            assert shape is not None and rate_g is not None
+            w = amount[:, None] * solver.gamma_input(np.zeros(st.batch), np.broadcast_to(k0 * ii - L, (st.batch,)),
+                                                     shape, rate_g, c)
+        elif rho is None or dur is None:
             w = solver.propagate(amount[:, None] * u, None, k0 * ii - L)
         else:
             w = solver.propagate(solver.propagate(np.zeros_like(u), rho[:, None] * u, dur), None, k0 * ii - L - dur)
@@ -543,6 +602,8 @@ def _add_steady_state(st: _State, structure: LinearStructure | OdeStructure, t: 
         for a in sub.pending:
             a.time = a.time + offset
             a.refresh()
+        for g in sub.gammas:
+            g.start = g.start + offset
         y_ss = sub.y
     st.y = st.y + y_ss
     if np.any(sub.r != 0):
@@ -551,6 +612,7 @@ def _add_steady_state(st: _State, structure: LinearStructure | OdeStructure, t: 
             st.ry = np.array(sub.ry) if st.ry is None else st.ry + sub.ry
     st.pending.extend(sub.pending)
     st.running.extend(sub.running)
+    st.gammas.extend(sub.gammas)
 
 
 def _cycle_to_steady_state(st: _State, structure: LinearStructure | OdeStructure, c: int, amt: float, rate: float,
@@ -563,7 +625,7 @@ def _cycle_to_steady_state(st: _State, structure: LinearStructure | OdeStructure
     the member's largest amount. The returned state's clock ends at ``rec_time``.
     """
     kind = _BOLUS if rate == 0 else _START
-    sub = _State(st.solver, st.batch, structure.n, st.doses, retime=st.retime)
+    sub = _State(st.solver, st.batch, structure.n, st.doses, retime=st.retime, gamma=st.gamma)
     prev: FloatArray | None = None
     prev_d: FloatArray | None = None
     for j in range(1, 8193):

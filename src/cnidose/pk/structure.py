@@ -18,7 +18,7 @@ turns an amount into the reported concentration (prediction = A(n)/S<n>).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
@@ -27,6 +27,7 @@ from cnidose.errors import ModelFileError
 
 __all__ = [
     "Flow",
+    "GammaInput",
     "LinearStructure",
     "OdeStructure",
     "Structure",
@@ -61,10 +62,26 @@ class Flow:
 
 
 @dataclass(frozen=True, slots=True)
+class GammaInput:
+    """Bolus doses into compartment ``cmt`` (1-based) arrive there over time, at a rate proportional to a gamma
+    density of the time since the dose (after its lag): shape ``n + 1`` and rate ``(n + 1) / mtt``, with ``n``
+    and ``mtt`` the values of the parameters so named when the dose enters. This is the transit-compartment
+    input of Savic et al. 2007 (J Pharmacokinet Pharmacodyn 34:711): ``n`` transit compartments with mean
+    transit time ``mtt``, for any real ``n >= 0`` (a whole ``n`` is the Erlang chain of ``n`` compartments and
+    the dose compartment). Every dose is superposed (the NONMEM code of many papers keeps the last dose only;
+    the two agree once a dose's input is over)."""
+
+    cmt: int
+    n: str
+    mtt: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Base:
     compartments: tuple[str, ...]
     default_dose: int
     default_obs: int
+    gamma: GammaInput | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         n = len(self.compartments)
@@ -72,6 +89,9 @@ class _Base:
             v = getattr(self, name)
             if not 1 <= v <= n:
                 raise ModelFileError(f"{name}={v} is not a compartment 1..{n}", field=name)
+        if self.gamma is not None and not 1 <= self.gamma.cmt <= n:
+            raise ModelFileError(f"gamma input compartment {self.gamma.cmt} is not a compartment 1..{n}",
+                                 field="gamma")
 
     @property
     def n(self) -> int:

@@ -78,7 +78,7 @@ class Design:
 
 def design_supports(structure: object, individual: Individual) -> bool:
     """Whether :func:`compile_design` can represent this individual's records."""
-    if not isinstance(structure, LinearStructure):
+    if not isinstance(structure, LinearStructure) or structure.gamma is not None:  # gamma inputs: the engine
         return False
     n = structure.n
     cmt = np.where(individual.cmt > 0, individual.cmt, 0)
