@@ -19,8 +19,8 @@ from cnidose.errors import ModelFileError
 from cnidose.models.fileformat import load_model
 from cnidose.models.model import Model
 
-__all__ = ["CENTRE_MODELS", "ModelChoice", "centre_dir", "choose_model", "library_ids", "library_models",
-           "resolve_model"]
+__all__ = ["CENTRE_MODELS", "ModelChoice", "centre_dir", "choose_model", "formulation_key", "library_ids",
+           "library_models", "resolve_model"]
 
 #: environment variable naming a directory of the centre's own model files
 CENTRE_MODELS = "CNIDOSE_MODELS"
@@ -108,7 +108,7 @@ class ModelChoice:
         return text
 
 
-def _form_key(name: str) -> str:
+def formulation_key(name: str) -> str:
     """A formulation's name for matching: case and the release suffix aside ("Envarsus XR" ~ "Envarsus")."""
     words = name.lower().replace("-", " ").split()
     return " ".join(w for w in words if w not in ("xr", "xl", "er", "pr", "mr"))
@@ -132,7 +132,7 @@ def choose_model(drug: str, organ: str | None, age_group: str, formulation: str 
     """
     pool = library_models() if models is None else models
     want_organ = (organ or "").strip().lower()
-    want_form = _form_key(formulation) if formulation else None
+    want_form = formulation_key(formulation) if formulation else None
     same_drug = [m for m in pool if str(m.meta.get("drug", "")).lower() == drug.lower()]
     population = f"{drug}, {want_organ or 'organ not recorded'}, {age_group}"
     if not same_drug:
@@ -148,7 +148,7 @@ def choose_model(drug: str, organ: str | None, age_group: str, formulation: str 
         return [str(f) for f in m.meta.get("formulations", ())]
 
     if want_form is not None:
-        cands = [m for m in fits_population if want_form in {_form_key(f) for f in forms(m)}]
+        cands = [m for m in fits_population if want_form in {formulation_key(f) for f in forms(m)}]
         if not cands:
             other = "; ".join(f"{m.id} ({', '.join(forms(m)) or 'no formulation named'})" for m in fits_population)
             return ModelChoice(None, (f"no library model for {population} describes {formulation}: models for "
