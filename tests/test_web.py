@@ -695,6 +695,50 @@ def test_errors_on_pages_are_pages_and_a_refused_entry_keeps_what_was_typed(
         assert f'href="/calendar?department={dept}"' in page
 
 
+@pytest.mark.parametrize(("organ", "product", "iv", "model"), [
+    ("kidney", "Prograf", False, "andrews2019_tac_adult_kidney"),
+    ("kidney", "Prograf", True, "antignac2007_tac_kidney_iv_oral"),
+    ("kidney", "Advagraf", False, "woillard2011_tac_prograf_advagraf"),
+    ("liver", "Prograf", False, "ji2018_tac_liver_ldlt"),
+    ("liver", "Envarsus XR", False, "martial2021_tac_envarsus_liver"),
+    ("lung", "Prograf", False, "monchaud2012_tac_lung"),
+    ("heart", "Prograf", False, None),
+])
+def test_the_page_says_which_model_a_fit_will_use_and_why(site: tuple[Any, Store, dict[str, int]], organ: str,
+                                                          product: str, iv: bool, model: str | None) -> None:
+    """Issue 18: every formulation (Prograf, Advagraf, Envarsus, intravenous) and organ (kidney, liver, lung) the
+    library covers is chosen for a patient by organ, formulation, route and age, and the page says which model
+    and why before any fit; for a heart recipient it says why there is none."""
+    from cnidose.records.exchange import chart_to_record_document, import_record
+
+    app, store, ids = site
+    doc = chart_to_record_document(store.chart(SYSTEM, ids["DEMO-TX-1"]))
+    code = {"kidney": "Z94.0", "liver": "Z94.4", "lung": "Z94.2", "heart": "Z94.1"}[organ]
+    doc["indication"] = {"system": "ICD-10-CM", "code": code}
+    doc["transplant"]["organ"] = organ
+    for r in doc["regimens"]:
+        r["product"] = product
+        if product in ("Advagraf", "Envarsus XR"):
+            r["interval_h"] = 24
+    if iv:
+        tx = dt.date.fromisoformat(doc["transplant"]["date"])
+        doc["administrations"].append({"time": f"{tx}T08:00:00Z", "dose": 1.0, "unit": "mg", "product": "Prograf",
+                                       "route": "intravenous", "infusion_h": 24.0})
+    pid = import_record(store, SYSTEM, {**doc, "id": f"U-{organ}-{product}-{iv}"}, family_name="Model",
+                        given_name=organ)
+    c, _ = client(app, "clin")
+    page = c.get(f"/patients/{pid}").text
+    note = page[page.index('id="model-used"'):]
+    note = note[:note.index("</p>")]
+    if model is None:
+        assert "No pharmacokinetic model for this patient: no library model is for tacrolimus, heart, adult" in note
+    else:
+        assert f'id="model-to-use">{model}</span>' in note, note
+        assert f"{organ}, adult, {product}" in note
+        if iv:
+            assert "intravenous doses" in note
+
+
 def test_without_a_model_the_assessment_shows_the_rules_and_the_dose_per_kg(
         site: tuple[Any, Store, dict[str, int]]) -> None:
     """A psoriasis patient on cyclosporine (no PK model in the library): the button says it assesses by the rules,

@@ -33,8 +33,8 @@ from cnidose.dosing.regimen import candidate_doses
 from cnidose.errors import InputError
 from cnidose.models.covariates import DERIVATIONS
 
-__all__ = ["Alert", "Assessment", "Due", "ExposureAdjustment", "assess", "dose_change", "egfr", "knowledge",
-           "trough_target"]
+__all__ = ["Alert", "Assessment", "Due", "ExposureAdjustment", "assess", "concomitants", "dose_change", "egfr",
+           "find_trough_target", "knowledge", "trough_target"]
 
 Severity = Literal["info", "warning", "critical"]
 _RANK = {"info": 0, "warning": 1, "critical": 2}
@@ -355,16 +355,43 @@ def _with_dose(record: PatientRecord, rule: dict[str, Any], as_of: dt.date, msg:
     return f"{msg}: {dose}.", dose
 
 
-def trough_target(record: PatientRecord, on: dt.date) -> Any:
-    """The target trough range for the patient on ``on`` (cnidose.dosing targets), or None."""
+_CORTICOSTEROIDS = ("prednis", "methylpred", "hydrocortison", "dexametha", "budesonid")
+
+
+def concomitants(record: PatientRecord, on: dt.date) -> list[str]:
+    """The immunosuppressants given with the agent on ``on``, as the target table names them (``mmf``,
+    ``azathioprine``, ``corticosteroids``), most specific first; ``["any"]`` when none is recorded."""
+    meds = " ".join(m.name.lower() for m in record.final_medications()
+                    if m.start <= on and (m.stop is None or m.stop >= on))
+    out = [key for key, words in (("mmf", ("mycophenol",)), ("azathioprine", ("azathioprine",)),
+                                  ("corticosteroids", _CORTICOSTEROIDS)) if any(w in meds for w in words)]
+    return out or ["any"]
+
+
+def find_trough_target(record: PatientRecord, on: dt.date) -> Any:
+    """The target trough range for the patient on ``on`` (cnidose.dosing targets): the label's regimen that
+    matches a co-medication the record has (an MMF target before a corticosteroid one: the US Prograf label
+    gives kidney targets with MMF or azathioprine and liver targets with corticosteroids), else one for any
+    regimen. InputError (naming what exists) when none applies or the transplant date is missing."""
     if record.transplant is None:
-        return None
+        raise InputError("no transplant date: the target depends on the time since transplantation")
     months = (on - record.transplant.date).days / 30.4375
     group = "adult" if record.age(on) >= 18 else "paediatric"
-    meds = " ".join(m.name for m in record.final_medications() if m.stop is None or m.stop >= on)
-    concomitant = "mmf" if "mycophenol" in meds else "azathioprine" if "azathioprine" in meds else "any"
+    cands = concomitants(record, on)
+    for c in cands:
+        try:
+            t = find_target(record.agent, record.transplant.organ, group, months, concomitant=c)
+        except InputError:
+            continue
+        if t.concomitant == c or c == cands[-1]:
+            return t
+    return find_target(record.agent, record.transplant.organ, group, months, concomitant=cands[0])
+
+
+def trough_target(record: PatientRecord, on: dt.date) -> Any:
+    """:func:`find_trough_target`, or None where there is none."""
     try:
-        return find_target(record.agent, record.transplant.organ, group, months, concomitant=concomitant)
+        return find_trough_target(record, on)
     except InputError:
         return None
 

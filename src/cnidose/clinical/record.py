@@ -640,7 +640,7 @@ def parse_record(doc: Any, *, as_of: dt.date | None) -> PatientRecord:
             raise RecordError(f"unknown gene {x.get('gene')!r} (known: {', '.join(GENES)})", field=where + ".gene")
         result = _text(x.get("result"), where + ".result", 64)
         genotypes.append(Genotype(**_entry(x, where), gene=gene, result=result,
-                                  expresser=_cyp3a5_expresser(result, where) if gene == "CYP3A5" else None,
+                                  expresser=cyp3a5_expresser(result, where) if gene == "CYP3A5" else None,
                                   source=_text(x.get("source", "not stated"), where + ".source", 200),
                                   date=None if x.get("date") is None else _date(x["date"], where + ".date", as_of)))
     notes += [str(n) for n in doc.get("notes", []) if isinstance(n, str)]
@@ -686,7 +686,7 @@ def _latest(covs: list[CovariateValue], name: str) -> float | None:
     return vals[-1].value if vals else None
 
 
-def _cyp3a5_expresser(result: str, where: str) -> bool | None:
+def cyp3a5_expresser(result: str, where: str) -> bool | None:
     """CPIC (Birdwell 2015): *1 is functional; *3, *6, *7 are not. An expresser has at least one *1."""
     r = result.lower().replace(" ", "")
     if r in ("expresser", "normalmetabolizer", "intermediatemetabolizer", "extensivemetabolizer"):

@@ -68,6 +68,8 @@ STANDARD_COVARIATES: Mapping[str, StandardCovariate] = dict([
          0, 1, {0: "non-expresser (*3/*3, *3/*6)", 1: "expresser (at least one *1 allele)"}),
     _std("CYP3A4_22", "1", "CYP3A4*22 carrier", 0, 1, {0: "non-carrier (*1/*1)", 1: "carrier (*22)"}),
     _std("LIVING_DONOR", "1", "graft from a living donor", 0, 1, {0: "deceased donor", 1: "living donor"}),
+    _std("DONOR_CYP3A5", "1", "CYP3A5 expresser status of the graft's donor (liver: the graft metabolises)",
+         0, 1, {0: "non-expresser donor", 1: "expresser donor (at least one *1 allele)"}),
     _std("IMMUNOASSAY", "1", "sample measured by immunoassay (per record)",
          0, 1, {0: "chromatography (LC-MS/MS)", 1: "immunoassay"}),
     _std("CF", "1", "cystic fibrosis", 0, 1, _BINARY),

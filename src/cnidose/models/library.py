@@ -115,7 +115,8 @@ def formulation_key(name: str) -> str:
 
 
 def choose_model(drug: str, organ: str | None, age_group: str, formulation: str | None = None, *,
-                 intravenous: bool = False, prefer: Mapping[tuple[str, str, str], str] | None = None,
+                 intravenous: bool = False,
+                 prefer: Mapping[tuple[str, str, str], str | tuple[str, ...]] | None = None,
                  models: tuple[Model, ...] | None = None) -> ModelChoice:
     """The library model for a patient given drug, organ (transplanted organ or population, e.g. ``kidney``,
     ``hsct``), age group (``adult`` or ``paediatric``) and formulation (the product taken, e.g. ``Advagraf``).
@@ -172,10 +173,11 @@ def choose_model(drug: str, organ: str | None, age_group: str, formulation: str 
         a = m.meta.get("adaptation")
         return str(a.get("parent", "")).split(" ")[0] if isinstance(a, Mapping) else ""
 
-    default = (prefer or {}).get((drug.lower(), want_organ, age_group.lower()))
+    wanted = (prefer or {}).get((drug.lower(), want_organ, age_group.lower()))
+    defaults = (wanted,) if isinstance(wanted, str) else tuple(wanted or ())  # in order of preference
 
     def rank(m: Model) -> tuple[int, int, int, str]:
-        return (0 if parent(m) in ids else 1, 0 if m.id == default else 1,
+        return (0 if parent(m) in ids else 1, defaults.index(m.id) if m.id in defaults else len(defaults),
                 0 if m.meta.get("confirmed", False) else 1, m.id)
 
     ordered = sorted(cands, key=rank)
@@ -183,8 +185,9 @@ def choose_model(drug: str, organ: str | None, age_group: str, formulation: str 
     if parent(best) in ids:
         reasons.append(f"{best.id} is this centre's adaptation of {parent(best)} to its own patients "
                        "(cnidose adapt)")
-    elif best.id == default:
-        reasons.append(f"{best.id} is the default for {population}")
+    elif best.id in defaults:
+        reasons.append(f"{best.id} is the default for {population}"
+                       + (f", {formulation}" if formulation and best.id != defaults[0] else ""))
     elif best.meta.get("confirmed", False):
         reasons.append(f"{best.id} is checked against its primary publication")
     else:

@@ -27,11 +27,17 @@ if TYPE_CHECKING:
 
 __all__ = ["MODEL_FOR", "analyse", "choose_model", "clinical_assessment", "flagged_inputs"]
 
-#: (agent, indication, age group) -> the curated default among library models that fit the patient equally
-#: (choose_model: drug, organ, age group and formulation first; a centre's adaptation before it)
-MODEL_FOR = {("tacrolimus", "kidney transplant", "adult"): "andrews2019_tac_adult_kidney",
-             ("tacrolimus", "kidney transplant", "paediatric"): "andrews2017_tac_paed_kidney",
-             ("cyclosporine", "kidney transplant", "adult"): "press2010_csa_adult_kidney"}
+#: (agent, indication, age group) -> the curated default(s), in order of preference, among library models that fit
+#: the patient equally (choose_model: drug, organ, age group, formulation and route first; a centre's adaptation
+#: before it)
+MODEL_FOR: dict[tuple[str, str, str], str | tuple[str, ...]] = {
+    # Prograf: Andrews 2019 (primary-confirmed); Advagraf: Woillard 2011 (Benkali 2010's 41 patients and more,
+    # with haematocrit; benkali2010_tac_advagraf's own note)
+    ("tacrolimus", "kidney transplant", "adult"): ("andrews2019_tac_adult_kidney",
+                                                   "woillard2011_tac_prograf_advagraf"),
+    ("tacrolimus", "kidney transplant", "paediatric"): "andrews2017_tac_paed_kidney",
+    ("cyclosporine", "kidney transplant", "adult"): "press2010_csa_adult_kidney",
+}
 
 
 def age_group(birth_date: dt.date, as_of: dt.date) -> str:
@@ -116,6 +122,7 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
     target is refused (FieldError on ``aim``) before any fit -- it is the caller's input, not the record's.
     ``strategy`` is how the levels are fitted and the next occasion is treated (:mod:`cnidose.dosing.strategies`;
     an unknown one: FieldError on ``strategy``)."""
+    from cnidose.clinical.engine import concomitants, find_trough_target
     from cnidose.dosing import find_target, product, recommend
     from cnidose.dosing.strategies import strategy as parse_strategy
     from cnidose.estimation.posterior import sample_posterior
@@ -166,12 +173,11 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         model = strat.apply(resolve_model(mid))
         prod = product(reg.product, record.agent)
         interval = reg.interval_h
-        transplant = record.transplant_date
-        months = (as_of - transplant).days / 30.4375 if transplant else 0.0
-        meds = {m.name for m in record.final_medications()}
-        concomitant = "mmf" if any("mycophenol" in m for m in meds) else "any"
-        organ = record.organ or _organ_of(record.indication)
-        target = find_target(record.agent, organ, group, months, concomitant=concomitant)
+        if record.transplant is not None:  # the label's regimen the patient is on (clinical.find_trough_target)
+            target = find_trough_target(record, as_of)
+        else:
+            target = find_target(record.agent, record.organ or _organ_of(record.indication), group, 0.0,
+                                 concomitant=concomitants(record, as_of)[0])
         if aim is not None and not target.low <= aim <= target.high:
             raise FieldError(f"the aim {aim:g} {target.unit} is outside the target {target.low:g}-{target.high:g} "
                              f"{target.unit} ({target.source})", field="aim")

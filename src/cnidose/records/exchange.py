@@ -19,7 +19,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnidose.clinical.record import PatientRecord, parse_record
+from cnidose.clinical.record import PatientRecord, cyp3a5_expresser, parse_record
 from cnidose.records.nonmem import DataSet
 from cnidose.records.store import Actor, Chart, Store, make_dose, make_level
 from cnidose.records.units import FieldError
@@ -214,6 +214,13 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
     geno = record.genotype("CYP3A5")
     if "CYP3A5" not in covs and geno is not None and geno.expresser is not None:
         covs["CYP3A5"] = [(origin, 1.0 if geno.expresser else 0.0)]  # the genotype holds over the whole course
+    tx_rec = record.transplant
+    if tx_rec is not None and tx_rec.donor_cyp3a5 and "DONOR_CYP3A5" not in covs:
+        donor = cyp3a5_expresser(tx_rec.donor_cyp3a5, "transplant.donor_cyp3a5")
+        if donor is not None:
+            covs["DONOR_CYP3A5"] = [(origin, 1.0 if donor else 0.0)]
+    if tx_rec is not None and tx_rec.donor_type in ("living", "deceased") and "LIVING_DONOR" not in covs:
+        covs["LIVING_DONOR"] = [(origin, 1.0 if tx_rec.donor_type == "living" else 0.0)]
     # one value, one place: the models' serum creatinine is the record's creatinine results, and their prednisolone
     # dose the prednisolone on the medication list (from 00:00 UTC of its start; 0 after its stop)
     if "SCR" not in covs:

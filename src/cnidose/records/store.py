@@ -995,7 +995,7 @@ def _past(value: Any, field: str) -> dt.datetime:
 
 
 def make_genotype(*, gene: str, result: str, source: str, tested_on: Any = None) -> S.Genotype:
-    from cnidose.clinical.record import GENES, RecordError, _cyp3a5_expresser
+    from cnidose.clinical.record import GENES, RecordError, cyp3a5_expresser
 
     g = _text(gene, "gene", max_len=16).upper()
     if g not in GENES:
@@ -1003,7 +1003,7 @@ def make_genotype(*, gene: str, result: str, source: str, tested_on: Any = None)
     r = _text(result, "result", max_len=64)
     if g == "CYP3A5":
         try:
-            _cyp3a5_expresser(r, "genotype")
+            cyp3a5_expresser(r, "genotype")
         except RecordError as exc:
             raise FieldError(str(exc).split("] ", 1)[-1], field="result") from None
     day = None if tested_on in (None, "") else _date(tested_on, "tested_on")

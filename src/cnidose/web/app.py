@@ -698,6 +698,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
         return render(request, "patient.html", who, status, chart=chart, plot=_plot_data(chart, latest, tz),
                       has_model=picked is not None and picked.id is not None,
                       model_why=picked.explanation() if picked is not None else "the record cannot be read",
+                      model_id=picked.id if picked is not None else None,
                       clinical=clinical_assessment(chart, the_day()), trends=_local_trends(trends(chart), tz),
                       staff=who[0].role in ("clinician", "pharmacist"), error=error, error_field=error_field,
                       latest=latest, confirm=confirm, today=the_day(),
