@@ -68,8 +68,10 @@ def _slowest_rate(structure: LinearStructure, p: Mapping[str, float]) -> float:
     return float(np.min(np.abs(np.linalg.eigvals(K).real)))
 
 
-def random_history(rng: np.random.Generator, name: str) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
-    """Records and per-record parameters (R,) for one random individual."""
+def random_history(rng: np.random.Generator, name: str, *, tdm: bool = False
+                   ) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """Records and per-record parameters (R,) for one random individual. ``tdm``: only the record kinds of the
+    engine's fast path (bolus doses with ADDL and lags, observations, EVID 2; cnidose.pk.eigenpath)."""
     structure, ranges, dose_cmts = CASES[name]
     linear = isinstance(structure, LinearStructure)
     n_rec = int(rng.integers(5, 13))
@@ -82,15 +84,17 @@ def random_history(rng: np.random.Generator, name: str) -> tuple[dict[str, list[
         u = rng.random()
         evid, amt, rate, ii, addl, ss, cmt = 0, 0.0, 0.0, 0.0, 0, 0, int(rng.integers(1, structure.n + 1))
         if u < 0.45 or (u < 0.5 and not linear):
-            evid = int(rng.choice([1, 1, 1, 1, 4]))
+            evid = 1 if tdm else int(rng.choice([1, 1, 1, 1, 4]))
             cmt = int(rng.choice(dose_cmts))
             amt = float(rng.uniform(1, 500))
-            rate = float(rng.choice([0.0, 0.0, amt / rng.uniform(0.5, 20), -1.0, -2.0]))
+            rate = 0.0 if tdm else float(rng.choice([0.0, 0.0, amt / rng.uniform(0.5, 20), -1.0, -2.0]))
             ii = float(rng.choice([6.0, 8.0, 12.0, 24.0]))
-            ss = int(rng.choice([0, 0, 0, 1, 2]))
+            ss = 0 if tdm else int(rng.choice([0, 0, 0, 1, 2]))
             addl = int(rng.choice([0, 0, 1, 2, 4]))
             if ss == 0 and addl == 0:
                 ii = 0.0
+        elif tdm:
+            evid = 2 if u < 0.6 else 0
         elif u < 0.5:  # the constant steady-state infusion (linear systems only: a formula in the reference)
             evid, amt, rate, ss, cmt = 1, 0.0, float(rng.uniform(1, 50)), 1, int(rng.choice(dose_cmts))
         elif u < 0.62:
@@ -159,6 +163,51 @@ def test_every_method_matches_the_reference(name: str, seed: int) -> None:
                 f"{name} seed {seed} {method}/{sim.method} {dose_values}: worst record "
                 f"{int(np.unravel_index(np.argmax(err), err.shape)[0])}, engine {got.ravel()[np.argmax(err)]!r} "
                 f"reference {ref.ravel()[np.argmax(err)]!r}")
+
+
+@pytest.mark.parametrize(("name", "seed"), [(n, k) for n in ("1cmt-oral", "2cmt-iv", "3cmt-oral", "transit3")
+                                             for k in range(N_SEEDS or 6)])
+def test_the_fast_path_matches_the_reference(name: str, seed: int) -> None:
+    """The engine's fast path (predictions only, record by record in eigen-coordinates) on TDM-shaped histories:
+    bolus doses with ADDL and lags shorter and longer than the gaps, parameters and F changing at records,
+    EVID 2; every record's prediction against the reference, under both dose-value conventions. The transit
+    chain's repeated eigenvalue sends it to the general engine, which must give the same."""
+    from cnidose.pk.eigenpath import predict_records
+
+    rng = np.random.default_rng([seed, 7, sorted(CASES).index(name)])
+    cols, params = random_history(rng, name, tdm=True)
+    structure = CASES[name][0]
+    assert isinstance(structure, LinearStructure)
+    ind, = split_individuals(cols)
+    obs_c = np.where((ind.evid == 0) & (ind.cmt > 0), ind.cmt, structure.default_obs) - 1
+    batch = {k: np.asarray(v, float)[None, :] for k, v in params.items()}
+    changed = np.zeros(len(ind), bool)
+    for k in structure.rate_parameters:
+        changed[1:] |= batch[k][0, 1:] != batch[k][0, :-1]
+    for dose_values in ("nonmem", "dose-record"):
+        ref = _reference(name, cols, params, dose_values)[np.arange(len(ind)), obs_c]
+        fast = predict_records(structure, ind, batch, 1, changed, nonmem=dose_values == "nonmem")
+        if name != "transit3":
+            assert fast is not None and fast[1].all()
+        sim = simulate(structure, ind, params, dose_values=dose_values)  # type: ignore[arg-type]
+        scale = np.max(np.abs(ref)) + 1e-12
+        np.testing.assert_allclose(sim.prediction[0], ref, rtol=1e-8, atol=1e-9 * scale,
+                                   err_msg=f"{name} seed {seed} {dose_values} ({sim.method})")
+
+
+def test_a_batch_with_an_ill_conditioned_member_mixes_the_paths() -> None:
+    """One member with KA equal to CL/V (a repeated eigenvalue): that member goes to the matrix exponential,
+    the others stay on the fast path, and every member equals its separate run."""
+    ind, = split_individuals({"ID": [1] * 5, "TIME": [0, 1, 12, 13, 30], "EVID": [1, 0, 1, 0, 0],
+                              "AMT": [100, 0, 100, 0, 0], "ADDL": [0, 0, 1, 0, 0], "II": [0, 0, 12, 0, 0]})
+    ka = np.array([[1.0], [0.2], [2.5]])  # member 2: KA = CL / V = 0.2
+    p = {"CL": 2.0, "V": 10.0, "KA": ka, "S2": 10.0}
+    sim = simulate(one_compartment(), ind, p)
+    assert sim.method == "expm"
+    for j in range(3):
+        one = simulate(one_compartment(), ind, {"CL": 2.0, "V": 10.0, "KA": float(ka[j, 0]), "S2": 10.0},
+                       method="expm")
+        np.testing.assert_allclose(sim.prediction[j], one.prediction[0], rtol=1e-11)
 
 
 def test_reference_matrix_exponential_against_a_known_closed_form() -> None:

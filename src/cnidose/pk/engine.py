@@ -51,6 +51,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cnidose.errors import DataError, NumericalError
+from cnidose.pk.eigenpath import predict_records
 from cnidose.pk.events import Individual
 from cnidose.pk.solvers import EigenSolver, ExpmSolver, GammaDose, OdeSolver, Solver, gamma_support
 from cnidose.pk.structure import GammaInput, LinearStructure, OdeStructure
@@ -491,6 +492,17 @@ def simulate(
     if dose_values not in ("nonmem", "dose-record"):
         raise ValueError(f"dose_values must be 'nonmem' or 'dose-record', not {dose_values!r}")
     nonmem = dose_values == "nonmem"
+    if method in ("auto", "closed") and not return_amounts:  # the common case, record by record in eigen-coordinates
+        fast = predict_records(structure, individual, P, B, changed, nonmem=nonmem)
+        if fast is not None:
+            pred, held = fast
+            if held.all():
+                return Simulation(pred, None, "eigen")
+            # the members whose decomposition is ill-conditioned: the general engine (matrix exponential)
+            rest = simulate(structure, individual, {k: v[~held] for k, v in P.items()}, method=method, rtol=rtol,
+                            atol=atol, dose_values=dose_values)
+            pred[~held] = rest.prediction
+            return Simulation(pred, None, rest.method if rest.method != "eigen" else "eigen")
     doses = _DoseParameters(P, individual.rows, B)
     st = _State(make_solver(0), B, n, doses, retime=nonmem, gamma=structure.gamma)
     out = np.empty((B, R))
