@@ -344,7 +344,7 @@ def test_decision_aid_errors_at_the_field_inputs_in_view_and_every_page_at_phone
     expect(page.locator("#model-used")).to_contain_text(
         "Why: tacrolimus, kidney, adult, Prograf; andrews2019_tac_adult_kidney is the default for tacrolimus, kidney, "
         "adult")
-    expect(page.locator("#model-used")).to_contain_text("Also considered: storset2014_tac_adult_kidney")
+    expect(page.locator("#model-used")).to_contain_text("storset2014_tac_adult_kidney (not the default)")
     covariates = page.locator("#model-covariates")
     expect(covariates).to_contain_text("haematocrit")
     expect(covariates).to_contain_text("derived: BSA derived from WT, HT by bsa_mosteller")
