@@ -16,12 +16,12 @@ assay error.
 
 Measured 2026-12-03 on the project's 2-core machine (``python benchmarks/bench_forecast.py``), 304 forecasts:
 
-==========  ===========================  ==================  =====================
-model       before (e9c062c), serial     serial              2 processes
-==========  ===========================  ==================  =====================
-Størset     194 s wall, 172 s CPU        29.9 s (98 ms)      16.1 s (53 ms)
-Andrews     83 s wall, 81 s CPU          15.3 s (50 ms)      8.5 s (28 ms)
-==========  ===========================  ==================  =====================
+==========  ===========================  ==================  ==================  =====================
+model       before (e9c062c), serial     9ef8be6, serial     now, serial         now, 2 processes
+==========  ===========================  ==================  ==================  =====================
+Størset     194 s wall, 172 s CPU        29.9 s (98 ms)      14.5 s (48 ms)      7.5 s (25 ms)
+Andrews     83 s wall, 81 s CPU          15.3 s (50 ms)      7.1 s (23 ms)       3.9 s (13 ms)
+==========  ===========================  ==================  ==================  =====================
 
 (The e9c062c figures: ``PYTHONPATH=<e9c062c>/src python -m cnidose.cli evaluate ...`` on the same files with one
 BLAS thread; the Størset run shared the machine with another job part of the time, so its CPU time is the fairer
@@ -30,10 +30,11 @@ figure.)
 What it took: the wide-prior search of the MAP (Størset's ka, Andrews' Q) made nearly free on unimodal
 objectives (its starts are optimised only when they may leave the estimate's basin; rays and cloud only along
 wide effects; occasion effects by rays alone), one engine run per patient for all its trial points, a
-closed-form eigen-decomposition in the engine, the matrix exponential only for the members that need it, and
-one BLAS thread. What limits it now: the event engine's cost per run (about 4 ms for a Størset patient's 37
-records with daily covariate changes, almost independent of the number of points), times about 9 runs per
-MAP fit: a compiled engine (issue 14) is the next step.
+closed-form eigen-decomposition in the engine, the matrix exponential only for the members that need it, one BLAS
+thread (9ef8be6); then the engine's fast path for TDM-shaped records (:mod:`cnidose.pk.eigenpath`: every distinct
+parameter set decomposed in one batched call, the state carried record by record in eigen-coordinates), which
+halved the time again. What limits it now: about 18 engine runs per MAP fit of about 1 ms each (a Python loop over
+the 37 records, and the batched decomposition and inverse), and the optimiser's own bookkeeping around them.
 """
 
 from __future__ import annotations

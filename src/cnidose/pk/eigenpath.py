@@ -82,22 +82,28 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
     pending: list[tuple[float, int, int]] = []  # (time it enters, compartment, dose record), in time order
     t_prev = float(ind.time[0])
     u = -1
+    # of the segment in force: exp(lambda dt) by dt (doses repeat their intervals), W e_c (a unit dose into c) and
+    # V[c] (what c holds), contiguous
+    steps: dict[float, FloatArray] = {}
+    units: dict[int, FloatArray] = {}
+    observed: dict[int, FloatArray] = {}
     for j in range(R):
         s = int(segment[j])
         if s != u:
             if u >= 0:
                 y = np.einsum("bij,bj->bi", W[s], np.einsum("bij,bj->bi", V[u], y))
             u = s
+            steps, units, observed = {}, {}, {}
         t = float(ind.time[j])
         cur = t_prev
         while pending and pending[0][0] <= t:
             te, c, src = pending.pop(0)
             if te > cur:
-                y = y * np.exp(lam[s] * (te - cur))
+                y *= _step(steps, lam[u], te - cur)
                 cur = te
-            y = y + (F[c][:, j if nonmem else src] * float(ind.amt[src]))[:, None] * W[s][:, :, c]
+            y += (F[c][:, j if nonmem else src] * float(ind.amt[src]))[:, None] * _unit(units, W[u], c)
         if t > cur:
-            y = y * np.exp(lam[s] * (t - cur))
+            y *= _step(steps, lam[u], t - cur)
         if dose[j]:  # the dose and its additional doses (ADDL, every II), each after the lag
             c = int(dose_c[j])
             L = lag_of.get(j, 0.0)
@@ -106,12 +112,32 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
                 if te > t:
                     pending.append((te, c, j))
                 else:
-                    y = y + (F[c][:, j] * float(ind.amt[j]))[:, None] * W[s][:, :, c]
+                    y += (F[c][:, j] * float(ind.amt[j]))[:, None] * _unit(units, W[u], c)
             pending.sort(key=lambda p: p[0])
         oc = int(obs_c[j])
+        held_c = observed.get(oc)
+        if held_c is None:
+            held_c = observed[oc] = np.ascontiguousarray(V[u][:, oc, :])
         key = f"S{oc + 1}"
-        pred = np.einsum("bj,bj->b", V[s][:, oc, :], y)
+        pred = np.einsum("bj,bj->b", held_c, y)
         out[:, j] = pred / P[key][:, j] if key in P else pred
         t_prev = t
     out[~good] = np.nan
     return out, good
+
+
+
+def _step(cache: dict[float, FloatArray], lam: FloatArray, dt: float) -> FloatArray:
+    """exp(lambda dt), once per dt of the segment."""
+    e = cache.get(dt)
+    if e is None:
+        e = cache[dt] = np.exp(lam * dt)
+    return e
+
+
+def _unit(cache: dict[int, FloatArray], W: FloatArray, c: int) -> FloatArray:
+    """W e_c (eigen-coordinates of a unit amount in c), contiguous, once per compartment of the segment."""
+    w = cache.get(c)
+    if w is None:
+        w = cache[c] = np.ascontiguousarray(W[:, :, c])
+    return w
