@@ -63,7 +63,7 @@ def test_envarsus_both_labels_and_the_clearance_link() -> None:
     ind = run_conversion(p | {"link": "independent"}, n=3000)
     spread = {x.link: x.arms[0].ratio[2] / x.arms[0].ratio[0] for x in (r, ind)}
     assert spread["clearance"] < spread["independent"]
-    assert "Martial" not in r.table() and "martial2021_tac_envarsus_liver" in r.table()
+    assert "martial2021_tac_envarsus_liver" in r.table() and "andrews2019_tac_adult_kidney" in r.table()
 
 
 def test_a_bad_protocol_is_refused_naming_the_key() -> None:

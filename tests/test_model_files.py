@@ -316,6 +316,11 @@ def test_cli_models_show() -> None:
     assert d["observations"][0]["error"]["model"] == "exponential"
     r = CliRunner().invoke(app, ["models", "show", "no-such-model"])
     assert r.exit_code == 2 and "not a library id" in r.output
+    # the routes and the transit input are part of the structure a reviewer reads
+    r = CliRunner().invoke(app, ["models", "show", "antignac2007_tac_kidney_iv_oral"])
+    assert "intravenous doses (IV = 1) into CENTRAL" in r.output
+    r = CliRunner().invoke(app, ["models", "show", "martial2021_tac_envarsus_liver", "--json"])
+    assert json.loads(r.output)["structure"]["transit_input"] == {"into": "DEPOT", "n": "NTR", "mtt": "MTT"}
 
 
 def test_cli_models_check(tmp_path: Path) -> None:

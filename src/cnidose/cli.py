@@ -978,7 +978,12 @@ def _show_lines(d: dict[str, Any]) -> list[str]:
         out.append(f"  domain: {dom['description']}")
     s = d["structure"]
     out.append(f"compartments: {', '.join(s['compartments'])}; doses into {s['default_dose']}, "
-               f"observed in {s['default_obs']}")
+               f"observed in {s['default_obs']}"
+               + (f"; intravenous doses (IV = 1) into {s['iv_dose']}" if s.get("iv_dose") else ""))
+    if s.get("transit_input"):
+        ti = s["transit_input"]
+        out.append(f"  doses arrive in {ti['into']} through a Savic transit input: {ti['n']} transit compartments, "
+                   f"mean transit time {ti['mtt']} (a gamma density of shape n + 1, rate (n + 1)/MTT)")
     for f in s.get("flows", []):
         out.append(f"  {f['from']} -> {f['to'] or '(out)'} at {f['rate']}")
     out.append("parameters:")

@@ -39,6 +39,9 @@ def describe_model(model: Model) -> dict[str, Any]:
         "compartments": list(s.compartments),
         "default_dose": s.compartments[s.default_dose - 1],
         "default_obs": s.compartments[s.default_obs - 1],
+        "iv_dose": None if model.iv_dose is None else s.compartments[model.iv_dose - 1],
+        "transit_input": None if s.gamma is None else {"into": s.compartments[s.gamma.cmt - 1], "n": s.gamma.n,
+                                                       "mtt": s.gamma.mtt},
     }
     if isinstance(s, LinearStructure):
         structure["kind"] = "linear"
