@@ -392,6 +392,14 @@ def test_a_liver_recipient_is_fitted_with_the_graft_donors_genotype() -> None:
     assert cl_rede != other["model_inputs"]  # the graft's genotype is an input of the fit
 
 
+def test_sublingual_doses_are_read_as_oral_and_the_warning_says_so() -> None:
+    doc = kidney()
+    doc["administrations"] = [{"time": at(0.5), "dose": 1.0, "unit": "mg", "product": "Prograf",
+                               "route": "sublingual"}]
+    out = analyse(parse_record(doc, as_of=AS_OF), AS_OF, n_draws=200)
+    assert any("1 sublingual dose(s) read as oral" in w for w in out["warnings"]), out["warnings"]
+
+
 def test_a_pre_transplant_level_does_not_block_the_fit() -> None:
     doc = kidney()
     doc["administrations"].insert(0, {"time": at(-3, 8), "dose": 5})  # given before the transplant

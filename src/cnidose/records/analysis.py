@@ -155,6 +155,10 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
     exposure = out["clinical"].get("exposure", [])
     exp = record_to_nonmem(record, ident=1, exposure=exposure)
     out["export_notes"] = exp.notes
+    sub = sum(d.route == "sublingual" for d in record.final_administrations() if d.time.date() <= as_of)
+    if sub:  # said, not guessed silently: no library model has a sublingual route
+        out["warnings"].append(f"{sub} sublingual dose(s) read as oral: no library model describes the sublingual "
+                               "route, whose absorption and bioavailability differ")
     if not exp.rows:
         out["warnings"].append("no doses or levels recorded: no fit")
         return out
