@@ -40,7 +40,6 @@ simulated: the troughs are true steady-state values; the days of the switch itse
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from math import sqrt
 from pathlib import Path
@@ -49,7 +48,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from cnidose.cohort.trial import _cohort_prepared, _sample_covariates, read_covariate_table, validate_protocol
+from cnidose.cohort.trial import (
+    _cohort_prepared,
+    _sample_covariates,
+    read_covariate_table,
+    read_protocol_file,
+    validate_protocol,
+)
 from cnidose.dosing.data import load_products, max_dose_mg
 from cnidose.dosing.data import product as find_product
 from cnidose.dosing.regimen import candidate_doses, dose_linear
@@ -112,13 +117,8 @@ class ConversionResult:
 
 
 def load_conversion(path: str | Path) -> dict[str, Any]:
-    try:
-        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the protocol: {exc}") from None
-    if isinstance(doc.get("covariate_table"), str):
-        doc["covariate_table"] = str((Path(path).parent / doc["covariate_table"]).resolve())
-    return validate_conversion(doc, str(path))
+    """Read and check a conversion protocol file."""
+    return validate_conversion(read_protocol_file(path), str(path))
 
 
 def validate_conversion(doc: dict[str, Any], where: str = "protocol") -> dict[str, Any]:

@@ -87,15 +87,20 @@ class TrialResult:
     notices: list[str] = field(default_factory=list)  # the model's notices (defaults, derivations, domain)
 
 
-def load_protocol(path: str | Path) -> dict[str, Any]:
-    """Read and check a protocol file; a covariate table's path is resolved against the file's folder."""
+def read_protocol_file(path: str | Path) -> dict[str, Any]:
+    """A protocol file's TOML (not yet checked), its covariate table's path resolved against the file's folder."""
     try:
         doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"{path}: cannot read the protocol: {exc}") from None
     if isinstance(doc.get("covariate_table"), str):
         doc["covariate_table"] = str((Path(path).parent / doc["covariate_table"]).resolve())
-    return validate_protocol(doc, str(path))
+    return doc
+
+
+def load_protocol(path: str | Path) -> dict[str, Any]:
+    """Read and check a protocol file (:func:`read_protocol_file`, :func:`validate_protocol`)."""
+    return validate_protocol(read_protocol_file(path), str(path))
 
 
 def validate_protocol(doc: dict[str, Any], where: str = "protocol") -> dict[str, Any]:
