@@ -51,6 +51,7 @@ from numpy.typing import NDArray
 from cnidose.cohort.trial import (
     _cohort_prepared,
     _sample_covariates,
+    check_top_level,
     read_covariate_table,
     read_protocol_file,
     validate_protocol,
@@ -125,11 +126,7 @@ def validate_conversion(doc: dict[str, Any], where: str = "protocol") -> dict[st
     def bad(msg: str, key: str) -> InputError:
         return InputError(f"{where} [{key}]: {msg}")
 
-    for k in doc:
-        if k not in _TOP:
-            raise bad(f"unknown key (allowed: {', '.join(sorted(_TOP))})", k)
-    if doc.get("format") != 1:
-        raise bad("expected format = 1", "format")
+    check_top_level(doc, _TOP, where)
     for side in ("before", "after"):
         s = doc.get(side)
         if not isinstance(s, dict):

@@ -103,15 +103,20 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
     return validate_protocol(read_protocol_file(path), str(path))
 
 
+def check_top_level(doc: dict[str, Any], allowed: set[str], where: str) -> None:
+    """A protocol's keys are known and its format is 1 (InputError naming the key)."""
+    for k in doc:
+        if k not in allowed:
+            raise InputError(f"{where} [{k}]: unknown key (allowed: {', '.join(sorted(allowed))})")
+    if doc.get("format") != 1:
+        raise InputError(f"{where} [format]: expected format = 1")
+
+
 def validate_protocol(doc: dict[str, Any], where: str = "protocol") -> dict[str, Any]:
     def bad(msg: str, key: str) -> InputError:
         return InputError(f"{where} [{key}]: {msg}")
 
-    for k in doc:
-        if k not in _TOP:
-            raise bad(f"unknown key (allowed: {', '.join(sorted(_TOP))})", k)
-    if doc.get("format") != 1:
-        raise bad("expected format = 1", "format")
+    check_top_level(doc, _TOP, where)
     for k in ("model", "regimen", "target"):
         if k not in doc:
             raise bad("missing", k)
