@@ -245,3 +245,23 @@ def test_cli_simulate_trial_and_evaluate_on_processes(tmp_path: Path) -> None:
     b = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", patients, "--chunk-size", "1",
                                  "--backend", "processes", "--workers", "2"])
     assert a.exit_code == b.exit_code == 0 and a.stdout == b.stdout and "5 forecasts" in b.output
+
+
+def test_trial_troughs_are_proportional_to_the_dose_with_a_lagged_model() -> None:
+    """Regression: the trial carries each dose's amount in F, and under NONMEM's rule a lagged dose took the F of
+    the next record -- for the evening dose of Andrews 2019 (lag 0.38 h) the daily trough record, F = 1, so it
+    gave 1 mg whatever the regimen. Same seed, twice the dose: every trough exactly twice (a linear model)."""
+    import copy
+
+    from cnidose.cohort.batch import model_payload
+    from cnidose.cohort.trial import load_protocol, simulate_troughs
+    from cnidose.models.library import resolve_model
+
+    p = copy.deepcopy(load_protocol(REPO / "examples" / "trial_cpic.toml"))
+    p.pop("adjust", None)
+    m = resolve_model(p["model"])
+    out = {}
+    for dose in (5.0, 10.0):
+        p["regimen"] = {"product": "Prograf", "interval": 12, "dose_mg": dose}
+        out[dose], _, _, _ = simulate_troughs(model_payload(m), p, 50, 3)
+    np.testing.assert_allclose(out[10.0], 2 * out[5.0], rtol=1e-12)

@@ -341,7 +341,10 @@ def simulate_troughs(payload: Payload, protocol: dict[str, Any], n: int, seed: i
         F[:, dose_rec] = base_f * amount
         p = {k: np.broadcast_to(v, (n, 1)) for k, v in params.items() if k != fkey}
         p[fkey] = F
-        pred = simulate(model.structure, ind, p).prediction[:, obs_rec]
+        # the doses' amounts travel in F, so each dose must take its own record's F ("dose-record"): under
+        # NONMEM's rule a lagged dose takes the F of the record ending the interval it enters in -- the next
+        # record, often a trough record with F = 1, which gave an evening dose 1 mg instead of its amount
+        pred = simulate(model.structure, ind, p, dose_values="dose-record").prediction[:, obs_rec]
         if stage == days:
             break
         measured[stage] = _measure(model, prep, params, pred[:, stage - 1], rng,
