@@ -77,6 +77,10 @@ def test_a_bad_protocol_is_refused_naming_the_key() -> None:
     with pytest.raises(InputError, match=r"after.factors"):
         run_conversion(p)
     p = copy.deepcopy(WOILLARD)
+    p["before"]["covariates"] = {"PROGRAF": "yes"}
+    with pytest.raises(InputError, match=r"\[before.covariates.PROGRAF\]: a number"):
+        run_conversion(p)
+    p = copy.deepcopy(WOILLARD)
     p["after"]["product"] = "Neoral"
     with pytest.raises(InputError, match="Neoral is cyclosporine"):
         run_conversion(p)

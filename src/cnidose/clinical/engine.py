@@ -383,8 +383,9 @@ def find_trough_target(record: PatientRecord, on: dt.date) -> Any:
             t = find_target(record.agent, record.transplant.organ, group, months, concomitant=c)
         except InputError:
             continue
-        if t.concomitant == c or c == cands[-1]:
+        if t.concomitant == c:
             return t
+    # a target for any regimen, or the error naming what exists
     return find_target(record.agent, record.transplant.organ, group, months, concomitant=cands[0])
 
 

@@ -254,6 +254,10 @@ class PatientRecord:
     def final_administrations(self) -> list[Administration]:
         return sorted((x for x in self.administrations if x.final), key=lambda x: x.time)
 
+    def given_by(self, route: str, as_of: dt.date) -> int:
+        """How many final administrations by ``route`` (oral, intravenous, sublingual, ...) were given by ``as_of``."""
+        return sum(x.route == route and x.time.date() <= as_of for x in self.administrations if x.final)
+
     def final_regimens(self) -> list[Regimen]:
         return sorted((x for x in self.regimens if x.final), key=lambda x: x.start)
 

@@ -141,6 +141,10 @@ def validate_conversion(doc: dict[str, Any], where: str = "protocol") -> dict[st
             raise bad("hours in (0, 168]", f"{side}.interval")
         if "covariates" in s and not isinstance(s["covariates"], dict):
             raise bad("a table of covariates", f"{side}.covariates")
+        for name, v in s.get("covariates", {}).items():  # one value for this side, for every patient
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise bad(f"a number (the value for every patient on this side), got {v!r}",
+                          f"{side}.covariates.{name}")
     f = doc["after"].get("factors")
     if f is not None and not (isinstance(f, list) and f and all(isinstance(x, (int, float)) and 0 < x <= 5
                                                                    for x in f)):

@@ -9,10 +9,10 @@ y -> W' V y, a bolus y += F AMT W e_cmt, a prediction V[cmt] . y / S. The semant
 an interval takes the parameters of the record that ends it; a lagged dose enters with the F of the record
 ending the interval it enters in ("nonmem") or of its own record ("dose-record"); a dose at a record enters
 before that record's prediction; additional doses (ADDL) enter every II after it. Anything else -- infusions,
-steady state, resets, lags that
-differ between batch members, a decomposition that is ill-conditioned for some member, a dose parameter the
-engine would refuse -- returns None, and the general engine (:func:`cnidose.pk.engine.simulate`) runs, with its
-checks and messages. The tests compare the two paths on every record kind they share.
+steady state, resets, lags that differ between batch members, a decomposition that is ill-conditioned for some
+member, a dose parameter the engine would refuse -- is left to the general engine
+(:func:`cnidose.pk.engine.simulate`), with its checks and messages. The tests compare the two paths on every
+record kind they share.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
     obs_c = np.where((ev == 0) & (ind.cmt > 0), ind.cmt, structure.default_obs) - 1
     # dose parameters, checked once: anything the engine would refuse goes to the engine
     F: dict[int, FloatArray] = {}
-    lag: dict[int, FloatArray] = {}
+    lag_of: dict[int, float] = {}  # dose record -> its lag (one for every batch member)
     for c in {int(x) for x in dose_c[dose]}:
         f = P.get(f"F{c + 1}")
-        F[c] = np.ones((B, R)) if f is None else f
+        F[c] = np.broadcast_to(1.0, (B, R)) if f is None else f
         if f is not None and not (np.all(np.isfinite(f)) and np.all(f >= 0)):
             return None
         a = P.get(f"ALAG{c + 1}")
@@ -62,7 +62,7 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
             v = a[:, rows]
             if not (np.all(np.isfinite(v)) and np.all(v >= 0) and np.all(v == v[:1])):
                 return None
-            lag[c] = v[0]
+            lag_of.update(zip(rows.tolist(), v[0].tolist(), strict=True))
     starts = np.flatnonzero(np.concatenate([[True], changed[1:]]))
     U = starts.size
     segment = np.cumsum(np.isin(np.arange(R), starts)) - 1
@@ -75,8 +75,6 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
     V = np.where(good[None, :, None, None], es.V.reshape(U, B, n, n), 0.0)
     W = np.where(good[None, :, None, None], es.W.reshape(U, B, n, n), 0.0)
     lam = np.where(good[None, :, None], lam, 0.0)
-    lag_of = {int(r): float(lag[int(dose_c[r])][k]) if int(dose_c[r]) in lag else 0.0
-              for c in lag for k, r in enumerate(np.flatnonzero(dose & (dose_c == c)))}
     out = np.empty((B, R))
     y = np.zeros((B, n))
     pending: list[tuple[float, int, int]] = []  # (time it enters, compartment, dose record), in time order
@@ -124,7 +122,6 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
         t_prev = t
     out[~good] = np.nan
     return out, good
-
 
 
 def _step(cache: dict[float, FloatArray], lam: FloatArray, dt: float) -> FloatArray:

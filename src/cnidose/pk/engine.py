@@ -251,10 +251,6 @@ class _State:
         """A zero-order input starting for the members in ``mask``: its rate and duration are those of the
         record whose values it takes, so it becomes a rate change at its start and another at its end."""
         rec = self.rec if atom.rec < 0 else atom.rec
-        if self.gamma is not None and atom.cmt == self.gamma.cmt - 1:
-            raise DataError("a zero-order input into a compartment whose doses enter through the model's gamma "
-                            "(transit) input: give the dose as a bolus (RATE = 0) or into another compartment",
-                            row=int(self.doses.rows[atom.src]), column="RATE")
         amount = self.doses.get("F", atom.cmt, rec, src=atom.src, mask=mask) * atom.value
         rho, dur = _rate_duration(self.doses, atom, amount, rec, mask)
         live = mask & (dur > 0)
@@ -502,7 +498,7 @@ def simulate(
             rest = simulate(structure, individual, {k: v[~held] for k, v in P.items()}, method=method, rtol=rtol,
                             atol=atol, dose_values=dose_values)
             pred[~held] = rest.prediction
-            return Simulation(pred, None, rest.method if rest.method != "eigen" else "eigen")
+            return Simulation(pred, None, rest.method)
     doses = _DoseParameters(P, individual.rows, B)
     st = _State(make_solver(0), B, n, doses, retime=nonmem, gamma=structure.gamma)
     out = np.empty((B, R))
@@ -575,10 +571,9 @@ def _add_steady_state(st: _State, structure: LinearStructure | OdeStructure, t: 
         probe = _Atom(np.full(st.batch, t), c, kind, np.full(st.batch, amt), rate=rate, rec=rec, src=rec)
         rho, dur = _rate_duration(st.doses, probe, amount, rec, None)
     gamma = structure.gamma is not None and c == structure.gamma.cmt - 1
-    shape = rate_g = None
+    gd = None
     if gamma:  # the implied doses' inputs take the steady-state record's shape and rate
         gd = st._gamma_dose(c, amount, rec, rec, t, None)
-        shape, rate_g = gd.a, gd.b
         span = L + gd.end
     else:
         span = L if dur is None else L + dur
@@ -597,10 +592,9 @@ def _add_steady_state(st: _State, structure: LinearStructure | OdeStructure, t: 
         # Doses k > k0 are complete by t: w is dose k0's trace at t; the rest
         # is the geometric series sum_{j>=1} exp(K j II) w.
         u = np.asarray(solver.unit(c))
-        if gamma:
-            assert shape is not None and rate_g is not None
+        if gd is not None:
             w = amount[:, None] * solver.gamma_input(np.zeros(st.batch), np.broadcast_to(k0 * ii - L, (st.batch,)),
-                                                     shape, rate_g, c)
+                                                     gd)
         elif rho is None or dur is None:
             w = solver.propagate(amount[:, None] * u, None, k0 * ii - L)
         else:

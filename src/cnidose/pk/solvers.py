@@ -23,6 +23,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -83,10 +84,10 @@ class Solver(ABC):
     def constant_infusion(self, ry: FloatArray) -> FloatArray:
         """Steady state under a constant input rate."""
 
-    def gamma_input(self, u0: FloatArray, u1: FloatArray, a: FloatArray, b: FloatArray, cmt: int) -> FloatArray:
-        """Internal coordinates, at the end of the step, of what a unit dose entering compartment ``cmt`` at a
-        gamma-density rate (shape ``a``, rate ``b``; :class:`cnidose.pk.structure.GammaInput`) brings in over
-        its times ``u0``..``u1`` since the dose (arrays (B,)), with the parameters now in force."""
+    def gamma_input(self, u0: FloatArray, u1: FloatArray, g: GammaDose) -> FloatArray:
+        """Internal coordinates, at the end of the step, of what a unit amount of dose ``g`` (entering its
+        compartment at a gamma-density rate; :class:`cnidose.pk.structure.GammaInput`) brings in over its times
+        ``u0``..``u1`` since the dose (arrays (B,)), with the parameters now in force."""
         raise NotImplementedError
 
     def propagate_gamma(self, y: FloatArray, ry: FloatArray | None, dt: DT, t_from: DT,
@@ -100,7 +101,7 @@ class Solver(ABC):
             if not live.any():
                 continue
             u0 = np.where(live, u0, 0.0)
-            inc = self.gamma_input(u0, u0 + np.where(live, dts, 0.0), g.a, g.b, g.cmt)
+            inc = self.gamma_input(u0, u0 + np.where(live, dts, 0.0), g)
             out = out + np.where(live, g.amount, 0.0)[:, None] * inc
         return out
 
@@ -157,9 +158,10 @@ def _gamma_response(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray
     return np.asarray(lead * m, dtype=np.float64)
 
 
-def gamma_modes(lam: FloatArray, u0: FloatArray, u1: FloatArray, a: FloatArray, b: FloatArray) -> FloatArray:
-    """int_u0^u1 e^(lam (u1 - u)) g(u) du per mode (B, n): what the input over u0..u1 leaves at u1."""
-    end = gamma_support(a, b)
+def gamma_modes(lam: FloatArray, u0: FloatArray, u1: FloatArray, a: FloatArray, b: FloatArray,
+                end: FloatArray) -> FloatArray:
+    """int_u0^u1 e^(lam (u1 - u)) g(u) du per mode (B, n): what the input over u0..u1 leaves at u1; ``end`` is
+    the input's support (:func:`gamma_support`)."""
 
     def clipped(x: FloatArray) -> FloatArray:  # the input is over after `end`: only decay after it
         xe = np.minimum(x, end)
@@ -268,8 +270,8 @@ class EigenSolver(_LinearSolver):
             raise NumericalError("no steady state: the model has a compartment without elimination")
         return -ry / self.lam
 
-    def gamma_input(self, u0: FloatArray, u1: FloatArray, a: FloatArray, b: FloatArray, cmt: int) -> FloatArray:
-        return gamma_modes(self.lam, u0, u1, a, b) * self.unit(cmt)
+    def gamma_input(self, u0: FloatArray, u1: FloatArray, g: GammaDose) -> FloatArray:
+        return gamma_modes(self.lam, u0, u1, g.a, g.b, g.end) * self.unit(g.cmt)
 
 
 class ExpmSolver(_LinearSolver):
@@ -335,7 +337,7 @@ class ExpmSolver(_LinearSolver):
         except np.linalg.LinAlgError:
             raise NumericalError("no steady state: the model has a compartment without elimination") from None
 
-    def gamma_input(self, u0: FloatArray, u1: FloatArray, a: FloatArray, b: FloatArray, cmt: int) -> FloatArray:
+    def gamma_input(self, u0: FloatArray, u1: FloatArray, g: GammaDose) -> FloatArray:
         """Members that decompose well: the closed form; the others: dz/du = K z + e_cmt g(u) integrated
         (DOP853, rtol 1e-11) -- a repeated eigenvalue has no simple closed form with a gamma input."""
         out = np.zeros((self.batch, self.n))
@@ -343,10 +345,10 @@ class ExpmSolver(_LinearSolver):
         bad = np.ones(self.batch, bool) if eig is None else ~eig.good
         if eig is not None and not bad.all():
             ok = ~bad
-            modes = gamma_modes(eig.lam[ok], u0[ok], u1[ok], a[ok], b[ok]) * eig.W[ok][:, :, cmt]
+            modes = gamma_modes(eig.lam[ok], u0[ok], u1[ok], g.a[ok], g.b[ok], g.end[ok]) * eig.W[ok][:, :, g.cmt]
             out[ok] = np.einsum("bij,bj->bi", eig.V[ok], modes)
         if bad.any():
-            out[bad] = _integrate_gamma(self.K[bad], u0[bad], u1[bad], a[bad], b[bad], cmt)
+            out[bad] = _integrate_gamma(self.K[bad], u0[bad], u1[bad], g.a[bad], g.b[bad], g.cmt)
         return out
 
 

@@ -54,7 +54,7 @@ def choose_model(record: PatientRecord, as_of: dt.date) -> ModelChoice:
 
     prefer = {(a, _organ_of(ind), g): mid for (a, ind, g), mid in MODEL_FOR.items()}
     reg = record.current_regimen(as_of)
-    iv = any(d.route == "intravenous" and d.time.date() <= as_of for d in record.final_administrations())
+    iv = record.given_by("intravenous", as_of) > 0
     return choose(record.agent, record.organ or _organ_of(record.indication), age_group(record.birth_date, as_of),
                   reg.product if reg is not None else None, intravenous=iv, prefer=prefer)
 
@@ -155,7 +155,7 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
     exposure = out["clinical"].get("exposure", [])
     exp = record_to_nonmem(record, ident=1, exposure=exposure)
     out["export_notes"] = exp.notes
-    sub = sum(d.route == "sublingual" for d in record.final_administrations() if d.time.date() <= as_of)
+    sub = record.given_by("sublingual", as_of)
     if sub:  # said, not guessed silently: no library model has a sublingual route
         out["warnings"].append(f"{sub} sublingual dose(s) read as oral: no library model describes the sublingual "
                                "route, whose absorption and bioavailability differ")
