@@ -107,6 +107,10 @@ def test_clinician_adds_a_trough_gets_a_recommendation_signs_and_books(server: t
     page = browser.new_page(viewport={"width": 1200, "height": 900})  # type: ignore[attr-defined]
     requests: list[str] = []
     page.on("request", lambda r: requests.append(r.url))
+    # the console stays clean: no missing resource (the icon included), no script error, no CSP violation
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
     _sign_in(page, base, "clin")
     expect(page.locator("#patients")).to_contain_text("DEMO-TX-1")
     _shot(page, "patients")
@@ -154,6 +158,7 @@ def test_clinician_adds_a_trough_gets_a_recommendation_signs_and_books(server: t
     expect(page.locator("body")).to_contain_text("4.6 mmol/L")
     page.select_option("#lab-name", "creatinine")
     assert page.input_value("#lab-unit") == "umol/L"  # type: ignore[attr-defined]
+    assert not errors, errors
     # a field error is shown next to the field, and nothing is stored
     page.fill("#level-value", "8000")
     page.fill("#level-time", now.strftime("%Y-%m-%dT%H:%M"))
