@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import hypothesis  # noqa: F401  (see below)
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# compiled ODE kernels (cnidose.pk.compiled) go to a private folder of this run, not the user's cache; the
+# CLI's subprocesses inherit it
+os.environ.setdefault("CNIDOSE_CACHE_DIR", tempfile.mkdtemp(prefix="cnidose-kernels-"))
 
 # hypothesis is imported here, up front: otherwise its pytest plugin first imports it in the terminal
 # summary, where, after the durability test's killed subprocesses, CPython 3.11.7's assertion-rewriting

@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import ExpressionError
 
-__all__ = ["Expression", "compile_expression"]
+__all__ = ["Expression", "compile_expression", "scalar_source"]
 
 Value = NDArray[np.float64] | float
 Env = Mapping[str, Value]
@@ -169,3 +169,42 @@ def _compile(node: ast.AST, names: set[str], src: str, field: str | None) -> Fn:
         args = [_compile(a, names, src, field) for a in node.args]
         return lambda env: f(*(a(env) for a in args))
     raise bad(type(node).__name__)
+
+
+_OP_TEXT = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**", ast.Eq: "==",
+            ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">="}
+_FUNC_TEXT = {"exp": "math.exp", "log": "math.log", "log10": "math.log10", "sqrt": "math.sqrt", "abs": "abs",
+              "min": "min", "max": "max"}
+
+
+def scalar_source(expr: Expression, names: Mapping[str, str]) -> str:
+    """The expression as Python source on scalars, each name replaced by ``names[name]`` (for a compiled kernel:
+    ``math`` functions, ``a if c else b``, fully parenthesised). The expression was checked when compiled, so
+    every construct here is one of the language's.
+
+    >>> scalar_source(compile_expression("V * exp(-K * 2) if K > 0 else 0"), {"V": "p[0]", "K": "p[1]"})
+    '((p[0] * math.exp(((-p[1]) * 2.0))) if (p[1] > 0.0) else 0.0)'
+    """
+    def text(node: ast.AST) -> str:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return repr(float(node.value))
+        if isinstance(node, ast.Name):
+            return names[node.id]
+        if isinstance(node, ast.BinOp):
+            return f"({text(node.left)} {_OP_TEXT[type(node.op)]} {text(node.right)})"
+        if isinstance(node, ast.UnaryOp):
+            op = {ast.USub: "-", ast.UAdd: "+", ast.Not: "not "}[type(node.op)]
+            return f"({op}{text(node.operand)})"
+        if isinstance(node, ast.Compare):
+            items = [text(node.left)] + [text(c) for c in node.comparators]
+            parts = [f"({items[k]} {_OP_TEXT[type(o)]} {items[k + 1]})" for k, o in enumerate(node.ops)]
+            return parts[0] if len(parts) == 1 else "(" + " and ".join(parts) + ")"
+        if isinstance(node, ast.BoolOp):
+            return "(" + (" and " if isinstance(node.op, ast.And) else " or ").join(text(v) for v in node.values) + ")"
+        if isinstance(node, ast.IfExp):
+            return f"({text(node.body)} if {text(node.test)} else {text(node.orelse)})"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            return f"{_FUNC_TEXT[node.func.id]}({', '.join(text(a) for a in node.args)})"
+        raise ExpressionError(f"{type(node).__name__} cannot be compiled in {expr.source!r}")  # pragma: no cover
+
+    return text(ast.parse(expr.source.strip(), mode="eval").body)

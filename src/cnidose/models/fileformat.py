@@ -52,7 +52,7 @@ import numpy as np
 
 from cnidose.errors import ExpressionError, ModelFileError
 from cnidose.models.covariates import DERIVATIONS, STANDARD_COVARIATES
-from cnidose.models.expr import Expression, compile_expression
+from cnidose.models.expr import Expression, compile_expression, scalar_source
 from cnidose.models.model import (
     Check,
     Covariate,
@@ -551,7 +551,10 @@ def _structure(ctx: _Ctx, spec: Any) -> LinearStructure | OdeStructure:
             return np.concatenate([np.broadcast_to(np.asarray(e(env), dtype=np.float64), (x.shape[0], 1))
                                    for e in exprs], axis=1)
 
-        return OdeStructure(comp_names, dose, obs, rhs, tuple(needed), gamma=gamma)
+        names_in_kernel = {c: f"x[{j}]" for j, c in enumerate(comp_names)} | {
+            k: f"p[{i}]" for i, k in enumerate(needed)}
+        equations = tuple(scalar_source(e, names_in_kernel) for e in exprs)
+        return OdeStructure(comp_names, dose, obs, rhs, tuple(needed), equations, gamma=gamma)
     ctx.fail(f"unknown kind {kind!r} (linear or ode)", "structure.kind")
 
 

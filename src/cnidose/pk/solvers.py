@@ -32,6 +32,9 @@ from cnidose.errors import NumericalError
 from cnidose.pk.eigen import eigen_blocks, flow_blocks
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
+if TYPE_CHECKING:
+    from cnidose.pk.compiled import Kernel
+
 __all__ = ["EigenSolver", "ExpmSolver", "GammaDose", "OdeSolver", "Solver", "gamma_density", "gamma_modes",
            "gamma_support"]
 
@@ -370,6 +373,12 @@ class OdeSolver(Solver):
         self.rtol = rtol
         self.atol = atol
         self._rhs: Callable[[FloatArray], FloatArray] | None = None
+        self._kernel: Kernel | None = None
+        self._P: FloatArray | None = None
+        if isinstance(structure, OdeStructure) and structure.equations:
+            from cnidose.pk.compiled import kernel
+
+            self._kernel = kernel(structure.equations)
 
     def set_params(self, params: Params) -> None:
         s = self.structure
@@ -381,6 +390,9 @@ class OdeSolver(Solver):
             assert s.rhs is not None
             f = s.rhs
             self._rhs = lambda x: f(x, p)
+            if self._kernel is not None:
+                self._P = np.ascontiguousarray(np.stack([p[k] for k in s.parameters], axis=1)
+                                               if s.parameters else np.zeros((self.batch, 0)))
 
     def propagate(self, y: FloatArray, ry: FloatArray | None, dt: DT) -> FloatArray:
         return self.propagate_gamma(y, ry, dt, 0.0, ())
@@ -398,6 +410,17 @@ class OdeSolver(Solver):
         scale = dts[:, None]
         t0 = np.broadcast_to(np.asarray(t_from, dtype=np.float64), (B,))
         live = [g for g in inputs if np.any((g.amount != 0) & (t0 - g.start < g.end))]
+        if self._kernel is not None and not live:
+            assert self._P is not None
+            out, status = self._kernel(np.ascontiguousarray(y, dtype=np.float64), self._P,
+                                       np.ascontiguousarray(r, dtype=np.float64), np.ascontiguousarray(dts),
+                                       self.rtol, self.atol)
+            if np.any(status):
+                why = {1: "the step size underflowed", 2: "too many steps", 3: "a derivative is not finite"}
+                k = int(np.flatnonzero(status)[0])
+                raise NumericalError(f"ODE solver failed for batch member {k} ({why.get(int(status[k]), '?')}); "
+                                     "check the parameters, or loosen rtol/atol")
+            return np.asarray(out)
 
         def fun(_s: float, z: FloatArray) -> FloatArray:
             x = z.reshape(B, n)

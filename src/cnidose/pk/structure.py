@@ -149,11 +149,15 @@ class OdeStructure(_Base):
     """General system dA/dt = f(A, params) + input, solved numerically.
 
     ``rhs(amounts (B, n), params) -> (B, n)``; ``parameters`` lists the names
-    ``rhs`` reads (the engine uses it to notice a parameter change).
+    ``rhs`` reads (the engine uses it to notice a parameter change). ``equations``, when given, are the same
+    derivatives as Python source on scalars, one per compartment, reading the amounts as ``x[j]`` (0-based) and
+    the parameters as ``p[k]`` in the order of ``parameters``: the engine then compiles them
+    (:mod:`cnidose.pk.compiled`) instead of calling ``rhs`` from SciPy's integrator.
     """
 
     rhs: Callable[[FloatArray, Params], FloatArray] | None = None
     parameters: tuple[str, ...] = ()
+    equations: tuple[str, ...] = ()
 
     @property
     def rate_parameters(self) -> tuple[str, ...]:
