@@ -265,3 +265,68 @@ def test_trial_troughs_are_proportional_to_the_dose_with_a_lagged_model() -> Non
         p["regimen"] = {"product": "Prograf", "interval": 12, "dose_mg": dose}
         out[dose], _, _, _ = simulate_troughs(model_payload(m), p, 50, 3)
     np.testing.assert_allclose(out[10.0], 2 * out[5.0], rtol=1e-12)
+
+
+def test_trial_percentiles_are_numpys() -> None:
+    """The trial's percentiles (one partial sort) are np.percentile's numbers, ties and tiny cohorts included."""
+    from cnidose.cohort.trial import percentiles
+
+    rng = np.random.default_rng(5)
+    for shape in ((3, 1), (2, 2), (4, 7), (28, 1001), (5, 20_000)):
+        x = np.round(rng.lognormal(size=shape), 1)  # ties
+        np.testing.assert_array_equal(percentiles(x, (5.0, 50.0, 95.0)), np.percentile(x, [5, 50, 95], axis=1))
+
+
+def test_trial_stretches_of_doses_equal_one_record_per_dose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trial gives each stretch between dose changes as one dose record with additional doses (ADDL), the
+    amount in F. Expanded into one record per dose with the amount in AMT and simulated by the matrix
+    exponential, every trough is the same: the compaction changes no dose (weekly proportional adjustment,
+    so the amounts change at every stretch; Andrews 2019 has a lag)."""
+    import cnidose.cohort.trial as trial
+    from cnidose.cohort.batch import model_payload
+    from cnidose.pk.engine import simulate
+    from cnidose.pk.events import split_individuals
+
+    p = copy.deepcopy(load_protocol(REPO / "examples" / "trial_cpic.toml"))
+    assert p["adjust"]["method"] == "proportional" and int(p["adjust"]["every_days"]) == 7
+    m = resolve_model(p["model"])
+    seen: list[tuple[object, dict[str, np.ndarray], np.ndarray]] = []
+
+    def spy(structure, ind, params, **kw):  # type: ignore[no-untyped-def]
+        sim = simulate(structure, ind, params, **kw)
+        seen.append((ind, dict(params), sim.prediction))
+        return sim
+
+    monkeypatch.setattr(trial, "simulate", spy)
+    trial.simulate_troughs(model_payload(m), p, 20, 4)
+    assert len(seen) == 4  # days 7, 14, 21 and the whole 28 days
+    ind, params, pred = seen[-1]
+    fkey = f"F{m.structure.default_dose}"
+    F = np.broadcast_to(params[fkey], pred.shape)
+    rows = {"TIME": [], "EVID": [], "AMT": [], "CMT": []}
+    amounts = []
+    for j in range(len(ind)):  # type: ignore[arg-type]
+        if ind.evid[j] == 1:  # type: ignore[attr-defined]
+            for k in range(int(ind.addl[j]) + 1):  # type: ignore[attr-defined]
+                rows["TIME"].append(float(ind.time[j] + k * ind.ii[j]))  # type: ignore[attr-defined]
+                rows["EVID"].append(1)
+                rows["AMT"].append(1.0)
+                rows["CMT"].append(m.structure.default_dose)
+                amounts.append(F[:, j])
+        else:
+            rows["TIME"].append(float(ind.time[j]))  # type: ignore[attr-defined]
+            rows["EVID"].append(0)
+            rows["AMT"].append(0.0)
+            rows["CMT"].append(m.structure.default_obs)
+            amounts.append(np.ones(F.shape[0]))
+    order = np.lexsort((np.array(rows["EVID"]), np.array(rows["TIME"])))
+    cols = {k: np.asarray(v, float)[order] for k, v in rows.items()}
+    cols["ID"] = np.ones(order.size)
+    one, = split_individuals(cols)
+    per_dose = {k: v for k, v in params.items() if k != fkey}
+    per_dose[fkey] = np.stack(amounts, axis=1)[:, order] * np.broadcast_to(1.0, (F.shape[0], order.size))
+    given = per_dose[fkey][:, cols["EVID"] == 1]
+    assert max(len(np.unique(row)) for row in given) >= 3  # the amounts change from stretch to stretch
+    ref = simulate(m.structure, one, per_dose, method="expm", dose_values="dose-record").prediction
+    obs_new = ind.evid == 0  # type: ignore[attr-defined]
+    np.testing.assert_allclose(pred[:, obs_new], ref[:, cols["EVID"] == 0], rtol=1e-10)

@@ -32,9 +32,9 @@ def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A new private cache folder, and no kernel remembered from earlier tests."""
     d = tmp_path / "kernels"
     monkeypatch.setenv("CNIDOSE_CACHE_DIR", str(d))
-    compiled._kernel.cache_clear()
+    compiled._load.cache_clear()
     yield d
-    compiled._kernel.cache_clear()
+    compiled._load.cache_clear()
 
 
 def _structure_201() -> OdeStructure:
@@ -141,7 +141,7 @@ def test_no_kernel_from_a_file_that_is_not_ours(fresh: Path) -> None:
     eq = _structure_201().equations
     assert compiled.kernel(eq) is not None
     (path,) = fresh.glob("cnidose_ode_*.py")
-    compiled._kernel.cache_clear()
+    compiled._load.cache_clear()
     marker = fresh / "imported"
     path.write_text(f"open({str(marker)!r}, 'w').close()\n" + path.read_text())
     assert compiled.kernel(eq) is None

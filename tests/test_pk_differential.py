@@ -207,6 +207,44 @@ def test_the_fast_path_matches_the_reference(name: str, seed: int) -> None:
                                    err_msg=f"{name} seed {seed} {dose_values} ({sim.method})")
 
 
+@pytest.mark.parametrize(("name", "seed"), [(n, k) for n in ("1cmt-oral", "2cmt-iv", "3cmt-oral")
+                                             for k in range(N_SEEDS or 6)])
+def test_the_compiled_fast_path_equals_its_numpy_twin_and_the_reference(name: str, seed: int,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path's schedule run by the compiled kernel (Numba) and by NumPy (CNIDOSE_COMPILED=0) on a batch
+    of three members (parameters scaled per member): the two agree to rounding, and member 0 matches the
+    reference, under both dose-value conventions."""
+    from cnidose.pk import kernels
+    from cnidose.pk.eigenpath import predict_records
+
+    assert kernels.linear_kernels() is not None  # the kernel is there to compare
+    rng = np.random.default_rng([seed, 11, STREAM[name]])
+    cols, params = random_history(rng, name, tdm=True)
+    structure = CASES[name][0]
+    assert isinstance(structure, LinearStructure)
+    ind, = split_individuals(cols)
+    obs_c = np.where((ind.evid == 0) & (ind.cmt > 0), ind.cmt, structure.default_obs) - 1
+    scale = np.array([[1.0], [0.7], [1.6]])
+    batch = {k: (np.asarray(v, float)[None, :] * (scale if k in structure.rate_parameters else 1.0))
+             for k, v in params.items()}
+    batch = {k: np.ascontiguousarray(np.broadcast_to(v, (3, len(ind)))) for k, v in batch.items()}
+    changed = np.zeros(len(ind), bool)
+    for k in structure.rate_parameters:
+        changed[1:] |= np.any(batch[k][:, 1:] != batch[k][:, :-1], axis=0)
+    for dose_values in ("nonmem", "dose-record"):
+        nonmem = dose_values == "nonmem"
+        compiled = predict_records(structure, ind, batch, 3, changed, nonmem=nonmem)
+        monkeypatch.setenv("CNIDOSE_COMPILED", "0")
+        plain = predict_records(structure, ind, batch, 3, changed, nonmem=nonmem)
+        monkeypatch.delenv("CNIDOSE_COMPILED")
+        assert compiled is not None and plain is not None and compiled[1].all()
+        top = np.max(np.abs(plain[0])) + 1e-300
+        np.testing.assert_allclose(compiled[0], plain[0], rtol=1e-11, atol=1e-13 * top)
+        ref = _reference(name, cols, params, dose_values)[np.arange(len(ind)), obs_c]
+        np.testing.assert_allclose(compiled[0][0], ref, rtol=1e-8, atol=1e-9 * (np.max(np.abs(ref)) + 1e-12),
+                                   err_msg=f"{name} seed {seed} {dose_values}")
+
+
 def test_a_batch_with_an_ill_conditioned_member_mixes_the_paths() -> None:
     """One member with KA equal to CL/V (a repeated eigenvalue): that member goes to the matrix exponential,
     the others stay on the fast path, and every member equals its separate run."""
@@ -220,6 +258,29 @@ def test_a_batch_with_an_ill_conditioned_member_mixes_the_paths() -> None:
         one = simulate(one_compartment(), ind, {"CL": 2.0, "V": 10.0, "KA": float(ka[j, 0]), "S2": 10.0},
                        method="expm")
         np.testing.assert_allclose(sim.prediction[j], one.prediction[0], rtol=1e-11)
+
+
+def test_a_large_batch_with_ill_conditioned_members_splits_and_matches_separate_runs() -> None:
+    """A batch of 300 on the general engine (lags differ between members, so not the fast path) with four members
+    whose KA equals CL/V (a repeated eigenvalue): those go to the matrix exponential apart from the others, and
+    every member's predictions and amounts equal its own run on the matrix exponential."""
+    ind, = split_individuals({"ID": [1] * 6, "TIME": [0, 1, 12, 13, 30, 50], "EVID": [1, 0, 1, 0, 0, 0],
+                              "AMT": [100, 0, 100, 0, 0, 0], "ADDL": [0, 0, 2, 0, 0, 0], "II": [0, 0, 12, 0, 0, 0]})
+    rng = np.random.default_rng(3)
+    B = 300
+    cl, v = rng.uniform(1, 5, (B, 1)), rng.uniform(10, 50, (B, 1))
+    ka = rng.uniform(0.3, 3, (B, 1))
+    bad = [0, 17, 150, 299]
+    ka[bad] = cl[bad] / v[bad]
+    p = {"CL": cl, "V": v, "KA": ka, "ALAG1": rng.uniform(0.1, 1.0, (B, 1)), "S2": v}
+    sim = simulate(one_compartment(), ind, p, return_amounts=True)
+    assert sim.method == "expm" and sim.amounts is not None
+    for j in [*bad, 1, 100, 298]:
+        one = simulate(one_compartment(), ind, {k: float(x[j, 0]) for k, x in p.items()}, method="expm",
+                       return_amounts=True)
+        assert one.amounts is not None
+        np.testing.assert_allclose(sim.prediction[j], one.prediction[0], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(sim.amounts[j], one.amounts[0], rtol=1e-9, atol=1e-12)
 
 
 def test_reference_matrix_exponential_against_a_known_closed_form() -> None:
@@ -256,3 +317,33 @@ def test_clearance_change_during_an_infusion_is_counted_once(method: str) -> Non
     assert t_end == 10.0
     np.testing.assert_allclose(sim.prediction[0], np.array(expected) / v, rtol=1e-7 if method == "ode" else 1e-12)
     assert sim.prediction[0, -1] > 0
+
+
+@pytest.mark.parametrize("name", ["1cmt-oral", "2cmt-iv", "transit3"])  # blocks of 1 and 2 (3cmt: LAPACK)
+def test_the_compiled_decomposition_equals_numpys(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eigen-decomposition, inverse and usability test compiled (cnidose.pk.kernels.decompose) against the
+    NumPy closed form and LAPACK's inverse (CNIDOSE_COMPILED=0), on random parameters of each structure plus
+    members with a repeated eigenvalue (KA = CL/V, or a transit chain: not usable) and a non-finite parameter."""
+    from cnidose.pk import kernels
+    from cnidose.pk.solvers import EigenSolver
+
+    assert kernels.linear_kernels() is not None
+    structure, ranges, _ = CASES[name]
+    assert isinstance(structure, LinearStructure)
+    rng = np.random.default_rng(STREAM[name])
+    B = 200
+    params = {k: np.exp(rng.uniform(np.log(lo), np.log(hi), B)) for k, (lo, hi) in ranges.items()}
+    if "KA" in params and "V" in params:
+        params["KA"][0] = params["CL"][0] / params["V"][0]
+    params[next(iter(params))][1] = np.nan
+    fast, plain = EigenSolver(structure, B), EigenSolver(structure, B)
+    fast.set_params(params)
+    monkeypatch.setenv("CNIDOSE_COMPILED", "0")
+    plain.set_params(params)
+    np.testing.assert_array_equal(fast.good, plain.good)
+    assert not fast.good[1] and (name != "1cmt-oral" or not fast.good[0])
+    assert fast.good.sum() >= (0 if name == "transit3" else 0.9 * B)
+    g = fast.good
+    np.testing.assert_allclose(fast.lam[g], plain.lam[g], rtol=1e-13)
+    np.testing.assert_allclose(fast.V[g], plain.V[g], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(fast.W[g], plain.W[g], rtol=1e-9, atol=1e-12 * np.abs(plain.W[g]).max(initial=1.0))

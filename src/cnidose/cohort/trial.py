@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import csv
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -309,15 +309,23 @@ def simulate_troughs(payload: Payload, protocol: dict[str, Any], n: int, seed: i
         return np.maximum(step, np.round(d / step) * step)
 
     dose = to_strengths(dose)
-    # one schedule for everyone: unit doses every tau, a trough just before each morning dose
+    every = int(adjust.get("every_days", 0))
+    checkpoints = list(range(every, days, every)) if every else []
+    # one schedule for everyone: a dose every tau, a trough just before each morning dose. Doses change only at
+    # checkpoints, so each stretch between them is one dose record with its additional doses (ADDL, every tau):
+    # fewer records to carry, the same doses
     n_doses = int(days * per_day)
-    t_dose = np.arange(n_doses) * tau
+    dose_time: FloatArray = np.arange(n_doses, dtype=np.float64) * tau  # every dose
     t_obs = np.arange(1, days + 1) * 24.0
-    times_l = [*t_dose, *t_obs]
-    evid_l = [1] * n_doses + [0] * days
-    order = np.lexsort((np.array(evid_l), np.array(times_l)))  # observation before a dose at the same time
-    times_a, evid_a = np.array(times_l)[order], np.array(evid_l)[order]
-    cols = {"ID": np.ones(times_a.size), "TIME": times_a, "EVID": evid_a, "AMT": (evid_a == 1).astype(float),
+    first = np.array([0, *(int(np.searchsorted(dose_time, 24.0 * c)) for c in checkpoints)])
+    count = np.diff(np.append(first, n_doses))
+    times_l = np.concatenate([dose_time[first], t_obs])
+    evid_l = np.concatenate([np.ones(first.size, np.int64), np.zeros(days, np.int64)])
+    order = np.lexsort((evid_l, times_l))  # observation before a dose at the same time
+    times_a, evid_a = times_l[order], evid_l[order]
+    addl = np.concatenate([count - 1, np.zeros(days)])[order]
+    cols = {"ID": np.ones(times_a.size), "TIME": times_a, "EVID": evid_a.astype(float),
+            "AMT": (evid_a == 1).astype(float), "ADDL": addl, "II": np.where(evid_a == 1, tau, 0.0),
             "CMT": np.where(evid_a == 1, model.structure.default_dose, model.structure.default_obs).astype(float)}
     ind = split_individuals(cols)[0]
     shape = (n, 1)
@@ -325,20 +333,22 @@ def simulate_troughs(payload: Payload, protocol: dict[str, Any], n: int, seed: i
                                None if model.iov is None else np.zeros((n, 1, len(model.iov))), shape)
     fkey = f"F{model.structure.default_dose}"
     base_f = np.broadcast_to(params.get(fkey, np.ones(shape)), shape)
-    dose_rec = np.flatnonzero(evid_a == 1)
+    dose_rec = np.flatnonzero(evid_a == 1)  # one per stretch, in time order
     obs_rec = np.flatnonzero(evid_a == 0)
-    dose_time = times_a[dose_rec]
-    amount = np.repeat(dose[:, None], dose_rec.size, axis=1)  # (n, n_doses)
-    every = int(adjust.get("every_days", 0))
     target = protocol["target"]
     mid = 0.5 * (target["low"] + target["high"])
-    checkpoints = list(range(every, days, every)) if every else []
+    amount = np.broadcast_to(dose[:, None], (n, n_doses))  # every dose's amount; a copy where doses change
+    if checkpoints:
+        amount = amount.copy()
     method = adjust.get("method", "proportional")
     measured: dict[int, FloatArray] = {}
     failures: list[tuple[int, int, str]] = []
     for stage in [*checkpoints, days]:
-        F = np.ones((n, times_a.size), order="F")  # read record by record: columns contiguous
-        F[:, dose_rec] = base_f * amount
+        if first.size == 1:  # one dose record: F per patient, not per record
+            F = base_f * amount[:, :1]
+        else:  # each patient's records contiguous, as the engine reads them
+            F = np.ones((n, times_a.size))
+            F[:, dose_rec] = base_f * amount[:, first]
         p = {k: np.broadcast_to(v, (n, 1)) for k, v in params.items() if k != fkey}
         p[fkey] = F
         # the doses' amounts travel in F, so each dose must take its own record's F ("dose-record"): under
@@ -450,6 +460,19 @@ def trial_svg(result: TrialResult, *, width: int = 560, height: int = 420) -> st
     return "\n".join(parts)
 
 
+def percentiles(x: FloatArray, qs: Sequence[float]) -> FloatArray:
+    """``np.percentile(x, qs, axis=1)`` (linear interpolation, the same numbers) from one partial sort of the
+    order statistics it needs: half the time of NumPy's for a million patients a day."""
+    n = x.shape[1]
+    pos = np.asarray(qs, dtype=np.float64) / 100.0 * (n - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, n - 1)
+    part = np.partition(x, sorted({*lo.tolist(), *hi.tolist()}), axis=1)
+    a, b, t = part[:, lo], part[:, hi], pos - lo
+    out: FloatArray = np.where(t < 0.5, a + (b - a) * t, b - (b - a) * (1.0 - t)).T  # NumPy's lerp
+    return out
+
+
 def _trial_chunk(chunk: tuple[int, int, int], payload: Payload, protocol: dict[str, Any],
                  table: dict[str, FloatArray] | None, fit_payload: Payload | None
                  ) -> tuple[FloatArray, FloatArray, list[tuple[int, int, str]], list[str]]:
@@ -489,7 +512,7 @@ def run_trial(protocol: dict[str, Any], *, n: int | None = None, seed: int | Non
     dose_sum = np.sum([p[1] for p in parts], axis=0)
     t = protocol["target"]
     attain = np.mean((troughs >= t["low"]) & (troughs <= t["high"]), axis=0)
-    pct = np.percentile(np.ascontiguousarray(troughs.T), [5, 50, 95], axis=1)  # a day's troughs contiguous
+    pct = percentiles(np.ascontiguousarray(troughs.T), (5.0, 50.0, 95.0))  # a day's troughs contiguous
     failures = [f for p in parts for f in p[2]]
     notices = sorted({m for p in parts for m in p[3]})
     return TrialResult(n_total, troughs.shape[1], attain, pct, dose_sum / n_total, model.ref, protocol, failures,

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Kernel", "cache_dir", "kernel"]
+__all__ = ["Kernel", "cache_dir", "kernel", "load"]
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,8 @@ def cache_dir() -> Path | None:
     return root
 
 
-def _source(equations: Sequence[str]) -> str:
+@cache
+def _source(equations: tuple[str, ...]) -> str:
     from scipy.integrate._ivp import dop853_coefficients as c
 
     n = len(equations)
@@ -208,23 +209,35 @@ def _source(equations: Sequence[str]) -> str:
 def kernel(equations: Sequence[str]) -> Kernel | None:
     """The compiled ``propagate`` for these equations (see :class:`Kernel`), or None: compiled integration
     switched off (``CNIDOSE_COMPILED=0``), Numba missing, or no private cache folder."""
-    if os.environ.get("CNIDOSE_COMPILED", "1") == "0" or not equations:
+    if not equations:
         return None
-    return _kernel(tuple(equations))
+    module = load("cnidose_ode_", _source(tuple(equations)))
+    if module is None:
+        return None
+    fn: Kernel = module.propagate
+    return fn
+
+
+def load(prefix: str, text: str) -> Any:
+    """The module compiled from ``text`` (Numba source, cached on disk as ``prefix`` + the text's hash in
+    :func:`cache_dir`), or None: compiled code switched off (``CNIDOSE_COMPILED=0``), Numba missing, or no
+    private cache folder. A module is loaded once per process."""
+    if os.environ.get("CNIDOSE_COMPILED", "1") == "0":
+        return None
+    return _load(prefix, text)
 
 
 @cache
-def _kernel(equations: tuple[str, ...]) -> Kernel | None:
+def _load(prefix: str, text: str) -> Any:
     try:
         import numba  # noqa: F401
     except ImportError:
-        log.info("numba is not installed: ODE models are integrated with SciPy")
+        log.info("numba is not installed: the engine runs on NumPy and SciPy alone")
         return None
     root = cache_dir()
     if root is None:
         return None
-    text = _source(equations)
-    name = "cnidose_ode_" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    name = prefix + hashlib.sha256(text.encode()).hexdigest()[:24]
     path = root / f"{name}.py"
     try:
         if not path.exists():
@@ -237,7 +250,7 @@ def _kernel(equations: tuple[str, ...]) -> Kernel | None:
             finally:
                 tmp.unlink(missing_ok=True)
         if path.read_text() != text:  # the name is the content's hash: anything else was not written by us
-            log.warning("no compiled ODE kernels: %s does not hold the expected source", path)
+            log.warning("no compiled kernels: %s does not hold the expected source", path)
             return None
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
@@ -245,7 +258,6 @@ def _kernel(equations: tuple[str, ...]) -> Kernel | None:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     except OSError as exc:
-        log.warning("no compiled ODE kernels: %s (%s)", path, exc)
+        log.warning("no compiled kernels: %s (%s)", path, exc)
         return None
-    fn: Kernel = module.propagate
-    return fn
+    return module

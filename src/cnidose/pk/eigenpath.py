@@ -17,12 +17,15 @@ record kind they share.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 from numpy.typing import NDArray
 
 from cnidose.pk.events import Individual
+from cnidose.pk.kernels import linear_kernels
 from cnidose.pk.solvers import EigenSolver
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
@@ -75,33 +78,100 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
     V = np.where(good[None, :, None, None], es.V.reshape(U, B, n, n), 0.0)
     W = np.where(good[None, :, None, None], es.W.reshape(U, B, n, n), 0.0)
     lam = np.where(good[None, :, None], lam, 0.0)
+    comps = tuple(sorted(F))
+    s_comps = tuple(sorted(oc for oc in {int(x) for x in obs_c} if f"S{oc + 1}" in P))
+    ops, amts, dts = _cached_schedule(ind, dose, dose_c, obs_c, lag_of, segment, comps, s_comps, nonmem=nonmem)
+    Fs = F[comps[0]][None] if len(comps) == 1 else np.stack([F[c] for c in comps])
+    if not s_comps:
+        Ss = np.ones((1, 1, 1))
+    else:
+        Ss = P[f"S{s_comps[0] + 1}"][None] if len(s_comps) == 1 else np.stack([P[f"S{c + 1}"] for c in s_comps])
     out = np.empty((B, R))
-    y = np.zeros((B, n))
+    module = linear_kernels()
+    if module is not None:
+        module.run(ops, amts, dts, lam, V, W, Fs, Ss, good, out)
+    else:
+        _run_numpy(ops, amts, dts, lam, V, W, Fs, Ss, out)
+    out[~good] = np.nan
+    return out, good
+
+
+# operations of the schedule, one row each: (kind, a, b, c)
+_STEP = 0  # y *= exp(lambda dts[a])
+_DOSE = 1  # y += Fs[a][:, b] * amts[row] * W[:, :, c]   (a: the dose compartment's slot, b: the record of its F)
+_SWITCH = 2  # to segment a: y -> W[a] V[previous] y
+_OBS = 3  # out[:, a] = V[:, b, :] . y / Ss[c][:, a]   (c = -1: no scale)
+
+
+_SCHEDULES: OrderedDict[tuple[object, ...], tuple[Individual, NDArray[np.int64], FloatArray, FloatArray]] = \
+    OrderedDict()
+_SCHEDULES_KEPT = 256
+_SCHEDULES_LOCK = threading.Lock()
+
+
+def _cached_schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64],
+                     obs_c: NDArray[np.int64], lag_of: dict[int, float], segment: NDArray[np.int64],
+                     comps: tuple[int, ...], s_comps: tuple[int, ...], *, nonmem: bool
+                     ) -> tuple[NDArray[np.int64], FloatArray, FloatArray]:
+    """:func:`_schedule` with each dose's compartment slot in ``comps`` and each observation's scale slot in
+    ``s_comps`` (-1: none), kept for the last few individuals: a fit predicts the same records many times. The
+    entry holds the individual itself, so a key's ``id`` cannot be reused while it is kept."""
+    key = (id(ind), nonmem, tuple(sorted(lag_of.items())), segment.tobytes(), comps, s_comps)
+    with _SCHEDULES_LOCK:
+        hit = _SCHEDULES.get(key)
+        if hit is not None and hit[0] is ind:
+            _SCHEDULES.move_to_end(key)
+            return hit[1], hit[2], hit[3]
+    ops, amts, dts = _schedule(ind, dose, dose_c, obs_c, lag_of, segment, nonmem=nonmem)
+    is_dose, is_obs = ops[:, 0] == _DOSE, ops[:, 0] == _OBS
+    ops[is_dose, 1] = [comps.index(int(c)) for c in ops[is_dose, 3]]
+    ops[is_obs, 3] = [s_comps.index(int(c)) if int(c) in s_comps else -1 for c in ops[is_obs, 2]]
+    for a in (ops, amts, dts):
+        a.setflags(write=False)
+    with _SCHEDULES_LOCK:
+        _SCHEDULES[key] = (ind, ops, amts, dts)
+        while len(_SCHEDULES) > _SCHEDULES_KEPT:
+            _SCHEDULES.popitem(last=False)
+    return ops, amts, dts
+
+
+def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64], obs_c: NDArray[np.int64],
+              lag_of: dict[int, float], segment: NDArray[np.int64], *, nonmem: bool
+              ) -> tuple[NDArray[np.int64], FloatArray, FloatArray]:
+    """The records as a list of operations shared by every batch member (the events do not depend on the
+    parameters): the operations (n_ops, 4), each dose operation's amount, and the distinct step lengths."""
+    ops: list[tuple[int, int, int, int]] = []
+    amts: list[float] = []
+    dt_index: dict[float, int] = {}
+
+    def step(dt: float) -> None:
+        ops.append((_STEP, dt_index.setdefault(dt, len(dt_index)), 0, 0))
+        amts.append(0.0)
+
+    def give(c: int, rec: int, amt: float) -> None:
+        ops.append((_DOSE, 0, rec, c))
+        amts.append(amt)
+
     pending: list[tuple[float, int, int]] = []  # (time it enters, compartment, dose record), in time order
     t_prev = float(ind.time[0])
     u = -1
-    # of the segment in force: exp(lambda dt) by dt (doses repeat their intervals), W e_c (a unit dose into c) and
-    # V[c] (what c holds), contiguous
-    steps: dict[float, FloatArray] = {}
-    units: dict[int, FloatArray] = {}
-    observed: dict[int, FloatArray] = {}
-    for j in range(R):
+    for j in range(len(ind)):
         s = int(segment[j])
         if s != u:
             if u >= 0:
-                y = np.einsum("bij,bj->bi", W[s], np.einsum("bij,bj->bi", V[u], y))
+                ops.append((_SWITCH, s, 0, 0))
+                amts.append(0.0)
             u = s
-            steps, units, observed = {}, {}, {}
         t = float(ind.time[j])
         cur = t_prev
         while pending and pending[0][0] <= t:
             te, c, src = pending.pop(0)
             if te > cur:
-                y *= _step(steps, lam[u], te - cur)
+                step(te - cur)
                 cur = te
-            y += (F[c][:, j if nonmem else src] * float(ind.amt[src]))[:, None] * _unit(units, W[u], c)
+            give(c, j if nonmem else src, float(ind.amt[src]))
         if t > cur:
-            y *= _step(steps, lam[u], t - cur)
+            step(t - cur)
         if dose[j]:  # the dose and its additional doses (ADDL, every II), each after the lag
             c = int(dose_c[j])
             L = lag_of.get(j, 0.0)
@@ -110,31 +180,43 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
                 if te > t:
                     pending.append((te, c, j))
                 else:
-                    y += (F[c][:, j] * float(ind.amt[j]))[:, None] * _unit(units, W[u], c)
+                    give(c, j, float(ind.amt[j]))
             pending.sort(key=lambda p: p[0])
-        oc = int(obs_c[j])
-        held_c = observed.get(oc)
-        if held_c is None:
-            held_c = observed[oc] = np.ascontiguousarray(V[u][:, oc, :])
-        key = f"S{oc + 1}"
-        pred = np.einsum("bj,bj->b", held_c, y)
-        out[:, j] = pred / P[key][:, j] if key in P else pred
+        ops.append((_OBS, j, int(obs_c[j]), 0))
+        amts.append(0.0)
         t_prev = t
-    out[~good] = np.nan
-    return out, good
+    dts = np.array(sorted(dt_index, key=dt_index.__getitem__), dtype=np.float64)
+    return np.array(ops, dtype=np.int64).reshape(-1, 4), np.array(amts), dts
 
 
-def _step(cache: dict[float, FloatArray], lam: FloatArray, dt: float) -> FloatArray:
-    """exp(lambda dt), once per dt of the segment."""
-    e = cache.get(dt)
-    if e is None:
-        e = cache[dt] = np.exp(lam * dt)
-    return e
-
-
-def _unit(cache: dict[int, FloatArray], W: FloatArray, c: int) -> FloatArray:
-    """W e_c (eigen-coordinates of a unit amount in c), contiguous, once per compartment of the segment."""
-    w = cache.get(c)
-    if w is None:
-        w = cache[c] = np.ascontiguousarray(W[:, :, c])
-    return w
+def _run_numpy(ops: NDArray[np.int64], amts: FloatArray, dts: FloatArray, lam: FloatArray, V: FloatArray,
+               W: FloatArray, Fs: FloatArray, Ss: FloatArray, out: FloatArray) -> None:
+    """The schedule vectorised over the batch with NumPy (where compiled code is off)."""
+    B, n = lam.shape[1], lam.shape[2]
+    y = np.zeros((B, n))
+    u = 0
+    steps: dict[int, FloatArray] = {}
+    units: dict[int, FloatArray] = {}
+    observed: dict[int, FloatArray] = {}
+    for k in range(ops.shape[0]):
+        kind, a, b, c = (int(x) for x in ops[k])
+        if kind == _STEP:
+            e = steps.get(a)
+            if e is None:
+                e = steps[a] = np.exp(lam[u] * dts[a])
+            y *= e
+        elif kind == _DOSE:
+            w = units.get(c)
+            if w is None:
+                w = units[c] = np.ascontiguousarray(W[u][:, :, c])
+            y += (Fs[a][:, b] * amts[k])[:, None] * w
+        elif kind == _SWITCH:
+            y = np.einsum("bij,bj->bi", W[a], np.einsum("bij,bj->bi", V[u], y))
+            u = a
+            steps, units, observed = {}, {}, {}
+        else:
+            held = observed.get(b)
+            if held is None:
+                held = observed[b] = np.ascontiguousarray(V[u][:, b, :])
+            pred = np.einsum("bj,bj->b", held, y)
+            out[:, a] = pred / Ss[c][:, a] if c >= 0 else pred

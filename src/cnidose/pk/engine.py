@@ -383,6 +383,34 @@ def _as_batch(params: Mapping[str, ArrayLike], n_records: int) -> tuple[dict[str
     return out, batch
 
 
+_SPLIT_BATCH = 256  # from this batch size, members that decompose badly are simulated apart
+
+
+def _subset(P: Mapping[str, FloatArray], mask: NDArray[np.bool_]) -> dict[str, FloatArray]:
+    """The parameters of the members ``mask`` selects, (B', R) each, without copying what is broadcast."""
+    k = int(np.count_nonzero(mask))
+    out = {}
+    for name, v in P.items():
+        if v.strides[0] == 0:
+            base = v[:1]
+        elif v.strides[1] == 0:
+            base = v[mask, :1]
+        else:
+            base = v[mask]
+        out[name] = np.broadcast_to(base, (k, v.shape[1]))
+    return out
+
+
+def _decomposable(structure: LinearStructure, P: Mapping[str, FloatArray], B: int, changed: NDArray[np.bool_]
+                  ) -> NDArray[np.bool_]:
+    """The members whose rate matrix decomposes well at every record where a rate parameter changes."""
+    starts = np.flatnonzero(np.concatenate([[True], changed[1:]]))
+    es = EigenSolver(structure, starts.size * B)
+    es.set_params({k: np.ascontiguousarray(P[k][:, starts].T).reshape(-1) for k in structure.rate_parameters})
+    good: NDArray[np.bool_] = es.good.reshape(starts.size, B).all(axis=0)
+    return good
+
+
 def simulate(
     structure: LinearStructure | OdeStructure,
     individual: Individual,
@@ -495,10 +523,25 @@ def simulate(
             if held.all():
                 return Simulation(pred, None, "eigen")
             # the members whose decomposition is ill-conditioned: the general engine (matrix exponential)
-            rest = simulate(structure, individual, {k: v[~held] for k, v in P.items()}, method=method, rtol=rtol,
+            rest = simulate(structure, individual, _subset(P, ~held), method=method, rtol=rtol,
                             atol=atol, dose_values=dose_values)
             pred[~held] = rest.prediction
             return Simulation(pred, None, rest.method)
+    if (method in ("auto", "closed") and isinstance(structure, LinearStructure) and structure.gamma is None
+            and B >= _SPLIT_BATCH):
+        # a large batch where a few members decompose badly: the others on the closed form alone, those few on
+        # the matrix exponential (one mixed solver would form V diag(e) W for every member at every step)
+        held = _decomposable(structure, P, B, changed)
+        if held.any() and not held.all():
+            parts = [simulate(structure, individual, _subset(P, m), method=method, return_amounts=return_amounts,
+                              rtol=rtol, atol=atol, dose_values=dose_values) for m in (held, ~held)]
+            pred = np.empty((B, R))
+            pred[held], pred[~held] = parts[0].prediction, parts[1].prediction
+            amounts_all = None
+            if return_amounts:
+                amounts_all = np.empty((B, R, n))
+                amounts_all[held], amounts_all[~held] = parts[0].amounts, parts[1].amounts
+            return Simulation(pred, amounts_all, parts[1].method)
     doses = _DoseParameters(P, individual.rows, B)
     st = _State(make_solver(0), B, n, doses, retime=nonmem, gamma=structure.gamma)
     out = np.empty((B, R))

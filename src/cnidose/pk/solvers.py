@@ -30,6 +30,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import NumericalError
 from cnidose.pk.eigen import eigen_blocks, flow_blocks
+from cnidose.pk.kernels import linear_kernels
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
 if TYPE_CHECKING:
@@ -202,6 +203,8 @@ class EigenSolver(_LinearSolver):
 
     def _setup(self, K: FloatArray) -> None:
         blocks = flow_blocks(self.structure)
+        if all(len(b) <= 2 for b in blocks) and self._setup_compiled(K, blocks):
+            return
         if all(len(b) <= 2 for b in blocks):  # closed form (every library model): ~10x LAPACK's batched eig
             lam_r, V_r, imag = eigen_blocks(K, blocks)
             self.lam, self.V = np.ascontiguousarray(lam_r), np.ascontiguousarray(V_r)
@@ -223,6 +226,20 @@ class EigenSolver(_LinearSolver):
         #: members whose decomposition can be used (real, finite, well conditioned)
         self.good = ~np.asarray(imag, bool) & np.all(np.isfinite(self.lam), axis=1) & np.isfinite(cond) & (cond < 1e6)
         self.usable = bool(np.all(self.good))
+
+    def _setup_compiled(self, K: FloatArray, blocks: Sequence[Sequence[int]]) -> bool:
+        """The same decomposition, inverse and test compiled (:mod:`cnidose.pk.kernels`); False where compiled
+        code is off."""
+        module = linear_kernels()
+        if module is None:
+            return False
+        B, n = K.shape[0], self.n
+        blk = np.array([[b[0], b[1] if len(b) == 2 else -1] for b in blocks], dtype=np.int64)
+        self.lam, self.V, self.W = np.empty((B, n)), np.empty((B, n, n)), np.empty((B, n, n))
+        self.good = np.empty(B, dtype=np.bool_)
+        module.decompose(np.ascontiguousarray(K, dtype=np.float64), blk, self.lam, self.V, self.W, self.good, 1e6)
+        self.usable = bool(np.all(self.good))
+        return True
 
     def to_internal(self, x: FloatArray) -> FloatArray:
         return np.einsum("bij,bj->bi", self.W, x)
@@ -298,14 +315,15 @@ class ExpmSolver(_LinearSolver):
         n = self.n
         eig = self._eig
         bad = np.ones(self.batch, bool) if eig is None else ~eig.good
-        phi = np.empty((self.batch, n, n))
-        gam = np.empty((self.batch, n, n))
         if eig is not None and not bad.all():
-            ok = ~bad
+            # V diag(e) W for every member (batched; a three-operand einsum is ~30x slower), the others' replaced
             e, g = eig._factors(dt)  # (B, n) each
-            V, W = eig.V[ok], eig.W[ok]
-            phi[ok] = np.einsum("bik,bk,bkj->bij", V, e[ok], W)
-            gam[ok] = np.einsum("bik,bk,bkj->bij", V, g[ok], W)
+            with np.errstate(all="ignore"):
+                phi = (eig.V * e[:, None, :]) @ eig.W
+                gam = (eig.V * g[:, None, :]) @ eig.W
+        else:
+            phi = np.empty((self.batch, n, n))
+            gam = np.empty((self.batch, n, n))
         if bad.any():
             M = np.zeros((int(bad.sum()), 2 * n, 2 * n))
             M[:, :n, :n] = self.K[bad]
