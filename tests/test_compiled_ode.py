@@ -120,6 +120,23 @@ def test_a_failure_names_the_batch_member(fresh: Path) -> None:
         simulate(s, ind, {k: v * np.ones((1, 2)) for k, v in params.items()})
 
 
+def test_a_stiff_member_gives_up_at_once(fresh: Path) -> None:
+    """Regression: an optimiser's trial step can reach an absorption rate constant of 1e8/h; the explicit
+    integrator then needs billions of steps. It gave up only after 10 million (about 10 s a member, and four
+    individuals of shared model 201 took 25-30 s each); now after 100,000, naming the member."""
+    import time
+
+    s = _structure_201()
+    ind, = split_individuals({"ID": [1, 1], "TIME": [0, 24], "EVID": [1, 0], "AMT": [100, 0], "CMT": [1, 2]})
+    compiled.kernel(s.equations)  # compiled before the clock starts
+    params = {"KA": np.array([[1.0], [1e8]]), "VC": np.array([[70.0], [70.0]]),
+              "VMAX": np.array([[100.0], [100.0]]), "KM": np.array([[2.0], [2.0]])}
+    t0 = time.perf_counter()
+    with pytest.raises(NumericalError, match="batch member 1 \\(too many steps\\)"):
+        simulate(s, ind, {k: v * np.ones((1, 2)) for k, v in params.items()})
+    assert time.perf_counter() - t0 < 3.0
+
+
 def test_no_kernel_from_a_folder_others_can_write(fresh: Path) -> None:
     fresh.mkdir(mode=0o700)
     os.chmod(fresh, 0o770)

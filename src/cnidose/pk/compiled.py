@@ -72,7 +72,10 @@ def _norm(v, scale):
 @njit(cache=True, error_model="numpy")
 def _integrate(y, p, r, t_end, rtol, atol, K, ys, yn, f1, sc):
     # y is advanced in place from 0 to t_end; returns a status (0 ok)
-    max_steps = 10_000_000
+    # a PK interval takes tens to hundreds of steps at rtol 1e-10; more than this means a stiff member (an
+    # absorption rate constant of ~1e4/h and up, reached only by an optimiser's trial step): give up at
+    # once (status 2) rather than spend seconds on a point the line search will reject anyway
+    max_steps = 100_000
     rhs(y, p, r, K[0])
     for j in range(N):
         if not math.isfinite(K[0, j]):
