@@ -29,7 +29,7 @@ from cnidose.pk.kernels import linear_kernels
 from cnidose.pk.solvers import EigenSolver
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
-__all__ = ["predict_records"]
+__all__ = ["decompose_segments", "predict_records"]
 
 FloatArray = NDArray[np.float64]
 
@@ -66,12 +66,9 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
             if not (np.all(np.isfinite(v)) and np.all(v >= 0) and np.all(v == v[:1])):
                 return None
             lag_of.update(zip(rows.tolist(), v[0].tolist(), strict=True))
-    starts = np.flatnonzero(np.concatenate([[True], changed[1:]]))
+    starts, es, good = decompose_segments(structure, P, B, changed)
     U = starts.size
     segment = np.cumsum(np.isin(np.arange(R), starts)) - 1
-    es = EigenSolver(structure, U * B)
-    es.set_params({k: np.ascontiguousarray(P[k][:, starts].T).reshape(U * B) for k in structure.rate_parameters})
-    good = es.good.reshape(U, B).all(axis=0)
     if not good.any():
         return None
     lam = es.lam.reshape(U, B, n)
@@ -94,6 +91,17 @@ def predict_records(structure: LinearStructure | OdeStructure, ind: Individual, 
         _run_numpy(ops, amts, dts, lam, V, W, Fs, Ss, out)
     out[~good] = np.nan
     return out, good
+
+
+def decompose_segments(structure: LinearStructure, P: Mapping[str, FloatArray], B: int,
+                       changed: NDArray[np.bool_]) -> tuple[NDArray[np.int64], EigenSolver, NDArray[np.bool_]]:
+    """The records where a parameter segment starts, one decomposition of every segment's parameters for every
+    member (segment-major, U * B), and the members that decompose well in every segment."""
+    starts = np.flatnonzero(np.concatenate([[True], changed[1:]]))
+    es = EigenSolver(structure, starts.size * B)
+    es.set_params({k: np.ascontiguousarray(P[k][:, starts].T).reshape(-1) for k in structure.rate_parameters})
+    good: NDArray[np.bool_] = es.good.reshape(starts.size, B).all(axis=0)
+    return starts, es, good
 
 
 # operations of the schedule, one row each: (kind, a, b, c)

@@ -51,7 +51,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cnidose.errors import DataError, NumericalError
-from cnidose.pk.eigenpath import predict_records
+from cnidose.pk.eigenpath import decompose_segments, predict_records
 from cnidose.pk.events import Individual
 from cnidose.pk.solvers import EigenSolver, ExpmSolver, GammaDose, OdeSolver, Solver, gamma_support
 from cnidose.pk.structure import GammaInput, LinearStructure, OdeStructure
@@ -401,16 +401,6 @@ def _subset(P: Mapping[str, FloatArray], mask: NDArray[np.bool_]) -> dict[str, F
     return out
 
 
-def _decomposable(structure: LinearStructure, P: Mapping[str, FloatArray], B: int, changed: NDArray[np.bool_]
-                  ) -> NDArray[np.bool_]:
-    """The members whose rate matrix decomposes well at every record where a rate parameter changes."""
-    starts = np.flatnonzero(np.concatenate([[True], changed[1:]]))
-    es = EigenSolver(structure, starts.size * B)
-    es.set_params({k: np.ascontiguousarray(P[k][:, starts].T).reshape(-1) for k in structure.rate_parameters})
-    good: NDArray[np.bool_] = es.good.reshape(starts.size, B).all(axis=0)
-    return good
-
-
 def simulate(
     structure: LinearStructure | OdeStructure,
     individual: Individual,
@@ -531,7 +521,7 @@ def simulate(
             and B >= _SPLIT_BATCH):
         # a large batch where a few members decompose badly: the others on the closed form alone, those few on
         # the matrix exponential (one mixed solver would form V diag(e) W for every member at every step)
-        held = _decomposable(structure, P, B, changed)
+        held = decompose_segments(structure, P, B, changed)[2]
         if held.any() and not held.all():
             parts = [simulate(structure, individual, _subset(P, m), method=method, return_amounts=return_amounts,
                               rtol=rtol, atol=atol, dose_values=dose_values) for m in (held, ~held)]
