@@ -36,7 +36,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import ExpressionError
 
-__all__ = ["Expression", "compile_expression", "scalar_source"]
+__all__ = ["Expression", "compile_expression", "derivative", "scalar_source"]
 
 Value = NDArray[np.float64] | float
 Env = Mapping[str, Value]
@@ -208,3 +208,163 @@ def scalar_source(expr: Expression, names: Mapping[str, str]) -> str:
         raise ExpressionError(f"{type(node).__name__} cannot be compiled in {expr.source!r}")  # pragma: no cover
 
     return text(ast.parse(expr.source.strip(), mode="eval").body)
+
+
+# -- derivatives ------------------------------------------------------------------------------------------------------
+_LN10 = 2.302585092994046  # ln 10
+
+
+def _num(v: float) -> ast.expr:
+    return ast.UnaryOp(ast.USub(), ast.Constant(-v)) if v < 0 else ast.Constant(v)
+
+
+def _const(node: ast.expr) -> float | None:
+    """The value of a constant node (a number, or minus a number), else None."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        v = _const(node.operand)
+        return None if v is None else -v
+    return None
+
+
+def _add(a: ast.expr, b: ast.expr) -> ast.expr:
+    ca, cb = _const(a), _const(b)
+    if ca == 0.0:
+        return b
+    if cb == 0.0:
+        return a
+    if ca is not None and cb is not None:
+        return _num(ca + cb)
+    return ast.BinOp(a, ast.Add(), b)
+
+
+def _neg(a: ast.expr) -> ast.expr:
+    ca = _const(a)
+    return _num(-ca) if ca is not None else ast.UnaryOp(ast.USub(), a)
+
+
+def _sub(a: ast.expr, b: ast.expr) -> ast.expr:
+    if _const(b) == 0.0:
+        return a
+    if _const(a) == 0.0:
+        return _neg(b)
+    return ast.BinOp(a, ast.Sub(), b)
+
+
+def _mul(a: ast.expr, b: ast.expr) -> ast.expr:
+    ca, cb = _const(a), _const(b)
+    if ca == 0.0 or cb == 0.0:
+        return ast.Constant(0.0)
+    if ca == 1.0:
+        return b
+    if cb == 1.0:
+        return a
+    if ca is not None and cb is not None:
+        return _num(ca * cb)
+    return ast.BinOp(a, ast.Mult(), b)
+
+
+def _div(a: ast.expr, b: ast.expr) -> ast.expr:
+    if _const(a) == 0.0:
+        return ast.Constant(0.0)
+    if _const(b) == 1.0:
+        return a
+    return ast.BinOp(a, ast.Div(), b)
+
+
+def _call(name: str, *args: ast.expr) -> ast.expr:
+    return ast.Call(ast.Name(name, ast.Load()), list(args), [])
+
+
+def _d(node: ast.expr, x: str) -> ast.expr:
+    """d node / d x as a new tree (the language's constructs only), lightly simplified (0 and 1 folded)."""
+    zero = ast.Constant(0.0)
+    if isinstance(node, ast.Constant):
+        return zero
+    if isinstance(node, ast.Name):
+        return ast.Constant(1.0) if node.id == x else zero
+    if isinstance(node, ast.UnaryOp):
+        if isinstance(node.op, ast.USub):
+            return _neg(_d(node.operand, x))
+        if isinstance(node.op, ast.UAdd):
+            return _d(node.operand, x)
+        return zero  # not: a truth value, piecewise constant
+    if isinstance(node, (ast.Compare, ast.BoolOp)):
+        return zero  # truth values are piecewise constant
+    if isinstance(node, ast.IfExp):
+        a, b = _d(node.body, x), _d(node.orelse, x)
+        if _const(a) == 0.0 and _const(b) == 0.0:
+            return zero
+        return ast.IfExp(node.test, a, b)
+    if isinstance(node, ast.BinOp):
+        u, v = node.left, node.right
+        du, dv = _d(u, x), _d(v, x)
+        if isinstance(node.op, ast.Add):
+            return _add(du, dv)
+        if isinstance(node.op, ast.Sub):
+            return _sub(du, dv)
+        if isinstance(node.op, ast.Mult):
+            return _add(_mul(du, v), _mul(u, dv))
+        if isinstance(node.op, ast.Div):  # du / v - u dv / v²
+            return _sub(_div(du, v), _div(_mul(u, dv), ast.BinOp(v, ast.Mult(), v)))
+        if isinstance(node.op, ast.Pow):
+            cv = _const(v)
+            if _const(dv) == 0.0:  # u ** c: c u ** (c - 1) du
+                if _const(du) == 0.0:
+                    return zero
+                if cv is not None:
+                    power = ast.Constant(1.0) if cv == 1.0 else (u if cv == 2.0 else
+                                                                 ast.BinOp(u, ast.Pow(), _num(cv - 1.0)))
+                    return _mul(_mul(_num(cv), power), du)
+                return _mul(_mul(v, ast.BinOp(u, ast.Pow(), ast.BinOp(v, ast.Sub(), ast.Constant(1.0)))), du)
+            # u ** v (v depends on x): u ** v (dv ln u + v du / u)
+            inner = _add(_mul(dv, _call("log", u)), _div(_mul(v, du), u))
+            return _mul(node, inner)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        f = node.func.id
+        args = node.args
+        if f in ("min", "max"):
+            a, b = _d(args[0], x), _d(args[1], x)
+            if _const(a) == 0.0 and _const(b) == 0.0:
+                return zero
+            op: ast.cmpop = ast.LtE() if f == "min" else ast.GtE()
+            return ast.IfExp(ast.Compare(args[0], [op], [args[1]]), a, b)
+        a = args[0]
+        da = _d(a, x)
+        if _const(da) == 0.0:
+            return zero
+        if f == "exp":
+            return _mul(node, da)
+        if f == "log":
+            return _div(da, a)
+        if f == "log10":
+            return _div(da, _mul(a, ast.Constant(_LN10)))
+        if f == "sqrt":
+            return _div(da, _mul(ast.Constant(2.0), node))
+        if f == "abs":  # the derivative of |a| is sign(a) da (taken as +da at 0)
+            return ast.IfExp(ast.Compare(a, [ast.GtE()], [ast.Constant(0.0)]), da, _neg(da))
+    raise ExpressionError(f"cannot differentiate {ast.unparse(node)!r}")  # pragma: no cover (checked constructs)
+
+
+def derivative(expr: Expression, name: str) -> Expression | None:
+    """The partial derivative of ``expr`` with respect to ``name``, as an expression of the same language, or None
+    where it is identically zero (``expr`` does not read ``name``, or only in conditions).
+
+    Conditions (``if``/``else``, ``min``/``max``, ``abs``) are differentiated branch by branch: the derivative is
+    that of the branch the values select (one-sided at a kink, as forward-mode automatic differentiation).
+
+    >>> str(derivative(compile_expression("TVCL * (WT / 70) ** 0.75 * exp(ETA_CL)"), "ETA_CL").source)
+    'TVCL * (WT / 70) ** 0.75 * exp(ETA_CL)'
+    >>> derivative(compile_expression("V * exp(-K * 2)"), "K").source
+    'V * (exp(-K * 2) * -2.0)'
+    >>> derivative(compile_expression("A if K > 0 else 1"), "K") is None
+    True
+    """
+    if name not in expr.names:
+        return None
+    tree = ast.parse(expr.source.strip(), mode="eval").body
+    d = _d(tree, name)
+    if _const(d) == 0.0:
+        return None
+    return compile_expression(ast.unparse(ast.fix_missing_locations(ast.Expression(d))))
