@@ -85,6 +85,39 @@ def main() -> None:
         print(f"model {run}: yardstick plain SciPy L-BFGS-B + engine: {per * 1e3:.0f} ms per individual "
               f"({args.yardstick} individuals; about {per * 4000:.0f} s for 4,000)")
     posterior_figures()
+    storset_figures()
+
+
+def storset_figures(n: int = 20, troughs: int = 6) -> None:
+    """Issue 14's real-data-shaped forecast: Størset 2014 (time-varying post-operative day, prednisolone and
+    haematocrit; between-occasion effects on F and ka; the red-cell binding transform), one patient with 6
+    troughs (:func:`bench_forecast.storset_cohort`, cut after the 6th), ``fit_map`` one patient at a time, with
+    exact derivatives (the compiled kernel) and with central differences through the engine, in the same run."""
+    import dataclasses
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_forecast import storset_cohort
+
+    from cnidose.models import resolve_model
+
+    m = resolve_model("storset2014_tac_adult_kidney")
+    patients = []
+    for ind in storset_cohort(m, n, 7):
+        obs = np.flatnonzero(ind.evid == 0)
+        end = int(obs[troughs - 1]) + 1
+        patients.append(dataclasses.replace(
+            ind, time=ind.time[:end], evid=ind.evid[:end], amt=ind.amt[:end], cmt=ind.cmt[:end], rate=ind.rate[:end],
+            ii=ind.ii[:end], addl=ind.addl[:end], ss=ind.ss[:end], mdv=ind.mdv[:end], rows=ind.rows[:end],
+            covariates={k: v[:end] for k, v in ind.covariates.items()}))
+    for how in ("exact", "differences"):
+        fit_map(m, patients[:2], derivatives=how)  # warm-up (and the kernel's compilation on a new machine)
+        times = []
+        for p in patients:
+            t0 = time.perf_counter()
+            fit_map(m, [p], derivatives=how)
+            times.append(time.perf_counter() - t0)
+        print(f"Størset 2014, one patient with {troughs} troughs, derivatives {how}: median "
+              f"{np.median(times) * 1e3:.1f} ms (p90 {np.percentile(times, 90) * 1e3:.1f} ms, {n} patients)")
 
 
 def posterior_figures() -> None:

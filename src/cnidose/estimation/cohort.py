@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError
 from cnidose.estimation.observations import ObservationData, observation_data
+from cnidose.models.kernel import ModelKernel, Stack, model_kernel
 from cnidose.models.model import Model, Prepared
 from cnidose.pk.events import Individual
 from cnidose.pk.structure import LinearStructure
@@ -61,6 +62,10 @@ class Group:
     bases: tuple[str, ...] = ()  # the model's effect behind each estimated one (KAPPA_CL for KAPPA_CL_OCC2)
     occasions: tuple[int, ...] = ()  # the occasion of each estimated effect; 0: between-subject
     design: Design | None = None
+    #: the model's compiled predictor and every member's plan (:mod:`cnidose.models.kernel`), or None: predictions
+    #: by the engine or superposition, derivatives by differences
+    kernel: ModelKernel | None = None
+    stack: Stack | None = None
     obs_start: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
     # concatenated observations of the members
     y: FloatArray = field(default_factory=lambda: np.zeros(0))
@@ -83,6 +88,28 @@ class Group:
         out[..., self.estimated] = theta
         return out
 
+    @property
+    def exact(self) -> bool:
+        """Whether :meth:`jacobian` gives exact derivatives (the compiled kernel holds every member)."""
+        return self.stack is not None and self.dim > 0
+
+    def jacobian(self, theta: FloatArray, which: IntArray | None = None
+                 ) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]] | None:
+        """Predictions (O',) at the observations of members ``which`` for ``theta`` (G', dim) and their exact
+        derivatives (O', dim) by the estimated effects (forward sensitivities, :mod:`cnidose.pk.tangent`), and the
+        members the kernel held (G',): the rows of the others are not set. None where there is no kernel."""
+        if self.kernel is None or self.stack is None:
+            return None
+        which = np.arange(self.size) if which is None else which
+        out, jac, held = self.kernel.run(self.model, self.stack, which, self.expand(theta[:, None, :]),
+                                         self._est_cols(), self.dim)
+        return out[:, 0], jac[:, 0, :], held[:, 0]
+
+    def _est_cols(self) -> IntArray:
+        cols = np.full(self.full_dim, -1, dtype=np.int64)
+        cols[self.estimated] = np.arange(self.dim)
+        return cols
+
     def predict(self, theta: FloatArray, which: IntArray | None = None) -> FloatArray:
         """Predictions at the observations of members ``which`` (default all) for ``theta`` (G', B, dim).
 
@@ -94,6 +121,8 @@ class Group:
             return self._predict_fast(full, which)
         if which.size == 0:
             return np.zeros((0, theta.shape[1]))
+        if self.kernel is not None and self.stack is not None:
+            return self._predict_kernel(full, which)
         # one engine run per distinct member, over all its rows' points at once (several starts of one
         # member: the engine's cost is mostly per run, not per point)
         B = theta.shape[1]
@@ -108,7 +137,19 @@ class Group:
             seen[g] = k + 1
         return np.concatenate(parts, axis=0)
 
-    # -- the two paths ---------------------------------------------------------------------------------------------
+    # -- the paths -------------------------------------------------------------------------------------------------
+    def _predict_kernel(self, full: FloatArray, which: IntArray) -> FloatArray:
+        """The compiled kernel; a member it leaves (a rate matrix that decomposes badly) goes to the engine."""
+        assert self.kernel is not None and self.stack is not None
+        out, _, held = self.kernel.run(self.model, self.stack, which, full, self._est_cols(), 0)
+        if not held.all():
+            starts = np.concatenate([[0], np.cumsum(self.stack.n_obs[which])])
+            for g in np.flatnonzero(~held.all(axis=1)):
+                miss = ~held[g]
+                rows = self._predict_engine(self.members[int(which[g])], full[g][miss], int(miss.sum()))
+                out[starts[g]:starts[g + 1], miss] = rows
+        return out
+
     def _predict_engine(self, m: Member, theta: FloatArray, block: int | None = None) -> FloatArray:
         """theta (B, full_dim) for one member -> (O_m, B). Where the parameters of some row are unusable and
         ``theta`` stacks blocks of ``block`` rows, each block is run alone, so that only its rows are lost."""
@@ -214,9 +255,13 @@ def _constant_covariates(prep: Prepared) -> bool:
     return all(v.size == 0 or bool(np.all(v == v[0])) for v in prep.covariates.values())
 
 
-def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool = True
+def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool = True, compiled: bool = True
                  ) -> tuple[list[Group], list[Member]]:
-    """Prepare every individual; returns the fittable groups and every member (errors recorded, not raised)."""
+    """Prepare every individual; returns the fittable groups and every member (errors recorded, not raised).
+
+    ``compiled``: give each group the model's compiled kernel where it holds every member (exact derivatives,
+    :meth:`Group.jacobian`); False: predictions by the engine or superposition alone.
+    """
     members = [Member(k, ind) for k, ind in enumerate(individuals)]
     est = np.flatnonzero(np.diag(model.omega) > 0).astype(np.int64)
     n_eta = len(model.iiv)
@@ -257,6 +302,18 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
         groups.append(g)
     for m in slow_members:
         groups.append(_group(model, [m], *layout(m.n_occasions), fast=False))
+    kernel = model_kernel(model) if compiled and groups else None
+    if kernel is not None:
+        for g in groups:
+            plans = []
+            for m in g.members:
+                assert m.obs is not None and m.prep is not None
+                plan = kernel.plan(model, m.prep, m.obs.rec)
+                if plan is None:
+                    break
+                plans.append(plan)
+            else:
+                g.kernel, g.stack = kernel, Stack.of(plans)
     return groups, members
 
 

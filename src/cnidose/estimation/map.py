@@ -48,6 +48,7 @@ FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 Status = Literal["converged", "prior-only", "not-converged", "error"]
 CovMethod = Literal["expected", "exact"]
+Derivatives = Literal["exact", "differences"]
 
 _H = 1e-4  # central-difference step on the random effects
 # Distant optima (flip-flop of absorption and elimination, ridges) are searched for when some random effect
@@ -88,6 +89,9 @@ class MapResult:
     #: Σ ln(level) over the levels fitted on the log scale (BLQ excluded): the Jacobian 2·log_levels turns the
     #: objective into -2 ln of the levels' density on their natural scale, comparable between models
     log_levels: float = 0.0
+    #: how the predictions' derivatives by the random effects were had: "exact" (forward sensitivities of the
+    #: compiled model kernel, :mod:`cnidose.models.kernel`) or "differences" (central, step 1e-4)
+    derivatives: str = "differences"
 
 
 @dataclass(slots=True)
@@ -144,8 +148,34 @@ def objective(model: Model, individual: Individual, eta: Any, kappa: Any = None)
 
 def _derivatives(g: Group, which: IntArray, theta: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray,
                                                                        FloatArray, FloatArray]:
-    """f, J, ofv, gradient and half the expected information for members ``which`` at ``theta`` (G', d)."""
-    return _derivatives_from(g, which, theta, g.predict(_difference_points(theta), which))
+    """f, J, ofv, gradient and half the expected information for members ``which`` at ``theta`` (G', d).
+
+    J is exact where the group has the compiled kernel (:meth:`Group.jacobian`: forward sensitivities), by central
+    differences elsewhere and for the members the kernel leaves to the engine."""
+    f, J = _prediction_and_jacobian(g, which, theta)
+    return _derivatives_of(g, which, theta, f, J)
+
+
+def _prediction_and_jacobian(g: Group, which: IntArray, theta: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Predictions (O',) and their derivatives (O', d) at ``theta`` (G', d): exact, or central differences."""
+    exact = g.jacobian(theta, which) if g.exact else None
+    if exact is None:
+        return _from_differences(theta, g.predict(_difference_points(theta), which))
+    f, J, held = exact
+    if not held.all():
+        miss = np.flatnonzero(~held)
+        # the rows of which[miss] among those of which (each member's observations, in order)
+        starts = np.concatenate([[0], np.cumsum(np.diff(g.obs_start)[which])])
+        rows = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in miss])
+        f[rows], J[rows] = _from_differences(theta[miss], g.predict(_difference_points(theta[miss]), which[miss]))
+    return f, J
+
+
+def _from_differences(theta: FloatArray, F: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """Predictions and central-difference derivatives from the predictions ``F`` (O', 1 + 2d) at
+    :func:`_difference_points`."""
+    d = theta.shape[1]
+    return F[:, 0], (F[:, 1:1 + d] - F[:, 1 + d:]) / (2 * _H)
 
 
 def _difference_points(theta: FloatArray) -> FloatArray:
@@ -157,12 +187,10 @@ def _difference_points(theta: FloatArray) -> FloatArray:
     return theta[:, None, :] + offs[None]
 
 
-def _derivatives_from(g: Group, which: IntArray, theta: FloatArray, F: FloatArray
-                      ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
-    """:func:`_derivatives` from the predictions ``F`` (O', 1 + 2d) at :func:`_difference_points`."""
-    G, d = theta.shape
-    f = F[:, 0]
-    J = (F[:, 1:1 + d] - F[:, 1 + d:]) / (2 * _H)  # (O', d)
+def _derivatives_of(g: Group, which: IntArray, theta: FloatArray, f: FloatArray, J: FloatArray
+                    ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
+    """:func:`_derivatives` from the predictions ``f`` (O',) and their derivatives ``J`` (O', d)."""
+    G = theta.shape[0]
     idx, starts = _obs_slices(g, which)
     t, dt, w, _ = terms(f[:, None], g.y[idx], g.blq[idx], g.limit[idx], g.log[idx], g.prop[idx], g.add[idx],
                         g.sd_log[idx], g.if_zero[idx])
@@ -181,16 +209,21 @@ def _final(g: Group, theta: FloatArray) -> tuple[FloatArray, FloatArray, FloatAr
     from one vectorised prediction."""
     G, d = theta.shape
     which = np.arange(G)
-    offs = np.zeros((2 + 2 * d, d))
-    offs[2:2 + d] = np.eye(d) * _H
-    offs[2 + d:] = -np.eye(d) * _H
-    pts = theta[:, None, :] + offs[None]
-    pts[:, 1, :] = 0.0
-    F = g.predict(pts, which)
-    f, f_typ = F[:, 0], F[:, 1]
     if d == 0:
-        return f, f_typ, np.zeros((G, 0, 0))
-    J = (F[:, 2:2 + d] - F[:, 2 + d:]) / (2 * _H)
+        F = g.predict(np.zeros((G, 2, 0)), which)
+        return F[:, 0], F[:, 1], np.zeros((G, 0, 0))
+    if g.exact:
+        f_typ = g.predict(np.zeros((G, 1, d)), which)[:, 0]
+        f, J = _prediction_and_jacobian(g, which, theta)
+    else:
+        offs = np.zeros((2 + 2 * d, d))
+        offs[2:2 + d] = np.eye(d) * _H
+        offs[2 + d:] = -np.eye(d) * _H
+        pts = theta[:, None, :] + offs[None]
+        pts[:, 1, :] = 0.0
+        F = g.predict(pts, which)
+        f_typ = F[:, 1]
+        f, J = _from_differences(theta, np.concatenate([F[:, :1], F[:, 2:]], axis=1))
     idx, starts = _obs_slices(g, which)
     _, _, w, _ = terms(f[:, None], g.y[idx], g.blq[idx], g.limit[idx], g.log[idx], g.prop[idx], g.add[idx],
                        g.sd_log[idx], g.if_zero[idx])
@@ -532,15 +565,21 @@ def _leaves_the_basin(g: Group, which: IntArray, st: _State, starts: FloatArray,
     s = np.arange(1, n_interior + 1) / (n_interior + 1)
     est = st.theta[owners]
     pts = est[:, None, :] + s[None, :, None] * (starts - est)[:, None, :]  # (S, n_interior, d)
-    around = _difference_points(starts)  # (S, 1 + 2d, d): the start first
-    F = g.predict(np.concatenate([around, pts], axis=1), which[owners])  # one prediction for both tests
-    n_around = around.shape[1]
+    if g.exact:
+        F = g.predict(pts, which[owners])
+        f0, J0 = _prediction_and_jacobian(g, which[owners], starts)
+    else:  # one prediction for both tests
+        around = _difference_points(starts)  # (S, 1 + 2d, d): the start first
+        F = g.predict(np.concatenate([around, pts], axis=1), which[owners])
+        n_around = around.shape[1]
+        f0, J0 = _from_differences(starts, F[:, :n_around])
+        F = F[:, n_around:]
     full = np.concatenate([starts[:, None, :], pts], axis=1)
-    vals = _ofv(g, which[owners], full, np.concatenate([F[:, :1], F[:, n_around:]], axis=1))
+    vals = _ofv(g, which[owners], full, np.concatenate([f0[:, None], F], axis=1))
     vals = np.where(np.isfinite(vals), vals, np.inf)
     ends = np.maximum(vals[:, 0], st.ofv[owners])
     hill = np.any(vals[:, 1:] > ends[:, None] + _HILL_TOL, axis=1)
-    _, _, _, grad, info = _derivatives_from(g, which[owners], starts, F[:, :n_around])
+    _, _, _, grad, info = _derivatives_of(g, which[owners], starts, f0, J0)
     try:
         step = -np.linalg.solve(2.0 * info, grad[..., None])[..., 0]
     except np.linalg.LinAlgError:
@@ -639,10 +678,20 @@ def _global_screen(g: Group, which: IntArray, st: _State, members: IntArray, *, 
 
 
 def _exact_covariance(g: Group, which: int, theta: FloatArray) -> FloatArray | None:
-    """(½ ∇² OFV)⁻¹ by central second differences of the objective."""
+    """(½ ∇² OFV)⁻¹: the Hessian by central differences of the exact gradient where the group has the compiled
+    kernel (step 1e-5: error ~1e-10), by central second differences of the objective otherwise."""
     d = theta.size
+    if g.exact:
+        h = 1e-5
+        around = np.concatenate([theta + h * np.eye(d), theta - h * np.eye(d)])
+        _, _, _, grad, _ = _derivatives(g, np.full(2 * d, which), around)
+        Hg = (grad[:d] - grad[d:]).T / (2 * h)  # column i: the gradient's change along effect i
+        try:
+            return _inv(0.25 * (Hg + Hg.T))
+        except np.linalg.LinAlgError:
+            return None
     h = 1e-3
-    pts = [theta]
+    pts: list[FloatArray] = [theta]
     for i in range(d):
         for j in range(d):
             for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
@@ -671,7 +720,8 @@ def _exact_covariance(g: Group, which: int, theta: FloatArray) -> FloatArray | N
 def fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovMethod = "expected",
             fast: bool = True, restarts: bool = True,
             progress: Callable[[int, int], None] | None = None,
-            start: Sequence[MapResult | None] | None = None) -> list[MapResult]:
+            start: Sequence[MapResult | None] | None = None,
+            derivatives: Derivatives = "exact") -> list[MapResult]:
     """MAP estimates for every individual (in input order), each with a status.
 
     Parameters
@@ -691,12 +741,18 @@ def fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovM
         earlier estimate of the same individual, e.g. on fewer levels. Effects are matched by name (an
         occasion the earlier fit did not have starts at zero). Restarts and the wide-prior search are as
         without it; only the first descent is shorter.
+    derivatives : {"exact", "differences"}
+        "exact": the predictions' derivatives by forward sensitivities where the model's compiled kernel holds
+        the individual (:mod:`cnidose.models.kernel`), central differences elsewhere; "differences": central
+        differences throughout. Each result says which it had.
     """
+    if derivatives not in ("exact", "differences"):
+        raise ValueError(f"derivatives must be 'exact' or 'differences', not {derivatives!r}")
     if start is not None and len(start) != len(individuals):
         raise ValueError(f"start has {len(start)} entries for {len(individuals)} individuals")
     with np.errstate(all="ignore"):  # trial points may overflow; such points are rejected, not reported
         return _fit_map(model, individuals, covariance=covariance, fast=fast, restarts=restarts,
-                        progress=progress, start=start)
+                        progress=progress, start=start, compiled=derivatives == "exact")
 
 
 def _start_values(model: Model, r: MapResult) -> dict[str, float]:
@@ -708,8 +764,8 @@ def _start_values(model: Model, r: MapResult) -> dict[str, float]:
 
 def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: CovMethod, fast: bool,
              restarts: bool, progress: Callable[[int, int], None] | None,
-             start: Sequence[MapResult | None] | None = None) -> list[MapResult]:
-    groups, members = build_groups(model, individuals, fast=fast)
+             start: Sequence[MapResult | None] | None = None, compiled: bool = True) -> list[MapResult]:
+    groups, members = build_groups(model, individuals, fast=fast, compiled=compiled)
     results: dict[int, MapResult] = {}
     total = len(members)
     done = 0
@@ -781,7 +837,8 @@ def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: Cov
                 covariance=cov_all[k], covariance_method=covariance, names=g.names, iterations=iters,
                 ipred=f_est[lo:hi], pred=f_typ[lo:hi], obs_records=m.obs.rec, notices=m.notices,
                 n_observations=int(hi - lo), n_blq=int(m.obs.blq.sum()), starts=1 + (n_restart > 0),
-                model=model.ref, log_levels=float(np.sum(m.obs.y[m.obs.log & ~m.obs.blq])))
+                model=model.ref, log_levels=float(np.sum(m.obs.y[m.obs.log & ~m.obs.blq])),
+                derivatives="exact" if g.exact else "differences")
             done += 1
             if progress is not None:
                 progress(done, total)

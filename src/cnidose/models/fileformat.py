@@ -554,7 +554,8 @@ def _structure(ctx: _Ctx, spec: Any) -> LinearStructure | OdeStructure:
         names_in_kernel = {c: f"x[{j}]" for j, c in enumerate(comp_names)} | {
             k: f"p[{i}]" for i, k in enumerate(needed)}
         equations = tuple(scalar_source(e, names_in_kernel) for e in exprs)
-        return OdeStructure(comp_names, dose, obs, rhs, tuple(needed), equations, gamma=gamma)
+        return OdeStructure(comp_names, dose, obs, rhs, tuple(needed), equations, tuple(e.source for e in exprs),
+                            gamma=gamma)
     ctx.fail(f"unknown kind {kind!r} (linear or ode)", "structure.kind")
 
 

@@ -152,12 +152,15 @@ class OdeStructure(_Base):
     ``rhs`` reads (the engine uses it to notice a parameter change). ``equations``, when given, are the same
     derivatives as Python source on scalars, one per compartment, reading the amounts as ``x[j]`` (0-based) and
     the parameters as ``p[k]`` in the order of ``parameters``: the engine then compiles them
-    (:mod:`cnidose.pk.compiled`) instead of calling ``rhs`` from SciPy's integrator.
+    (:mod:`cnidose.pk.compiled`) instead of calling ``rhs`` from SciPy's integrator. ``sources``, when given, are
+    the derivatives as the model file writes them (compartment and parameter names): what a model kernel
+    differentiates for its forward sensitivities (:mod:`cnidose.models.kernel`).
     """
 
     rhs: Callable[[FloatArray, Params], FloatArray] | None = None
     parameters: tuple[str, ...] = ()
     equations: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
 
     @property
     def rate_parameters(self) -> tuple[str, ...]:

@@ -1,0 +1,466 @@
+"""A model compiled for estimation: predictions at the observations and their exact derivatives with respect to
+the random effects, in one call for many individuals and points.
+
+The model's ``[pk]`` assignments, observation scales and transforms are turned into Numba source on scalars
+(:func:`cnidose.models.expr.scalar_source`), each with its partial derivatives (:func:`cnidose.models.expr.derivative`)
+chained through the assignments in order (forward-mode differentiation: d p_i / d eta_k is the sum over the names
+u that p_i reads of dp_i/du du/d eta_k). With the record loop of :mod:`cnidose.pk.tangent` they make one module
+per model, compiled once and cached on disk (:func:`cnidose.pk.compiled.load`).
+
+It applies to linear models without a gamma (transit) input whose lag times do not depend on a random effect,
+and to individuals whose records are observations, bolus doses (with ADDL) and other-type events (EVID 0, 1, 2;
+no steady state, no zero-order input): the records of therapeutic drug monitoring. Anything else is predicted by
+the event engine (:func:`cnidose.pk.simulate`), its derivatives by central differences
+(:mod:`cnidose.estimation.map`); so is a member whose rate matrix decomposes badly somewhere (``held`` False), and
+everything when compiled code is off (``CNIDOSE_COMPILED=0``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cnidose.errors import CnidoseError
+from cnidose.models.expr import Expression, compile_expression, derivative, scalar_source
+from cnidose.models.model import EXPOSED_PARAMETER, EXPOSURE, Model, Prepared
+from cnidose.pk.compiled import load
+from cnidose.pk.eigen import flow_blocks
+from cnidose.pk.structure import LinearStructure, OdeStructure
+from cnidose.pk.tangent import ode_loop, schedule, tangent_kernel
+
+__all__ = ["ModelKernel", "Plan", "Stack", "effect_dependencies", "model_kernel"]
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+
+def effect_dependencies(model: Model) -> dict[str, set[str]]:
+    """The random effects (between-subject and between-occasion) each ``[pk]`` assignment depends on, through
+    earlier assignments."""
+    effects = set(model.iiv.names) | (set(model.iov.names) if model.iov is not None else set())
+    deps: dict[str, set[str]] = {}
+    for name, expr in model.pk:
+        d: set[str] = set()
+        for n in expr.names:
+            d |= deps.get(n, {n} if n in effects else set())
+        deps[name] = d
+    return deps
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Plan:
+    """One individual's records for the kernel: operations, amounts, step lengths, covariates (R, n_cov) and
+    occasion per record, and how many observations it reports."""
+
+    ops: IntArray
+    amts: FloatArray
+    dts: FloatArray
+    cov: FloatArray
+    occ: IntArray
+    obs_rec: IntArray  # the observed records
+    obs_type: IntArray  # and their observation types (-1: none)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Stack:
+    """Plans of several individuals concatenated, as the kernel reads them."""
+
+    ops: IntArray
+    op_start: IntArray
+    amts: FloatArray
+    dts: FloatArray
+    dt_start: IntArray
+    cov: FloatArray
+    occ: IntArray
+    rec_start: IntArray
+    obs_rec: IntArray
+    obs_type: IntArray
+    obs_start: IntArray
+    n_obs: IntArray
+    n_rec: IntArray
+
+    @staticmethod
+    def of(plans: Sequence[Plan]) -> Stack:
+        def starts(sizes: list[int]) -> IntArray:
+            return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+        n_cov = plans[0].cov.shape[1] if plans else 0
+        return Stack(
+            ops=np.ascontiguousarray(np.concatenate([p.ops for p in plans]) if plans else np.zeros((0, 4), np.int64)),
+            op_start=starts([p.ops.shape[0] for p in plans]),
+            amts=np.ascontiguousarray(np.concatenate([p.amts for p in plans]) if plans else np.zeros(0)),
+            dts=np.ascontiguousarray(np.concatenate([p.dts for p in plans]) if plans else np.zeros(0)),
+            dt_start=starts([p.dts.size for p in plans]),
+            cov=np.ascontiguousarray(np.concatenate([p.cov for p in plans]) if plans else np.zeros((0, n_cov))),
+            occ=np.ascontiguousarray(np.concatenate([p.occ for p in plans]) if plans else np.zeros(0, np.int64)),
+            rec_start=starts([p.occ.size for p in plans]),
+            obs_rec=np.ascontiguousarray(np.concatenate([p.obs_rec for p in plans]) if plans
+                                         else np.zeros(0, np.int64)),
+            obs_type=np.ascontiguousarray(np.concatenate([p.obs_type for p in plans]) if plans
+                                          else np.zeros(0, np.int64)),
+            obs_start=starts([p.obs_rec.size for p in plans]),
+            n_obs=np.array([p.obs_rec.size for p in plans], dtype=np.int64),
+            n_rec=np.array([p.occ.size for p in plans], dtype=np.int64))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ModelKernel:
+    """A model's compiled predictor (module docstring)."""
+
+    module: Any  # the model's functions (params, fill, transform_all)
+    loop: Any  # the linear record loop (cnidose.pk.tangent); None for an ODE model (its module has its loop)
+    structure: LinearStructure | OdeStructure
+    cov_names: tuple[str, ...]  # covariate columns, EXPOSURE last
+    param_names: tuple[str, ...]  # the [pk] assignments, then S<n> of each observation type
+    f_index: tuple[int, ...]  # per compartment: the position of F<n> among the parameters, or -1
+    lag_index: tuple[int, ...]  # per compartment: the position of ALAG<n>, or -1
+    n_eta: int
+    n_kappa: int
+    constants: dict[str, Any]
+
+    def plan(self, model: Model, prep: Prepared, observed: IntArray) -> Plan | None:
+        """The individual's plan, or None where its records are not for this kernel (module docstring)."""
+        ind = prep.individual
+        ev = ind.evid
+        dose = (ev == 1) | (ev == 4)
+        if np.any((ev != 0) & (ev != 1) & (ev != 2)) or np.any(ind.ss[dose] != 0) or np.any(ind.rate[dose] != 0):
+            return None
+        n = self.structure.n
+        if np.any(ind.cmt > n):
+            return None
+        R = len(ind)
+        cov = np.empty((R, len(self.cov_names)))
+        for k, name in enumerate(self.cov_names):
+            v = prep.covariates.get(name)
+            cov[:, k] = 1.0 if v is None else v
+        lag_of: dict[int, float] = {}
+        dose_rows = np.flatnonzero(dose)
+        dose_c = np.where(ind.cmt > 0, ind.cmt, self.structure.default_dose) - 1
+        lags = [self.lag_index[int(dose_c[r])] for r in dose_rows]
+        if any(k >= 0 for k in lags):
+            try:  # the lags depend on covariates at most: their values at the typical individual
+                typical = model.individual_parameters(prep)
+            except CnidoseError:
+                return None
+            for r, k in zip(dose_rows.tolist(), lags, strict=True):
+                if k < 0:
+                    continue
+                lag = float(typical[self.param_names[k]][0, r])
+                if not (np.isfinite(lag) and lag >= 0):
+                    return None  # the engine refuses it, naming the record
+                lag_of[r] = lag
+        ops, amts, dts = schedule(ind, self.structure.default_dose, self.structure.default_obs, lag_of,
+                                  self.f_index, observed, nonmem=model.dose_values == "nonmem")
+        return Plan(np.ascontiguousarray(ops), np.ascontiguousarray(amts), np.ascontiguousarray(dts),
+                    np.ascontiguousarray(cov), np.ascontiguousarray(prep.occasion, dtype=np.int64),
+                    np.ascontiguousarray(observed, dtype=np.int64),
+                    np.ascontiguousarray(prep.obs_type[observed], dtype=np.int64))
+
+    def run(self, model: Model, stack: Stack, which: IntArray, theta: FloatArray, est: IntArray, nd: int
+            ) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
+        """Predictions (O', B) at the observations of individuals ``which`` (rows of ``stack``; repeats allowed)
+        for their effects ``theta`` (G', B, full effects), and with ``nd`` > 0 their derivatives (O', B, nd) by the
+        estimated effects (``est``: each full position's column, -1 where not estimated); ``held`` (G', B) False
+        where the kernel left a member to the engine (its rows are not set)."""
+        which = np.ascontiguousarray(which, dtype=np.int64)
+        theta = np.ascontiguousarray(theta, dtype=np.float64)
+        G, B = theta.shape[0], theta.shape[1]
+        out_start = np.concatenate([[0], np.cumsum(stack.n_obs[which])]).astype(np.int64)
+        n_out = int(out_start[-1])
+        R = int(stack.n_rec[which].max()) if G else 1
+        n_p = len(self.param_names)
+        P = np.empty((G, B, R, n_p))
+        dP = np.empty((G, B, R, n_p, nd)) if nd else np.empty((G, B, 1, 1, 1))
+        th = np.array([p.value for p in model.parameters.values()], dtype=np.float64)
+        self.module.fill(which, theta, np.ascontiguousarray(est, np.int64), int(nd), th, stack.cov, stack.occ,
+                         stack.rec_start, P, dP)
+        out = np.empty((n_out, B))
+        jac = np.empty((n_out, B, max(nd, 1)))
+        held = np.empty((G, B), dtype=np.bool_)
+        c = self.constants
+        if self.loop is None:
+            self.module.run(which, P, dP, int(nd), stack.ops, stack.op_start, stack.amts, stack.dts, stack.dt_start,
+                            stack.rec_start, out_start, c["s_index"], c["rate_idx"], _RTOL, _ATOL, out, jac, held)
+        else:
+            self.loop.run(which, P, dP, int(nd), stack.ops, stack.op_start, stack.amts, stack.dts, stack.dt_start,
+                          stack.rec_start, out_start, c["blk"], c["src"], c["tgt"], c["rate"], c["per"],
+                          c["rate_idx"], c["s_index"], out, jac, held)
+        if c["transforms"]:
+            self.module.transform_all(which, out_start, stack.obs_rec, stack.obs_type, stack.obs_start,
+                                      stack.rec_start, th, stack.cov, P, dP, int(nd), out, jac, held)
+        return out, jac[..., :nd], held
+
+
+def model_kernel(model: Model) -> ModelKernel | None:
+    """The model's kernel, or None where it does not apply (module docstring) or compiled code is off."""
+    s = model.structure
+    if s.gamma is not None or (isinstance(s, OdeStructure) and not s.sources):
+        return None
+    deps = effect_dependencies(model)
+    if any(deps.get(f"ALAG{c + 1}") for c in range(s.n)):
+        return None  # a lag that varies with the effects reorders the events of each member
+    pk_names = {name for name, _ in model.pk}
+    if any(p not in pk_names for p in s.rate_parameters):
+        return None  # a rate parameter that is not a [pk] assignment (the engine reports it)
+    shape = s if isinstance(s, LinearStructure) else (s.compartments, s.default_dose, s.default_obs, s.parameters,
+                                                       s.sources)
+    key = (shape, tuple((n, e.source) for n, e in model.pk), tuple(model.parameters),
+           tuple((n, c.domain_only) for n, c in model.covariates.items()), model.iiv.names,
+           model.iov.names if model.iov is not None else (),
+           tuple((ob.compartment, ob.scale.source, ob.factor, ob.transform.source if ob.transform else None)
+                 for ob in model.observations))
+    return _cached(key, model)
+
+
+_CACHE: dict[tuple[Any, ...], ModelKernel | None] = {}
+_RTOL, _ATOL = 1e-10, 1e-12  # the engine's ODE tolerances (cnidose.pk.simulate)
+
+
+def _cached(key: tuple[Any, ...], model: Model) -> ModelKernel | None:
+    """The kernel for a model's equations, structure and names (its parameter values are an argument)."""
+    if key not in _CACHE:
+        try:
+            text, meta = _generate(model)
+        except CnidoseError:
+            _CACHE[key] = None
+        else:
+            _CACHE[key] = _kernel(text, meta)
+    return _CACHE[key]
+
+
+@lru_cache(maxsize=64)
+def _kernel(text: str, meta: tuple[Any, ...]) -> ModelKernel | None:
+    ode = not isinstance(meta[0], LinearStructure)
+    loop = None if ode else tangent_kernel()
+    module = load("cnidose_model_", text) if ode or loop is not None else None
+    if module is None:
+        return None
+    structure, cov_names, param_names, f_index, lag_index, n_eta, n_kappa, constants = meta
+    return ModelKernel(module, loop, structure, cov_names, param_names, f_index, lag_index, n_eta, n_kappa,
+                       dict(constants))
+
+
+def _generate(model: Model) -> tuple[str, tuple[Any, ...]]:
+    """The model module's source, and what the Python side needs to know of it."""
+    s = model.structure
+    eta_names = model.iiv.names
+    kap_names = model.iov.names if model.iov is not None else ()
+    cov_names = (*(n for n, c in model.covariates.items() if not c.domain_only), EXPOSURE)
+    pk_names = [n for n, _ in model.pk]
+    scale_names = [f"S{ob.compartment}" for ob in model.observations]
+    param_names = tuple(pk_names + scale_names)
+    index = {n: k for k, n in enumerate(param_names)}
+    theta_names = tuple(model.parameters)
+    names: dict[str, str] = {n: f"th[{k}]" for k, n in enumerate(theta_names)}
+    names |= {n: f"c[{k}]" for k, n in enumerate(cov_names)}
+    names |= {n: f"eta[{k}]" for k, n in enumerate(eta_names)}
+    names |= {n: f"kap[{k}]" for k, n in enumerate(kap_names)}
+    effects = {n: ("de", k) for k, n in enumerate(eta_names)} | {n: ("dk", k) for k, n in enumerate(kap_names)}
+    deps: dict[str, set[str]] = {}  # the effects behind each parameter
+
+    values: list[str] = []
+    tangents: list[str] = []
+
+
+    def assign(i: int, name: str, expr: Expression, divisor: str | None) -> None:
+        div = f" / {divisor}" if divisor else ""
+        values.append(f"    p[{i}] = ({scalar_source(expr, names)}){div}")
+        mine: set[str] = set()
+        terms: dict[str, list[str]] = {}
+        for u in sorted(expr.names):
+            behind = {u} if u in effects else deps.get(u, set())
+            if not behind:
+                continue
+            d = derivative(expr, u)
+            if d is None:
+                continue
+            var = f"t{i}_{len(mine)}_{u.lower()}"
+            tangents.append(f"        {var} = {scalar_source(d, names)}")
+            mine |= behind
+            for e in sorted(behind):
+                arr, k = effects[e]
+                terms.setdefault(e, []).append(var if u == e else f"{var} * {arr}[{index[u]}, {k}]")
+        for e, parts in terms.items():
+            arr, k = effects[e]
+            tangents.append(f"        {arr}[{i}, {k}] = ({' + '.join(parts)}){div}")
+        deps[name] = mine
+        names[name] = f"p[{i}]"
+
+    for i, (name, expr) in enumerate(model.pk):
+        assign(i, name, expr, f"c[{len(cov_names) - 1}]" if name == EXPOSED_PARAMETER else None)
+    for k, ob in enumerate(model.observations):
+        assign(len(pk_names) + k, scale_names[k], ob.scale, repr(float(ob.factor)) if ob.factor != 1.0 else None)
+    lines = ["@njit(cache=True, error_model=\"numpy\")", "def params(c, th, eta, kap, p, de, dk, want):",
+             "    # every parameter at one record (th: the model's parameter values), and where wanted its derivatives",
+             "    # by the between-subject effects (de) and the effects of the record's occasion (dk)",
+             *values, "    if want:", "        for q in range(NP):", "            for e in range(NETA):",
+             "                de[q, e] = 0.0", "            for e in range(NKAP):", "                dk[q, e] = 0.0",
+             *tangents]
+    # observation transforms: the value, its derivative by C, and dp its derivatives by the parameters
+    lines += ["", "", "@njit(cache=True, error_model=\"numpy\")", "def transform(t, C, th, p, c, dp):",
+              "    for q in range(NP):", "        dp[q] = 0.0"]
+    tnames = dict(names) | {"C": "C"}
+    transforms = False
+    for k, ob in enumerate(model.observations):
+        if ob.transform is None:
+            continue
+        transforms = True
+        e = ob.transform
+        dC = derivative(e, "C")
+        lines += [f"    if t == {k}:", f"        v = {scalar_source(e, tnames)}",
+                  f"        dv = {scalar_source(dC, tnames) if dC is not None else '0.0'}"]
+        for u in sorted(e.names):
+            if u in index:
+                d = derivative(e, u)
+                if d is not None:
+                    lines.append(f"        dp[{index[u]}] = {scalar_source(d, tnames)}")
+        lines.append("        return v, dv")
+    lines.append("    return C, 1.0")
+
+    n = s.n
+    s_index = np.full(n, -1, dtype=np.int64)
+    for k, ob in enumerate(model.observations):
+        s_index[ob.compartment - 1] = index[scale_names[k]]
+    has_transform = [ob.transform is not None for ob in model.observations] or [False]
+    constants: tuple[tuple[str, Any], ...] = (
+        ("rate_idx", np.array([index[p] for p in s.rate_parameters], dtype=np.int64)),
+        ("s_index", s_index),
+        ("transforms", transforms),
+    )
+    if isinstance(s, LinearStructure):
+        blocks = flow_blocks(s)
+        if any(len(b) > 2 for b in blocks):
+            raise CnidoseError("the closed-form decomposition takes blocks of one or two compartments")
+        constants += (
+            ("blk", np.array([[b[0], b[1] if len(b) == 2 else -1] for b in blocks], dtype=np.int64)),
+            ("src", np.array([f.source - 1 for f in s.flows], dtype=np.int64)),
+            ("tgt", np.array([-1 if f.target is None else f.target - 1 for f in s.flows], dtype=np.int64)),
+            ("rate", np.array([index[f.rate] for f in s.flows], dtype=np.int64)),
+            ("per", np.array([-1 if f.per is None else index[f.per] for f in s.flows], dtype=np.int64)),
+        )
+    else:
+        lines += ["", "", *_ode_functions(s, index)]
+    text = _MODULE.format(n_params=len(param_names), n_eta=len(eta_names), n_kappa=len(kap_names),
+                          has_transform=has_transform, functions="\n".join(lines))
+    if not isinstance(s, LinearStructure):
+        text += ode_loop()
+    f_index = tuple(index.get(f"F{c + 1}", -1) for c in range(n))
+    lag_index = tuple(index.get(f"ALAG{c + 1}", -1) for c in range(n))
+    meta = (s, cov_names, param_names, f_index, lag_index, len(eta_names), len(kap_names), _Frozen(constants))
+    return text, meta
+
+
+def _ode_functions(s: OdeStructure, index: dict[str, int]) -> list[str]:
+    """``rhs(x, p, d)`` and ``jac(x, p, Jx, Jp)`` of an ODE structure from its equations (compartments: ``x[j]``,
+    parameters: ``p[k]``, the kernel's parameter vector)."""
+    exprs = [compile_expression(src) for src in s.sources]
+    names = {c: f"x[{j}]" for j, c in enumerate(s.compartments)} | {k: f"p[{index[k]}]" for k in s.parameters}
+    rhs = ["@njit(cache=True, error_model=\"numpy\")", "def rhs(x, p, d):"]
+    rhs += [f"    d[{j}] = {scalar_source(e, names)}" for j, e in enumerate(exprs)]
+    jac = ["", "", "@njit(cache=True, error_model=\"numpy\")", "def jac(x, p, Jx, Jp):",
+           "    for a in range(Jx.shape[0]):", "        for c in range(Jx.shape[1]):", "            Jx[a, c] = 0.0",
+           "        for c in range(Jp.shape[1]):", "            Jp[a, c] = 0.0"]
+    for j, e in enumerate(exprs):
+        for k, c in enumerate(s.compartments):
+            d = derivative(e, c)
+            if d is not None:
+                jac.append(f"    Jx[{j}, {k}] = {scalar_source(d, names)}")
+        for q in s.parameters:
+            d = derivative(e, q)
+            if d is not None:
+                jac.append(f"    Jp[{j}, {index[q]}] = {scalar_source(d, names)}")
+    return rhs + jac
+
+
+class _Frozen(tuple):  # type: ignore[type-arg]
+    """Named constants (arrays among them) as a hashable key: equal when their texts are equal."""
+
+    def __hash__(self) -> int:
+        return hash(repr([(k, v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self]))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Frozen) and hash(self) == hash(other)
+
+
+_MODULE = """\
+# generated by cnidose.models.kernel; do not edit
+import math
+
+import numpy as np
+from numba import njit
+
+NP = {n_params}
+NETA = {n_eta}
+NKAP = {n_kappa}
+HAS_TRANSFORM = np.array({has_transform!r})
+
+
+{functions}
+
+
+@njit(cache=True, error_model="numpy")
+def fill(which, theta, est, nd, th, cov, occ, rec_start, P, dP):
+    # P[g, b, r]: the parameters at record r of individual which[g] for effects theta[g, b]; dP[g, b, r, :, col]
+    # their derivatives by estimated effect col (est: the column of each effect, -1 where not estimated)
+    G = which.shape[0]
+    B = theta.shape[1]
+    de = np.empty((NP, max(NETA, 1)))
+    dk = np.empty((NP, max(NKAP, 1)))
+    eta = np.empty(max(NETA, 1))
+    kap = np.empty(max(NKAP, 1))
+    for g in range(G):
+        i = which[g]
+        r0 = rec_start[i]
+        for b in range(B):
+            for q in range(NETA):
+                eta[q] = theta[g, b, q]
+            for r in range(rec_start[i + 1] - r0):
+                o = occ[r0 + r]
+                for q in range(NKAP):
+                    kap[q] = theta[g, b, NETA + o * NKAP + q]
+                params(cov[r0 + r], th, eta, kap, P[g, b, r], de, dk, nd > 0)
+                if nd > 0:
+                    for q in range(NP):
+                        for col in range(nd):
+                            dP[g, b, r, q, col] = 0.0
+                        for e in range(NETA):
+                            col = est[e]
+                            if col >= 0:
+                                dP[g, b, r, q, col] += de[q, e]
+                        for e in range(NKAP):
+                            col = est[NETA + o * NKAP + e]
+                            if col >= 0:
+                                dP[g, b, r, q, col] += dk[q, e]
+
+
+@njit(cache=True, error_model="numpy")
+def transform_all(which, out_start, obs_rec, obs_type, obs_start, rec_start, th, cov, P, dP, nd, out, jac, held):
+    # each observation type's transform applied to the scaled amounts out (and by the chain rule to jac)
+    B = out.shape[1]
+    dp = np.empty(NP)
+    for g in range(which.shape[0]):
+        i = which[g]
+        lo = out_start[g]
+        for j in range(obs_start[i + 1] - obs_start[i]):
+            t = obs_type[obs_start[i] + j]
+            if t < 0 or not HAS_TRANSFORM[t]:
+                continue
+            r = obs_rec[obs_start[i] + j]
+            for b in range(B):
+                C = out[lo + j, b]
+                if not held[g, b] or not math.isfinite(C):
+                    continue
+                v, dv = transform(t, C, th, P[g, b, r], cov[rec_start[i] + r], dp)
+                out[lo + j, b] = v
+                for col in range(nd):
+                    acc = dv * jac[lo + j, b, col]
+                    for q in range(NP):
+                        if dp[q] != 0.0:
+                            acc += dp[q] * dP[g, b, r, q, col]
+                    jac[lo + j, b, col] = acc
+"""

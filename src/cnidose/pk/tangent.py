@@ -1,0 +1,897 @@
+"""Predictions and their exact derivatives with respect to the random effects: the record loops of the compiled
+model kernels (:mod:`cnidose.models.kernel` makes the model's side: every parameter at every record and its
+derivatives, and the observation transforms).
+
+The linear loop (:func:`tangent_kernel`) is the event engine's fast path (:mod:`cnidose.pk.eigenpath`: bolus doses
+with ADDL and lags, observations, parameters that change at records) carried with forward sensitivities. For each
+batch member it decomposes each distinct rate matrix K = V diag(lambda) W (W = V^-1; the closed form of
+:data:`cnidose.pk.kernels.DECOMPOSE_ONE`) and carries the state y = W x in eigen-coordinates record by record, as
+the fast path does. The sensitivities s_j = dx/dtheta_j (theta: the estimated random effects) obey
+s_j' = K s_j + K_j x within a segment of constant parameters (K_j: the derivative of K along theta_j); in
+eigen-coordinates sigma_j = W s_j that is sigma_j' = Lambda sigma_j + M_j y with M_j = W K_j V, whose solution over
+a step of length t is
+
+    sigma_j(t) = e^(Lambda t) sigma_j(0) + (M_j o Phi(t)) y(0),
+    Phi_ik(t) = int_0^t e^(lambda_i (t - u)) e^(lambda_k u) du
+
+(the Daleckii-Krein form of the derivative of the matrix exponential), evaluated without cancellation as
+e^(max(lambda_i, lambda_k) t) (1 - e^(-|lambda_i - lambda_k| t)) / |lambda_i - lambda_k| (t e^(lambda_i t) on the
+diagonal). A bolus adds dF_j AMT W e_cmt to sigma_j; where the parameters change x and s are continuous, so sigma
+moves to the new coordinates as y does (W' V); an observation A/S has the derivative (V[cmt] . sigma_j) / S -
+(A/S) dS_j / S. A member whose rate matrix has no usable decomposition in some segment (repeated eigenvalues, as a
+chain of equal transit rates has, complex ones, or an ill-conditioned V) is carried in natural coordinates with
+matrix exponentials instead (Pade approximants with scaling and squaring, Higham 2005): x <- E x and
+s_j <- E s_j + L_j x, E = exp(K t) and L_j its derivative along K_j t, the upper-right block of
+exp([[K t, K_j t], [0, K t]]) (Van Loan 1978). Nothing is differenced: the derivatives are exact to rounding.
+
+The ODE loop (:func:`ode_loop`) integrates each member with Dormand and Prince's DOP853 (SciPy's coefficients and
+step control, as :mod:`cnidose.pk.compiled`) and the variational equations S' = Jx S + Jp dp in the same stages
+and steps, so S is the exact derivative of the computed solution.
+
+A segment starts wherever a parameter of the rate matrix (of the equations) or its derivative changes: two
+occasions with equal parameters at the start of a fit still have different derivatives. A member whose parameters
+the engine would refuse (a negative or non-finite rate parameter, bioavailability or scale) gets NaN, as the
+engine's refusal gives there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from cnidose.pk.compiled import load
+from cnidose.pk.eigenpath import _DOSE, _OBS, _STEP, _SWITCH, _schedule
+from cnidose.pk.events import Individual
+from cnidose.pk.kernels import DECOMPOSE_ONE
+
+__all__ = ["schedule", "tangent_kernel"]
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+
+def schedule(ind: Individual, default_dose: int, default_obs: int, lag_of: dict[int, float],
+             f_index: tuple[int, ...], observed: IntArray, *, nonmem: bool) -> tuple[IntArray, FloatArray, FloatArray]:
+    """The records of ``ind`` as the kernel's operations (n_ops, 4), the doses' amounts and the step lengths.
+
+    Operations: (STEP, step index, 0, 0); (DOSE, index of the compartment's F in the parameters or -1, the record
+    whose F applies, compartment); (SWITCH, record, 0, 0) before each record's interval (the kernel moves to that
+    record's segment); (OBS, record, compartment, position among ``observed`` or -1). ``lag_of`` gives each dose
+    record's lag (one value for every batch member); ``f_index`` the F parameter of each compartment.
+    """
+    R = len(ind)
+    ev = ind.evid
+    dose = ev == 1
+    dose_c = np.where(ind.cmt > 0, ind.cmt, default_dose) - 1
+    obs_c = np.where((ev == 0) & (ind.cmt > 0), ind.cmt, default_obs) - 1
+    ops, amts, dts = _schedule(ind, dose, dose_c, obs_c, lag_of, np.arange(R, dtype=np.int64), nonmem=nonmem)
+    ops = ops.copy()
+    slot = np.full(R, -1, dtype=np.int64)
+    slot[observed] = np.arange(observed.size)
+    is_dose, is_obs = ops[:, 0] == _DOSE, ops[:, 0] == _OBS
+    ops[is_dose, 1] = [f_index[int(c)] for c in ops[is_dose, 3]]
+    ops[is_obs, 3] = slot[ops[is_obs, 1]]
+    return ops, amts, dts
+
+
+def tangent_kernel() -> Any:
+    """The compiled record loop (``run``), or None where compiled code is off or unavailable."""
+    return load("cnidose_tangent_", TEMPLATE.format(version=_VERSION, decompose_one=DECOMPOSE_ONE, STEP=_STEP,
+                                                     DOSE=_DOSE, SWITCH=_SWITCH, OBS=_OBS))
+
+
+_VERSION = "1"
+
+TEMPLATE = '''\
+# generated by cnidose.pk.tangent (version {version}); do not edit
+import math
+
+import numpy as np
+from numba import njit
+
+{decompose_one}
+
+@njit(cache=True, error_model="numpy")
+def _rate_matrix(p, src, tgt, rate, per, K):
+    n = K.shape[0]
+    for a in range(n):
+        for c in range(n):
+            K[a, c] = 0.0
+    for f in range(src.shape[0]):
+        k = p[rate[f]]
+        if per[f] >= 0:
+            k = k / p[per[f]]
+        s = src[f]
+        K[s, s] -= k
+        if tgt[f] >= 0:
+            K[tgt[f], s] += k
+
+
+@njit(cache=True, error_model="numpy")
+def _rate_tangent(p, dp, col, src, tgt, rate, per, K):
+    # the derivative of K along direction col (dp: (NP, nd) parameter derivatives); False where it is zero
+    n = K.shape[0]
+    nonzero = False
+    for a in range(n):
+        for c in range(n):
+            K[a, c] = 0.0
+    for f in range(src.shape[0]):
+        dk = dp[rate[f], col]
+        if per[f] >= 0:
+            q = p[per[f]]
+            dk = dk / q - p[rate[f]] * dp[per[f], col] / (q * q)
+        if dk != 0.0:
+            nonzero = True
+            s = src[f]
+            K[s, s] -= dk
+            if tgt[f] >= 0:
+                K[tgt[f], s] += dk
+    return nonzero
+
+
+@njit(cache=True, error_model="numpy")
+def _phi(lam, t, Phi):
+    # Phi_ik = int_0^t e^(lam_i (t - u)) e^(lam_k u) du, without cancellation
+    n = lam.shape[0]
+    for a in range(n):
+        for c in range(n):
+            hi = max(lam[a], lam[c])
+            gap = abs(lam[a] - lam[c])
+            z = gap * t
+            if z < 1e-6:
+                w = t * (1.0 - z / 2.0 + z * z / 6.0)
+            else:
+                w = -math.expm1(-z) / gap
+            Phi[a, c] = math.exp(hi * t) * w
+
+
+@njit(cache=True, error_model="numpy")
+def _invalidate(out, jac, lo, hi, b, nd):
+    for row in range(lo, hi):
+        out[row, b] = math.nan
+        for col in range(nd):
+            jac[row, b, col] = math.nan
+
+
+# Pade approximants of exp (Higham 2005, SIAM J Matrix Anal Appl 26:1179, Table 2.3 and eq. 2.3): the degree
+# m with theta_m above the 1-norm, else degree 13 after scaling by 2^-s; backward error below unit roundoff
+PADE3 = np.array([120.0, 60.0, 12.0, 1.0])
+PADE5 = np.array([30240.0, 15120.0, 3360.0, 420.0, 30.0, 1.0])
+PADE7 = np.array([17297280.0, 8648640.0, 1995840.0, 277200.0, 25200.0, 1512.0, 56.0, 1.0])
+PADE9 = np.array([17643225600.0, 8821612800.0, 2075673600.0, 302702400.0, 30270240.0, 2162160.0, 110880.0,
+                  3960.0, 90.0, 1.0])
+PADE13 = np.array([64764752532480000.0, 32382376266240000.0, 7771770303897600.0, 1187353796428800.0,
+                   129060195264000.0, 10559470521600.0, 670442572800.0, 33522128640.0, 1323241920.0, 40840800.0,
+                   960960.0, 16380.0, 182.0, 1.0])
+THETA = np.array([1.495585217958292e-2, 2.539398330063230e-1, 9.504178996162932e-1, 2.097847961257068,
+                  5.371920351148152])
+
+
+@njit(cache=True, error_model="numpy")
+def _mm(A, B, out):
+    m = A.shape[0]
+    for a in range(m):
+        for c in range(m):
+            acc = 0.0
+            for k in range(m):
+                acc += A[a, k] * B[k, c]
+            out[a, c] = acc
+
+
+@njit(cache=True, error_model="numpy")
+def _expm(A, X):
+    # X = exp(A) for a small square A (loops: no BLAS call for matrices of a few rows)
+    m = A.shape[0]
+    nrm = 0.0
+    for c in range(m):
+        acc = 0.0
+        for r in range(m):
+            acc += abs(A[r, c])
+        nrm = max(nrm, acc)
+    if not math.isfinite(nrm):
+        for r in range(m):
+            for c in range(m):
+                X[r, c] = math.nan
+        return
+    sq = 0
+    deg = 13
+    for j in range(4):
+        if nrm <= THETA[j]:
+            deg = 3 + 2 * j
+            break
+    if deg == 13 and nrm > THETA[4]:
+        sq = int(math.ceil(math.log2(nrm / THETA[4])))
+    scale = 0.5 ** sq
+    As = np.empty((m, m))
+    for r in range(m):
+        for c in range(m):
+            As[r, c] = A[r, c] * scale
+    A2 = np.empty((m, m))
+    _mm(As, As, A2)
+    U = np.zeros((m, m))
+    V = np.zeros((m, m))
+    T = np.empty((m, m))
+    if deg < 13:
+        b = PADE3 if deg == 3 else PADE5 if deg == 5 else PADE7 if deg == 7 else PADE9
+        Pk = np.eye(m)
+        Uo = b[1] * np.eye(m)
+        for r in range(m):
+            V[r, r] = b[0]
+        for j in range(1, (deg - 1) // 2 + 1):
+            _mm(Pk, A2, T)
+            for r in range(m):
+                for c in range(m):
+                    Pk[r, c] = T[r, c]
+                    Uo[r, c] += b[2 * j + 1] * T[r, c]
+                    V[r, c] += b[2 * j] * T[r, c]
+        _mm(As, Uo, U)
+    else:
+        b = PADE13
+        A4 = np.empty((m, m))
+        A6 = np.empty((m, m))
+        _mm(A2, A2, A4)
+        _mm(A4, A2, A6)
+        W1 = np.empty((m, m))
+        W2 = np.empty((m, m))
+        for r in range(m):
+            for c in range(m):
+                W1[r, c] = b[13] * A6[r, c] + b[11] * A4[r, c] + b[9] * A2[r, c]
+                W2[r, c] = b[12] * A6[r, c] + b[10] * A4[r, c] + b[8] * A2[r, c]
+        _mm(A6, W1, T)
+        for r in range(m):
+            for c in range(m):
+                T[r, c] += b[7] * A6[r, c] + b[5] * A4[r, c] + b[3] * A2[r, c] + (b[1] if r == c else 0.0)
+        _mm(As, T, U)
+        _mm(A6, W2, V)
+        for r in range(m):
+            for c in range(m):
+                V[r, c] += b[6] * A6[r, c] + b[4] * A4[r, c] + b[2] * A2[r, c] + (b[0] if r == c else 0.0)
+    # solve (V - U) X = (V + U) by Gaussian elimination with partial pivoting
+    Q = np.empty((m, m))
+    for r in range(m):
+        for c in range(m):
+            Q[r, c] = V[r, c] - U[r, c]
+            X[r, c] = V[r, c] + U[r, c]
+    for k in range(m):
+        piv = k
+        big = abs(Q[k, k])
+        for r in range(k + 1, m):
+            if abs(Q[r, k]) > big:
+                big = abs(Q[r, k])
+                piv = r
+        if piv != k:
+            for c in range(m):
+                t = Q[k, c]
+                Q[k, c] = Q[piv, c]
+                Q[piv, c] = t
+                t = X[k, c]
+                X[k, c] = X[piv, c]
+                X[piv, c] = t
+        for r in range(k + 1, m):
+            f = Q[r, k] / Q[k, k]
+            if f != 0.0:
+                for c in range(k, m):
+                    Q[r, c] -= f * Q[k, c]
+                for c in range(m):
+                    X[r, c] -= f * X[k, c]
+    for k in range(m - 1, -1, -1):
+        for c in range(m):
+            acc = X[k, c]
+            for j in range(k + 1, m):
+                acc -= Q[k, j] * X[j, c]
+            X[k, c] = acc / Q[k, k]
+    for _ in range(sq):
+        _mm(X, X, T)
+        for r in range(m):
+            for c in range(m):
+                X[r, c] = T[r, c]
+
+
+@njit(cache=True, error_model="numpy")
+def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, dts, t0, nt, lo, hi_out, b, src, tgt, rate, per,
+             s_index, out, jac):
+    # one member in natural coordinates with matrix exponentials (any rate matrix: repeated eigenvalues, as in a
+    # chain of equal transit rates, or an ill-conditioned decomposition): x <- E x, s_j <- E s_j + L_j x with
+    # E = exp(K t) and L_j its derivative along K_j t, the upper-right block of exp([[K t, K_j t], [0, K t]])
+    # (Van Loan 1978). False where a parameter is refused (the caller gives NaN).
+    n = s_index.shape[0]
+    want = nd > 0
+    ndx = max(nd, 1)
+    x = np.zeros(n)
+    sg = np.zeros((n, ndx))
+    xn = np.empty(n)
+    sn = np.empty((n, ndx))
+    K = np.empty((n, n))
+    Kd = np.empty((ndx, n, n))
+    act = np.zeros(ndx, np.bool_)
+    E = np.empty((max(nt, 1), n, n))
+    L = np.empty((max(nt, 1), ndx, n, n))
+    have = np.zeros(max(nt, 1), np.bool_)
+    Z = np.empty((2 * n, 2 * n))
+    ZE = np.empty((2 * n, 2 * n))
+    Kt = np.empty((n, n))
+    u = -1
+    for k in range(k0, k1):
+        kind = ops[k, 0]
+        if kind == {SWITCH} or u < 0:
+            s = seg[ops[k, 1]] if kind == {SWITCH} else 0
+            if s != u:
+                u = s
+                _rate_matrix(Pg[first[u]], src, tgt, rate, per, K)
+                if want:
+                    for col in range(nd):
+                        act[col] = _rate_tangent(Pg[first[u]], dPg[first[u]], col, src, tgt, rate, per, Kd[col])
+                for d in range(nt):
+                    have[d] = False
+            if kind == {SWITCH}:
+                continue
+        if kind == {STEP}:
+            d = ops[k, 1]
+            t = dts[t0 + d]
+            if not have[d]:
+                for a in range(n):
+                    for c in range(n):
+                        Kt[a, c] = K[a, c] * t
+                _expm(Kt, E[d])
+                if want:
+                    for col in range(nd):
+                        if act[col]:
+                            for a in range(n):
+                                for c in range(n):
+                                    Z[a, c] = K[a, c] * t
+                                    Z[a, n + c] = Kd[col, a, c] * t
+                                    Z[n + a, c] = 0.0
+                                    Z[n + a, n + c] = K[a, c] * t
+                            _expm(Z, ZE)
+                            for a in range(n):
+                                for c in range(n):
+                                    L[d, col, a, c] = ZE[a, n + c]
+                have[d] = True
+            for a in range(n):
+                acc = 0.0
+                for c in range(n):
+                    acc += E[d, a, c] * x[c]
+                xn[a] = acc
+            if want:
+                for col in range(nd):
+                    for a in range(n):
+                        acc = 0.0
+                        for c in range(n):
+                            acc += E[d, a, c] * sg[c, col]
+                            if act[col]:
+                                acc += L[d, col, a, c] * x[c]
+                        sn[a, col] = acc
+                for col in range(nd):
+                    for a in range(n):
+                        sg[a, col] = sn[a, col]
+            for a in range(n):
+                x[a] = xn[a]
+        elif kind == {DOSE}:
+            fi = ops[k, 1]
+            rb = ops[k, 2]
+            c = ops[k, 3]
+            fv = 1.0
+            if fi >= 0:
+                fv = Pg[rb, fi]
+                if not (math.isfinite(fv) and fv >= 0.0):
+                    return False
+            x[c] += fv * amts[k]
+            if want and fi >= 0:
+                for col in range(nd):
+                    sg[c, col] += dPg[rb, fi, col] * amts[k]
+        elif kind == {OBS}:
+            slot = ops[k, 3]
+            if slot < 0:
+                continue
+            r = ops[k, 1]
+            oc = ops[k, 2]
+            si = s_index[oc]
+            sv = 1.0
+            if si >= 0:
+                sv = Pg[r, si]
+                if not (math.isfinite(sv) and sv > 0.0):
+                    return False
+            conc = x[oc] / sv
+            row = lo + slot
+            out[row, b] = conc
+            if want:
+                for col in range(nd):
+                    acc = sg[oc, col] / sv
+                    if si >= 0:
+                        acc -= conc * dPg[r, si, col] / sv
+                    jac[row, b, col] = acc
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def run(which, P, dP, nd, ops, op_start, amts, dts, dt_start, rec_start, out_start, blk, src, tgt, rate, per,
+        rate_idx, s_index, out, jac, held):
+    # P (G, B, R, NP): every record's parameters for row g of which (an individual) and point b; dP (G, B, R, NP,
+    # nd): their derivatives by the estimated effects. Per individual i: operations op_start[i]:op_start[i+1],
+    # step lengths dt_start[i]:..., records rec_start[i]:...; flows src -> tgt (-1: out) at p[rate] / p[per]
+    # (per -1: p[rate]); rate_idx: the rate parameters; s_index: each compartment's scale parameter (-1: none).
+    # out (O, B) and jac (O, B, nd): A/S at the observed records, row out_start[g] + slot
+    G = which.shape[0]
+    B = P.shape[1]
+    n = s_index.shape[0]
+    want = nd > 0
+    ndx = max(nd, 1)
+    rmax = max(P.shape[2], 1)
+    tmax = 1
+    for g in range(G):
+        i = which[g]
+        tmax = max(tmax, dt_start[i + 1] - dt_start[i])
+    seg = np.empty(rmax, np.int64)
+    first = np.empty(rmax, np.int64)
+    lam = np.empty((rmax, n))
+    V = np.empty((rmax, n, n))
+    W = np.empty((rmax, n, n))
+    M = np.empty((rmax, ndx, n, n))
+    act = np.zeros((rmax, ndx), np.bool_)
+    K = np.empty((n, n))
+    Kd = np.empty((n, n))
+    T = np.empty((n, n))
+    vs = np.empty(n)
+    As = np.empty((n, n))
+    Is = np.empty((n, n))
+    y = np.empty(n)
+    x = np.empty(n)
+    sig = np.empty((n, ndx))
+    xs = np.empty((n, ndx))
+    E = np.empty((tmax, n))
+    have = np.zeros(tmax, np.bool_)
+    Phi = np.empty((tmax, n, n))
+    have_phi = np.zeros(tmax, np.bool_)
+    for g in range(G):
+        i = which[g]
+        R = rec_start[i + 1] - rec_start[i]
+        t0 = dt_start[i]
+        nt = dt_start[i + 1] - t0
+        lo = out_start[g]
+        hi_out = out_start[g + 1]
+        for b in range(B):
+            held[g, b] = True
+            Pg = P[g, b]
+            dPg = dP[g, b]
+            ok = True
+            for r in range(R):
+                for q in rate_idx:
+                    v = Pg[r, q]
+                    if not (math.isfinite(v) and v >= 0.0):
+                        ok = False
+            if not ok:  # the engine refuses such parameters: an impossible point
+                _invalidate(out, jac, lo, hi_out, b, nd)
+                continue
+            # segments of constant rate parameters (and derivatives)
+            nseg = 0
+            for r in range(R):
+                new = r == 0
+                if not new:
+                    for q in rate_idx:
+                        if Pg[r, q] != Pg[r - 1, q]:
+                            new = True
+                            break
+                        if want:
+                            for col in range(nd):
+                                if dPg[r, q, col] != dPg[r - 1, q, col]:
+                                    new = True
+                                    break
+                            if new:
+                                break
+                if new:
+                    first[nseg] = r
+                    nseg += 1
+                seg[r] = nseg - 1
+            good = True
+            for u in range(nseg):
+                _rate_matrix(Pg[first[u]], src, tgt, rate, per, K)
+                if not decompose_one(K, blk, lam[u], V[u], W[u], vs, As, Is, 1e6):
+                    good = False
+                    break
+            if not good:  # repeated or complex eigenvalues, or an ill-conditioned decomposition: exponentials
+                if not _natural(Pg, dPg, nd, nseg, first, seg, ops, op_start[i], op_start[i + 1], amts, dts, t0,
+                                nt, lo, hi_out, b, src, tgt, rate, per, s_index, out, jac):
+                    _invalidate(out, jac, lo, hi_out, b, nd)
+                continue
+            for u in range(nseg):
+                if want:
+                    for col in range(nd):
+                        act[u, col] = _rate_tangent(Pg[first[u]], dPg[first[u]], col, src, tgt, rate, per, Kd)
+                        if act[u, col]:  # M = W Kd V
+                            for a in range(n):
+                                for c in range(n):
+                                    acc = 0.0
+                                    for m in range(n):
+                                        acc += Kd[a, m] * V[u, m, c]
+                                    T[a, c] = acc
+                            for a in range(n):
+                                for c in range(n):
+                                    acc = 0.0
+                                    for m in range(n):
+                                        acc += W[u, a, m] * T[m, c]
+                                    M[u, col, a, c] = acc
+            for a in range(n):
+                y[a] = 0.0
+                for col in range(nd):
+                    sig[a, col] = 0.0
+            for d in range(nt):
+                have[d] = False
+                have_phi[d] = False
+            u = 0
+            bad = False
+            for k in range(op_start[i], op_start[i + 1]):
+                kind = ops[k, 0]
+                if kind == {STEP}:
+                    d = ops[k, 1]
+                    if not have[d]:
+                        for a in range(n):
+                            E[d, a] = math.exp(lam[u, a] * dts[t0 + d])
+                        have[d] = True
+                    if want:
+                        if not have_phi[d]:
+                            _phi(lam[u], dts[t0 + d], Phi[d])
+                            have_phi[d] = True
+                        for col in range(nd):
+                            if act[u, col]:
+                                for a in range(n):
+                                    acc = 0.0
+                                    for c in range(n):
+                                        acc += M[u, col, a, c] * Phi[d, a, c] * y[c]
+                                    sig[a, col] = E[d, a] * sig[a, col] + acc
+                            else:
+                                for a in range(n):
+                                    sig[a, col] *= E[d, a]
+                    for a in range(n):
+                        y[a] *= E[d, a]
+                elif kind == {DOSE}:
+                    fi = ops[k, 1]
+                    rb = ops[k, 2]
+                    c = ops[k, 3]
+                    fv = 1.0
+                    if fi >= 0:
+                        fv = Pg[rb, fi]
+                        if not (math.isfinite(fv) and fv >= 0.0):
+                            bad = True
+                            break
+                    amount = fv * amts[k]
+                    for a in range(n):
+                        y[a] += amount * W[u, a, c]
+                    if want and fi >= 0:
+                        for col in range(nd):
+                            da = dPg[rb, fi, col] * amts[k]
+                            if da != 0.0:
+                                for a in range(n):
+                                    sig[a, col] += da * W[u, a, c]
+                elif kind == {SWITCH}:
+                    s = seg[ops[k, 1]]
+                    if s != u:
+                        for a in range(n):
+                            acc = 0.0
+                            for m in range(n):
+                                acc += V[u, a, m] * y[m]
+                            x[a] = acc
+                        for a in range(n):
+                            acc = 0.0
+                            for m in range(n):
+                                acc += W[s, a, m] * x[m]
+                            y[a] = acc
+                        if want:
+                            for col in range(nd):
+                                for a in range(n):
+                                    acc = 0.0
+                                    for m in range(n):
+                                        acc += V[u, a, m] * sig[m, col]
+                                    xs[a, col] = acc
+                            for col in range(nd):
+                                for a in range(n):
+                                    acc = 0.0
+                                    for m in range(n):
+                                        acc += W[s, a, m] * xs[m, col]
+                                    sig[a, col] = acc
+                        u = s
+                        for d in range(nt):
+                            have[d] = False
+                            have_phi[d] = False
+                else:
+                    slot = ops[k, 3]
+                    if slot < 0:
+                        continue
+                    r = ops[k, 1]
+                    oc = ops[k, 2]
+                    amount = 0.0
+                    for m in range(n):
+                        amount += V[u, oc, m] * y[m]
+                    si = s_index[oc]
+                    sv = 1.0
+                    if si >= 0:
+                        sv = Pg[r, si]
+                        if not (math.isfinite(sv) and sv > 0.0):
+                            bad = True
+                            break
+                    conc = amount / sv
+                    row = lo + slot
+                    out[row, b] = conc
+                    if want:
+                        for col in range(nd):
+                            acc = 0.0
+                            for m in range(n):
+                                acc += V[u, oc, m] * sig[m, col]
+                            acc = acc / sv
+                            if si >= 0:
+                                acc -= conc * dPg[r, si, col] / sv
+                            jac[row, b, col] = acc
+            if bad:
+                _invalidate(out, jac, lo, hi_out, b, nd)
+'''
+
+
+def ode_loop() -> str:
+    """The record loop of ODE models with forward sensitivities (Numba source): a model kernel module made of it
+    and the model's ``rhs(x, p, d)`` and ``jac(x, p, Jx, Jp)`` (derivatives of the right-hand side by the amounts
+    and by the parameters) besides ``params``/``fill``/``transform_all`` (:mod:`cnidose.models.kernel`)."""
+    from scipy.integrate._ivp import dop853_coefficients as c
+
+    return ODE_LOOP.format(A=c.A[:12, :12].tolist(), B=c.B.tolist(), E3=c.E3.tolist(), E5=c.E5.tolist(),
+                           STEP=_STEP, DOSE=_DOSE, SWITCH=_SWITCH, OBS=_OBS)
+
+
+ODE_LOOP = '''
+# the ODE record loop (cnidose.pk.tangent.ode_loop): Dormand-Prince DOP853 with SciPy's coefficients and step
+# control on the amounts; the sensitivities S = dx/dtheta ride along as the variational equations
+# S' = Jx S + Jp dp, integrated by the same Runge-Kutta stages and steps (internal differentiation: S is the exact
+# derivative of the computed solution for the steps taken)
+DOP_A = np.array({A!r})
+DOP_B = np.array({B!r})
+DOP_E3 = np.array({E3!r})
+DOP_E5 = np.array({E5!r})
+
+
+@njit(cache=True, error_model="numpy")
+def _norm(v, scale):
+    s = 0.0
+    for j in range(v.shape[0]):
+        s += (v[j] / scale[j]) ** 2
+    return math.sqrt(s / v.shape[0])
+
+
+@njit(cache=True, error_model="numpy")
+def _sens_rhs(x, S, p, Pd, nd, out, Jx, Jp):
+    jac(x, p, Jx, Jp)
+    n = x.shape[0]
+    for a in range(n):
+        for col in range(nd):
+            acc = 0.0
+            for m in range(n):
+                acc += Jx[a, m] * S[m, col]
+            for q in range(Jp.shape[1]):
+                if Jp[a, q] != 0.0:
+                    acc += Jp[a, q] * Pd[q, col]
+            out[a, col] = acc
+
+
+@njit(cache=True, error_model="numpy")
+def _integrate(y, S, p, Pd, nd, t_end, rtol, atol, K, KS, ys, Ss, yn, Sn, f1, sc, Jx, Jp):
+    # y (n,) and S (n, nd) advanced in place from 0 to t_end; a status: 0 ok, 1 step size underflow, 2 too many
+    # steps (a stiff corner an optimiser's trial point reached), 3 a non-finite derivative
+    n = y.shape[0]
+    max_steps = 100_000
+    rhs(y, p, K[0])
+    for j in range(n):
+        if not math.isfinite(K[0, j]):
+            return 3
+    if nd > 0:
+        _sens_rhs(y, S, p, Pd, nd, KS[0], Jx, Jp)
+    for j in range(n):
+        sc[j] = atol + abs(y[j]) * rtol
+    d0 = _norm(y, sc)
+    d1 = _norm(K[0], sc)
+    h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+    h0 = min(h0, t_end)
+    for j in range(n):
+        yn[j] = y[j] + h0 * K[0, j]
+    rhs(yn, p, f1)
+    for j in range(n):
+        yn[j] = f1[j] - K[0, j]
+    d2 = _norm(yn, sc) / h0
+    if d1 <= 1e-15 and d2 <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / 8.0)
+    h_abs = min(100.0 * h0, h1, t_end)
+    t = 0.0
+    steps = 0
+    while t < t_end:
+        steps += 1
+        if steps > max_steps:
+            return 2
+        min_step = 10.0 * (np.nextafter(t, np.inf) - t)
+        rejected = False
+        while True:
+            if h_abs < min_step:
+                return 1
+            h = h_abs
+            t_new = t + h
+            if t_new >= t_end:
+                t_new = t_end
+                h = t_new - t
+                h_abs = h
+            for s in range(1, 12):
+                for j in range(n):
+                    acc = 0.0
+                    for q in range(s):
+                        acc += DOP_A[s, q] * K[q, j]
+                    ys[j] = y[j] + h * acc
+                    for col in range(nd):
+                        acc = 0.0
+                        for q in range(s):
+                            acc += DOP_A[s, q] * KS[q, j, col]
+                        Ss[j, col] = S[j, col] + h * acc
+                rhs(ys, p, K[s])
+                if nd > 0:
+                    _sens_rhs(ys, Ss, p, Pd, nd, KS[s], Jx, Jp)
+            for j in range(n):
+                acc = 0.0
+                for q in range(12):
+                    acc += DOP_B[q] * K[q, j]
+                yn[j] = y[j] + h * acc
+                for col in range(nd):
+                    acc = 0.0
+                    for q in range(12):
+                        acc += DOP_B[q] * KS[q, j, col]
+                    Sn[j, col] = S[j, col] + h * acc
+            rhs(yn, p, K[12])
+            e5 = 0.0
+            e3 = 0.0
+            for j in range(n):
+                scj = atol + max(abs(y[j]), abs(yn[j])) * rtol
+                a5 = 0.0
+                a3 = 0.0
+                for q in range(13):
+                    a5 += DOP_E5[q] * K[q, j]
+                    a3 += DOP_E3[q] * K[q, j]
+                e5 += (a5 / scj) ** 2
+                e3 += (a3 / scj) ** 2
+            if e5 == 0.0 and e3 == 0.0:
+                err = 0.0
+            else:
+                err = h * e5 / math.sqrt((e5 + 0.01 * e3) * n)
+            if err < 1.0:
+                factor = 10.0 if err == 0.0 else min(10.0, 0.9 * err ** (-1.0 / 8.0))
+                if rejected:
+                    factor = min(1.0, factor)
+                h_abs *= factor
+                break
+            if not math.isfinite(err):
+                return 3
+            h_abs *= max(0.2, 0.9 * err ** (-1.0 / 8.0))
+            rejected = True
+        t = t_new
+        for j in range(n):
+            y[j] = yn[j]
+            K[0, j] = K[12, j]
+            for col in range(nd):
+                S[j, col] = Sn[j, col]
+        if nd > 0:
+            _sens_rhs(y, S, p, Pd, nd, KS[0], Jx, Jp)
+    return 0
+
+
+@njit(cache=True, error_model="numpy")
+def run(which, P, dP, nd, ops, op_start, amts, dts, dt_start, rec_start, out_start, s_index, param_idx, rtol, atol,
+        out, jac_out, held):
+    # as the linear loop (cnidose.pk.tangent), each member integrated in natural coordinates; param_idx: the
+    # parameters the equations read (a segment starts where one of them, or its derivative, changes)
+    G = which.shape[0]
+    B = P.shape[1]
+    n = s_index.shape[0]
+    NPAR = P.shape[3]
+    ndx = max(nd, 1)
+    rmax = max(P.shape[2], 1)
+    seg = np.empty(rmax, np.int64)
+    first = np.empty(rmax, np.int64)
+    y = np.zeros(n)
+    S = np.zeros((n, ndx))
+    K = np.empty((13, n))
+    KS = np.empty((13, n, ndx))
+    ys = np.empty(n)
+    Ss = np.empty((n, ndx))
+    yn = np.empty(n)
+    Sn = np.empty((n, ndx))
+    f1 = np.empty(n)
+    sc = np.empty(n)
+    Jx = np.empty((n, n))
+    Jp = np.empty((n, NPAR))
+    for g in range(G):
+        i = which[g]
+        R = rec_start[i + 1] - rec_start[i]
+        t0 = dt_start[i]
+        lo = out_start[g]
+        hi_out = out_start[g + 1]
+        for b in range(B):
+            held[g, b] = True
+            Pg = P[g, b]
+            dPg = dP[g, b]
+            ok = True
+            for r in range(R):
+                for q in param_idx:
+                    if not math.isfinite(Pg[r, q]):
+                        ok = False
+            nseg = 0
+            for r in range(R):
+                new = r == 0
+                if not new:
+                    for q in param_idx:
+                        if Pg[r, q] != Pg[r - 1, q]:
+                            new = True
+                            break
+                        if nd > 0:
+                            for col in range(nd):
+                                if dPg[r, q, col] != dPg[r - 1, q, col]:
+                                    new = True
+                                    break
+                            if new:
+                                break
+                if new:
+                    first[nseg] = r
+                    nseg += 1
+                seg[r] = nseg - 1
+            for a in range(n):
+                y[a] = 0.0
+                for col in range(ndx):
+                    S[a, col] = 0.0
+            u = 0
+            bad = not ok
+            for k in range(op_start[i], op_start[i + 1]):
+                if bad:
+                    break
+                kind = ops[k, 0]
+                if kind == {SWITCH}:
+                    u = seg[ops[k, 1]]
+                elif kind == {STEP}:
+                    status = _integrate(y, S, Pg[first[u]], dPg[first[u]], nd, dts[t0 + ops[k, 1]], rtol, atol, K,
+                                        KS, ys, Ss, yn, Sn, f1, sc, Jx, Jp)
+                    if status != 0:
+                        bad = True
+                elif kind == {DOSE}:
+                    fi = ops[k, 1]
+                    rb = ops[k, 2]
+                    c = ops[k, 3]
+                    fv = 1.0
+                    if fi >= 0:
+                        fv = Pg[rb, fi]
+                        if not (math.isfinite(fv) and fv >= 0.0):
+                            bad = True
+                            break
+                    y[c] += fv * amts[k]
+                    if fi >= 0:
+                        for col in range(nd):
+                            S[c, col] += dPg[rb, fi, col] * amts[k]
+                else:
+                    slot = ops[k, 3]
+                    if slot < 0:
+                        continue
+                    r = ops[k, 1]
+                    oc = ops[k, 2]
+                    si = s_index[oc]
+                    sv = 1.0
+                    if si >= 0:
+                        sv = Pg[r, si]
+                        if not (math.isfinite(sv) and sv > 0.0):
+                            bad = True
+                            break
+                    conc = y[oc] / sv
+                    row = lo + slot
+                    out[row, b] = conc
+                    for col in range(nd):
+                        acc = S[oc, col] / sv
+                        if si >= 0:
+                            acc -= conc * dPg[r, si, col] / sv
+                        jac_out[row, b, col] = acc
+            if bad:
+                for row in range(lo, hi_out):
+                    out[row, b] = math.nan
+                    for col in range(nd):
+                        jac_out[row, b, col] = math.nan
+'''

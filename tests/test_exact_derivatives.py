@@ -1,0 +1,234 @@
+"""Exact derivatives (issue 14): the expression language's symbolic derivatives, the compiled model kernel's
+predictions and forward sensitivities (cnidose.models.kernel, cnidose.pk.tangent), and MAP estimation with them.
+
+The kernel is checked against the event engine (its predictions, to rounding) and against Richardson-extrapolated
+central differences of the engine (its derivatives, to ~1e-9 of the largest prediction) on random TDM-shaped
+histories: bolus doses with ADDL and lags shorter and longer than the gaps, parameters, F and lags changing at
+records (EVID 2 included), under both dose-value conventions, for a diagonalisable structure (eigen-coordinates)
+and a chain of equal transit rates (matrix exponentials); and on the library's clinical models with their
+time-varying covariates, occasion effects and observation transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cnidose.estimation import fit_map
+from cnidose.estimation.cohort import build_groups
+from cnidose.models import parse_model
+from cnidose.models.expr import compile_expression, derivative
+from cnidose.models.kernel import Stack, model_kernel
+from cnidose.models.library import resolve_model
+from cnidose.pk import LinearStructure, split_individuals
+from tests.test_pk_differential import CASES, random_history
+
+# -- the expression language -------------------------------------------------------------------------------------
+
+EXPRESSIONS = [
+    "A * B + 3 * A ** 2 - B / A",
+    "exp(-A * B) * sqrt(A + 4) / log(B + 2)",
+    "log10(A * A + 1) + abs(A - B) + min(A, B) * max(A, 2 * B)",
+    "(A if B > 0.3 else B * B) * (A + 1) ** B",
+    "A ** 0.75 * (B / 2) ** -1.5 + 2 ** A",
+    "-(A - B) / (1 + exp(-(A + B)))",
+    "(1 - 0.67 * A / (35 + A)) * (2.68 * exp(B) if A >= 1 and A < 2 else 1)",
+]
+
+
+@pytest.mark.parametrize("src", EXPRESSIONS)
+def test_symbolic_derivatives_match_differences(src: str) -> None:
+    e = compile_expression(src)
+    rng = np.random.default_rng(3)
+    A = rng.uniform(0.2, 3.0, 200)
+    B = rng.uniform(0.2, 3.0, 200)
+    for name in ("A", "B"):
+        d = derivative(e, name)
+        h = 1e-6
+        up = {"A": A, "B": B}
+        dn = {"A": A, "B": B}
+        up[name] = up[name] + h
+        dn[name] = dn[name] - h
+        fd = (np.asarray(e(up)) - np.asarray(e(dn))) / (2 * h)
+        got = np.broadcast_to(np.asarray(d({"A": A, "B": B}) if d is not None else 0.0, dtype=float), fd.shape)
+        # away from the kinks of abs/min/max/if (differences straddling one are not derivatives)
+        kink = (np.abs(A - B) < 1e-4) | (np.abs(A - 2 * B) < 1e-4) | (np.abs(B - 0.3) < 1e-4) | \
+            (np.abs(A - 1) < 1e-4) | (np.abs(A - 2) < 1e-4)
+        np.testing.assert_allclose(got[~kink], fd[~kink], rtol=1e-6, atol=1e-7, err_msg=f"d({src})/d{name}")
+
+
+def test_derivative_is_none_where_the_name_does_not_move_the_value() -> None:
+    assert derivative(compile_expression("A * 2"), "B") is None
+    assert derivative(compile_expression("3 if A > 1 else 4"), "A") is None
+    assert derivative(compile_expression("A * 2"), "A").source == "2"  # type: ignore[union-attr]
+
+
+# -- the kernel on random histories --------------------------------------------------------------------------------
+
+def _test_model(name: str) -> str:
+    """A model file whose rate parameters, F and lags are data columns (the history's time-varying values) times
+    a random effect (none on the lag)."""
+    structure, _, dose_cmts = CASES[name]
+    assert isinstance(structure, LinearStructure)
+    comps = structure.compartments
+    unit = {"CL": "L/h", "Q": "L/h", "V": "L", "V1": "L", "V2": "L", "KA": "1/h", "KTR": "1/h"}
+    flows = []
+    for f in structure.flows:
+        parts = [f'from = "{comps[f.source - 1]}"', f'rate = "{f.rate}"']
+        if f.target is not None:
+            parts.insert(1, f'to = "{comps[f.target - 1]}"')
+        if f.per is not None:
+            parts.append(f'per = "{f.per}"')
+        flows.append("{ " + ", ".join(parts) + " }")
+    rate = list(structure.rate_parameters)
+    effects = [f"ETA_{k}" for k in rate] + [f"ETA_F{c}" for c in dose_cmts]
+    covs = [f'C_{k} = {{ unit = "{unit[k]}" }}' for k in rate]
+    covs += [f'C_F{c} = {{ unit = "1" }}' for c in dose_cmts] + [f'C_ALAG{c} = {{ unit = "h" }}' for c in dose_cmts]
+    pk = [f'{k} = {{ expr = "C_{k} * exp(ETA_{k})", unit = "{unit[k]}" }}' for k in rate]
+    pk += [f'F{c} = {{ expr = "C_F{c} * exp(ETA_F{c})", unit = "1" }}' for c in dose_cmts]
+    pk += [f'ALAG{c} = {{ expr = "C_ALAG{c}", unit = "h" }}' for c in dose_cmts]
+    obs = comps[structure.default_obs - 1]
+    volume = "V" if "V" in rate else "V1"
+    return f"""
+format = 1
+id = "kernel-test-{name}"
+version = "1"
+title = "kernel test"
+[units]
+dose = "mg"
+time = "h"
+concentration = "mg/L"
+[structure]
+compartments = {list(comps)!r}
+default_dose = "{comps[structure.default_dose - 1]}"
+default_obs = "{obs}"
+flows = [{", ".join(flows)}]
+[parameters]
+UNUSED = {{ value = 1.0, unit = "1" }}
+[random_effects]
+names = {effects!r}
+variance = {[0.1] * len(effects)!r}
+[covariates]
+{chr(10).join(covs)}
+[pk]
+{chr(10).join(pk)}
+[observations.CP]
+compartment = "{obs}"
+scale = "{volume}"
+scale_unit = "L"
+unit = "mg/L"
+error = {{ model = "proportional", proportional = 0.1 }}
+""".replace("'", '"')
+
+
+def _engine_predictions(model, prep, etas: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.stack([model.simulate(prep, e[None], method="expm").prediction[0] for e in etas])
+
+
+def _differences(model, prep, etas: np.ndarray, h: float) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Central differences of the engine's predictions (records, points, effects)."""
+    cols = []
+    for j in range(etas.shape[1]):
+        step = np.zeros(etas.shape[1])
+        step[j] = h
+        cols.append((_engine_predictions(model, prep, etas + step) - _engine_predictions(model, prep, etas - step)).T
+                    / (2 * h))
+    return np.stack(cols, axis=-1)
+
+
+@pytest.mark.parametrize(("name", "seed"), [(n, k) for n in ("1cmt-oral", "2cmt-iv", "transit3") for k in range(5)])
+def test_the_kernel_matches_the_engine_and_its_derivatives_are_exact(name: str, seed: int) -> None:
+    rng = np.random.default_rng([seed, 23])
+    cols, params = random_history(rng, name, tdm=True)
+    structure, _, dose_cmts = CASES[name]
+    for k in structure.rate_parameters:
+        cols[f"C_{k}"] = list(params[k])
+    for c in dose_cmts:
+        cols[f"C_F{c}"] = list(params[f"F{c}"])
+        cols[f"C_ALAG{c}"] = list(params[f"ALAG{c}"])
+    base = parse_model(_test_model(name).encode())
+    ind, = split_individuals(cols)
+    n_eta = len(base.iiv)
+    etas = rng.normal(0.0, 0.3, (3, n_eta))
+    for dose_values in ("nonmem", "dose-record"):
+        model = dataclasses.replace(base, dose_values=dose_values)
+        kernel = model_kernel(model)
+        assert kernel is not None
+        prep = model.prepare(ind)
+        R = len(ind)
+        plan = kernel.plan(model, prep, np.arange(R))
+        assert plan is not None
+        est = np.arange(n_eta)
+        out, jac, held = kernel.run(model, Stack.of([plan]), np.zeros(1, np.int64), etas[None], est, n_eta)
+        assert held.all()
+        ref = _engine_predictions(model, prep, etas).T  # (R, B)
+        top = np.max(np.abs(ref)) + 1e-300
+        np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-11 * top, err_msg=f"{name} {seed} {dose_values}")
+
+        richardson = (4 * _differences(model, prep, etas, 5e-4) - _differences(model, prep, etas, 1e-3)) / 3
+        np.testing.assert_allclose(jac, richardson, rtol=1e-6, atol=1e-9 * top, err_msg=f"{name} {seed} {dose_values}")
+
+
+# -- the clinical models -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_id", ["storset2014_tac_adult_kidney", "andrews2019_tac_adult_kidney",
+                                      "woillard2011_tac_prograf_advagraf"])
+def test_library_models_exact_derivatives(model_id: str) -> None:
+    """Time-varying covariates (Størset: post-operative day, prednisolone, haematocrit), occasion effects, the
+    red-cell binding transform, a transit chain (Woillard): the kernel's predictions equal the engine's and its
+    derivatives Richardson's differences of them."""
+    from benchmarks.bench_forecast import storset_cohort
+
+    model = resolve_model(model_id)
+    ind = storset_cohort(resolve_model("storset2014_tac_adult_kidney"), 1, 5)[0]
+    if model_id != "storset2014_tac_adult_kidney":  # the same records with the covariates these models read
+        extra = {"AGE": 50.0, "HT": 175.0, "WT": 75.0, "SEX": 0.0, "PROGRAF": 1.0, "HCT": 0.35, "ALB": 40.0,
+                 "SCR": 110.0}
+        covs = dict(ind.covariates)
+        for k, v in extra.items():
+            covs.setdefault(k, np.full(len(ind), v))
+        ind = dataclasses.replace(ind, covariates=covs)
+    groups, members = build_groups(model, [ind])
+    assert not members[0].error, members[0].error
+    g = groups[0]
+    assert g.exact, "the kernel holds this patient"
+    rng = np.random.default_rng(1)
+    theta = rng.normal(0.0, 0.25, (2, g.dim))
+    which = np.zeros(2, np.int64)
+    f, J, held = g.jacobian(theta, which)  # type: ignore[misc]
+    assert held.all()
+    plain, _ = build_groups(model, [ind], compiled=False)
+    ref = plain[0].predict(theta[:, None, :], which)[:, 0]
+    np.testing.assert_allclose(f, ref, rtol=1e-10)
+
+    def fd(h: float) -> np.ndarray:
+        cols = []
+        for j in range(g.dim):
+            step = np.zeros(g.dim)
+            step[j] = h
+            up = plain[0].predict((theta + step)[:, None, :], which)[:, 0]
+            dn = plain[0].predict((theta - step)[:, None, :], which)[:, 0]
+            cols.append((up - dn) / (2 * h))
+        return np.stack(cols, axis=1)
+
+    richardson = (4 * fd(5e-4) - fd(1e-3)) / 3
+    np.testing.assert_allclose(J, richardson, rtol=1e-6, atol=1e-9 * np.max(np.abs(f)))
+
+
+def test_map_with_exact_derivatives_equals_map_with_differences() -> None:
+    """The same optima (to the optimiser's tolerance) and covariance, whichever derivatives the fit takes."""
+    from benchmarks.bench_forecast import storset_cohort
+
+    model = resolve_model("storset2014_tac_adult_kidney")
+    inds = storset_cohort(model, 3, 2)
+    exact = fit_map(model, inds)
+    plain = fit_map(model, inds, derivatives="differences")
+    for a, b in zip(exact, plain, strict=True):
+        assert a.derivatives == "exact" and b.derivatives == "differences"
+        assert a.status == b.status == "converged"
+        assert abs(a.ofv - b.ofv) < 1e-6
+        np.testing.assert_allclose(a.eta, b.eta, atol=1e-4)
+        assert a.covariance is not None and b.covariance is not None
+        np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-4, atol=1e-8)
