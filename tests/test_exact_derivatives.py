@@ -232,3 +232,75 @@ def test_map_with_exact_derivatives_equals_map_with_differences() -> None:
         np.testing.assert_allclose(a.eta, b.eta, atol=1e-4)
         assert a.covariance is not None and b.covariance is not None
         np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-4, atol=1e-8)
+
+
+def _suite_model(run: str):  # type: ignore[no-untyped-def]
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "validation" / "map-nonmem"))
+    import mapsuite
+
+    return mapsuite, mapsuite.load(run)
+
+
+def test_ode_kernel_sensitivities(shared: object) -> None:
+    """Michaelis-Menten elimination (shared model 201): the ODE kernel's predictions are the engine's compiled
+    integration's (same DOP853 steps), and its sensitivities (variational equations) Richardson's differences."""
+    mapsuite, model = _suite_model("201")
+    inds = mapsuite.individuals("201", 2)
+    groups, members = build_groups(model, inds)
+    assert all(not m.error for m in members)
+    plain, _ = build_groups(model, inds, compiled=False)
+    g = groups[0]
+    assert g.exact and g.size == len(inds)  # every individual in one group, predicted in one call
+    rng = np.random.default_rng(4)
+    theta = rng.normal(0.0, 0.3, (g.size, g.dim))
+    which = np.arange(g.size)
+    f, J, held = g.jacobian(theta, which)  # type: ignore[misc]
+    assert held.all()
+    ref = np.concatenate([p.predict(theta[k][None, None, :], np.zeros(1, np.int64))[:, 0]
+                          for k, p in enumerate(plain)])
+    np.testing.assert_allclose(f, ref, rtol=1e-12)
+
+    def fd(h: float) -> np.ndarray:
+        cols = []
+        for j in range(g.dim):
+            step = np.zeros(g.dim)
+            step[j] = h
+            up = np.concatenate([p.predict((theta[k] + step)[None, None, :], np.zeros(1, np.int64))[:, 0]
+                                 for k, p in enumerate(plain)])
+            dn = np.concatenate([p.predict((theta[k] - step)[None, None, :], np.zeros(1, np.int64))[:, 0]
+                                 for k, p in enumerate(plain)])
+            cols.append((up - dn) / (2 * h))
+        return np.stack(cols, axis=1)
+
+    np.testing.assert_allclose(J, (4 * fd(5e-4) - fd(1e-3)) / 3, rtol=1e-5, atol=1e-8 * np.max(np.abs(f)))
+
+
+def test_a_stiff_trial_point_is_refused_at_once(shared: object) -> None:
+    """An optimiser's trial step can reach a corner where the explicit integrator is limited to tiny steps
+    (VMAX 1e7, VC 0.03 L): the kernel gives that point up (NaN) once it cannot finish within its step budget,
+    in milliseconds, instead of integrating 100,000 steps."""
+    import time
+
+    mapsuite, model = _suite_model("201")
+    groups, _ = build_groups(model, mapsuite.individuals("201", 1)[:1])
+    g = groups[0]
+    g.jacobian(np.zeros((1, g.dim)), np.zeros(1, np.int64))  # compiled before the clock starts
+    t0 = time.perf_counter()
+    f, _, _ = g.jacobian(np.array([[7.0, -7.6, -3.0, -7.5]]), np.zeros(1, np.int64))  # type: ignore[misc]
+    assert time.perf_counter() - t0 < 0.05
+    assert np.isnan(f).all()
+
+
+def test_one_group_for_many_individuals_equals_one_at_a_time(shared: object) -> None:
+    mapsuite, model = _suite_model("301")  # time-varying covariates: the engine path, now the kernel's
+    inds = mapsuite.individuals("301", 3)
+    together = fit_map(model, inds)
+    for ind, r in zip(inds, together, strict=True):
+        alone = fit_map(model, [ind])[0]
+        assert r.derivatives == "exact"
+        np.testing.assert_allclose(r.eta, alone.eta, atol=1e-7)
+        assert abs(r.ofv - alone.ofv) < 1e-7

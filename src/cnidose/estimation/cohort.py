@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError
 from cnidose.estimation.observations import ObservationData, observation_data
-from cnidose.models.kernel import ModelKernel, Stack, model_kernel
+from cnidose.models.kernel import ModelKernel, Plan, Stack, model_kernel
 from cnidose.models.model import Model, Prepared
 from cnidose.pk.events import Individual
 from cnidose.pk.structure import LinearStructure
@@ -300,20 +300,29 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
                                 for m in fast_members]) for k in (fast_members[0].prep.covariates if
                                                                   fast_members[0].prep else {})}
         groups.append(g)
-    for m in slow_members:
-        groups.append(_group(model, [m], *layout(m.n_occasions), fast=False))
-    kernel = model_kernel(model) if compiled and groups else None
+    kernel = model_kernel(model) if compiled and members else None
+    plans: dict[int, Plan] = {}
     if kernel is not None:
-        for g in groups:
-            plans = []
-            for m in g.members:
-                assert m.obs is not None and m.prep is not None
-                plan = kernel.plan(model, m.prep, m.obs.rec)
-                if plan is None:
-                    break
-                plans.append(plan)
-            else:
-                g.kernel, g.stack = kernel, Stack.of(plans)
+        for m in (*fast_members, *slow_members):
+            assert m.obs is not None and m.prep is not None
+            plan = kernel.plan(model, m.prep, m.obs.rec)
+            if plan is not None:
+                plans[m.index] = plan
+        if groups and all(m.index in plans for m in groups[0].members):  # the superposition group's derivatives
+            groups[0].kernel, groups[0].stack = kernel, Stack.of([plans[m.index] for m in groups[0].members])
+    # the kernel predicts many individuals in one call: those it holds share a group per layout (number of
+    # occasions), so that the optimiser works on all of them at once; the others are predicted by the engine,
+    # one group each
+    held: dict[int, list[Member]] = {}
+    for m in slow_members:
+        if m.index in plans:
+            held.setdefault(m.n_occasions, []).append(m)
+        else:
+            groups.append(_group(model, [m], *layout(m.n_occasions), fast=False))
+    for n_occ, ms in held.items():
+        g = _group(model, ms, *layout(n_occ), fast=False)
+        g.kernel, g.stack = kernel, Stack.of([plans[m.index] for m in ms])
+        groups.append(g)
     return groups, members
 
 

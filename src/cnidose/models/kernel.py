@@ -170,6 +170,13 @@ class ModelKernel:
         which = np.ascontiguousarray(which, dtype=np.int64)
         theta = np.ascontiguousarray(theta, dtype=np.float64)
         G, B = theta.shape[0], theta.shape[1]
+        per_row = B * int(stack.n_rec[which].max() if G else 1) * len(self.param_names) * max(nd, 1)
+        chunk = max(1, _CHUNK // max(per_row, 1))
+        if chunk < which.size:  # the parameter arrays of a chunk of rows at a time (bounded memory)
+            parts = [self.run(model, stack, which[k:k + chunk], theta[k:k + chunk], est, nd)
+                     for k in range(0, which.size, chunk)]
+            return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                    np.concatenate([p[2] for p in parts]))
         out_start = np.concatenate([[0], np.cumsum(stack.n_obs[which])]).astype(np.int64)
         n_out = int(out_start[-1])
         R = int(stack.n_rec[which].max()) if G else 1
@@ -219,6 +226,7 @@ def model_kernel(model: Model) -> ModelKernel | None:
 
 _CACHE: dict[tuple[Any, ...], ModelKernel | None] = {}
 _RTOL, _ATOL = 1e-10, 1e-12  # the engine's ODE tolerances (cnidose.pk.simulate)
+_CHUNK = 4_000_000  # parameter values (and derivatives) of one call: 32 MB
 
 
 def _cached(key: tuple[Any, ...], model: Model) -> ModelKernel | None:

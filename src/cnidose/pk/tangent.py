@@ -706,6 +706,8 @@ def _integrate(y, S, p, Pd, nd, t_end, rtol, atol, K, KS, ys, Ss, yn, Sn, f1, sc
         steps += 1
         if steps > max_steps:
             return 2
+        if steps > 1000 and (t_end - t) > (max_steps - steps) * h_abs:
+            return 2  # still limited to steps this small (stiff), it cannot finish within max_steps
         min_step = 10.0 * (np.nextafter(t, np.inf) - t)
         rejected = False
         while True:
