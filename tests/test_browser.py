@@ -50,6 +50,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # the library's compiled kernels ready before any page asks for a fit (as `cnidose serve` warms them; on a fresh
+    # machine their first compilation takes a minute)
+    from cnidose.models.kernel import warm
+    from cnidose.models.library import library_models
+
+    warm(library_models()).join()
     # the app in a zone other than UTC (times typed and shown in Europe/Prague, stored in UTC)
     srv = uvicorn.Server(uvicorn.Config(create_app(store, secret_key="browser", timezone="Europe/Prague"),
                                         host="127.0.0.1", port=port, log_level="warning"))

@@ -304,3 +304,34 @@ def test_one_group_for_many_individuals_equals_one_at_a_time(shared: object) -> 
         assert r.derivatives == "exact"
         np.testing.assert_allclose(r.eta, alone.eta, atol=1e-7)
         assert abs(r.ofv - alone.ofv) < 1e-7
+
+
+def test_a_warm_up_in_progress_never_makes_a_fit_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cnidose serve`` compiles the library's kernels in the background: a fit that comes meanwhile does not
+    wait for the compiler (differences through the engine), and gets the kernel once it is ready."""
+    import threading
+
+    from benchmarks.bench_forecast import storset_cohort
+    from cnidose.models import kernel as K
+
+    model = resolve_model("storset2014_tac_adult_kidney")
+    patient = storset_cohort(model, 1, 3)[0]
+    monkeypatch.setattr(K, "_READY", set())
+    monkeypatch.setattr(K, "_CACHE", {})
+    gate = threading.Event()
+    real = K._build
+
+    def slow(key, m):  # type: ignore[no-untyped-def]
+        gate.wait(30)
+        return real(key, m)
+
+    monkeypatch.setattr(K, "_build", slow)
+    thread = K.warm([model])
+    try:
+        assert K.model_kernel(model) is None
+        assert fit_map(model, [patient])[0].derivatives == "differences"
+    finally:
+        gate.set()
+        thread.join(60)
+    assert K.model_kernel(model) is not None
+    assert fit_map(model, [patient])[0].derivatives == "exact"

@@ -1158,9 +1158,20 @@ def serve(
             engine.dispose()
             uvicorn.run("cnidose.web.app:app_from_env", factory=True, workers=workers, **opts)
             return
-        uvicorn.run(create_app(store), **opts)
+        app_ = create_app(store)
+        _warm_kernels()
+        uvicorn.run(app_, **opts)
 
     _run(work)
+
+
+def _warm_kernels() -> None:
+    """Compile the library models' kernels in the background (a clinician's request never waits for the
+    compiler: until a kernel is ready, its fits use the engine and differences)."""
+    from cnidose.models.kernel import warm
+    from cnidose.models.library import library_models
+
+    warm(library_models())
 
 
 if __name__ == "__main__":  # pragma: no cover

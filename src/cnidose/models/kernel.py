@@ -17,6 +17,8 @@ everything when compiled code is off (``CNIDOSE_COMPILED=0``).
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,7 +35,9 @@ from cnidose.pk.eigen import flow_blocks
 from cnidose.pk.structure import LinearStructure, OdeStructure
 from cnidose.pk.tangent import ode_loop, schedule, tangent_kernel
 
-__all__ = ["ModelKernel", "Plan", "Stack", "effect_dependencies", "model_kernel"]
+__all__ = ["ModelKernel", "Plan", "Stack", "effect_dependencies", "model_kernel", "warm"]
+
+log = logging.getLogger(__name__)
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -204,7 +208,50 @@ class ModelKernel:
 
 
 def model_kernel(model: Model) -> ModelKernel | None:
-    """The model's kernel, or None where it does not apply (module docstring) or compiled code is off."""
+    """The model's kernel, or None where it does not apply (module docstring) or compiled code is off.
+
+    The first use on a machine compiles it (half a minute for the shared record loop, a few seconds per model;
+    then it loads from the disk cache in milliseconds). While :func:`warm` compiles kernels in the background, a
+    kernel not yet ready is not waited for: None, and the caller predicts by the engine and differences."""
+    key = _key(model)
+    if key is None:
+        return None
+    with _LOCK:
+        if key in _READY:
+            return _CACHE[key]
+    if _WARMING.is_set():
+        return None
+    return _build(key, model)
+
+
+def warm(models: Sequence[Model]) -> threading.Thread:
+    """Compile (or load from the disk cache) the kernels of ``models`` in a background thread; until each is
+    ready, :func:`model_kernel` answers None for it rather than make a request wait for the compiler."""
+    _WARMING.set()
+
+    def work() -> None:
+        try:
+            for m in models:
+                key = _key(m)
+                if key is not None:
+                    try:
+                        _build(key, m)
+                    except Exception:
+                        log.exception("model kernel for %s not compiled", m.id)
+                        with _LOCK:
+                            _CACHE[key] = None
+                            _READY.add(key)
+        finally:
+            _WARMING.clear()
+
+    thread = threading.Thread(target=work, name="cnidose-kernels", daemon=True)
+    thread.start()
+    return thread
+
+
+def _key(model: Model) -> tuple[Any, ...] | None:
+    """What a model's kernel depends on: its structure, equations and names (not its values), or None where it
+    does not apply."""
     s = model.structure
     if s.gamma is not None or (isinstance(s, OdeStructure) and not s.sources):
         return None
@@ -216,29 +263,42 @@ def model_kernel(model: Model) -> ModelKernel | None:
         return None  # a rate parameter that is not a [pk] assignment (the engine reports it)
     shape = s if isinstance(s, LinearStructure) else (s.compartments, s.default_dose, s.default_obs, s.parameters,
                                                        s.sources)
-    key = (shape, tuple((n, e.source) for n, e in model.pk), tuple(model.parameters),
-           tuple((n, c.domain_only) for n, c in model.covariates.items()), model.iiv.names,
-           model.iov.names if model.iov is not None else (),
-           tuple((ob.compartment, ob.scale.source, ob.factor, ob.transform.source if ob.transform else None)
-                 for ob in model.observations))
-    return _cached(key, model)
+    return (shape, tuple((n, e.source) for n, e in model.pk), tuple(model.parameters),
+            tuple((n, c.domain_only) for n, c in model.covariates.items()), model.iiv.names,
+            model.iov.names if model.iov is not None else (),
+            tuple((ob.compartment, ob.scale.source, ob.factor, ob.transform.source if ob.transform else None)
+                  for ob in model.observations))
 
 
 _CACHE: dict[tuple[Any, ...], ModelKernel | None] = {}
+_READY: set[tuple[Any, ...]] = set()  # keys whose kernel is compiled (or known not to compile)
+_LOCK = threading.Lock()
+_BUILD = threading.Lock()  # one compilation at a time
+_WARMING = threading.Event()  # a background warm-up is running
 _RTOL, _ATOL = 1e-10, 1e-12  # the engine's ODE tolerances (cnidose.pk.simulate)
 _CHUNK = 4_000_000  # parameter values (and derivatives) of one call: 32 MB
 
 
-def _cached(key: tuple[Any, ...], model: Model) -> ModelKernel | None:
-    """The kernel for a model's equations, structure and names (its parameter values are an argument)."""
-    if key not in _CACHE:
+def _build(key: tuple[Any, ...], model: Model) -> ModelKernel | None:
+    """Generate, load and compile the kernel for ``key`` (an empty call makes Numba compile every function)."""
+    with _BUILD:
+        with _LOCK:
+            if key in _READY:
+                return _CACHE[key]
         try:
             text, meta = _generate(model)
         except CnidoseError:
-            _CACHE[key] = None
+            kernel = None
         else:
-            _CACHE[key] = _kernel(text, meta)
-    return _CACHE[key]
+            kernel = _kernel(text, meta)
+        if kernel is not None:
+            full = len(model.iiv) + (len(model.iov) if model.iov is not None else 0)
+            kernel.run(model, Stack.of([]), np.zeros(0, np.int64), np.zeros((0, 1, full)),
+                       np.zeros(full, np.int64), 1)
+        with _LOCK:
+            _CACHE[key] = kernel
+            _READY.add(key)
+        return kernel
 
 
 @lru_cache(maxsize=64)

@@ -1250,9 +1250,13 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
 def app_from_env() -> FastAPI:
     """The app over ``CNIDOSE_DATABASE_URL`` (schema already migrated): the factory ``cnidose serve
     --workers N`` gives each uvicorn worker process."""
+    from cnidose.models.kernel import warm
+    from cnidose.models.library import library_models
     from cnidose.records.db import make_engine
 
-    return create_app(Store(make_engine()))
+    app = create_app(Store(make_engine()))
+    warm(library_models())  # compiled in the background: no request waits for the compiler
+    return app
 
 
 #: the parts of a stored result that only plots read (left out of the recommendation answer)
