@@ -67,9 +67,9 @@ def test_derivative_is_none_where_the_name_does_not_move_the_value() -> None:
 
 # -- the kernel on random histories --------------------------------------------------------------------------------
 
-def _test_model(name: str) -> str:
+def _test_model(name: str, f_effect: bool = True) -> str:
     """A model file whose rate parameters, F and lags are data columns (the history's time-varying values) times
-    a random effect (none on the lag)."""
+    a random effect (none on the lag; on F unless ``f_effect`` is False)."""
     structure, _, dose_cmts = CASES[name]
     assert isinstance(structure, LinearStructure)
     comps = structure.compartments
@@ -83,11 +83,11 @@ def _test_model(name: str) -> str:
             parts.append(f'per = "{f.per}"')
         flows.append("{ " + ", ".join(parts) + " }")
     rate = list(structure.rate_parameters)
-    effects = [f"ETA_{k}" for k in rate] + [f"ETA_F{c}" for c in dose_cmts]
+    effects = [f"ETA_{k}" for k in rate] + ([f"ETA_F{c}" for c in dose_cmts] if f_effect else [])
     covs = [f'C_{k} = {{ unit = "{unit[k]}" }}' for k in rate]
     covs += [f'C_F{c} = {{ unit = "1" }}' for c in dose_cmts] + [f'C_ALAG{c} = {{ unit = "h" }}' for c in dose_cmts]
     pk = [f'{k} = {{ expr = "C_{k} * exp(ETA_{k})", unit = "{unit[k]}" }}' for k in rate]
-    pk += [f'F{c} = {{ expr = "C_F{c} * exp(ETA_F{c})", unit = "1" }}' for c in dose_cmts]
+    pk += [f'F{c} = {{ expr = "C_F{c}{f" * exp(ETA_F{c})" if f_effect else ""}", unit = "1" }}' for c in dose_cmts]
     pk += [f'ALAG{c} = {{ expr = "C_ALAG{c}", unit = "h" }}' for c in dose_cmts]
     obs = comps[structure.default_obs - 1]
     volume = "V" if "V" in rate else "V1"
@@ -138,17 +138,37 @@ def _differences(model, prep, etas: np.ndarray, h: float) -> np.ndarray:  # type
     return np.stack(cols, axis=-1)
 
 
-@pytest.mark.parametrize(("name", "seed"), [(n, k) for n in ("1cmt-oral", "2cmt-iv", "transit3") for k in range(5)])
-def test_the_kernel_matches_the_engine_and_its_derivatives_are_exact(name: str, seed: int) -> None:
+def _with_inputs_and_resets(rng: np.random.Generator, cols: dict[str, list[float]]) -> dict[str, list[float]]:
+    """A TDM history with some doses given as zero-order inputs at a given RATE (shorter and longer than the gaps)
+    and some records turned into EVID 3 (reset) or EVID 4 (reset and dose)."""
+    out = {k: list(v) for k, v in cols.items()}
+    for r in range(len(out["TIME"])):
+        u = rng.random()
+        if out["EVID"][r] == 1 and u < 0.5:
+            out["RATE"][r] = out["AMT"][r] / float(rng.choice([0.5, 2.0, 6.0, 30.0]))
+        elif out["EVID"][r] == 1 and u < 0.6 and r > 0:
+            out["EVID"][r] = 4.0
+        elif out["EVID"][r] == 2 and u < 0.2:
+            out["EVID"][r] = 3.0
+    return out
+
+
+@pytest.mark.parametrize(("name", "seed", "inputs"), [(n, k, i) for n in ("1cmt-oral", "2cmt-iv", "transit3")
+                                                       for k in range(5) for i in (False, True)])
+def test_the_kernel_matches_the_engine_and_its_derivatives_are_exact(name: str, seed: int, inputs: bool) -> None:
+    """Bolus doses (``inputs`` False: the eigen-coordinate path, or matrix exponentials for the transit chain), and
+    with zero-order inputs and resets (``inputs`` True: natural coordinates, the input in the exponential)."""
     rng = np.random.default_rng([seed, 23])
     cols, params = random_history(rng, name, tdm=True)
+    if inputs:
+        cols = _with_inputs_and_resets(rng, cols)
     structure, _, dose_cmts = CASES[name]
     for k in structure.rate_parameters:
         cols[f"C_{k}"] = list(params[k])
     for c in dose_cmts:
         cols[f"C_F{c}"] = list(params[f"F{c}"])
         cols[f"C_ALAG{c}"] = list(params[f"ALAG{c}"])
-    base = parse_model(_test_model(name).encode())
+    base = parse_model(_test_model(name, f_effect=not inputs).encode())
     ind, = split_individuals(cols)
     n_eta = len(base.iiv)
     etas = rng.normal(0.0, 0.3, (3, n_eta))
@@ -160,6 +180,7 @@ def test_the_kernel_matches_the_engine_and_its_derivatives_are_exact(name: str, 
         R = len(ind)
         plan = kernel.plan(model, prep, np.arange(R))
         assert plan is not None
+        assert plan.natural == (inputs and bool(np.any(np.asarray(cols["RATE"]) > 0)))
         est = np.arange(n_eta)
         out, jac, held = kernel.run(model, Stack.of([plan]), np.zeros(1, np.int64), etas[None], est, n_eta)
         assert held.all()
@@ -312,6 +333,7 @@ def test_a_warm_up_in_progress_never_makes_a_fit_wait(monkeypatch: pytest.Monkey
     import threading
 
     from benchmarks.bench_forecast import storset_cohort
+
     from cnidose.models import kernel as K
 
     model = resolve_model("storset2014_tac_adult_kidney")

@@ -68,6 +68,7 @@ class Plan:
     occ: IntArray
     obs_rec: IntArray  # the observed records
     obs_type: IntArray  # and their observation types (-1: none)
+    natural: bool = False  # carried in natural coordinates (it has zero-order inputs)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -87,6 +88,7 @@ class Stack:
     obs_start: IntArray
     n_obs: IntArray
     n_rec: IntArray
+    natural: IntArray
 
     @staticmethod
     def of(plans: Sequence[Plan]) -> Stack:
@@ -109,7 +111,8 @@ class Stack:
                                           else np.zeros(0, np.int64)),
             obs_start=starts([p.obs_rec.size for p in plans]),
             n_obs=np.array([p.obs_rec.size for p in plans], dtype=np.int64),
-            n_rec=np.array([p.occ.size for p in plans], dtype=np.int64))
+            n_rec=np.array([p.occ.size for p in plans], dtype=np.int64),
+            natural=np.array([int(p.natural) for p in plans], dtype=np.int64))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -126,17 +129,22 @@ class ModelKernel:
     n_eta: int
     n_kappa: int
     constants: dict[str, Any]
+    f_varies: tuple[bool, ...]  # per compartment: F depends on a random effect (no zero-order input there)
 
     def plan(self, model: Model, prep: Prepared, observed: IntArray) -> Plan | None:
         """The individual's plan, or None where its records are not for this kernel (module docstring)."""
         ind = prep.individual
         ev = ind.evid
         dose = (ev == 1) | (ev == 4)
-        if np.any((ev != 0) & (ev != 1) & (ev != 2)) or np.any(ind.ss[dose] != 0) or np.any(ind.rate[dose] != 0):
-            return None
+        if np.any(ind.ss[dose] != 0) or np.any(ind.rate[dose] < 0):
+            return None  # steady state, modelled rates and durations: the engine
         n = self.structure.n
         if np.any(ind.cmt > n):
             return None
+        dose_c = np.where(ind.cmt > 0, ind.cmt, self.structure.default_dose) - 1
+        infused = dose & (ind.rate > 0)
+        if any(self.f_varies[int(c)] for c in dose_c[infused]):
+            return None  # an input's duration F AMT / RATE would vary with the effects
         R = len(ind)
         cov = np.empty((R, len(self.cov_names)))
         for k, name in enumerate(self.cov_names):
@@ -144,10 +152,10 @@ class ModelKernel:
             cov[:, k] = 1.0 if v is None else v
         lag_of: dict[int, float] = {}
         dose_rows = np.flatnonzero(dose)
-        dose_c = np.where(ind.cmt > 0, ind.cmt, self.structure.default_dose) - 1
         lags = [self.lag_index[int(dose_c[r])] for r in dose_rows]
-        if any(k >= 0 for k in lags):
-            try:  # the lags depend on covariates at most: their values at the typical individual
+        typical: dict[str, FloatArray] = {}
+        if any(k >= 0 for k in lags) or infused.any():
+            try:  # lags and F of inputs depend on covariates at most: their values at the typical individual
                 typical = model.individual_parameters(prep)
             except CnidoseError:
                 return None
@@ -158,12 +166,20 @@ class ModelKernel:
                 if not (np.isfinite(lag) and lag >= 0):
                     return None  # the engine refuses it, naming the record
                 lag_of[r] = lag
+        f_of = None
+        if infused.any():
+            f_of = np.ones((R, n))
+            for c in range(n):
+                if self.f_index[c] >= 0:
+                    f_of[:, c] = typical[self.param_names[self.f_index[c]]][0]
+            if not np.all(np.isfinite(f_of) & (f_of >= 0)):
+                return None  # the engine refuses it, naming the record
         ops, amts, dts = schedule(ind, self.structure.default_dose, self.structure.default_obs, lag_of,
-                                  self.f_index, observed, nonmem=model.dose_values == "nonmem")
+                                  self.f_index, observed, nonmem=model.dose_values == "nonmem", f_of=f_of)
         return Plan(np.ascontiguousarray(ops), np.ascontiguousarray(amts), np.ascontiguousarray(dts),
                     np.ascontiguousarray(cov), np.ascontiguousarray(prep.occasion, dtype=np.int64),
                     np.ascontiguousarray(observed, dtype=np.int64),
-                    np.ascontiguousarray(prep.obs_type[observed], dtype=np.int64))
+                    np.ascontiguousarray(prep.obs_type[observed], dtype=np.int64), natural=bool(infused.any()))
 
     def run(self, model: Model, stack: Stack, which: IntArray, theta: FloatArray, est: IntArray, nd: int
             ) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
@@ -196,11 +212,12 @@ class ModelKernel:
         c = self.constants
         if self.loop is None:
             self.module.run(which, P, dP, int(nd), stack.ops, stack.op_start, stack.amts, stack.dts, stack.dt_start,
-                            stack.rec_start, out_start, c["s_index"], c["rate_idx"], _RTOL, _ATOL, out, jac, held)
+                            stack.rec_start, out_start, stack.natural, c["s_index"], c["rate_idx"], _RTOL, _ATOL, out,
+                            jac, held)
         else:
             self.loop.run(which, P, dP, int(nd), stack.ops, stack.op_start, stack.amts, stack.dts, stack.dt_start,
-                          stack.rec_start, out_start, c["blk"], c["src"], c["tgt"], c["rate"], c["per"],
-                          c["rate_idx"], c["s_index"], out, jac, held)
+                          stack.rec_start, out_start, stack.natural, c["blk"], c["src"], c["tgt"], c["rate"],
+                          c["per"], c["rate_idx"], c["s_index"], out, jac, held)
         if c["transforms"]:
             self.module.transform_all(which, out_start, stack.obs_rec, stack.obs_type, stack.obs_start,
                                       stack.rec_start, th, stack.cov, P, dP, int(nd), out, jac, held)
@@ -308,9 +325,9 @@ def _kernel(text: str, meta: tuple[Any, ...]) -> ModelKernel | None:
     module = load("cnidose_model_", text) if ode or loop is not None else None
     if module is None:
         return None
-    structure, cov_names, param_names, f_index, lag_index, n_eta, n_kappa, constants = meta
+    structure, cov_names, param_names, f_index, lag_index, n_eta, n_kappa, constants, f_varies = meta
     return ModelKernel(module, loop, structure, cov_names, param_names, f_index, lag_index, n_eta, n_kappa,
-                       dict(constants))
+                       dict(constants), f_varies)
 
 
 def _generate(model: Model) -> tuple[str, tuple[Any, ...]]:
@@ -419,7 +436,9 @@ def _generate(model: Model) -> tuple[str, tuple[Any, ...]]:
         text += ode_loop()
     f_index = tuple(index.get(f"F{c + 1}", -1) for c in range(n))
     lag_index = tuple(index.get(f"ALAG{c + 1}", -1) for c in range(n))
-    meta = (s, cov_names, param_names, f_index, lag_index, len(eta_names), len(kap_names), _Frozen(constants))
+    f_varies = tuple(bool(deps.get(f"F{c + 1}")) for c in range(n))
+    meta = (s, cov_names, param_names, f_index, lag_index, len(eta_names), len(kap_names), _Frozen(constants),
+            f_varies)
     return text, meta
 
 

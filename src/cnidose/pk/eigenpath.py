@@ -109,6 +109,9 @@ _STEP = 0  # y *= exp(lambda dts[a])
 _DOSE = 1  # y += Fs[a][:, b] * amts[row] * W[:, :, c]   (a: the dose compartment's slot, b: the record of its F)
 _SWITCH = 2  # to segment a: y -> W[a] V[previous] y
 _OBS = 3  # out[:, a] = V[:, b, :] . y / Ss[c][:, a]   (c = -1: no scale)
+# the model kernels' records only (cnidose.pk.tangent): the input rate of compartment a changes by amts[row]; a reset
+_RATE = 4
+_RESET = 5
 
 
 _SCHEDULES: OrderedDict[tuple[object, ...], tuple[Individual, NDArray[np.int64], FloatArray, FloatArray]] = \
@@ -144,10 +147,19 @@ def _cached_schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[n
 
 
 def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64], obs_c: NDArray[np.int64],
-              lag_of: dict[int, float], segment: NDArray[np.int64], *, nonmem: bool
-              ) -> tuple[NDArray[np.int64], FloatArray, FloatArray]:
+              lag_of: dict[int, float], segment: NDArray[np.int64], *, nonmem: bool,
+              f_of: FloatArray | None = None) -> tuple[NDArray[np.int64], FloatArray, FloatArray]:
     """The records as a list of operations shared by every batch member (the events do not depend on the
-    parameters): the operations (n_ops, 4), each dose operation's amount, and the distinct step lengths."""
+    parameters): the operations (n_ops, 4), each dose operation's amount (a rate change's rate), and the distinct
+    step lengths.
+
+    Beyond what the fast path takes (bolus doses, observations, EVID 2), the model kernels' records
+    (:mod:`cnidose.pk.tangent`): EVID 3 and 4 (a reset: the system emptied, pending doses cancelled, before a dose
+    on the same record), and zero-order inputs at a given RATE > 0, whose duration F * AMT / RATE takes the F of
+    the record ending the interval the input starts in ("nonmem") or of its own record, read from ``f_of``
+    (records, compartments): an input starting is a rate change now and another at its end. The order is the
+    engine's: what is due by a record's time happens before the record, in time order (ties in the order the
+    doses were given), a reset after that, then the record's own dose and its report."""
     ops: list[tuple[int, int, int, int]] = []
     amts: list[float] = []
     dt_index: dict[float, int] = {}
@@ -156,11 +168,22 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
         ops.append((_STEP, dt_index.setdefault(dt, len(dt_index)), 0, 0))
         amts.append(0.0)
 
-    def give(c: int, rec: int, amt: float) -> None:
-        ops.append((_DOSE, 0, rec, c))
-        amts.append(amt)
+    def give(c: int, rec: int, src: int) -> None:
+        rate = float(ind.rate[src])
+        if rate == 0.0:
+            ops.append((_DOSE, 0, rec, c))
+            amts.append(float(ind.amt[src]))
+            return
+        assert f_of is not None
+        duration = float(f_of[rec, c]) * float(ind.amt[src]) / rate
+        if duration > 0:
+            ops.append((_RATE, c, 0, 0))
+            amts.append(rate)
+            pending.append((now + duration, c, -1, -rate))
+            pending.sort(key=lambda p: p[0])
 
-    pending: list[tuple[float, int, int]] = []  # (time it enters, compartment, dose record), in time order
+    # (time it happens, compartment, dose record or -1 for the end of an input, the end's rate change)
+    pending: list[tuple[float, int, int, float]] = []
     t_prev = float(ind.time[0])
     u = -1
     for j in range(len(ind)):
@@ -173,23 +196,33 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
         t = float(ind.time[j])
         cur = t_prev
         while pending and pending[0][0] <= t:
-            te, c, src = pending.pop(0)
+            te, c, src, delta = pending.pop(0)
             if te > cur:
                 step(te - cur)
                 cur = te
-            give(c, j if nonmem else src, float(ind.amt[src]))
+            now = te
+            if src < 0:
+                ops.append((_RATE, c, 0, 0))
+                amts.append(delta)
+            else:
+                give(c, j if nonmem else src, src)
         if t > cur:
             step(t - cur)
+        now = t
+        if ind.evid[j] in (3, 4):
+            ops.append((_RESET, 0, 0, 0))
+            amts.append(0.0)
+            pending = []
         if dose[j]:  # the dose and its additional doses (ADDL, every II), each after the lag
             c = int(dose_c[j])
             L = lag_of.get(j, 0.0)
             for k in range(int(ind.addl[j]) + 1):
                 te = t + k * float(ind.ii[j]) + L
                 if te > t:
-                    pending.append((te, c, j))
+                    pending.append((te, c, j, 0.0))
+                    pending.sort(key=lambda p: p[0])
                 else:
-                    give(c, j, float(ind.amt[j]))
-            pending.sort(key=lambda p: p[0])
+                    give(c, j, j)
         ops.append((_OBS, j, int(obs_c[j]), 0))
         amts.append(0.0)
         t_prev = t
