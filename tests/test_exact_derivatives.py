@@ -139,14 +139,18 @@ def _differences(model, prep, etas: np.ndarray, h: float) -> np.ndarray:  # type
 
 
 def _with_inputs_and_resets(rng: np.random.Generator, cols: dict[str, list[float]]) -> dict[str, list[float]]:
-    """A TDM history with some doses given as zero-order inputs at a given RATE (shorter and longer than the gaps)
-    and some records turned into EVID 3 (reset) or EVID 4 (reset and dose)."""
+    """A TDM history with some doses given as zero-order inputs at a given RATE (shorter and longer than the gaps),
+    some as bolus regimens at steady state (SS 1 and 2, lags shorter and longer than II) and some records turned
+    into EVID 3 (reset) or EVID 4 (reset and dose)."""
     out = {k: list(v) for k, v in cols.items()}
     for r in range(len(out["TIME"])):
         u = rng.random()
-        if out["EVID"][r] == 1 and u < 0.5:
+        if out["EVID"][r] == 1 and u < 0.35:
             out["RATE"][r] = out["AMT"][r] / float(rng.choice([0.5, 2.0, 6.0, 30.0]))
-        elif out["EVID"][r] == 1 and u < 0.6 and r > 0:
+        elif out["EVID"][r] == 1 and u < 0.6:  # a bolus regimen at steady state (SS 1 resets, SS 2 adds)
+            out["SS"][r] = float(rng.choice([1, 2]))
+            out["II"][r] = float(rng.choice([6.0, 8.0, 12.0, 24.0]))
+        elif out["EVID"][r] == 1 and u < 0.7 and r > 0:
             out["EVID"][r] = 4.0
         elif out["EVID"][r] == 2 and u < 0.2:
             out["EVID"][r] = 3.0
@@ -157,7 +161,8 @@ def _with_inputs_and_resets(rng: np.random.Generator, cols: dict[str, list[float
                                                        for k in range(5) for i in (False, True)])
 def test_the_kernel_matches_the_engine_and_its_derivatives_are_exact(name: str, seed: int, inputs: bool) -> None:
     """Bolus doses (``inputs`` False: the eigen-coordinate path, or matrix exponentials for the transit chain), and
-    with zero-order inputs and resets (``inputs`` True: natural coordinates, the input in the exponential)."""
+    with zero-order inputs, steady states and resets (``inputs`` True: natural coordinates, the input in the
+    exponential, the steady state's geometric series by a linear solve)."""
     rng = np.random.default_rng([seed, 23])
     cols, params = random_history(rng, name, tdm=True)
     if inputs:
@@ -180,7 +185,8 @@ def test_the_kernel_matches_the_engine_and_its_derivatives_are_exact(name: str, 
         R = len(ind)
         plan = kernel.plan(model, prep, np.arange(R))
         assert plan is not None
-        assert plan.natural == (inputs and bool(np.any(np.asarray(cols["RATE"]) > 0)))
+        assert plan.natural == (inputs and bool(np.any(np.asarray(cols["RATE"]) > 0)
+                                                  or np.any(np.asarray(cols["SS"]) > 0)))
         est = np.arange(n_eta)
         out, jac, held = kernel.run(model, Stack.of([plan]), np.zeros(1, np.int64), etas[None], est, n_eta)
         assert held.all()

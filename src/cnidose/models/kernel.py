@@ -136,8 +136,11 @@ class ModelKernel:
         ind = prep.individual
         ev = ind.evid
         dose = (ev == 1) | (ev == 4)
-        if np.any(ind.ss[dose] != 0) or np.any(ind.rate[dose] < 0):
-            return None  # steady state, modelled rates and durations: the engine
+        steady = dose & (ind.ss != 0)
+        if np.any(ind.rate[dose] < 0) or np.any(ind.rate[steady] != 0) or np.any(ind.ii[steady] <= 0):
+            return None  # modelled rates and durations, inputs at steady state: the engine
+        if steady.any() and not isinstance(self.structure, LinearStructure):
+            return None  # a nonlinear steady state is found by cycling doses: the engine
         n = self.structure.n
         if np.any(ind.cmt > n):
             return None
@@ -179,7 +182,8 @@ class ModelKernel:
         return Plan(np.ascontiguousarray(ops), np.ascontiguousarray(amts), np.ascontiguousarray(dts),
                     np.ascontiguousarray(cov), np.ascontiguousarray(prep.occasion, dtype=np.int64),
                     np.ascontiguousarray(observed, dtype=np.int64),
-                    np.ascontiguousarray(prep.obs_type[observed], dtype=np.int64), natural=bool(infused.any()))
+                    np.ascontiguousarray(prep.obs_type[observed], dtype=np.int64),
+                    natural=bool(infused.any() or steady.any()))
 
     def run(self, model: Model, stack: Stack, which: IntArray, theta: FloatArray, est: IntArray, nd: int
             ) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
+from math import ceil
 
 import numpy as np
 from numpy.typing import NDArray
@@ -112,6 +113,7 @@ _OBS = 3  # out[:, a] = V[:, b, :] . y / Ss[c][:, a]   (c = -1: no scale)
 # the model kernels' records only (cnidose.pk.tangent): the input rate of compartment a changes by amts[row]; a reset
 _RATE = 4
 _RESET = 5
+_SS = 6  # a bolus regimen's steady state: (SS, compartment, its record, index of II, tau, compartment in dts)
 
 
 _SCHEDULES: OrderedDict[tuple[object, ...], tuple[Individual, NDArray[np.int64], FloatArray, FloatArray]] = \
@@ -155,10 +157,13 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
 
     Beyond what the fast path takes (bolus doses, observations, EVID 2), the model kernels' records
     (:mod:`cnidose.pk.tangent`): EVID 3 and 4 (a reset: the system emptied, pending doses cancelled, before a dose
-    on the same record), and zero-order inputs at a given RATE > 0, whose duration F * AMT / RATE takes the F of
+    on the same record), zero-order inputs at a given RATE > 0, whose duration F * AMT / RATE takes the F of
     the record ending the interval the input starts in ("nonmem") or of its own record, read from ``f_of``
-    (records, compartments): an input starting is a rate change now and another at its end. The order is the
-    engine's: what is due by a record's time happens before the record, in time order (ties in the order the
+    (records, compartments): an input starting is a rate change now and another at its end; and bolus doses at
+    steady state (SS 1, after a reset, or 2): an SS operation adds the implied doses that have entered by the
+    record (the first of them ``tau`` hours before it; its II, tau and compartment are appended to the step
+    lengths), and those a lag longer than II still holds back enter later, with the SS record's F. The order is
+    the engine's: what is due by a record's time happens before the record, in time order (ties in the order the
     doses were given), a reset after that, then the record's own dose and its report."""
     ops: list[tuple[int, int, int, int]] = []
     amts: list[float] = []
@@ -167,6 +172,9 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
     def step(dt: float) -> None:
         ops.append((_STEP, dt_index.setdefault(dt, len(dt_index)), 0, 0))
         amts.append(0.0)
+
+    extras: list[float] = []  # II, tau and compartment of each SS operation (after the step lengths)
+    ss_ops: list[int] = []  # their rows in ops
 
     def give(c: int, rec: int, src: int) -> None:
         rate = float(ind.rate[src])
@@ -179,11 +187,12 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
         if duration > 0:
             ops.append((_RATE, c, 0, 0))
             amts.append(rate)
-            pending.append((now + duration, c, -1, -rate))
+            pending.append((now + duration, c, -1, -rate, -1))
             pending.sort(key=lambda p: p[0])
 
-    # (time it happens, compartment, dose record or -1 for the end of an input, the end's rate change)
-    pending: list[tuple[float, int, int, float]] = []
+    # (time it happens, compartment, dose record or -1 for the end of an input, the end's rate change, the record
+    # whose F an implied steady-state dose takes or -1)
+    pending: list[tuple[float, int, int, float, int]] = []
     t_prev = float(ind.time[0])
     u = -1
     for j in range(len(ind)):
@@ -196,7 +205,7 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
         t = float(ind.time[j])
         cur = t_prev
         while pending and pending[0][0] <= t:
-            te, c, src, delta = pending.pop(0)
+            te, c, src, delta, frec = pending.pop(0)
             if te > cur:
                 step(te - cur)
                 cur = te
@@ -205,28 +214,46 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
                 ops.append((_RATE, c, 0, 0))
                 amts.append(delta)
             else:
-                give(c, j if nonmem else src, src)
+                give(c, frec if frec >= 0 else j if nonmem else src, src)
         if t > cur:
             step(t - cur)
         now = t
-        if ind.evid[j] in (3, 4):
+        if ind.evid[j] in (3, 4) or (dose[j] and ind.ss[j] == 1):
             ops.append((_RESET, 0, 0, 0))
             amts.append(0.0)
             pending = []
         if dose[j]:  # the dose and its additional doses (ADDL, every II), each after the lag
             c = int(dose_c[j])
             L = lag_of.get(j, 0.0)
+            ii = float(ind.ii[j])
+            if ind.ss[j] in (1, 2):
+                first = max(1, ceil(L / ii))  # the first implied dose (k II before) that has entered by now
+                while first > 1 and (first - 1) * ii >= L:
+                    first -= 1
+                while first * ii < L:
+                    first += 1
+                ss_ops.append(len(ops))
+                ops.append((_SS, c, j, len(extras)))
+                amts.append(float(ind.amt[j]))
+                extras.extend((ii, first * ii - L, float(c)))
+                for k in range(1, first):  # held back by a lag longer than II: they enter after the record
+                    pending.append((t + L - k * ii, c, j, 0.0, j))
+                pending.sort(key=lambda p: p[0])
             for k in range(int(ind.addl[j]) + 1):
-                te = t + k * float(ind.ii[j]) + L
+                te = t + k * ii + L
                 if te > t:
-                    pending.append((te, c, j, 0.0))
+                    pending.append((te, c, j, 0.0, -1))
                     pending.sort(key=lambda p: p[0])
                 else:
                     give(c, j, j)
         ops.append((_OBS, j, int(obs_c[j]), 0))
         amts.append(0.0)
         t_prev = t
-    dts = np.array(sorted(dt_index, key=dt_index.__getitem__), dtype=np.float64)
+    steps = sorted(dt_index, key=dt_index.__getitem__)
+    for row in ss_ops:  # the extras follow the step lengths
+        kind, c, j, e = ops[row]
+        ops[row] = (kind, c, j, len(steps) + e)
+    dts = np.array(steps + extras, dtype=np.float64)
     return np.array(ops, dtype=np.int64).reshape(-1, 4), np.array(amts), dts
 
 
