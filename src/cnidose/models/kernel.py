@@ -183,7 +183,7 @@ class ModelKernel:
                     np.ascontiguousarray(cov), np.ascontiguousarray(prep.occasion, dtype=np.int64),
                     np.ascontiguousarray(observed, dtype=np.int64),
                     np.ascontiguousarray(prep.obs_type[observed], dtype=np.int64),
-                    natural=bool(infused.any() or steady.any()))
+                    natural=bool(infused.any() or steady.any() or not self.constants.get("closed", True)))
 
     def run(self, model: Model, stack: Stack, which: IntArray, theta: FloatArray, est: IntArray, nd: int
             ) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
@@ -423,10 +423,13 @@ def _generate(model: Model) -> tuple[str, tuple[Any, ...]]:
     )
     if isinstance(s, LinearStructure):
         blocks = flow_blocks(s)
-        if any(len(b) > 2 for b in blocks):
-            raise CnidoseError("the closed-form decomposition takes blocks of one or two compartments")
+        # the closed-form decomposition takes blocks of one or two compartments; with a larger one (a central
+        # compartment and two peripherals) every individual is carried with matrix exponentials
+        closed = all(len(b) <= 2 for b in blocks)
         constants += (
-            ("blk", np.array([[b[0], b[1] if len(b) == 2 else -1] for b in blocks], dtype=np.int64)),
+            ("closed", closed),
+            ("blk", np.array([[b[0], b[1] if len(b) == 2 else -1] for b in blocks] if closed else [[0, -1]],
+                             dtype=np.int64)),
             ("src", np.array([f.source - 1 for f in s.flows], dtype=np.int64)),
             ("tgt", np.array([-1 if f.target is None else f.target - 1 for f in s.flows], dtype=np.int64)),
             ("rate", np.array([index[f.rate] for f in s.flows], dtype=np.int64)),
