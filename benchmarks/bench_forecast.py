@@ -17,11 +17,15 @@ assay error.
 Measured 2026-12-03 on the project's 2-core machine (``python benchmarks/bench_forecast.py``), 304 forecasts:
 
 ==========  ===========================  ==================  ==================  =====================
-model       before (e9c062c), serial     9ef8be6, serial     now, serial         now, 2 processes
+model       before (e9c062c), serial     9ef8be6, serial     6086b28, serial     6086b28, 2 processes
 ==========  ===========================  ==================  ==================  =====================
 Størset     194 s wall, 172 s CPU        29.9 s (98 ms)      14.5 s (48 ms)      7.5 s (25 ms)
 Andrews     83 s wall, 81 s CPU          15.3 s (50 ms)      7.1 s (23 ms)       3.9 s (13 ms)
 ==========  ===========================  ==================  ==================  =====================
+
+Measured 2026-12-07 with the compiled model kernels and exact derivatives (:mod:`cnidose.models.kernel`), on a
+development machine about 1.3x slower than the one above: Størset 7.9 s serially (26 ms per forecast) and 5.0 s on
+2 processes; Andrews 4.2 s and 2.7 s.
 
 (The e9c062c figures: ``PYTHONPATH=<e9c062c>/src python -m cnidose.cli evaluate ...`` on the same files with one
 BLAS thread; the Størset run shared the machine with another job part of the time, so its CPU time is the fairer
