@@ -92,3 +92,16 @@ def test_the_cli_starts_without_the_numerical_stack() -> None:
             "'cnidose.records.nonmem', 'cnidose.estimation') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+def test_help_is_plain_and_imports_no_rich_rendering() -> None:
+    """`cnidose --help` in about 0.2 s (issue 14: at most 0.3 s): plain help, without Typer's rich rendering (rich's
+    markdown and syntax modules cost about 0.15 s to import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cnidose.cli import app\ntry:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('typer.rich_utils', 'rich.markdown', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Usage:" in out and "Commands:" in out
+    assert out.strip().splitlines()[-1] == "[]", out
