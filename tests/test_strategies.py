@@ -394,3 +394,86 @@ def test_plot_by_time_since_transplant(tmp_path: Path) -> None:
                                    "--plot-time", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     ET.fromstring(out.read_text())
+
+
+def test_drift_spec_and_occasion_prior() -> None:
+    """drift:W: the occasion prior is the model's occasion-to-occasion covariance plus a Wiener process per effect
+    from the first occasion (variance W^2 per week)."""
+    from cnidose.estimation.cohort import occasion_prior
+
+    s = strategy("post + drift:0.3")
+    assert s.name == "drift:0.3+post" and s.drift == 0.3 and "random walk (SD 0.3 per week)" in s.describe()
+    for bad, said in (("drift:0", "0 < W"), ("drift:x", "random-walk SD"), ("drift:3", "0 < W")):
+        with pytest.raises(InputError, match=said):
+            strategy(bad)
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    d = s.apply(m)
+    assert d.fitting == Fitting(False, None, 0.3) and d.iov is m.iov
+    times = np.array([72.0, 96.0, 240.0])
+    C = occasion_prior(d, times)
+    w = m.iov.omega[0, 0]
+    walk = 0.3**2 / 168.0 * np.minimum(times[:, None] - 72.0, times[None, :] - 72.0)
+    np.testing.assert_allclose(C, w * np.eye(3) + walk)
+    np.testing.assert_allclose(occasion_prior(m, times), w * np.eye(3))  # no drift: independent occasions
+
+
+def _drift_patient(levels: int) -> Individual:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tdm_cohorts import COHORTS, cohort
+
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    return _hide_after(cohort(m, 1, 4, **COHORTS["drift"])[0], levels)
+
+
+def test_drift_estimates_the_next_occasion_from_the_recent_ones() -> None:
+    """With a drifting occasion prior the MAP of an occasion without a level (the next trough's) is the prior's
+    conditional mean given the estimated occasions (kriging); with independent occasions it is zero."""
+    from cnidose.estimation.cohort import occasion_prior, occasion_times
+
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    ind = _drift_patient(5)
+    d = strategy("drift:0.3").apply(m)
+    r = fit_map(d, [ind])[0]
+    plain = fit_map(m, [ind])[0]
+    prep = d.prepare(ind)
+    seen = np.unique(prep.occasion[(ind.evid == 0) & (ind.mdv == 0)])
+    unseen = np.setdiff1d(np.arange(prep.n_occasions), seen)
+    assert r.status == "converged" and r.kappa is not None and unseen.size
+    C = occasion_prior(d, occasion_times(prep))
+    kriged = C[np.ix_(unseen, seen)] @ np.linalg.solve(C[np.ix_(seen, seen)], r.kappa[seen, 0])
+    np.testing.assert_allclose(r.kappa[unseen, 0], kriged, atol=1e-6)
+    assert np.abs(kriged).max() > 0.01
+    assert plain.kappa is not None and np.abs(plain.kappa[unseen, 0]).max() < 1e-6
+    # the Laplace criterion takes the drifting prior's determinant
+    assert np.isfinite(r.prior_logdet) and r.prior_logdet != pytest.approx(plain.prior_logdet)
+    assert np.isfinite(laplace_criterion(d, r))
+
+
+def test_drift_draws_future_occasions_from_the_conditional_prior() -> None:
+    """Posterior predictions at occasions after the fitted records: each draw's effect is drawn from the prior
+    conditional on the draw's fitted occasions (mean and variance of the Gaussian conditional)."""
+    from cnidose.estimation.cohort import occasion_prior, occasion_times
+    from cnidose.estimation.posterior import sample_posterior
+
+    m = strategy("drift:0.3").apply(resolve_model("andrews2019_tac_adult_kidney"))
+    full = _drift_patient(8)
+    obs = np.flatnonzero(full.evid == 0)
+    cut = int(obs[3])  # the records up to the 4th trough are fitted; the 5th trough's occasion comes after them
+    fitted = Individual(full.id, full.rows[:cut + 1], full.time[:cut + 1], full.evid[:cut + 1], full.amt[:cut + 1],
+                        full.rate[:cut + 1], full.ii[:cut + 1], full.addl[:cut + 1], full.ss[:cut + 1],
+                        full.cmt[:cut + 1], full.mdv[:cut + 1], {k: v[:cut + 1] for k, v in full.covariates.items()})
+    post = sample_posterior(m, fitted, n_draws=4000, seed=3)
+    prep = m.prepare(full)
+    extra = prep.n_occasions - post.n_occasions
+    assert extra >= 1
+    seen = post.draws[:, len(m.iiv):].reshape(post.draws.shape[0], post.n_occasions, 1)
+    new = post._drifted(prep, seen, extra, np.random.default_rng(5))
+    C = occasion_prior(m, occasion_times(prep))
+    s, n = np.arange(post.n_occasions), np.arange(post.n_occasions, post.n_occasions + extra)
+    gain = C[np.ix_(n, s)] @ np.linalg.inv(C[np.ix_(s, s)])
+    resid = new[:, :, 0] - seen[:, :, 0] @ gain.T
+    cond = C[np.ix_(n, n)] - gain @ C[np.ix_(s, n)]
+    assert np.abs(resid.mean(axis=0)).max() < 4 * np.sqrt(np.diag(cond).max() / resid.shape[0])
+    np.testing.assert_allclose(np.var(resid, axis=0), np.diag(cond), rtol=0.1)

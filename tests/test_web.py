@@ -815,7 +815,7 @@ def test_the_clinician_chooses_the_fitting_strategy_on_the_page_and_in_the_api(
     assert "strategy" not in plain["inputs"]["settings"]  # the standard one is not a setting
     rec = body["result"]["recommendation"]
     assert rec["inputs"]["strategy"] == "log+forget:14" and rec["inputs"]["fitting"] == {
-        "log_scale": True, "half_life_h": 336.0}
+        "log_scale": True, "half_life_h": 336.0, "drift_per_week": None}
     assert body["result"]["strategy"]["name"] == "log+forget:14"
     assert rec["inputs"]["eta_map"] != plain["result"]["recommendation"]["inputs"]["eta_map"]
     same = c.post(f"/api/v1/patients/{kid}/recommendation", params={"strategy": "log+forget:14"},

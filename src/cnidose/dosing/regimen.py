@@ -317,7 +317,8 @@ def recommend(model: Model, individual: Individual, target: Target, product: Pro
         "max_units": max_units, "max_dose": limit_dose, "n_draws": n_draws, "seed": seed,
         "fit_status": fit.status, "eta_map": [float(x) for x in fit.eta], "posterior_method": post.method,
         "posterior_ess": post.ess, "choice": choice, "aim": aim, "occasion": occasion,
-        "fitting": {"log_scale": model.fitting.log_scale, "half_life_h": model.fitting.half_life},
+        "fitting": {"log_scale": model.fitting.log_scale, "half_life_h": model.fitting.half_life,
+                    "drift_per_week": model.fitting.drift},
     }
     return Recommendation(chosen, candidates, target, product.name, met, model.ref, __version__, inputs, warnings,
                           values, load)

@@ -20,6 +20,15 @@ Each is named by a spec such as ``"flat:2+occ-last"`` (:func:`strategy`) and is 
   parameters that drift (clearance over the first weeks after transplantation); PKPDmap's ``weight_by_time``
   is a linear-gradient precedent.
 
+- ``drift:W``: between-occasion effects that drift -- each is the model's occasion-to-occasion variability plus a
+  random walk (a Wiener process from the patient's first occasion) with SD W (log units) after one week, so the
+  effects of occasions close in time are alike and the next occasion takes the conditional mean of the recent
+  ones (kriging) instead of zero. A time-aware update for a parameter that changes with time since
+  transplantation (tacrolimus clearance falls over the first weeks as corticosteroids are tapered and haematocrit
+  recovers) without a model of its course: the random-walk ("local level") prior of Bayesian tracking and Kalman
+  filtering, applied to the model's own occasion effects (their published SDs are kept). For models with
+  between-occasion effects on clearance or bioavailability; without occasion effects it changes nothing.
+
 - ``post``: the forecast is the median of the posterior predictive distribution (posterior draws of the random
   effects by SIR, a new occasion's effect drawn from its prior) instead of the prediction at the MAP estimate.
   The MAP estimate is the posterior mode; with effects the levels inform little (Andrews 2019: distribution
@@ -51,6 +60,7 @@ class Strategy:
     occasion: str = "prior"  # "prior": an unseen occasion's effect at zero; "last": the last seen occasion's
     log_scale: bool = False  # fit on the log scale (transform both sides)
     half_life: float | None = None  # hours; older levels weigh less (exponential forgetting)
+    drift: float | None = None  # random-walk SD per week of the between-occasion effects (Fitting.drift)
     forecast: str = "map"  # "map": the prediction at the MAP estimate; "posterior": the posterior predictive median
 
     def apply(self, model: Model) -> Model:
@@ -58,7 +68,7 @@ class Strategy:
         out = model
         if self.prior_scale != 1.0:
             out = replace(out, iiv=replace(out.iiv, omega=out.iiv.omega * self.prior_scale))
-        fitting = Fitting(self.log_scale, self.half_life)
+        fitting = Fitting(self.log_scale, self.half_life, self.drift)
         if fitting != out.fitting:
             out = replace(out, fitting=fitting)
         return out
@@ -72,6 +82,8 @@ class Strategy:
             parts.append("levels fitted on the log scale (transform both sides)")
         if self.half_life is not None:
             parts.append(f"older levels weigh less: half-weight after {self.half_life / 24:g} days")
+        if self.drift is not None:
+            parts.append(f"between-occasion effects drift as a random walk (SD {self.drift:g} per week)")
         if self.occasion == "last":
             parts.append("the last occasion's effect carried to the next")
         if self.forecast == "posterior":
@@ -79,20 +91,24 @@ class Strategy:
         return "; ".join(parts) or "published priors; a new occasion at its prior (Abrantes 2019)"
 
 
-STRATEGY_HELP = "map, flat:L (1 < L <= 100), occ-last, log, forget:D (half-life D days), post, joined by +"
+STRATEGY_HELP = ("map, flat:L (1 < L <= 100), occ-last, log, forget:D (half-life D days), drift:W (random-walk SD W "
+                 "per week), post, joined by +")
 
 
 def strategy(spec: str) -> Strategy:
     """The strategy named by ``spec``: ``map``, ``flat:L`` (L > 1), ``occ-last``, ``log``, ``forget:D`` (older
-    levels at half weight after D days), ``post``, or parts joined by ``+``. Its name is the canonical spelling
-    (parts in the order flat, log, forget, occ-last, post), so that equal strategies have equal names.
+    levels at half weight after D days), ``drift:W`` (occasion effects drift, SD W per week), ``post``, or parts
+    joined by ``+``. Its name is the canonical spelling (parts in the order flat, log, forget, drift, occ-last, post),
+    so that equal strategies have equal names.
 
-    >>> strategy("occ-last + flat:2")
-    Strategy(name='flat:2+occ-last', prior_scale=2.0, occasion='last', log_scale=False, half_life=None, forecast='map')
+    >>> strategy("occ-last + flat:2").name
+    'flat:2+occ-last'
+    >>> strategy("drift:0.2+post").drift
+    0.2
     >>> strategy("log+forget:14").half_life
     336.0
     """
-    scale, occasion, log, half_life, forecast = 1.0, "prior", False, None, "map"
+    scale, occasion, log, half_life, drift, forecast = 1.0, "prior", False, None, None, "map"
     parts = [x.strip() for x in spec.split("+") if x.strip()]
     if not parts:
         raise InputError(f"a forecasting strategy is {STRATEGY_HELP}; got an empty one")
@@ -120,9 +136,17 @@ def strategy(spec: str) -> Strategy:
             if not 0.5 <= days <= 3650.0:
                 raise InputError(f"forget:D needs 0.5 <= D <= 3650 days, got {part!r}")
             half_life = days * 24.0
+        elif part.startswith("drift:"):
+            try:
+                drift = float(part[6:])
+            except ValueError:
+                raise InputError(f"drift:W needs a random-walk SD W per week, got {part!r}") from None
+            if not 0.0 < drift <= 2.0:
+                raise InputError(f"drift:W needs 0 < W <= 2 (log units per week), got {part!r}")
         else:
             raise InputError(f"unknown forecasting strategy {part!r} (known: {STRATEGY_HELP})")
     parts = ([f"flat:{scale:g}"] if scale != 1.0 else []) + (["log"] if log else [])
     parts += ([f"forget:{half_life / 24.0:g}"] if half_life is not None else []) + (
-        ["occ-last"] if occasion == "last" else []) + (["post"] if forecast == "posterior" else [])
-    return Strategy("+".join(parts) or "map", scale, occasion, log, half_life, forecast)
+        [f"drift:{drift:g}"] if drift is not None else []) + (["occ-last"] if occasion == "last" else []) + (
+        ["post"] if forecast == "posterior" else [])
+    return Strategy("+".join(parts) or "map", scale, occasion, log, half_life, drift, forecast)

@@ -28,7 +28,7 @@ def _inv(a: NDArray[np.floating]) -> NDArray[np.float64]:  # type: ignore[type-a
     return np.asarray(np.linalg.inv(a), dtype=np.float64)
 
 
-__all__ = ["Group", "Member", "build_groups", "effect_layout"]
+__all__ = ["Group", "Member", "build_groups", "effect_layout", "occasion_prior", "occasion_times"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -313,17 +313,66 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
     # the kernel predicts many individuals in one call: those it holds share a group per layout (number of
     # occasions), so that the optimiser works on all of them at once; the others are predicted by the engine,
     # one group each
+    # with a drifting occasion prior (Fitting.drift) each individual's prior depends on its occasions' times: a group
+    # of its own
+    drifting = model.iov is not None and model.fitting.drift is not None
     held: dict[int, list[Member]] = {}
     for m in slow_members:
         if m.index in plans:
-            held.setdefault(m.n_occasions, []).append(m)
+            held.setdefault(m.index if drifting else -m.n_occasions, []).append(m)
         else:
             groups.append(_group(model, [m], *layout(m.n_occasions), fast=False))
-    for n_occ, ms in held.items():
-        g = _group(model, ms, *layout(n_occ), fast=False)
+    for ms in held.values():
+        g = _group(model, ms, *layout(ms[0].n_occasions), fast=False)
         g.kernel, g.stack = kernel, Stack.of([plans[m.index] for m in ms])
         groups.append(g)
+    if drifting:
+        for g in groups:
+            if not g.fast and g.members[0].prep is not None:
+                g.precision = _drift_precision(model, g, g.members[0].prep)
     return groups, members
+
+
+def occasion_times(prep: Prepared) -> FloatArray:
+    """The time of each occasion: its first level (EVID 0, MDV 0), else its first record."""
+    ind = prep.individual
+    out = np.full(prep.n_occasions, np.nan)
+    level = (ind.evid == 0) & (ind.mdv == 0)
+    for o in range(prep.n_occasions):
+        here = prep.occasion == o
+        t = ind.time[here & level]
+        out[o] = float(t.min()) if t.size else float(ind.time[here].min()) if here.any() else np.nan
+    return out
+
+
+def occasion_prior(model: Model, times: FloatArray) -> FloatArray:
+    """The prior covariance of every between-occasion effect of occasions at ``times`` (occasion-major: occasion o's
+    effects at o * n_kappa + j): the model's occasion-to-occasion covariance within each occasion, plus, with a
+    drift W (:class:`cnidose.models.model.Fitting`), a Wiener process per effect from the first occasion,
+    cov = W² min(t_o - t_0, t_o' - t_0) / 168 h. A random walk is the simplest prior under which a parameter that
+    changes with time since transplantation (tacrolimus clearance over the first weeks) is followed without a
+    model of its course: it lets the effects of neighbouring occasions be alike, and gives an occasion without a
+    level the conditional mean of the recent ones (kriging), where independent effects give it zero."""
+    assert model.iov is not None
+    n_k = len(model.iov)
+    n_occ = times.size
+    base: FloatArray = np.asarray(np.kron(np.eye(n_occ), model.iov.omega), dtype=np.float64)
+    drift = model.fitting.drift
+    if drift is None or n_occ == 0:
+        return base
+    tau = np.maximum(times - np.nanmin(times), 0.0)
+    walk = drift**2 / 168.0 * np.minimum(tau[:, None], tau[None, :])
+    active = (np.diag(model.iov.omega) > 0).astype(float)
+    return np.asarray(base + np.kron(walk, np.diag(active)), dtype=np.float64) if n_k else base
+
+
+def _drift_precision(model: Model, g: Group, prep: Prepared) -> FloatArray:
+    """The group's prior precision with the drifting occasion prior (estimated effects, the group's order)."""
+    n_eta = len(model.iiv)
+    cov_full = np.zeros((g.full_dim, g.full_dim))
+    cov_full[:n_eta, :n_eta] = model.iiv.omega
+    cov_full[n_eta:, n_eta:] = occasion_prior(model, occasion_times(prep))
+    return _inv(cov_full[np.ix_(g.estimated, g.estimated)])
 
 
 def _mask(m: Member) -> NDArray[np.bool_]:

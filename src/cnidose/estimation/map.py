@@ -89,6 +89,9 @@ class MapResult:
     #: Σ ln(level) over the levels fitted on the log scale (BLQ excluded): the Jacobian 2·log_levels turns the
     #: objective into -2 ln of the levels' density on their natural scale, comparable between models
     log_levels: float = 0.0
+    #: ln det of the prior covariance of the estimated effects (the Laplace criterion's; a drifting occasion prior
+    #: makes it depend on the occasions' times)
+    prior_logdet: float = float("nan")
     #: how the predictions' derivatives by the random effects were had: "exact" (forward sensitivities of the
     #: compiled model kernel, :mod:`cnidose.models.kernel`) or "differences" (central, step 1e-4)
     derivatives: str = "differences"
@@ -810,6 +813,7 @@ def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: Cov
             else:
                 for k in range(g.size):
                     cov_all[k] = _exact_covariance(g, k, theta[k])
+        prior_logdet = -float(np.linalg.slogdet(g.precision)[1]) if g.dim else 0.0
         pos = {int(k): j for j, k in enumerate(fit_idx)}
         for k, m in enumerate(g.members):
             lo, hi = g.obs_start[k], g.obs_start[k + 1]
@@ -838,7 +842,7 @@ def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: Cov
                 ipred=f_est[lo:hi], pred=f_typ[lo:hi], obs_records=m.obs.rec, notices=m.notices,
                 n_observations=int(hi - lo), n_blq=int(m.obs.blq.sum()), starts=1 + (n_restart > 0),
                 model=model.ref, log_levels=float(np.sum(m.obs.y[m.obs.log & ~m.obs.blq])),
-                derivatives="exact" if g.exact else "differences")
+                derivatives="exact" if g.exact else "differences", prior_logdet=prior_logdet)
             done += 1
             if progress is not None:
                 progress(done, total)

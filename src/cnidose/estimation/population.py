@@ -119,8 +119,10 @@ def laplace_criterion(model: Model, result: MapResult) -> float:
     """
     if result.status in ("error", "prior-only") or result.covariance is None:
         return float("nan")
-    prior = prior_covariance(model, result.names)
-    _, logdet_omega = np.linalg.slogdet(prior)
+    if np.isfinite(result.prior_logdet):
+        logdet_omega = result.prior_logdet
+    else:
+        _, logdet_omega = np.linalg.slogdet(prior_covariance(model, result.names))
     _, logdet_post = np.linalg.slogdet(result.covariance)
     return float(result.ofv + logdet_omega - logdet_post + 2.0 * result.log_levels)
 

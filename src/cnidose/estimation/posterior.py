@@ -24,9 +24,9 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from cnidose.errors import InputError
-from cnidose.estimation.cohort import Group, build_groups
+from cnidose.estimation.cohort import Group, build_groups, occasion_prior, occasion_times
 from cnidose.estimation.map import MapResult, _ofv, fit_map
-from cnidose.models.model import Model
+from cnidose.models.model import Model, Prepared
 from cnidose.pk.events import Individual
 
 __all__ = ["Posterior", "sample_posterior"]
@@ -80,7 +80,9 @@ class Posterior:
             if unseen:
                 seen[:, unseen] = rng.standard_normal((n, len(unseen), n_k)) @ chol.T
             extra = prep.n_occasions - self.n_occasions
-            if extra > 0:
+            if extra > 0 and model.fitting.drift is not None:
+                kappas = np.concatenate([seen, self._drifted(prep, seen, extra, rng)], axis=1)
+            elif extra > 0:
                 new = rng.standard_normal((n, extra, n_k)) @ chol.T
                 kappas = np.concatenate([seen, new], axis=1)
             else:
@@ -94,6 +96,27 @@ class Posterior:
             eps = rng.standard_normal(pred.shape) * np.sqrt(np.nan_to_num(var))
             pred = np.where(log_scale[None, :], pred * np.exp(eps), pred + eps)
         return pred
+
+    def _drifted(self, prep: Prepared, seen: FloatArray, extra: int, rng: np.random.Generator) -> FloatArray:
+        """Each draw's effects of ``extra`` occasions after the fitted ones under a drifting occasion prior
+        (:class:`cnidose.models.model.Fitting`): drawn from their prior conditional on the draw's effects of the
+        fitted occasions (the Gaussian conditional of :func:`cnidose.estimation.cohort.occasion_prior`)."""
+        model = self.model
+        assert model.iov is not None
+        n, n_seen, n_k = seen.shape
+        C = occasion_prior(model, occasion_times(prep))
+        s_ix = np.arange(n_seen * n_k)
+        n_ix = np.arange(n_seen * n_k, (n_seen + extra) * n_k)
+        keep = np.diag(C)[s_ix] > 0  # effects without variance are zero, not conditioned on
+        css = C[np.ix_(s_ix[keep], s_ix[keep])]
+        cns = C[np.ix_(n_ix, s_ix[keep])]
+        gain = cns @ np.linalg.inv(css) if keep.any() else np.zeros((n_ix.size, 0))
+        cond = C[np.ix_(n_ix, n_ix)] - gain @ cns.T
+        w, V = np.linalg.eigh(0.5 * (cond + cond.T))
+        root = V * np.sqrt(np.maximum(w, 0.0))
+        mean = seen.reshape(n, -1)[:, keep] @ gain.T
+        out = mean + rng.standard_normal((n, n_ix.size)) @ root.T
+        return np.asarray(out.reshape(n, extra, n_k), dtype=np.float64)
 
     def probability_in_range(self, individual: Individual, record: int, low: float, high: float, *,
                              residual: bool = False, seed: int | None = 0) -> float:

@@ -226,15 +226,20 @@ class Fitting:
     depends on the prediction, so the ``ln V(f)`` term that pulls a proportional-error MAP estimate towards
     higher predictions by about ``p²`` is gone. ``half_life`` (hours): the variance of a level is multiplied
     by ``2**(age / half_life)``, its age counted back from the newest level of the fit -- older levels weigh
-    less (exponential forgetting), so a parameter that drifts is followed.
+    less (exponential forgetting), so a parameter that drifts is followed. ``drift`` (log units per square root
+    of a week): each between-occasion effect is the sum of the model's occasion-to-occasion variability and a
+    random walk (a Wiener process from the patient's first occasion) with that SD after one week -- the effects of
+    occasions close in time are alike, and an occasion without a level (the next one) is estimated from the
+    recent ones (:func:`cnidose.estimation.cohort.occasion_prior`).
     """
 
     log_scale: bool = False
     half_life: float | None = None
+    drift: float | None = None
 
     @property
     def plain(self) -> bool:
-        return not self.log_scale and self.half_life is None
+        return not self.log_scale and self.half_life is None and self.drift is None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1437,6 +1437,7 @@ STRATEGIES: dict[str, str] = {
     "forget:14": "recent levels weigh more (half weight after 14 days)",
     "log+forget:14": "log-scale fit, recent levels weigh more",
     "flat:2": "wider priors (trust the levels more)",
+    "drift:0.2": "clearance may drift: the next occasion follows the recent ones (random walk)",
 }
 
 
