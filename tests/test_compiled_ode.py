@@ -128,9 +128,11 @@ def test_a_stiff_member_gives_up_at_once(fresh: Path) -> None:
 
     s = _structure_201()
     ind, = split_individuals({"ID": [1, 1], "TIME": [0, 24], "EVID": [1, 0], "AMT": [100, 0], "CMT": [1, 2]})
-    compiled.kernel(s.equations)  # compiled before the clock starts
     params = {"KA": np.array([[1.0], [1e8]]), "VC": np.array([[70.0], [70.0]]),
               "VMAX": np.array([[100.0], [100.0]]), "KM": np.array([[2.0], [2.0]])}
+    # compiled before the clock starts (Numba compiles at the first call, here into a fresh cache folder)
+    assert compiled.kernel(s.equations) is not None
+    simulate(s, ind, {k: v[:1] * np.ones((1, 2)) for k, v in params.items()})
     t0 = time.perf_counter()
     with pytest.raises(NumericalError, match="batch member 1 \\(too many steps\\)"):
         simulate(s, ind, {k: v * np.ones((1, 2)) for k, v in params.items()})
