@@ -43,6 +43,7 @@ occasion with a level. Combining models (averaging, selection) is :mod:`cnidose.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from cnidose.errors import InputError
@@ -122,27 +123,14 @@ def strategy(spec: str) -> Strategy:
         elif part == "post":
             forecast = "posterior"
         elif part.startswith("flat:"):
-            try:
-                scale = float(part[5:])
-            except ValueError:
-                raise InputError(f"flat:L needs a number L > 1, got {part!r}") from None
-            if not 1.0 < scale <= 100.0:
-                raise InputError(f"flat:L needs 1 < L <= 100 (Omega multiplied by L), got {part!r}")
+            scale = _number(part, "flat:L needs a number L > 1", lambda v: 1.0 < v <= 100.0,
+                            "flat:L needs 1 < L <= 100 (Omega multiplied by L)")
         elif part.startswith("forget:"):
-            try:
-                days = float(part[7:])
-            except ValueError:
-                raise InputError(f"forget:D needs a half-life D in days, got {part!r}") from None
-            if not 0.5 <= days <= 3650.0:
-                raise InputError(f"forget:D needs 0.5 <= D <= 3650 days, got {part!r}")
-            half_life = days * 24.0
+            half_life = 24.0 * _number(part, "forget:D needs a half-life D in days", lambda v: 0.5 <= v <= 3650.0,
+                                       "forget:D needs 0.5 <= D <= 3650 days")
         elif part.startswith("drift:"):
-            try:
-                drift = float(part[6:])
-            except ValueError:
-                raise InputError(f"drift:W needs a random-walk SD W per week, got {part!r}") from None
-            if not 0.0 < drift <= 2.0:
-                raise InputError(f"drift:W needs 0 < W <= 2 (log units per week), got {part!r}")
+            drift = _number(part, "drift:W needs a random-walk SD W per week", lambda v: 0.0 < v <= 2.0,
+                            "drift:W needs 0 < W <= 2 (log units per week)")
         else:
             raise InputError(f"unknown forecasting strategy {part!r} (known: {STRATEGY_HELP})")
     parts = ([f"flat:{scale:g}"] if scale != 1.0 else []) + (["log"] if log else [])
@@ -150,3 +138,14 @@ def strategy(spec: str) -> Strategy:
         [f"drift:{drift:g}"] if drift is not None else []) + (["occ-last"] if occasion == "last" else []) + (
         ["post"] if forecast == "posterior" else [])
     return Strategy("+".join(parts) or "map", scale, occasion, log, half_life, drift, forecast)
+
+
+def _number(part: str, what: str, ok: Callable[[float], bool], bounds: str) -> float:
+    """The number after the colon of a strategy part (``flat:2``), checked; InputError saying what it needs."""
+    try:
+        value = float(part.split(":", 1)[1])
+    except ValueError:
+        raise InputError(f"{what}, got {part!r}") from None
+    if not ok(value):
+        raise InputError(f"{bounds}, got {part!r}")
+    return value

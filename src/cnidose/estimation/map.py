@@ -34,6 +34,7 @@ from numpy.typing import NDArray
 
 from cnidose.estimation.cohort import Group, Member, build_groups, effect_layout
 from cnidose.estimation.observations import scaled_prediction_and_variance, terms
+from cnidose.models.kernel import effect_dependencies
 from cnidose.models.model import Model, Notice
 from cnidose.pk.events import Individual
 
@@ -441,16 +442,8 @@ def _timing_effects(g: Group) -> IntArray:
     Found statically, from which random effects the ``ALAG<n>``, ``D<n>`` and ``R<n>`` assignments of
     ``[pk]`` depend on (through earlier assignments).
     """
-    model = g.model
-    effects = set(model.iiv.names) | (set(model.iov.names) if model.iov is not None else set())
-    deps: dict[str, set[str]] = {}
-    for name, expr in model.pk:
-        d: set[str] = set()
-        for n in expr.names:
-            d |= deps.get(n, {n} if n in effects else set())
-        deps[name] = d
     timing: set[str] = set()
-    for name, d in deps.items():
+    for name, d in effect_dependencies(g.model).items():
         if re.fullmatch(r"(ALAG|D|R)\d+", name):
             timing |= d
     return np.asarray([j for j, base in enumerate(g.bases) if base in timing],

@@ -25,9 +25,48 @@ def linear_kernels() -> Any:
     return load("cnidose_linear_", LINEAR)
 
 
-#: the closed-form decomposition of one rate matrix (Numba source; the linear kernels and the model kernels of
-#: :mod:`cnidose.pk.tangent` include it)
+#: the closed-form decomposition of one rate matrix, and the linear solve it inverts V with (Numba source; the
+#: linear kernels and the model kernels of :mod:`cnidose.pk.tangent` include it)
 DECOMPOSE_ONE = '''\
+@njit(cache=True, error_model="numpy")
+def _solve(Q, X):
+    # X <- Q^-1 X by Gaussian elimination with partial pivoting (Q is overwritten); False where Q is singular
+    m = Q.shape[0]
+    p = X.shape[1]
+    for k in range(m):
+        piv = k
+        big = abs(Q[k, k])
+        for r in range(k + 1, m):
+            if abs(Q[r, k]) > big:
+                big = abs(Q[r, k])
+                piv = r
+        if not big > 0.0:
+            return False
+        if piv != k:
+            for c in range(m):
+                t = Q[k, c]
+                Q[k, c] = Q[piv, c]
+                Q[piv, c] = t
+            for c in range(p):
+                t = X[k, c]
+                X[k, c] = X[piv, c]
+                X[piv, c] = t
+        for r in range(k + 1, m):
+            f = Q[r, k] / Q[k, k]
+            if f != 0.0:
+                for c in range(k, m):
+                    Q[r, c] -= f * Q[k, c]
+                for c in range(p):
+                    X[r, c] -= f * X[k, c]
+    for k in range(m - 1, -1, -1):
+        for c in range(p):
+            acc = X[k, c]
+            for j in range(k + 1, m):
+                acc -= Q[k, j] * X[j, c]
+            X[k, c] = acc / Q[k, k]
+    return True
+
+
 @njit(cache=True, error_model="numpy")
 def decompose_one(K, blk, lam, V, W, v, A, Inv, cond_max):
     # one rate matrix K (n, n): its eigenvalues lam (n,), eigenvectors V and their inverse W (n, n), with
@@ -105,41 +144,12 @@ def decompose_one(K, blk, lam, V, W, v, A, Inv, cond_max):
         for k in range(n):
             if not math.isfinite(V[r, k]):
                 finite = False
-    # W = V^-1 by Gauss-Jordan elimination with partial pivoting (the identity where V is not finite)
+    # W = V^-1 by Gaussian elimination with partial pivoting (the identity where V is not finite)
     for r in range(n):
         for k in range(n):
             A[r, k] = V[r, k] if finite else (1.0 if r == k else 0.0)
             Inv[r, k] = 1.0 if r == k else 0.0
-    singular = False
-    for k in range(n):
-        piv = k
-        big = abs(A[k, k])
-        for r in range(k + 1, n):
-            if abs(A[r, k]) > big:
-                big = abs(A[r, k])
-                piv = r
-        if not big > 0.0:
-            singular = True
-            break
-        if piv != k:
-            for q in range(n):
-                t = A[k, q]
-                A[k, q] = A[piv, q]
-                A[piv, q] = t
-                t = Inv[k, q]
-                Inv[k, q] = Inv[piv, q]
-                Inv[piv, q] = t
-        inv_p = 1.0 / A[k, k]
-        for q in range(n):
-            A[k, q] *= inv_p
-            Inv[k, q] *= inv_p
-        for r in range(n):
-            if r != k:
-                f = A[r, k]
-                if f != 0.0:
-                    for q in range(n):
-                        A[r, q] -= f * A[k, q]
-                        Inv[r, q] -= f * Inv[k, q]
+    singular = not _solve(A, Inv)
     nv = 0.0
     nw = 0.0
     for r in range(n):
