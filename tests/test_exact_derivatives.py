@@ -362,3 +362,33 @@ def test_a_warm_up_in_progress_never_makes_a_fit_wait(monkeypatch: pytest.Monkey
         thread.join(60)
     assert K.model_kernel(model) is not None
     assert fit_map(model, [patient])[0].derivatives == "exact"
+
+
+def test_the_kernel_reads_the_exposure_multiplier_and_intravenous_doses() -> None:
+    """The reserved columns the engine's models read: EXPOSURE (an interaction's multiplier, dividing CL over the
+    interval each record covers) and IV (an intravenous dose routed to the model's IV compartment, here infused
+    over 4 h): the kernel's predictions equal the engine's and its derivatives Richardson's differences."""
+    from cnidose.models.exposure import with_exposure
+
+    andrews = resolve_model("andrews2019_tac_adult_kidney")
+    cols: dict[str, list[float]] = {"ID": [1] * 8, "TIME": [0, 12, 24, 36, 47.5, 60, 71.5, 84],
+                                    "EVID": [1, 1, 1, 1, 0, 1, 0, 1], "AMT": [5, 5, 5, 5, 0, 5, 0, 5],
+                                    "DV": [0, 0, 0, 0, 9.0, 0, 14.0, 0], "MDV": [1, 1, 1, 1, 0, 1, 0, 1]}
+    for k, v in {"CYP3A5": 0, "AGE": 50, "ALB": 40, "BSA": 1.9, "SCR": 150, "HCT": 0.32, "LBW": 60, "POD": 5}.items():
+        cols[k] = [v] * 8
+    ind = with_exposure(split_individuals(cols)[0], [(30.0, None, 2.5)])
+    antignac = resolve_model("antignac2007_tac_kidney_iv_oral")
+    iv = dict(cols, IV=[1, 1, 0, 0, 0, 0, 0, 0], RATE=[1.25, 1.25, 0, 0, 0, 0, 0, 0], PRED=[30] * 8)
+    for model, patient in ((andrews, ind), (antignac, split_individuals(iv)[0])):
+        groups, members = build_groups(model, [patient])
+        assert not members[0].error, members[0].error
+        g = groups[0]
+        assert g.exact
+        theta = np.random.default_rng(2).normal(0.0, 0.2, (1, g.dim))
+        which = np.zeros(1, np.int64)
+        f, J, held = g.jacobian(theta, which)  # type: ignore[misc]
+        assert held.all()
+        plain, _ = build_groups(model, [patient], compiled=False)
+        np.testing.assert_allclose(f, plain[0].predict(theta[:, None, :], which)[:, 0], rtol=1e-10)
+        richardson = _richardson(lambda t: plain[0].predict(t[:, None, :], which)[:, 0], theta)  # noqa: B023
+        np.testing.assert_allclose(J, richardson, rtol=1e-6, atol=1e-9 * np.max(np.abs(f)))

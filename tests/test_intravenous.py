@@ -117,3 +117,24 @@ def test_a_record_with_intravenous_doses_is_fitted_with_the_intravenous_model() 
     assert out["model"].startswith(ANTIGNAC)
     assert "intravenous doses" in out["model_inputs"]["model"]["why"]
     assert "recommendation" in out, out["warnings"]
+
+
+def test_the_cohort_fast_path_routes_intravenous_doses() -> None:
+    """Regression (found 2026-12-07): a patient whose covariates are constant is fitted through superposition,
+    which compiled the raw records, where an intravenous dose (IV = 1, no CMT) still went to the oral depot and
+    was absorbed with oral F -- the MAP fit of a child on IV ciclosporin or an adult on IV tacrolimus with constant
+    covariates was wrong. Both paths now read the prepared (routed) records: the same estimates as the engine."""
+    from cnidose.estimation import fit_map
+
+    m = resolve_model("antignac2007_tac_kidney_iv_oral")
+    n = 6
+    ind, = split_individuals({"ID": [1] * n, "TIME": [0, 12, 24, 36, 47.5, 71.5], "EVID": [1, 1, 1, 1, 0, 0],
+                              "AMT": [5, 5, 5, 5, 0, 0], "IV": [1, 1, 0, 0, 0, 0], "RATE": [1.25, 1.25, 0, 0, 0, 0],
+                              "DV": [0, 0, 0, 0, 16.0, 8.0], "MDV": [1, 1, 1, 1, 0, 0], "POD": [5] * n,
+                              "PRED": [30] * n})
+    fast = fit_map(m, [ind])[0]
+    engine = fit_map(m, [ind], fast=False, derivatives="differences")[0]
+    np.testing.assert_allclose(fast.ipred, engine.ipred, rtol=1e-6)
+    np.testing.assert_allclose(fast.eta, engine.eta, atol=1e-4)
+    typical = m.simulate(ind).prediction[0, [4, 5]]
+    np.testing.assert_allclose(fast.pred, typical, rtol=1e-9)  # the typical prediction, IV doses infused into CENTRAL

@@ -279,7 +279,7 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
         m.n_occasions = m.prep.n_occasions
         eligible = (fast and isinstance(model.structure, LinearStructure)
                     and (model.iov is None or m.n_occasions == 1)
-                    and _constant_covariates(m.prep) and design_supports(model.structure, m.individual))
+                    and _constant_covariates(m.prep) and design_supports(model.structure, m.prep.individual))
         (fast_members if eligible else slow_members).append(m)
     groups: list[Group] = []
     def layout(n_occ: int) -> tuple[IntArray, FloatArray, int]:
@@ -294,7 +294,8 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
     if fast_members:
         g = _group(model, fast_members, *layout(1), fast=True)
         assert isinstance(model.structure, LinearStructure)
-        g.design = compile_design(model.structure, [m.individual for m in fast_members],
+        # the prepared records (intravenous doses routed to the model's IV compartment), as the engine reads them
+        g.design = compile_design(model.structure, [m.prep.individual for m in fast_members],  # type: ignore[union-attr]
                                   observe=[_mask(m) for m in fast_members])
         g._covs = {k: np.array([m.prep.covariates[k][0] if m.prep.covariates[k].size else np.nan  # type: ignore[union-attr]
                                 for m in fast_members]) for k in (fast_members[0].prep.covariates if
