@@ -189,6 +189,7 @@ def test_the_default_rule_aims_at_the_middle_of_the_target_or_a_set_level() -> N
 def test_recommendation_carries_provenance_and_is_reproducible(rec: Any) -> None:
     assert rec.model.startswith("andrews2019_tac_adult_kidney 1.0.0 sha256:") and rec.version
     assert rec.inputs["seed"] == 4 and rec.inputs["n_draws"] == 600 and rec.inputs["product"] == "Prograf"
+    assert rec.inputs["derivatives"] in ("exact", "differences")  # how the fit had its derivatives
     assert any("CYP3A4_22" in w for w in rec.warnings)  # a default covariate is said
     json.dumps(rec.to_dict(), default=float)
     m = resolve_model("andrews2019_tac_adult_kidney")
