@@ -68,9 +68,9 @@ def test_derivative_is_none_where_the_name_does_not_move_the_value() -> None:
 
 # -- the kernel on random histories --------------------------------------------------------------------------------
 
-def _test_model(name: str, f_effect: bool = True) -> str:
+def _test_model(name: str, f_effect: bool = True, timing: bool = False) -> str:
     """A model file whose rate parameters, F and lags are data columns (the history's time-varying values) times
-    a random effect (none on the lag; on F unless ``f_effect`` is False)."""
+    a random effect (on F unless ``f_effect`` is False; on the lag and a modelled duration D with ``timing``)."""
     structure, _, dose_cmts = CASES[name]
     assert isinstance(structure, LinearStructure)
     comps = structure.compartments
@@ -86,11 +86,17 @@ def _test_model(name: str, f_effect: bool = True) -> str:
         flows.append("{ " + ", ".join(parts) + " }")
     rate = list(structure.rate_parameters)
     effects = [f"ETA_{k}" for k in rate] + ([f"ETA_F{c}" for c in dose_cmts] if f_effect else [])
+    effects += [f"ETA_{p}{c}" for c in dose_cmts for p in ("ALAG", "D")] if timing else []
     covs = [f'C_{k} = {{ unit = "{unit[k]}" }}' for k in rate]
     covs += [f'C_F{c} = {{ unit = "1" }}' for c in dose_cmts] + [f'C_ALAG{c} = {{ unit = "h" }}' for c in dose_cmts]
     pk = [f'{k} = {{ expr = "C_{k} * exp(ETA_{k})", unit = "{unit[k]}" }}' for k in rate]
     pk += [f'F{c} = {{ expr = "C_F{c}{f" * exp(ETA_F{c})" if f_effect else ""}", unit = "1" }}' for c in dose_cmts]
-    pk += [f'ALAG{c} = {{ expr = "C_ALAG{c}", unit = "h" }}' for c in dose_cmts]
+    if timing:
+        covs += [f'C_D{c} = {{ unit = "h" }}' for c in dose_cmts]
+        pk += [f'ALAG{c} = {{ expr = "C_ALAG{c} * exp(ETA_ALAG{c})", unit = "h" }}' for c in dose_cmts]
+        pk += [f'D{c} = {{ expr = "C_D{c} * exp(ETA_D{c})", unit = "h" }}' for c in dose_cmts]
+    else:
+        pk += [f'ALAG{c} = {{ expr = "C_ALAG{c}", unit = "h" }}' for c in dose_cmts]
     obs = comps[structure.default_obs - 1]
     volume = "V" if "V" in rate else "V1"
     return f"""
@@ -392,3 +398,46 @@ def test_the_kernel_reads_the_exposure_multiplier_and_intravenous_doses() -> Non
         np.testing.assert_allclose(f, plain[0].predict(theta[:, None, :], which)[:, 0], rtol=1e-10)
         richardson = _richardson(lambda t: plain[0].predict(t[:, None, :], which)[:, 0], theta)  # noqa: B023
         np.testing.assert_allclose(J, richardson, rtol=1e-6, atol=1e-9 * np.max(np.abs(f)))
+
+
+@pytest.mark.parametrize(("name", "seed"), [(n, k) for n in ("1cmt-oral", "2cmt-iv", "transit3") for k in range(6)])
+def test_derivatives_of_event_times_that_move_with_the_effects(name: str, seed: int) -> None:
+    """Lags and modelled durations with a random effect (and F on inputs at a given RATE, whose duration it sets):
+    each point's events in their own order, and the derivatives of the entry times -- a bolus entering dL later
+    shifts the state by -dL K (amount e_c), an input's start and end by -dL rho e_c and (dL + dD) rho e_c, and its
+    rate rho = F AMT / D moves with F and D -- against the engine and Richardson's differences."""
+    rng = np.random.default_rng([seed, 29])
+    cols, params = random_history(rng, name, tdm=True)
+    for r in range(len(cols["TIME"])):
+        u = rng.random()
+        if cols["EVID"][r] == 1 and u < 0.3:
+            cols["RATE"][r] = -2.0
+        elif cols["EVID"][r] == 1 and u < 0.5:
+            cols["RATE"][r] = cols["AMT"][r] / float(rng.uniform(0.5, 10.0))
+    structure, _, dose_cmts = CASES[name]
+    for k in structure.rate_parameters:
+        cols[f"C_{k}"] = list(params[k])
+    for c in dose_cmts:
+        cols[f"C_F{c}"] = list(params[f"F{c}"])
+        cols[f"C_ALAG{c}"] = list(rng.uniform(0.0, 15.0) * np.ones(len(cols["TIME"])))
+        cols[f"C_D{c}"] = list(params[f"D{c}"])
+    base = parse_model(_test_model(name, timing=True).encode())
+    ind, = split_individuals(cols)
+    n_eta = len(base.iiv)
+    etas = rng.normal(0.0, 0.3, (3, n_eta))
+    for dose_values in ("nonmem", "dose-record"):
+        model = dataclasses.replace(base, dose_values=dose_values)
+        kernel = model_kernel(model)
+        assert kernel is not None
+        prep = model.prepare(ind)
+        R = len(ind)
+        plan = kernel.plan(model, prep, np.arange(R))
+        assert plan is not None and plan.timed
+        out, jac, held = kernel.run(model, Stack.of([plan]), np.zeros(1, np.int64), etas[None], np.arange(n_eta),
+                                    n_eta)
+        assert held.all()
+        ref = _engine_predictions(model, prep, etas).T
+        top = np.max(np.abs(ref)) + 1e-300
+        np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-11 * top, err_msg=f"{name} {seed} {dose_values}")
+        richardson = (4 * _differences(model, prep, etas, 5e-4) - _differences(model, prep, etas, 1e-3)) / 3
+        np.testing.assert_allclose(jac, richardson, rtol=1e-6, atol=1e-8 * top, err_msg=f"{name} {seed} {dose_values}")

@@ -7,12 +7,15 @@ chained through the assignments in order (forward-mode differentiation: d p_i / 
 u that p_i reads of dp_i/du du/d eta_k). With the record loop of :mod:`cnidose.pk.tangent` they make one module
 per model, compiled once and cached on disk (:func:`cnidose.pk.compiled.load`).
 
-It applies to linear models without a gamma (transit) input whose lag times do not depend on a random effect,
-and to individuals whose records are observations, bolus doses (with ADDL) and other-type events (EVID 0, 1, 2;
-no steady state, no zero-order input): the records of therapeutic drug monitoring. Anything else is predicted by
-the event engine (:func:`cnidose.pk.simulate`), its derivatives by central differences
-(:mod:`cnidose.estimation.map`); so is a member whose rate matrix decomposes badly somewhere (``held`` False), and
-everything when compiled code is off (``CNIDOSE_COMPILED=0``).
+It applies to linear models and ODE models (``kind = "ode"``) without a gamma (Savic transit) input, and to
+individuals whose records are observations, EVID 2, 3 and 4, bolus doses with ADDL and lags, zero-order inputs at a
+given RATE or over a modelled duration (RATE = -2), and bolus regimens at steady state (linear models, their lag
+fixed). Lags, durations and the F of inputs may depend on the random effects: such an individual's events are
+ordered for each point apart (a "timed" plan) and the derivatives of the entry times enter the sensitivities. The
+rest -- modelled rates (RATE = -1, which NONMEM re-reads at every record), inputs at steady state, a steady state
+whose lag moves, nonlinear steady states -- is predicted by the event engine (:func:`cnidose.pk.simulate`), its
+derivatives by central differences (:mod:`cnidose.estimation.map`); so is everything when compiled code is off
+(``CNIDOSE_COMPILED=0``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from cnidose.models.expr import Expression, compile_expression, derivative, scal
 from cnidose.models.model import EXPOSED_PARAMETER, EXPOSURE, Model, Prepared
 from cnidose.pk.compiled import load
 from cnidose.pk.eigen import flow_blocks
+from cnidose.pk.events import Individual
 from cnidose.pk.structure import LinearStructure, OdeStructure
 from cnidose.pk.tangent import ode_loop, schedule, tangent_kernel
 
@@ -58,17 +62,24 @@ def effect_dependencies(model: Model) -> dict[str, set[str]]:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Plan:
-    """One individual's records for the kernel: operations, amounts, step lengths, covariates (R, n_cov) and
-    occasion per record, and how many observations it reports."""
+    """One individual's records for the kernel: operations, amounts, step lengths and auxiliary values
+    (:func:`cnidose.pk.tangent.schedule`), covariates (R, n_cov) and occasion per record, the observed records and
+    their types. ``timed``: its events' times depend on the random effects (a lag, an input's duration), so each
+    point's schedule is made when it is predicted (from ``individual``); the operations here are the typical
+    individual's."""
 
     ops: IntArray
     amts: FloatArray
     dts: FloatArray
+    aux: FloatArray
     cov: FloatArray
     occ: IntArray
     obs_rec: IntArray  # the observed records
     obs_type: IntArray  # and their observation types (-1: none)
-    natural: bool = False  # carried in natural coordinates (it has zero-order inputs)
+    natural: bool = False  # carried in natural coordinates (it has zero-order inputs or steady states)
+    timed: bool = False
+    individual: Individual | None = None  # the prepared records (for a timed plan's schedules)
+    nonmem: bool = True
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -78,6 +89,7 @@ class Stack:
     ops: IntArray
     op_start: IntArray
     amts: FloatArray
+    aux: FloatArray
     dts: FloatArray
     dt_start: IntArray
     cov: FloatArray
@@ -89,30 +101,34 @@ class Stack:
     n_obs: IntArray
     n_rec: IntArray
     natural: IntArray
+    plans: tuple[Plan, ...]
 
     @staticmethod
     def of(plans: Sequence[Plan]) -> Stack:
         def starts(sizes: list[int]) -> IntArray:
             return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
+        def cat(arrays: list[Any], empty: Any) -> Any:
+            return np.ascontiguousarray(np.concatenate(arrays) if arrays else empty)
+
         n_cov = plans[0].cov.shape[1] if plans else 0
         return Stack(
-            ops=np.ascontiguousarray(np.concatenate([p.ops for p in plans]) if plans else np.zeros((0, 4), np.int64)),
+            ops=cat([p.ops for p in plans], np.zeros((0, 6), np.int64)),
             op_start=starts([p.ops.shape[0] for p in plans]),
-            amts=np.ascontiguousarray(np.concatenate([p.amts for p in plans]) if plans else np.zeros(0)),
-            dts=np.ascontiguousarray(np.concatenate([p.dts for p in plans]) if plans else np.zeros(0)),
+            amts=cat([p.amts for p in plans], np.zeros(0)),
+            aux=cat([p.aux for p in plans], np.zeros(0)),
+            dts=cat([p.dts for p in plans], np.zeros(0)),
             dt_start=starts([p.dts.size for p in plans]),
-            cov=np.ascontiguousarray(np.concatenate([p.cov for p in plans]) if plans else np.zeros((0, n_cov))),
-            occ=np.ascontiguousarray(np.concatenate([p.occ for p in plans]) if plans else np.zeros(0, np.int64)),
+            cov=cat([p.cov for p in plans], np.zeros((0, n_cov))),
+            occ=cat([p.occ for p in plans], np.zeros(0, np.int64)),
             rec_start=starts([p.occ.size for p in plans]),
-            obs_rec=np.ascontiguousarray(np.concatenate([p.obs_rec for p in plans]) if plans
-                                         else np.zeros(0, np.int64)),
-            obs_type=np.ascontiguousarray(np.concatenate([p.obs_type for p in plans]) if plans
-                                          else np.zeros(0, np.int64)),
+            obs_rec=cat([p.obs_rec for p in plans], np.zeros(0, np.int64)),
+            obs_type=cat([p.obs_type for p in plans], np.zeros(0, np.int64)),
             obs_start=starts([p.obs_rec.size for p in plans]),
             n_obs=np.array([p.obs_rec.size for p in plans], dtype=np.int64),
             n_rec=np.array([p.occ.size for p in plans], dtype=np.int64),
-            natural=np.array([int(p.natural) for p in plans], dtype=np.int64))
+            natural=np.array([int(p.natural) for p in plans], dtype=np.int64),
+            plans=tuple(plans))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -126,64 +142,91 @@ class ModelKernel:
     param_names: tuple[str, ...]  # the [pk] assignments, then S<n> of each observation type
     f_index: tuple[int, ...]  # per compartment: the position of F<n> among the parameters, or -1
     lag_index: tuple[int, ...]  # per compartment: the position of ALAG<n>, or -1
+    d_index: tuple[int, ...]  # per compartment: the position of D<n>, or -1
     n_eta: int
     n_kappa: int
     constants: dict[str, Any]
-    f_varies: tuple[bool, ...]  # per compartment: F depends on a random effect (no zero-order input there)
+    varies: dict[str, tuple[bool, ...]]  # F, ALAG, D: per compartment, whether it depends on a random effect
 
     def plan(self, model: Model, prep: Prepared, observed: IntArray) -> Plan | None:
         """The individual's plan, or None where its records are not for this kernel (module docstring)."""
         ind = prep.individual
         ev = ind.evid
         dose = (ev == 1) | (ev == 4)
-        steady = dose & (ind.ss != 0)
-        if np.any(ind.rate[dose] < 0) or np.any(ind.rate[steady] != 0) or np.any(ind.ii[steady] <= 0):
-            return None  # modelled rates and durations, inputs at steady state: the engine
-        if steady.any() and not isinstance(self.structure, LinearStructure):
-            return None  # a nonlinear steady state is found by cycling doses: the engine
         n = self.structure.n
         if np.any(ind.cmt > n):
             return None
         dose_c = np.where(ind.cmt > 0, ind.cmt, self.structure.default_dose) - 1
-        infused = dose & (ind.rate > 0)
-        if any(self.f_varies[int(c)] for c in dose_c[infused]):
-            return None  # an input's duration F AMT / RATE would vary with the effects
+        steady = dose & (ind.ss != 0)
+        modelled = dose & (ind.rate == -2)
+        if (np.any(dose & (ind.rate < 0) & (ind.rate != -2)) or np.any(ind.rate[steady] != 0)
+                or np.any(ind.ii[steady] <= 0) or any(self.d_index[int(c)] < 0 for c in dose_c[modelled])):
+            return None  # modelled rates (NONMEM re-reads them at each record), inputs at steady state: the engine
+        if steady.any() and not isinstance(self.structure, LinearStructure):
+            return None  # a nonlinear steady state is found by cycling doses: the engine
+        infused = dose & (ind.rate != 0)
+        f_var, lag_var, d_var = self.varies["F"], self.varies["ALAG"], self.varies["D"]
+        timed = (any(lag_var[int(c)] for c in dose_c[dose])
+                 or any(f_var[int(c)] for c in dose_c[infused]) or any(d_var[int(c)] for c in dose_c[modelled]))
+        if timed and steady.any():
+            return None  # a steady state whose lag or input moves with the effects: the engine
         R = len(ind)
         cov = np.empty((R, len(self.cov_names)))
         for k, name in enumerate(self.cov_names):
             v = prep.covariates.get(name)
             cov[:, k] = 1.0 if v is None else v
-        lag_of: dict[int, float] = {}
-        dose_rows = np.flatnonzero(dose)
-        lags = [self.lag_index[int(dose_c[r])] for r in dose_rows]
         typical: dict[str, FloatArray] = {}
-        if any(k >= 0 for k in lags) or infused.any():
-            try:  # lags and F of inputs depend on covariates at most: their values at the typical individual
+        if any(self.lag_index[int(c)] >= 0 for c in dose_c[dose]) or infused.any():
+            try:  # lags, F and D at the typical individual (each point's own where they vary: timed)
                 typical = model.individual_parameters(prep)
             except CnidoseError:
                 return None
-            for r, k in zip(dose_rows.tolist(), lags, strict=True):
-                if k < 0:
-                    continue
-                lag = float(typical[self.param_names[k]][0, r])
-                if not (np.isfinite(lag) and lag >= 0):
-                    return None  # the engine refuses it, naming the record
-                lag_of[r] = lag
-        f_of = None
-        if infused.any():
-            f_of = np.ones((R, n))
-            for c in range(n):
-                if self.f_index[c] >= 0:
-                    f_of[:, c] = typical[self.param_names[self.f_index[c]]][0]
-            if not np.all(np.isfinite(f_of) & (f_of >= 0)):
-                return None  # the engine refuses it, naming the record
-        ops, amts, dts = schedule(ind, self.structure.default_dose, self.structure.default_obs, lag_of,
-                                  self.f_index, observed, nonmem=model.dose_values == "nonmem", f_of=f_of)
-        return Plan(np.ascontiguousarray(ops), np.ascontiguousarray(amts), np.ascontiguousarray(dts),
-                    np.ascontiguousarray(cov), np.ascontiguousarray(prep.occasion, dtype=np.int64),
+        P = (np.stack([typical[nm][0] for nm in self.param_names], axis=1) if typical
+             else np.zeros((R, len(self.param_names))))
+        sched = self._schedule(ind, P, observed, model.dose_values == "nonmem")
+        if sched is None:
+            return None  # the engine refuses a lag, F or D here, naming the record
+        ops, amts, dts, aux = sched
+        return Plan(ops, amts, dts, aux, np.ascontiguousarray(cov), np.ascontiguousarray(prep.occasion, dtype=np.int64),
                     np.ascontiguousarray(observed, dtype=np.int64),
                     np.ascontiguousarray(prep.obs_type[observed], dtype=np.int64),
-                    natural=bool(infused.any() or steady.any() or not self.constants.get("closed", True)))
+                    natural=bool(infused.any() or steady.any() or not self.constants.get("closed", True)),
+                    timed=timed, individual=ind if timed else None, nonmem=model.dose_values == "nonmem")
+
+    def _schedule(self, ind: Individual, P: FloatArray, observed: IntArray, nonmem: bool
+                  ) -> tuple[IntArray, FloatArray, FloatArray, FloatArray] | None:
+        """The schedule of ``ind`` for the parameters ``P`` (records, parameters): lags, F and D read there; None
+        where one is not finite and non-negative (D positive), as the engine refuses."""
+        n = self.structure.n
+        ev = ind.evid
+        dose = (ev == 1) | (ev == 4)
+        dose_c = np.where(ind.cmt > 0, ind.cmt, self.structure.default_dose) - 1
+        lag_of: dict[int, float] = {}
+        for r in np.flatnonzero(dose).tolist():
+            k = self.lag_index[int(dose_c[r])]
+            if k >= 0:
+                lag = float(P[r, k])
+                if not (np.isfinite(lag) and lag >= 0):
+                    return None
+                lag_of[r] = lag
+        f_of = d_of = None
+        if np.any(ind.rate[dose] != 0):
+            f_of = np.ones((len(ind), n))
+            d_of = np.full((len(ind), n), np.nan)
+            for c in range(n):
+                if self.f_index[c] >= 0:
+                    f_of[:, c] = P[:, self.f_index[c]]
+                if self.d_index[c] >= 0:
+                    d_of[:, c] = P[:, self.d_index[c]]
+            if not np.all(np.isfinite(f_of) & (f_of >= 0)):
+                return None
+            modelled = dose & (ind.rate == -2)
+            if modelled.any() and not np.all(d_of[:, np.unique(dose_c[modelled])] > 0):
+                return None
+        ops, amts, dts, aux = schedule(ind, self.structure.default_dose, self.structure.default_obs, lag_of,
+                                       self.f_index, observed, nonmem=nonmem, f_of=f_of, d_of=d_of)
+        return (np.ascontiguousarray(ops), np.ascontiguousarray(amts), np.ascontiguousarray(dts),
+                np.ascontiguousarray(aux))
 
     def run(self, model: Model, stack: Stack, which: IntArray, theta: FloatArray, est: IntArray, nd: int
             ) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
@@ -208,24 +251,74 @@ class ModelKernel:
         P = np.empty((G, B, R, n_p))
         dP = np.empty((G, B, R, n_p, nd)) if nd else np.empty((G, B, 1, 1, 1))
         th = np.array([p.value for p in model.parameters.values()], dtype=np.float64)
-        self.module.fill(which, theta, np.ascontiguousarray(est, np.int64), int(nd), th, stack.cov, stack.occ,
-                         stack.rec_start, P, dP)
+        est = np.ascontiguousarray(est, np.int64)
+        self.module.fill(which, theta, est, int(nd), th, stack.cov, stack.occ, stack.rec_start, P, dP)
         out = np.empty((n_out, B))
         jac = np.empty((n_out, B, max(nd, 1)))
         held = np.empty((G, B), dtype=np.bool_)
-        c = self.constants
-        if self.loop is None:
-            self.module.run(which, P, dP, int(nd), stack.ops, stack.op_start, stack.amts, stack.dts, stack.dt_start,
-                            stack.rec_start, out_start, stack.natural, c["s_index"], c["rate_idx"], _RTOL, _ATOL, out,
-                            jac, held)
+        timed = np.array([stack.plans[int(i)].timed for i in which], dtype=bool) if stack.plans else \
+            np.zeros(G, bool)
+        rows = np.flatnonzero(~timed)
+        if rows.size == G:
+            self._loop(stack, which, P, dP, nd, out_start, out, jac, held)
         else:
-            self.loop.run(which, P, dP, int(nd), stack.ops, stack.op_start, stack.amts, stack.dts, stack.dt_start,
-                          stack.rec_start, out_start, stack.natural, c["blk"], c["src"], c["tgt"], c["rate"],
-                          c["per"], c["rate_idx"], c["s_index"], out, jac, held)
-        if c["transforms"]:
+            if rows.size:  # the shared schedules in one call
+                sub_start = np.concatenate([[0], np.cumsum(stack.n_obs[which[rows]])]).astype(np.int64)
+                o2, j2 = np.empty((int(sub_start[-1]), B)), np.empty((int(sub_start[-1]), B, max(nd, 1)))
+                h2 = np.empty((rows.size, B), dtype=np.bool_)
+                self._loop(stack, which[rows], P[rows], dP[rows], nd, sub_start, o2, j2, h2)
+                for k, g in enumerate(rows.tolist()):
+                    out[out_start[g]:out_start[g + 1]] = o2[sub_start[k]:sub_start[k + 1]]
+                    jac[out_start[g]:out_start[g + 1]] = j2[sub_start[k]:sub_start[k + 1]]
+                    held[g] = h2[k]
+            for g in np.flatnonzero(timed).tolist():
+                self._timed(stack.plans[int(which[g])], P[g], dP[g], nd, out[out_start[g]:out_start[g + 1]],
+                            jac[out_start[g]:out_start[g + 1]], held[g])
+        if self.constants["transforms"]:
             self.module.transform_all(which, out_start, stack.obs_rec, stack.obs_type, stack.obs_start,
                                       stack.rec_start, th, stack.cov, P, dP, int(nd), out, jac, held)
         return out, jac[..., :nd], held
+
+    def _loop(self, stack: Stack, which: IntArray, P: FloatArray, dP: FloatArray, nd: int, out_start: IntArray,
+              out: FloatArray, jac: FloatArray, held: NDArray[np.bool_]) -> None:
+        c = self.constants
+        args = (which, np.ascontiguousarray(P), np.ascontiguousarray(dP), int(nd), stack.ops, stack.op_start,
+                stack.amts, stack.aux, stack.dts, stack.dt_start, stack.rec_start, out_start, stack.natural)
+        if self.loop is None:
+            self.module.run(*args, c["s_index"], c["rate_idx"], c["lag_idx"], c["f_idx"], c["d_idx"], _RTOL, _ATOL,
+                            out, jac, held)
+        else:
+            self.loop.run(*args, c["blk"], c["src"], c["tgt"], c["rate"], c["per"], c["rate_idx"], c["s_index"],
+                          c["lag_idx"], c["f_idx"], c["d_idx"], out, jac, held)
+
+    def _timed(self, plan: Plan, P: FloatArray, dP: FloatArray, nd: int, out: FloatArray, jac: FloatArray,
+               held: NDArray[np.bool_]) -> None:
+        """One individual whose events move with the effects: the points that share their events' times share a
+        schedule (made here, from each point's lags, F and D), each group predicted in one call."""
+        assert plan.individual is not None
+        R = plan.occ.size
+        keys: dict[bytes, list[int]] = {}
+        cols = [k for k in (*self.lag_index, *self.f_index, *self.d_index) if k >= 0]
+        for b in range(P.shape[0]):
+            keys.setdefault(np.ascontiguousarray(P[b, :R][:, cols]).tobytes(), []).append(b)
+        for members in keys.values():
+            sched = self._schedule(plan.individual, P[members[0], :R], plan.obs_rec, plan.nonmem)
+            idx = np.asarray(members)
+            if sched is None:  # the engine refuses these parameters: an impossible point
+                out[:, idx] = np.nan
+                jac[:, idx] = np.nan
+                held[idx] = True
+                continue
+            ops, amts, dts, aux = sched
+            one = Stack.of([Plan(ops, amts, dts, aux, plan.cov, plan.occ, plan.obs_rec, plan.obs_type,
+                                 plan.natural)])
+            o, j, h = (np.empty((plan.obs_rec.size, idx.size)), np.empty((plan.obs_rec.size, idx.size, jac.shape[2])),
+                       np.empty((1, idx.size), dtype=np.bool_))
+            self._loop(one, np.zeros(1, np.int64), P[None, idx], dP[None, idx], nd,
+                       np.array([0, plan.obs_rec.size], dtype=np.int64), o, j, h)
+            out[:, idx] = o
+            jac[:, idx] = j
+            held[idx] = h[0]
 
 
 def model_kernel(model: Model) -> ModelKernel | None:
@@ -276,9 +369,6 @@ def _key(model: Model) -> tuple[Any, ...] | None:
     s = model.structure
     if s.gamma is not None or (isinstance(s, OdeStructure) and not s.sources):
         return None
-    deps = effect_dependencies(model)
-    if any(deps.get(f"ALAG{c + 1}") for c in range(s.n)):
-        return None  # a lag that varies with the effects reorders the events of each member
     pk_names = {name for name, _ in model.pk}
     if any(p not in pk_names for p in s.rate_parameters):
         return None  # a rate parameter that is not a [pk] assignment (the engine reports it)
@@ -329,9 +419,9 @@ def _kernel(text: str, meta: tuple[Any, ...]) -> ModelKernel | None:
     module = load("cnidose_model_", text) if ode or loop is not None else None
     if module is None:
         return None
-    structure, cov_names, param_names, f_index, lag_index, n_eta, n_kappa, constants, f_varies = meta
-    return ModelKernel(module, loop, structure, cov_names, param_names, f_index, lag_index, n_eta, n_kappa,
-                       dict(constants), f_varies)
+    structure, cov_names, param_names, f_index, lag_index, d_index, n_eta, n_kappa, constants, varies = meta
+    return ModelKernel(module, loop, structure, cov_names, param_names, f_index, lag_index, d_index, n_eta, n_kappa,
+                       dict(constants), dict(varies))
 
 
 def _generate(model: Model) -> tuple[str, tuple[Any, ...]]:
@@ -443,9 +533,12 @@ def _generate(model: Model) -> tuple[str, tuple[Any, ...]]:
         text += ode_loop()
     f_index = tuple(index.get(f"F{c + 1}", -1) for c in range(n))
     lag_index = tuple(index.get(f"ALAG{c + 1}", -1) for c in range(n))
-    f_varies = tuple(bool(deps.get(f"F{c + 1}")) for c in range(n))
-    meta = (s, cov_names, param_names, f_index, lag_index, len(eta_names), len(kap_names), _Frozen(constants),
-            f_varies)
+    d_index = tuple(index.get(f"D{c + 1}", -1) for c in range(n))
+    constants += (("lag_idx", np.array(lag_index, dtype=np.int64)), ("f_idx", np.array(f_index, dtype=np.int64)),
+                  ("d_idx", np.array(d_index, dtype=np.int64)))
+    varies = tuple((name, tuple(bool(deps.get(f"{name}{c + 1}")) for c in range(n))) for name in ("F", "ALAG", "D"))
+    meta = (s, cov_names, param_names, f_index, lag_index, d_index, len(eta_names), len(kap_names),
+            _Frozen(constants), varies)
     return text, meta
 
 

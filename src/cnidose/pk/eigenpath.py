@@ -135,7 +135,8 @@ def _cached_schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[n
         if hit is not None and hit[0] is ind:
             _SCHEDULES.move_to_end(key)
             return hit[1], hit[2], hit[3]
-    ops, amts, dts = _schedule(ind, dose, dose_c, obs_c, lag_of, segment, nonmem=nonmem)
+    ops6, amts, dts, _ = _schedule(ind, dose, dose_c, obs_c, lag_of, segment, nonmem=nonmem)
+    ops = np.ascontiguousarray(ops6[:, :4])
     is_dose, is_obs = ops[:, 0] == _DOSE, ops[:, 0] == _OBS
     ops[is_dose, 1] = [comps.index(int(c)) for c in ops[is_dose, 3]]
     ops[is_obs, 3] = [s_comps.index(int(c)) if int(c) in s_comps else -1 for c in ops[is_obs, 2]]
@@ -150,28 +151,39 @@ def _cached_schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[n
 
 def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64], obs_c: NDArray[np.int64],
               lag_of: dict[int, float], segment: NDArray[np.int64], *, nonmem: bool,
-              f_of: FloatArray | None = None) -> tuple[NDArray[np.int64], FloatArray, FloatArray]:
+              f_of: FloatArray | None = None, d_of: FloatArray | None = None
+              ) -> tuple[NDArray[np.int64], FloatArray, FloatArray, FloatArray]:
     """The records as a list of operations shared by every batch member (the events do not depend on the
-    parameters): the operations (n_ops, 4), each dose operation's amount (a rate change's rate), and the distinct
-    step lengths.
+    parameters): the operations (n_ops, 6), each operation's amount (a rate change's rate), the distinct step
+    lengths, and each operation's auxiliary value (an input's duration).
+
+    Columns: kind, three operands (the fast path reads these four), the dose record an entering dose or input
+    comes from (-1: none), and for a rate change the input's kind (0: a given RATE, 1: a modelled duration).
 
     Beyond what the fast path takes (bolus doses, observations, EVID 2), the model kernels' records
     (:mod:`cnidose.pk.tangent`): EVID 3 and 4 (a reset: the system emptied, pending doses cancelled, before a dose
-    on the same record), zero-order inputs at a given RATE > 0, whose duration F * AMT / RATE takes the F of
-    the record ending the interval the input starts in ("nonmem") or of its own record, read from ``f_of``
-    (records, compartments): an input starting is a rate change now and another at its end; and bolus doses at
-    steady state (SS 1, after a reset, or 2): an SS operation adds the implied doses that have entered by the
-    record (the first of them ``tau`` hours before it; its II, tau and compartment are appended to the step
-    lengths), and those a lag longer than II still holds back enter later, with the SS record's F. The order is
-    the engine's: what is due by a record's time happens before the record, in time order (ties in the order the
-    doses were given), a reset after that, then the record's own dose and its report."""
-    ops: list[tuple[int, int, int, int]] = []
+    on the same record), zero-order inputs at a given RATE > 0 (duration F * AMT / RATE) or over a modelled
+    duration D (RATE = -2; rate F * AMT / D), F and D those of the record ending the interval the input starts in
+    ("nonmem") or of its own record, read from ``f_of`` and ``d_of`` (records, compartments): an input starting is
+    a rate change now, (RATE, compartment, the record of its F and D, +1), and another at its end (..., -1); and
+    bolus doses at steady state (SS 1, after a reset, or 2): an SS operation adds the implied doses that have
+    entered by the record (the first of them ``tau`` hours before it; its II, tau and compartment are appended to
+    the step lengths), and those a lag longer than II still holds back enter later, with the SS record's F. The
+    order is the engine's: what is due by a record's time happens before the record, in time order (ties in the
+    order the doses were given), a reset after that, then the record's own dose and its report."""
+    ops: list[tuple[int, int, int, int, int, int]] = []
     amts: list[float] = []
+    aux: list[float] = []
     dt_index: dict[float, int] = {}
 
+    def op(kind: int, a: int = 0, b: int = 0, c: int = 0, src: int = -1, mode: int = 0, amount: float = 0.0,
+           extra: float = 0.0) -> None:
+        ops.append((kind, a, b, c, src, mode))
+        amts.append(amount)
+        aux.append(extra)
+
     def step(dt: float) -> None:
-        ops.append((_STEP, dt_index.setdefault(dt, len(dt_index)), 0, 0))
-        amts.append(0.0)
+        op(_STEP, dt_index.setdefault(dt, len(dt_index)))
 
     extras: list[float] = []  # II, tau and compartment of each SS operation (after the step lengths)
     ss_ops: list[int] = []  # their rows in ops
@@ -179,48 +191,50 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
     def give(c: int, rec: int, src: int) -> None:
         rate = float(ind.rate[src])
         if rate == 0.0:
-            ops.append((_DOSE, 0, rec, c))
-            amts.append(float(ind.amt[src]))
+            op(_DOSE, 0, rec, c, src, amount=float(ind.amt[src]))
             return
         assert f_of is not None
-        duration = float(f_of[rec, c]) * float(ind.amt[src]) / rate
-        if duration > 0:
-            ops.append((_RATE, c, 0, 0))
-            amts.append(rate)
-            pending.append((now + duration, c, -1, -rate, -1))
+        amount = float(f_of[rec, c]) * float(ind.amt[src])
+        if rate > 0:
+            mode, duration = 0, amount / rate
+        else:
+            assert d_of is not None and rate == -2
+            mode, duration = 1, float(d_of[rec, c])
+            rate = amount / duration if duration > 0 else 0.0
+        if duration > 0 and rate > 0:
+            op(_RATE, c, rec, 1, src, mode, rate, duration)
+            pending.append((now + duration, c, src, -rate, -1, rec, mode, duration))
             pending.sort(key=lambda p: p[0])
 
-    # (time it happens, compartment, dose record or -1 for the end of an input, the end's rate change, the record
-    # whose F an implied steady-state dose takes or -1)
-    pending: list[tuple[float, int, int, float, int]] = []
+    # (time it happens, compartment, dose record, the end's rate change (0: a dose entering), the record whose F
+    # an implied steady-state dose takes or -1, and for an input's end: the record of its F and D, its kind and
+    # duration)
+    pending: list[tuple[float, int, int, float, int, int, int, float]] = []
     t_prev = float(ind.time[0])
     u = -1
     for j in range(len(ind)):
         s = int(segment[j])
         if s != u:
             if u >= 0:
-                ops.append((_SWITCH, s, 0, 0))
-                amts.append(0.0)
+                op(_SWITCH, s)
             u = s
         t = float(ind.time[j])
         cur = t_prev
         while pending and pending[0][0] <= t:
-            te, c, src, delta, frec = pending.pop(0)
+            te, c, src, delta, frec, rec, mode, duration = pending.pop(0)
             if te > cur:
                 step(te - cur)
                 cur = te
             now = te
-            if src < 0:
-                ops.append((_RATE, c, 0, 0))
-                amts.append(delta)
+            if delta != 0.0:
+                op(_RATE, c, rec, -1, src, mode, delta, duration)
             else:
                 give(c, frec if frec >= 0 else j if nonmem else src, src)
         if t > cur:
             step(t - cur)
         now = t
         if ind.evid[j] in (3, 4) or (dose[j] and ind.ss[j] == 1):
-            ops.append((_RESET, 0, 0, 0))
-            amts.append(0.0)
+            op(_RESET)
             pending = []
         if dose[j]:  # the dose and its additional doses (ADDL, every II), each after the lag
             c = int(dose_c[j])
@@ -233,28 +247,26 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
                 while first * ii < L:
                     first += 1
                 ss_ops.append(len(ops))
-                ops.append((_SS, c, j, len(extras)))
-                amts.append(float(ind.amt[j]))
+                op(_SS, c, j, len(extras), amount=float(ind.amt[j]))
                 extras.extend((ii, first * ii - L, float(c)))
                 for k in range(1, first):  # held back by a lag longer than II: they enter after the record
-                    pending.append((t + L - k * ii, c, j, 0.0, j))
+                    pending.append((t + L - k * ii, c, j, 0.0, j, -1, 0, 0.0))
                 pending.sort(key=lambda p: p[0])
             for k in range(int(ind.addl[j]) + 1):
                 te = t + k * ii + L
                 if te > t:
-                    pending.append((te, c, j, 0.0, -1))
+                    pending.append((te, c, j, 0.0, -1, -1, 0, 0.0))
                     pending.sort(key=lambda p: p[0])
                 else:
                     give(c, j, j)
-        ops.append((_OBS, j, int(obs_c[j]), 0))
-        amts.append(0.0)
+        op(_OBS, j, int(obs_c[j]))
         t_prev = t
     steps = sorted(dt_index, key=dt_index.__getitem__)
     for row in ss_ops:  # the extras follow the step lengths
-        kind, c, j, e = ops[row]
-        ops[row] = (kind, c, j, len(steps) + e)
+        kind, c, j, e, src, mode = ops[row]
+        ops[row] = (kind, c, j, len(steps) + e, src, mode)
     dts = np.array(steps + extras, dtype=np.float64)
-    return np.array(ops, dtype=np.int64).reshape(-1, 4), np.array(amts), dts
+    return np.array(ops, dtype=np.int64).reshape(-1, 6), np.array(amts), dts, np.array(aux)
 
 
 def _run_numpy(ops: NDArray[np.int64], amts: FloatArray, dts: FloatArray, lam: FloatArray, V: FloatArray,

@@ -53,26 +53,27 @@ IntArray = NDArray[np.int64]
 
 
 def schedule(ind: Individual, default_dose: int, default_obs: int, lag_of: dict[int, float],
-             f_index: tuple[int, ...], observed: IntArray, *, nonmem: bool, f_of: FloatArray | None = None
-             ) -> tuple[IntArray, FloatArray, FloatArray]:
-    """The records of ``ind`` as the kernel's operations (n_ops, 4), the doses' amounts and the step lengths.
+             f_index: tuple[int, ...], observed: IntArray, *, nonmem: bool, f_of: FloatArray | None = None,
+             d_of: FloatArray | None = None) -> tuple[IntArray, FloatArray, FloatArray, FloatArray]:
+    """The records of ``ind`` as the kernel's operations (n_ops, 6), the amounts, the step lengths and the
+    operations' auxiliary values (:func:`cnidose.pk.eigenpath._schedule`).
 
-    Operations: (STEP, step index, 0, 0); (DOSE, index of the compartment's F in the parameters or -1, the record
-    whose F applies, compartment); (SWITCH, record, 0, 0) before each record's interval (the kernel moves to that
-    record's segment); (OBS, record, compartment, position among ``observed`` or -1); (RATE, compartment, 0, 0):
-    the input rate changes by the row's amount (a zero-order input at a given RATE starts or ends); (RESET, 0, 0,
-    0): EVID 3 or 4. ``lag_of`` gives each dose record's lag (one value for every batch member); ``f_index`` the F
-    parameter of each compartment; ``f_of`` (records, compartments) the F values that set the durations of
-    zero-order inputs (:func:`cnidose.pk.eigenpath._schedule`).
+    Operations: (STEP, step index, ...); (DOSE, index of the compartment's F in the parameters or -1, the record
+    whose F applies, compartment, the dose record); (SWITCH, record) before each record's interval (the kernel
+    moves to that record's segment); (OBS, record, compartment, position among ``observed`` or -1); (RATE,
+    compartment, the record of its F and D, +1 start or -1 end, the dose record, 0 given RATE or 1 modelled
+    duration): the input rate changes by the row's amount, the input's duration in ``aux``; (RESET): EVID 3 or 4;
+    (SS, F index, record, index of its II, tau and compartment in the step lengths). ``lag_of`` gives each dose
+    record's lag (one value for every batch member); ``f_index`` the F parameter of each compartment; ``f_of`` and
+    ``d_of`` (records, compartments) the F and D values that set the inputs' rates and durations.
     """
     R = len(ind)
     ev = ind.evid
     dose = (ev == 1) | (ev == 4)
     dose_c = np.where(ind.cmt > 0, ind.cmt, default_dose) - 1
     obs_c = np.where((ev == 0) & (ind.cmt > 0), ind.cmt, default_obs) - 1
-    ops, amts, dts = _schedule(ind, dose, dose_c, obs_c, lag_of, np.arange(R, dtype=np.int64), nonmem=nonmem,
-                               f_of=f_of)
-    ops = ops.copy()
+    ops, amts, dts, aux = _schedule(ind, dose, dose_c, obs_c, lag_of, np.arange(R, dtype=np.int64), nonmem=nonmem,
+                                    f_of=f_of, d_of=d_of)
     slot = np.full(R, -1, dtype=np.int64)
     slot[observed] = np.arange(observed.size)
     is_dose, is_obs = ops[:, 0] == _DOSE, ops[:, 0] == _OBS
@@ -80,7 +81,7 @@ def schedule(ind: Individual, default_dose: int, default_obs: int, lag_of: dict[
     is_ss = ops[:, 0] == _SS  # (SS, compartment -> its F, record, extras): the compartment is among the extras
     ops[is_ss, 1] = [f_index[int(dts[int(e) + 2])] for e in ops[is_ss, 3]]
     ops[is_obs, 3] = slot[ops[is_obs, 1]]
-    return ops, amts, dts
+    return ops, amts, dts, aux
 
 
 def tangent_kernel() -> Any:
@@ -89,7 +90,7 @@ def tangent_kernel() -> Any:
                                                      **_CODES))
 
 
-_VERSION = "6"
+_VERSION = "7"
 _CODES = {"STEP": _STEP, "DOSE": _DOSE, "SWITCH": _SWITCH, "OBS": _OBS, "RATE": _RATE, "RESET": _RESET,
           "SS": _SS}
 
@@ -161,6 +162,35 @@ def _report(x, S, Pg, dPg, r, oc, s_index, nd, out, jac, row, b):
             acc -= conc * dPg[r, si, col] / sv
         jac[row, b, col] = acc
     return True
+
+
+@njit(cache=True, error_model="numpy")
+def _input_edge(Pg, dPg, op, delta, duration, nd, lag_idx, f_idx, d_idx, r_dot, S):
+    # the derivatives at an input's start (op[3] = +1) or end (-1): op = (RATE, compartment, record of F and D, edge,
+    # dose record, kind: 0 given RATE, duration F AMT / RATE; 1 modelled duration D, rate F AMT / D). The rate's
+    # derivative enters r_dot; the state's jumps by the shifts of the start (-dL rho e_c) and end ((dL + dD) rho
+    # e_c): x' changes by +-rho e_c there
+    c = op[1]
+    rec = op[2]
+    sr = op[4]
+    rho = delta if op[3] > 0 else -delta
+    fi = f_idx[c]
+    fv = Pg[rec, fi] if fi >= 0 else 1.0
+    for col in range(nd):
+        df = dPg[rec, fi, col] if fi >= 0 else 0.0
+        if op[5] == 0:
+            dd = duration * df / fv
+            dr = 0.0
+        else:
+            dd = dPg[rec, d_idx[c], col] if d_idx[c] >= 0 else 0.0
+            dr = rho * (df / fv - dd / duration)
+        dl = dPg[sr, lag_idx[c], col] if lag_idx[c] >= 0 and sr >= 0 else 0.0
+        if op[3] > 0:
+            r_dot[c, col] += dr
+            S[c, col] -= dl * rho
+        else:
+            r_dot[c, col] -= dr
+            S[c, col] += (dl + dd) * rho
 '''
 
 
@@ -352,8 +382,8 @@ def _expm(A, X):
 
 
 @njit(cache=True, error_model="numpy")
-def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, dts, t0, nt, lo, hi_out, b, src, tgt, rate, per,
-             s_index, out, jac):
+def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, aux, dts, t0, nt, lo, hi_out, b, src, tgt, rate,
+             per, s_index, lag_idx, f_idx, d_idx, out, jac):
     # one member in natural coordinates with matrix exponentials (any rate matrix: repeated eigenvalues, as in a
     # chain of equal transit rates, or an ill-conditioned decomposition; inputs at given rates): with the input
     # rates r, [x; 1] <- E [x; 1], E = exp([[K t, r t], [0, 0]]), and s_j <- E s_j + L_j [x; 1], L_j the
@@ -365,12 +395,14 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, dts, t0, nt, lo, 
     ndx = max(nd, 1)
     x = np.zeros(n)
     r_in = np.zeros(n)
+    r_dot = np.zeros((n, ndx))  # the input rates' derivatives
     sg = np.zeros((n, ndx))
     xn = np.empty(n)
     sn = np.empty((n, ndx))
     K = np.empty((n, n))
     Kd = np.empty((ndx, n, n))
     act = np.zeros(ndx, np.bool_)
+    live = np.zeros(ndx, np.bool_)
     E = np.empty((max(nt, 1), m, m))
     L = np.empty((max(nt, 1), ndx, m, m))
     have = np.zeros(max(nt, 1), np.bool_)
@@ -417,13 +449,23 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, dts, t0, nt, lo, 
                 _expm(Za, E[d])
                 if want:
                     for col in range(nd):
-                        if act[col]:
+                        moving = act[col]
+                        for a in range(n):
+                            if r_dot[a, col] != 0.0:
+                                moving = True
+                        live[col] = moving
+                        if moving:
                             for a in range(m):
                                 for c in range(m):
                                     Z[a, c] = Za[a, c]
-                                    Z[a, m + c] = Kd[col, a, c] * t if a < n and c < n else 0.0
                                     Z[m + a, c] = 0.0
                                     Z[m + a, m + c] = Za[a, c]
+                                    if a < n and c < n:
+                                        Z[a, m + c] = Kd[col, a, c] * t if act[col] else 0.0
+                                    elif a < n:
+                                        Z[a, m + c] = r_dot[a, col] * t
+                                    else:
+                                        Z[a, m + c] = 0.0
                             _expm(Z, ZE)
                             for a in range(m):
                                 for c in range(m):
@@ -440,7 +482,7 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, dts, t0, nt, lo, 
                         acc = 0.0
                         for c in range(n):
                             acc += E[d, a, c] * sg[c, col]
-                        if act[col]:
+                        if live[col]:
                             acc += L[d, col, a, n]
                             for c in range(n):
                                 acc += L[d, col, a, c] * x[c]
@@ -451,10 +493,22 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, dts, t0, nt, lo, 
             for a in range(n):
                 x[a] = xn[a]
         elif kind == {DOSE}:
-            if not _give(x, sg, Pg, dPg, ops[k, 1], ops[k, 2], ops[k, 3], amts[k], nd):
+            c = ops[k, 3]
+            if not _give(x, sg, Pg, dPg, ops[k, 1], ops[k, 2], c, amts[k], nd):
                 return False
+            li = lag_idx[c]
+            sr = ops[k, 4]
+            if want and li >= 0 and sr >= 0:  # a later entry: x' jumps by K (amount e_c) later
+                fv = Pg[ops[k, 2], ops[k, 1]] if ops[k, 1] >= 0 else 1.0
+                for col in range(nd):
+                    dl = dPg[sr, li, col]
+                    if dl != 0.0:
+                        for a in range(n):
+                            sg[a, col] -= dl * K[a, c] * fv * amts[k]
         elif kind == {RATE}:
             r_in[ops[k, 1]] += amts[k]
+            if want:
+                _input_edge(Pg, dPg, ops[k], amts[k], aux[k], nd, lag_idx, f_idx, d_idx, r_dot, sg)
             for d in range(nt):
                 have[d] = False
         elif kind == {RESET}:
@@ -463,6 +517,7 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, dts, t0, nt, lo, 
                 r_in[a] = 0.0
                 for col in range(nd):
                     sg[a, col] = 0.0
+                    r_dot[a, col] = 0.0
             for d in range(nt):
                 have[d] = False
         elif kind == {SS}:
@@ -524,13 +579,14 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, dts, t0, nt, lo, 
 
 
 @njit(cache=True, error_model="numpy")
-def run(which, P, dP, nd, ops, op_start, amts, dts, dt_start, rec_start, out_start, natural, blk, src, tgt, rate,
-        per, rate_idx, s_index, out, jac, held):
+def run(which, P, dP, nd, ops, op_start, amts, aux, dts, dt_start, rec_start, out_start, natural, blk, src, tgt,
+        rate, per, rate_idx, s_index, lag_idx, f_idx, d_idx, out, jac, held):
     # P (G, B, R, NP): every record's parameters for row g of which (an individual) and point b; dP (G, B, R, NP,
     # nd): their derivatives by the estimated effects. Per individual i: operations op_start[i]:op_start[i+1],
     # step lengths dt_start[i]:..., records rec_start[i]:...; flows src -> tgt (-1: out) at p[rate] / p[per]
     # (per -1: p[rate]); rate_idx: the rate parameters; s_index: each compartment's scale parameter (-1: none);
-    # natural[i]: individual i in natural coordinates (its inputs at given rates need them).
+    # natural[i]: individual i in natural coordinates (its inputs at given rates need them); lag_idx, f_idx,
+    # d_idx: each compartment's ALAG, F and D parameters (-1: none), for the derivatives of entry times and inputs.
     # out (O, B) and jac (O, B, nd): A/S at the observed records, row out_start[g] + slot
     G = which.shape[0]
     B = P.shape[1]
@@ -593,8 +649,8 @@ def run(which, P, dP, nd, ops, op_start, amts, dts, dt_start, rec_start, out_sta
                 if not decompose_one(K, blk, lam[u], V[u], W[u], vs, As, Is, 1e6):
                     good = False
             if not good:  # repeated or complex eigenvalues, or an ill-conditioned decomposition: exponentials
-                if not _natural(Pg, dPg, nd, nseg, first, seg, ops, op_start[i], op_start[i + 1], amts, dts, t0,
-                                nt, lo, hi_out, b, src, tgt, rate, per, s_index, out, jac):
+                if not _natural(Pg, dPg, nd, nseg, first, seg, ops, op_start[i], op_start[i + 1], amts, aux, dts,
+                                t0, nt, lo, hi_out, b, src, tgt, rate, per, s_index, lag_idx, f_idx, d_idx, out, jac):
                     _invalidate(out, jac, lo, hi_out, b, nd)
                 continue
             for u in range(nseg):
@@ -666,6 +722,14 @@ def run(which, P, dP, nd, ops, op_start, amts, dts, dt_start, rec_start, out_sta
                             if da != 0.0:
                                 for a in range(n):
                                     sig[a, col] += da * W[u, a, c]
+                    li = lag_idx[c]
+                    sr = ops[k, 4]
+                    if want and li >= 0 and sr >= 0:  # a later entry: x' jumps by K (amount e_c) later
+                        for col in range(nd):
+                            dl = dPg[sr, li, col]
+                            if dl != 0.0:
+                                for a in range(n):
+                                    sig[a, col] -= dl * lam[u, a] * amount * W[u, a, c]
                 elif kind == {RESET}:
                     for a in range(n):
                         y[a] = 0.0
@@ -745,10 +809,11 @@ ODE_LOOP = '''
 
 # the ODE record loop (cnidose.pk.tangent.ode_loop), on the integrator of cnidose.pk.compiled
 @njit(cache=True, error_model="numpy")
-def run(which, P, dP, nd, ops, op_start, amts, dts, dt_start, rec_start, out_start, natural, s_index, param_idx,
-        rtol, atol, out, jac_out, held):
+def run(which, P, dP, nd, ops, op_start, amts, aux, dts, dt_start, rec_start, out_start, natural, s_index,
+        param_idx, lag_idx, f_idx, d_idx, rtol, atol, out, jac_out, held):
     # as the linear loop (cnidose.pk.tangent), each member integrated in natural coordinates; param_idx: the
-    # parameters the equations read (a segment starts where one of them, or its derivative, changes)
+    # parameters the equations read (a segment starts where one of them, or its derivative, changes); a dose
+    # entering later by dL shifts the state by -dL (f(x+) - f(x-)), the jump of the derivatives it causes
     G = which.shape[0]
     B = P.shape[1]
     n = s_index.shape[0]
@@ -759,6 +824,9 @@ def run(which, P, dP, nd, ops, op_start, amts, dts, dt_start, rec_start, out_sta
     first = np.empty(rmax, np.int64)
     y = np.zeros(n)
     r_in = np.zeros(n)
+    r_dot = np.zeros((n, ndx))
+    fa = np.empty(n)
+    fb = np.empty(n)
     S = np.zeros((n, ndx))
     K = np.empty((13, n))
     KS = np.empty((13, n, ndx))
@@ -791,6 +859,7 @@ def run(which, P, dP, nd, ops, op_start, amts, dts, dt_start, rec_start, out_sta
                 r_in[a] = 0.0
                 for col in range(ndx):
                     S[a, col] = 0.0
+                    r_dot[a, col] = 0.0
             u = 0
             bad = not ok
             for k in range(op_start[i], op_start[i + 1]):
@@ -801,19 +870,38 @@ def run(which, P, dP, nd, ops, op_start, amts, dts, dt_start, rec_start, out_sta
                     u = seg[ops[k, 1]]
                 elif kind == {RATE}:
                     r_in[ops[k, 1]] += amts[k]
+                    if nd > 0:
+                        _input_edge(Pg, dPg, ops[k], amts[k], aux[k], nd, lag_idx, f_idx, d_idx, r_dot, S)
                 elif kind == {RESET}:
                     for a in range(n):
                         y[a] = 0.0
                         r_in[a] = 0.0
                         for col in range(ndx):
                             S[a, col] = 0.0
+                            r_dot[a, col] = 0.0
                 elif kind == {STEP}:
-                    status = _integrate(y, S, Pg[first[u]], dPg[first[u]], nd, r_in, dts[t0 + ops[k, 1]], rtol,
-                                        atol, K, KS, ys, Ss, yn, Sn, f1, sc, Jx, Jp)
+                    status = _integrate(y, S, Pg[first[u]], dPg[first[u]], nd, r_in, r_dot, dts[t0 + ops[k, 1]],
+                                        rtol, atol, K, KS, ys, Ss, yn, Sn, f1, sc, Jx, Jp)
                     if status != 0:
                         bad = True
                 elif kind == {DOSE}:
-                    bad = not _give(y, S, Pg, dPg, ops[k, 1], ops[k, 2], ops[k, 3], amts[k], nd)
+                    c = ops[k, 3]
+                    li = lag_idx[c]
+                    sr = ops[k, 4]
+                    shifted = False
+                    if nd > 0 and li >= 0 and sr >= 0:
+                        for col in range(nd):
+                            if dPg[sr, li, col] != 0.0:
+                                shifted = True
+                    if shifted:
+                        _f(y, Pg[first[u]], r_in, fa)
+                    bad = not _give(y, S, Pg, dPg, ops[k, 1], ops[k, 2], c, amts[k], nd)
+                    if shifted and not bad:
+                        _f(y, Pg[first[u]], r_in, fb)
+                        for col in range(nd):
+                            dl = dPg[sr, li, col]
+                            for a in range(n):
+                                S[a, col] -= dl * (fb[a] - fa[a])
                 elif kind == {OBS}:
                     slot = ops[k, 3]
                     if slot >= 0:
