@@ -441,3 +441,76 @@ def test_derivatives_of_event_times_that_move_with_the_effects(name: str, seed: 
         np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-11 * top, err_msg=f"{name} {seed} {dose_values}")
         richardson = (4 * _differences(model, prep, etas, 5e-4) - _differences(model, prep, etas, 1e-3)) / 3
         np.testing.assert_allclose(jac, richardson, rtol=1e-6, atol=1e-8 * top, err_msg=f"{name} {seed} {dose_values}")
+
+
+_ODE_TIMED = """
+format = 1
+id = "kernel-test-ode-timed"
+version = "1"
+title = "ODE kernel with lags and inputs that move with the effects"
+[units]
+dose = "mg"
+time = "h"
+concentration = "mg/L"
+[structure]
+kind = "ode"
+compartments = ["DEPOT", "CENTRAL"]
+default_dose = "DEPOT"
+default_obs = "CENTRAL"
+[structure.ode]
+dDEPOT = "-KA * DEPOT"
+dCENTRAL = "KA * DEPOT - VM * CENTRAL / (KM * V + CENTRAL)"
+[parameters]
+TVKA = { value = 1.2, unit = "1/h" }
+TVV = { value = 30.0, unit = "L" }
+TVVM = { value = 40.0, unit = "mg/h" }
+TVKM = { value = 2.0, unit = "mg/L" }
+TLAG = { value = 0.8, unit = "h" }
+TF = { value = 0.7, unit = "1" }
+TD = { value = 3.0, unit = "h" }
+[random_effects]
+names = ["ETA_KA", "ETA_V", "ETA_VM", "ETA_LAG", "ETA_F", "ETA_D"]
+variance = [0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+[pk]
+KA = { expr = "TVKA * exp(ETA_KA)", unit = "1/h" }
+V = { expr = "TVV * exp(ETA_V)", unit = "L" }
+VM = { expr = "TVVM * exp(ETA_VM)", unit = "mg/h" }
+KM = { expr = "TVKM", unit = "mg/L" }
+ALAG1 = { expr = "TLAG * exp(ETA_LAG)", unit = "h" }
+F1 = { expr = "TF * exp(ETA_F)", unit = "1" }
+D2 = { expr = "TD * exp(ETA_D)", unit = "h" }
+[observations.CP]
+compartment = "CENTRAL"
+scale = "V"
+scale_unit = "L"
+unit = "mg/L"
+error = { model = "proportional", proportional = 0.1 }
+"""
+
+
+def test_ode_kernel_derivatives_of_event_times() -> None:
+    """The ODE loop's timed events: a lagged bolus (its entry's derivative -dL (f(x+) - f(x-))), a modelled
+    duration into the central compartment and an input at a given RATE into the depot whose duration F sets:
+    predictions equal the engine's compiled integration and the derivatives Richardson's differences."""
+    model = parse_model(_ODE_TIMED.encode())
+    ind, = split_individuals({"ID": [1] * 9, "TIME": [0, 2, 6, 12, 13, 18, 24, 30, 40],
+                              "EVID": [1, 0, 0, 1, 0, 0, 1, 0, 0], "AMT": [100, 0, 0, 80, 0, 0, 60, 0, 0],
+                              "CMT": [1, 2, 2, 2, 2, 2, 1, 2, 2], "RATE": [0, 0, 0, -2, 0, 0, 20, 0, 0]})
+    kernel = model_kernel(model)
+    assert kernel is not None
+    prep = model.prepare(ind)
+    plan = kernel.plan(model, prep, np.arange(len(ind)))
+    assert plan is not None and plan.timed
+    n_eta = len(model.iiv)
+    etas = np.random.default_rng(6).normal(0.0, 0.25, (3, n_eta))
+    out, jac, held = kernel.run(model, Stack.of([plan]), np.zeros(1, np.int64), etas[None], np.arange(n_eta), n_eta)
+    assert held.all()
+    ref = np.stack([model.simulate(prep, e[None]).prediction[0] for e in etas]).T
+    np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-12)
+
+    def predict(t: np.ndarray) -> np.ndarray:
+        return np.stack([model.simulate(prep, e[None]).prediction[0] for e in t]).T.ravel()
+
+    richardson = _richardson(predict, etas).reshape(len(ind), 3, n_eta)
+    assert np.abs(jac[..., 3]).max() > 1e-3 and np.abs(jac[..., 5]).max() > 1e-3  # the lag and D move the levels
+    np.testing.assert_allclose(jac, richardson, rtol=1e-5, atol=1e-7 * np.max(np.abs(out)))
