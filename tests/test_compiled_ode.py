@@ -178,3 +178,20 @@ def test_without_numba_scipy_integrates(fresh: Path, monkeypatch: pytest.MonkeyP
     sim = simulate(s, ind, {"KA": np.array([1.0, 1.0]), "VC": np.array([70.0, 70.0]),
                             "VMAX": np.array([100.0, 100.0]), "KM": np.array([2.0, 2.0])})
     assert np.isfinite(sim.prediction).all() and sim.prediction[0, 1] > 0
+
+
+def test_the_first_compilation_on_a_machine_is_announced(fresh: Path) -> None:
+    """A kernel module that Numba has not compiled here yet is announced (the command line says a first fit will
+    pause); once compiled and cached, loading it again is silent."""
+    seen: list[str] = []
+    compiled.on_first_compilation(seen.append)
+    try:
+        text = "from numba import njit\n\n\n@njit(cache=True)\ndef twice(x):\n    return 2.0 * x\n"
+        module = compiled.load("cnidose_test_", text)
+        assert module is not None and len(seen) == 1 and seen[0].startswith("cnidose_test_")
+        assert module.twice(2.0) == 4.0  # compiled, and written to the cache
+        compiled._load.cache_clear()
+        assert compiled.load("cnidose_test_", text) is not None
+        assert len(seen) == 1
+    finally:
+        compiled.on_first_compilation(None)

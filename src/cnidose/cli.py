@@ -44,6 +44,17 @@ T = TypeVar("T")
 
 
 def _run(fn: Callable[[], T]) -> T:
+    from cnidose.pk.compiled import on_first_compilation
+
+    told: list[str] = []
+
+    def compiling(name: str) -> None:  # a first fit on a new machine pauses: say why, once
+        if not told:
+            told.append(name)
+            typer.echo("cnidose: compiling the numerical kernels for this machine (once: up to a minute; then "
+                       "cached in CNIDOSE_CACHE_DIR or ~/.cache/cnidose/kernels)", err=True)
+
+    on_first_compilation(compiling)
     try:
         return fn()
     except InputError as exc:

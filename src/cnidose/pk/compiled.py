@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Kernel", "cache_dir", "kernel", "load"]
+__all__ = ["Kernel", "cache_dir", "integrator_source", "kernel", "load", "on_first_compilation"]
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,20 @@ def _load(prefix: str, text: str) -> Any:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
+        if _notify is not None and not any((root / "__pycache__").glob(f"{name}.*.nbi")):
+            _notify(name)  # nothing of this module in Numba's cache yet: its first use compiles it
     except OSError as exc:
         log.warning("no compiled kernels: %s (%s)", path, exc)
         return None
     return module
+
+
+_notify: Callable[[str], None] | None = None
+
+
+def on_first_compilation(callback: Callable[[str], None] | None) -> None:
+    """Call ``callback(module name)`` when a kernel module is loaded that Numba has not compiled on this machine
+    yet (its first use then compiles it: half a minute for the model kernels' record loop, seconds for the
+    others); the command line says so once, so that a first fit's pause is explained."""
+    global _notify
+    _notify = callback
