@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -190,13 +191,25 @@ def test_the_kernel_matches_the_engine_and_its_derivatives_are_exact(name: str, 
     cols, params = random_history(rng, name, tdm=True)
     if inputs:
         cols = _with_inputs_and_resets(rng, cols)
+    natural = name == "3cmt-oral" or (inputs and bool(np.any(np.asarray(cols["RATE"]) > 0)
+                                                     or np.any(np.asarray(cols["SS"]) > 0)))
+    _check_against_the_engine(rng, name, seed, cols, params, _test_model(name, f_effect=not inputs),
+                              lambda plan: plan.natural == natural)
+
+
+def _check_against_the_engine(rng: np.random.Generator, name: str, seed: int, cols: dict[str, list[float]],
+                              params: dict[str, np.ndarray], model_text: str, plan_ok: Callable[[Any], bool],
+                              lags: list[float] | None = None, atol: float = 1e-9) -> None:
+    """The history's values as the test model's data columns; under both dose conventions the kernel's predictions
+    (three random points) against the engine's and its derivatives against Richardson's differences."""
     structure, _, dose_cmts = CASES[name]
     for k in structure.rate_parameters:
         cols[f"C_{k}"] = list(params[k])
     for c in dose_cmts:
         cols[f"C_F{c}"] = list(params[f"F{c}"])
-        cols[f"C_ALAG{c}"] = list(params[f"ALAG{c}"])
-    base = parse_model(_test_model(name, f_effect=not inputs).encode())
+        cols[f"C_ALAG{c}"] = list(params[f"ALAG{c}"]) if lags is None else lags
+        cols[f"C_D{c}"] = list(params[f"D{c}"])
+    base = parse_model(model_text.encode())
     ind, = split_individuals(cols)
     n_eta = len(base.iiv)
     etas = rng.normal(0.0, 0.3, (3, n_eta))
@@ -205,20 +218,16 @@ def test_the_kernel_matches_the_engine_and_its_derivatives_are_exact(name: str, 
         kernel = model_kernel(model)
         assert kernel is not None
         prep = model.prepare(ind)
-        R = len(ind)
-        plan = kernel.plan(model, prep, np.arange(R))
-        assert plan is not None
-        assert plan.natural == (name == "3cmt-oral" or (inputs and bool(np.any(np.asarray(cols["RATE"]) > 0)
-                                                                        or np.any(np.asarray(cols["SS"]) > 0))))
-        est = np.arange(n_eta)
-        out, jac, held = kernel.run(model, Stack.of([plan]), np.zeros(1, np.int64), etas[None], est, n_eta)
+        plan = kernel.plan(model, prep, np.arange(len(ind)))
+        assert plan is not None and plan_ok(plan)
+        out, jac, held = kernel.run(model, Stack.of([plan]), np.zeros(1, np.int64), etas[None], np.arange(n_eta),
+                                    n_eta)
         assert held.all()
         ref = _engine_predictions(model, prep, etas).T  # (R, B)
         top = np.max(np.abs(ref)) + 1e-300
         np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-11 * top, err_msg=f"{name} {seed} {dose_values}")
-
         richardson = (4 * _differences(model, prep, etas, 5e-4) - _differences(model, prep, etas, 1e-3)) / 3
-        np.testing.assert_allclose(jac, richardson, rtol=1e-6, atol=1e-9 * top, err_msg=f"{name} {seed} {dose_values}")
+        np.testing.assert_allclose(jac, richardson, rtol=1e-6, atol=atol * top, err_msg=f"{name} {seed} {dose_values}")
 
 
 # -- the clinical models -------------------------------------------------------------------------------------------
@@ -414,33 +423,9 @@ def test_derivatives_of_event_times_that_move_with_the_effects(name: str, seed: 
             cols["RATE"][r] = -2.0
         elif cols["EVID"][r] == 1 and u < 0.5:
             cols["RATE"][r] = cols["AMT"][r] / float(rng.uniform(0.5, 10.0))
-    structure, _, dose_cmts = CASES[name]
-    for k in structure.rate_parameters:
-        cols[f"C_{k}"] = list(params[k])
-    for c in dose_cmts:
-        cols[f"C_F{c}"] = list(params[f"F{c}"])
-        cols[f"C_ALAG{c}"] = list(rng.uniform(0.0, 15.0) * np.ones(len(cols["TIME"])))
-        cols[f"C_D{c}"] = list(params[f"D{c}"])
-    base = parse_model(_test_model(name, timing=True).encode())
-    ind, = split_individuals(cols)
-    n_eta = len(base.iiv)
-    etas = rng.normal(0.0, 0.3, (3, n_eta))
-    for dose_values in ("nonmem", "dose-record"):
-        model = dataclasses.replace(base, dose_values=dose_values)
-        kernel = model_kernel(model)
-        assert kernel is not None
-        prep = model.prepare(ind)
-        R = len(ind)
-        plan = kernel.plan(model, prep, np.arange(R))
-        assert plan is not None and plan.timed
-        out, jac, held = kernel.run(model, Stack.of([plan]), np.zeros(1, np.int64), etas[None], np.arange(n_eta),
-                                    n_eta)
-        assert held.all()
-        ref = _engine_predictions(model, prep, etas).T
-        top = np.max(np.abs(ref)) + 1e-300
-        np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-11 * top, err_msg=f"{name} {seed} {dose_values}")
-        richardson = (4 * _differences(model, prep, etas, 5e-4) - _differences(model, prep, etas, 1e-3)) / 3
-        np.testing.assert_allclose(jac, richardson, rtol=1e-6, atol=1e-8 * top, err_msg=f"{name} {seed} {dose_values}")
+    lags = list(rng.uniform(0.0, 15.0) * np.ones(len(cols["TIME"])))  # continuous: no entry on a record's time
+    _check_against_the_engine(rng, name, seed, cols, params, _test_model(name, timing=True),
+                              lambda plan: plan.timed, lags, atol=1e-8)
 
 
 _ODE_TIMED = """
