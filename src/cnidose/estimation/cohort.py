@@ -20,7 +20,7 @@ from cnidose.estimation.observations import ObservationData, observation_data
 from cnidose.models.kernel import ModelKernel, Plan, Stack, model_kernel
 from cnidose.models.model import Model, Prepared
 from cnidose.pk.events import Individual
-from cnidose.pk.structure import LinearStructure
+from cnidose.pk.structure import LinearStructure, OdeStructure
 from cnidose.pk.superposition import Design, compile_design, design_supports, predict_design
 
 
@@ -28,7 +28,7 @@ def _inv(a: NDArray[np.floating]) -> NDArray[np.float64]:  # type: ignore[type-a
     return np.asarray(np.linalg.inv(a), dtype=np.float64)
 
 
-__all__ = ["Group", "Member", "build_groups", "effect_layout", "occasion_prior", "occasion_times"]
+__all__ = ["Group", "Member", "build_groups", "compiled_pays", "effect_layout", "occasion_prior", "occasion_times"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -255,6 +255,48 @@ def _constant_covariates(prep: Prepared) -> bool:
     return all(v.size == 0 or bool(np.all(v == v[0])) for v in prep.covariates.values())
 
 
+def _superposed(model: Model, prep: Prepared) -> bool:
+    """Whether the individual is predicted by superposition (module docstring): a linear model, parameters
+    constant over its records (one occasion, constant covariates) and records superposition takes."""
+    return (isinstance(model.structure, LinearStructure) and (model.iov is None or prep.n_occasions == 1)
+            and _constant_covariates(prep) and design_supports(model.structure, prep.individual))
+
+
+# Compiled code pays for itself in one process after about this many fits that it speeds up. Measured
+# 2026-12-07 on the 2-core machine: loading the compiled modules from the disk cache costs a fresh process
+# 0.9 s (`cnidose fit` of the two example patients with Andrews 2019: 1.80 s, 0.94 s without; `recommend`
+# of the example kidney patient 3.58 s and 2.71 s, the same recommendation), and a fit on the engine path
+# gains about 25 ms with exact derivatives (Størset 2014, 6 troughs: 26 ms against 49-55 ms). Individuals
+# fitted by superposition gain nothing (model 001 of the MAP suite, 4,000 individuals: the kernel's plans
+# cost more than its derivatives save; `cnidose fit` 4.4 s with, 2.9-3.3 s without).
+_KERNEL_PAYS_AFTER = 40
+
+
+def compiled_pays(models: Sequence[Model], individuals: Sequence[Individual], *, per_level: bool = False,
+                  repeats: int = 1) -> bool:
+    """Whether a one-off job (a command-line run) should load the compiled kernels: always for ODE models (the
+    compiled integrator is far faster than SciPy's), else when the fits the kernels speed up (on the engine
+    path: time-varying covariates, several occasions) number at least ``_KERNEL_PAYS_AFTER``. ``per_level``:
+    each individual is fitted once per level (forecasting evaluation); ``repeats``: each fit made that many
+    times (strategies). A long-running process (the web app, the API) keeps them: the cost is paid once."""
+    fits = 0
+    for model in models:
+        if isinstance(model.structure, OdeStructure):
+            return True
+        for ind in individuals:
+            try:
+                prep = model.prepare(ind)
+            except CnidoseError:
+                continue
+            if _superposed(model, prep):
+                continue
+            levels = int(np.sum((ind.evid == 0) & (ind.mdv == 0))) if per_level else 1
+            fits += levels * repeats
+            if fits >= _KERNEL_PAYS_AFTER:
+                return True
+    return False
+
+
 def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool = True, compiled: bool = True
                  ) -> tuple[list[Group], list[Member]]:
     """Prepare every individual; returns the fittable groups and every member (errors recorded, not raised).
@@ -277,9 +319,7 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
             m.error = str(exc)
             continue
         m.n_occasions = m.prep.n_occasions
-        eligible = (fast and isinstance(model.structure, LinearStructure)
-                    and (model.iov is None or m.n_occasions == 1)
-                    and _constant_covariates(m.prep) and design_supports(model.structure, m.prep.individual))
+        eligible = fast and _superposed(model, m.prep)
         (fast_members if eligible else slow_members).append(m)
     groups: list[Group] = []
     def layout(n_occ: int) -> tuple[IntArray, FloatArray, int]:

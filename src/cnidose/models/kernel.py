@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 from cnidose.errors import CnidoseError
 from cnidose.models.expr import Expression, compile_expression, derivative, scalar_source
 from cnidose.models.model import EXPOSED_PARAMETER, EXPOSURE, Model, Prepared
-from cnidose.pk.compiled import load
+from cnidose.pk.compiled import compiled_enabled, load
 from cnidose.pk.eigen import flow_blocks
 from cnidose.pk.events import Individual
 from cnidose.pk.structure import LinearStructure, OdeStructure
@@ -327,6 +327,8 @@ def model_kernel(model: Model) -> ModelKernel | None:
     The first use on a machine compiles it (half a minute for the shared record loop, a few seconds per model;
     then it loads from the disk cache in milliseconds). While :func:`warm` compiles kernels in the background, a
     kernel not yet ready is not waited for: None, and the caller predicts by the engine and differences."""
+    if not compiled_enabled():
+        return None
     key = _key(model)
     if key is None:
         return None

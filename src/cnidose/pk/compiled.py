@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Kernel", "cache_dir", "integrator_source", "kernel", "load", "on_first_compilation"]
+__all__ = ["Kernel", "cache_dir", "compiled_enabled", "integrator_source", "kernel", "load", "on_first_compilation"]
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +293,19 @@ def load(prefix: str, text: str) -> Any:
     """The module compiled from ``text`` (Numba source, cached on disk as ``prefix`` + the text's hash in
     :func:`cache_dir`), or None: compiled code switched off (``CNIDOSE_COMPILED=0``), Numba missing, or no
     private cache folder. A module is loaded once per process."""
-    if os.environ.get("CNIDOSE_COMPILED", "1") == "0":
+    if not compiled_enabled():
         return None
     return _load(prefix, text)
+
+
+def compiled_enabled() -> bool:
+    """Whether compiled code is to be used: unless ``CNIDOSE_COMPILED`` is "0".
+
+    Loading compiled modules costs a process about a second even from the disk cache (importing Numba and linking
+    the cached machine code), which a short job does not win back: the command line sets ``CNIDOSE_COMPILED`` for
+    its run, and its workers, where the user has not (:func:`cnidose.estimation.cohort.compiled_pays`). Read when
+    a kernel is first asked for: kernels already loaded stay in use."""
+    return os.environ.get("CNIDOSE_COMPILED", "1") != "0"
 
 
 @cache
