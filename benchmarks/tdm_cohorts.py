@@ -20,6 +20,11 @@ of :func:`cohort`):
     between-patient variance multiplied (a centre more heterogeneous than the published population).
 ``iov_scale``
     between-occasion SD multiplied (e.g. variable bioavailability from occasion to occasion).
+``iov_rho``
+    occasion effects that persist: each trough's occasion effect is the previous one's times ``iov_rho`` plus a
+    fresh part (a first-order autoregression with the model's between-occasion SD; 0: independent, as the
+    model assumes). A patient's deviation from his own typical level then carries over from one trough to the
+    next (a diet, a co-medication, adherence, a slowly changing haematocrit).
 ``cyp3a5_factor``
     a wrong covariate effect: the expressers' true CL multiplied by this beyond the model's 1.63.
 ``time_sd``
@@ -53,6 +58,7 @@ COHORTS: dict[str, dict[str, Any]] = {
     "omega-x4": {"omega_scale": 4.0},
     "drift": {"drift": 0.7},
     "model-residual": {"residual": "model"},
+    "persistent-iov": {"iov_rho": 0.8},
     "centre-cl-0.7": {"cl_scale": 0.7},
     "realistic": {"drift": 0.7, "omega_scale": 2.0, "iov_scale": 1.5, "cyp3a5_factor": 1.3, "time_sd": 0.75,
                   "missed": 0.05},
@@ -77,7 +83,7 @@ def _columns(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
 
 def cohort(model: Model, n: int, seed: int, *, drift: float | None = None, omega_scale: float = 1.0,
            iov_scale: float = 1.0, cyp3a5_factor: float = 1.0, time_sd: float = 0.0, missed: float = 0.0,
-           residual: str = "assay", cl_scale: float = 1.0) -> list[Individual]:
+           residual: str = "assay", cl_scale: float = 1.0, iov_rho: float = 0.0) -> list[Individual]:
     """``n`` patients' data as a chart holds it, with levels simulated from the truth (module docstring)."""
     rng = np.random.default_rng(seed)
     chol = np.linalg.cholesky(model.iiv.omega * omega_scale)
@@ -94,6 +100,8 @@ def cohort(model: Model, n: int, seed: int, *, drift: float | None = None, omega
             eta[cl] += np.log(cyp3a5_factor)
         a = rng.normal(np.log(drift), 0.15) if drift is not None else 0.0
         noise = rng.standard_normal((DAYS.__len__(), iov_sd.size)) * iov_sd  # one effect per trough's occasion
+        for j in range(1, len(DAYS)) if iov_rho else ():  # persisting: AR(1) with the same marginal SD
+            noise[j] = iov_rho * noise[j - 1] + np.sqrt(1.0 - iov_rho**2) * noise[j]
         drawn = nominal + (rng.normal(0.0, time_sd, nominal.size) if time_sd > 0 else 0.0)
         # the truth: every dose its own record (missed ones left out), occasions by day
         truth: list[dict[str, float]] = []

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.special import log_ndtr
 
 from cnidose.errors import DataError
 from cnidose.models.model import Model, Prepared
@@ -205,7 +204,12 @@ def terms(f: FloatArray, y: FloatArray, blq: BoolArray, limit: FloatArray, log: 
         normal = r**2 / V + np.log(V)
         normal = np.where((V == 0) & (r == 0), -np.inf, normal)  # degenerate exact fit; flagged below
         z = r / np.sqrt(V)
-        lphi = log_ndtr(z)
+        if blq.any():  # SciPy's special functions only where a level is BLQ (their import is a quarter second)
+            from scipy.special import log_ndtr
+
+            lphi = np.where(blq, log_ndtr(z), 0.0)
+        else:
+            lphi = np.zeros_like(z)
         t = np.where(blq, -2.0 * lphi, normal)
         t = np.where(np.isnan(t) | (V <= 0), np.inf, t)
         if not derivatives:
