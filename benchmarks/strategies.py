@@ -60,11 +60,12 @@ from cnidose.dosing.strategies import strategy
 from cnidose.models.library import resolve_model
 
 SPECS = {
-    "as-published": ("map", "post", "log", "log+post", "forget:14", "flat:2", "drift:0.2", "drift:0.2+post"),
+    "as-published": ("map", "post", "log", "log+post", "forget:14", "flat:2", "occ-last", "drift:0.2",
+                     "drift:0.2+post"),
     "omega-x4": ("map", "flat:4", "post", "flat:4+post"),
     "drift": ("map", "forget:3", "forget:7", "post", "forget:7+post", "drift:0.2", "drift:0.4", "drift:0.2+post"),
     "model-residual": ("map", "log", "post", "log+post"),
-    "persistent-iov": ("map", "occ-last", "drift:0.2", "drift:0.4", "post", "drift:0.2+post"),
+    "persistent-iov": ("map", "occ-last", "forget:7", "drift:0.2", "drift:0.4", "post", "drift:0.2+post"),
     "realistic": ("map", "post", "log+post", "forget:7+post", "flat:2+post", "drift:0.2", "drift:0.2+post",
                   "flat:2+drift:0.2+post"),
 }

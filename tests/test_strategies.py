@@ -179,7 +179,10 @@ def test_forgetting_weighs_the_newer_level() -> None:
     fm = strategy("forget:5").apply(m)
     od = observation_data(fm, fm.prepare(ind))
     plain = observation_data(m, m.prepare(ind))
-    assert od.prop == pytest.approx(plain.prop * np.sqrt([2.0**4, 1.0]))  # age 20 days, half-life 5 days
+    # age 20 days, half-life 5 days: weights 1/16 and 1, scaled to a mean of 1 (the total weight kept)
+    w = np.array([1.0 / 16.0, 1.0]) / np.mean([1.0 / 16.0, 1.0])
+    assert od.prop == pytest.approx(plain.prop / np.sqrt(w))
+    assert np.sum(plain.prop**2 / od.prop**2) == pytest.approx(2.0)
     last = np.flatnonzero(ind.evid == 0)[-1]
     a, b = fit_map(m, [ind])[0], fit_map(fm, [ind])[0]
     assert abs(b.ipred[-1] - ind.covariates["DV"][last]) < abs(a.ipred[-1] - ind.covariates["DV"][last])

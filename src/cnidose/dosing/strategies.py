@@ -15,10 +15,12 @@ Each is named by a spec such as ``"flat:2+occ-last"`` (:func:`strategy`) and is 
   term of the natural-scale objective penalises larger predictions and biases the MAP forecasts low by
   about p² (Andrews 2019, p = 0.245: about 6 %); on the log scale the variance does not depend on the
   prediction and that bias is gone.
-- ``forget:D``: exponential forgetting -- each level's variance doubled for every D days of its age (counted
-  from the newest level): half weight after D days, a quarter after 2D. A time-weighting scheme for
-  parameters that drift (clearance over the first weeks after transplantation); PKPDmap's ``weight_by_time``
-  is a linear-gradient precedent.
+- ``forget:D``: exponential forgetting -- a level's weight halves for every D days of its age (counted from the
+  newest level): half the newest's weight after D days, a quarter after 2D; the weights are scaled to a mean of
+  1, so the levels together weigh as much against the prior as without forgetting (weights that only fall also
+  hand weight to the population prior, which a drifting patient is leaving: that version lost to plain MAP on
+  the simulated drift cohort). A time-weighting scheme for parameters that drift (clearance over the first
+  weeks after transplantation); PKPDmap's ``weight_by_time`` is a linear-gradient precedent.
 
 - ``drift:W``: between-occasion effects that drift -- each is the model's occasion-to-occasion variability plus a
   random walk (a Wiener process from the patient's first occasion) with SD W (log units) after one week, so the

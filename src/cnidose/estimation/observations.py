@@ -143,10 +143,11 @@ def observation_data(model: Model, prep: Prepared) -> ObservationData:
         prop, add = np.where(natural, 0.0, prop), np.where(natural, 0.0, add)
         if_zero = np.where(natural, np.nan, if_zero)
         log = np.ones(rec.size, bool)
-    if fitting.half_life is not None:  # exponential forgetting: variance x 2^(age / half-life)
+    if fitting.half_life is not None:  # exponential forgetting, the levels' total weight kept (Fitting)
         t = ind.time[rec]
         age = np.maximum(t.max() - t, 0.0)
-        inflate = np.sqrt(np.exp2(np.minimum(age / fitting.half_life, 100.0)))
+        v = np.exp2(np.minimum(age / fitting.half_life, 100.0))
+        inflate = np.sqrt(v * np.mean(1.0 / v))
         prop, add, sd_log = prop * inflate, add * inflate, sd_log * inflate
     y = np.where(log & ~blq, np.log(np.where(log & ~blq, y, 1.0)), y)
     limit = np.where(log & blq, np.log(np.where(log & blq, limit, 1.0)), limit)

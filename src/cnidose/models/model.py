@@ -224,9 +224,13 @@ class Fitting:
     ``log_scale``: a proportional, additive or combined residual error is fitted on the log scale
     (transform both sides), with SD ``sqrt(p² + (a/level)²)`` at each measured level -- the variance no longer
     depends on the prediction, so the ``ln V(f)`` term that pulls a proportional-error MAP estimate towards
-    higher predictions by about ``p²`` is gone. ``half_life`` (hours): the variance of a level is multiplied
-    by ``2**(age / half_life)``, its age counted back from the newest level of the fit -- older levels weigh
-    less (exponential forgetting), so a parameter that drifts is followed. ``drift`` (log units per square root
+    higher predictions by about ``p²`` is gone. ``half_life`` (hours): exponential forgetting -- a level's
+    weight (the inverse of its variance's multiplier) is ``2**(-age / half_life)``, its age counted back from the
+    newest level of the fit, and the weights are scaled to a mean of 1, so that older levels weigh less against
+    the newer ones and the levels together weigh as much against the prior as without forgetting (weights that
+    only fall also move weight to the population prior, which is where a drifting patient is leaving: on the
+    simulated drift cohort, 60 patients, that forgetting lost to plain MAP; see benchmarks/strategies.py).
+    ``drift`` (log units per square root
     of a week): each between-occasion effect is the sum of the model's occasion-to-occasion variability and a
     random walk (a Wiener process from the patient's first occasion) with that SD after one week -- the effects of
     occasions close in time are alike, and an occasion without a level (the next one) is estimated from the
