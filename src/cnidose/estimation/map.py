@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from cnidose.estimation.cohort import Group, Member, build_groups, effect_layout
+from cnidose.estimation.cohort import Group, Member, _ranges, build_groups, effect_layout
 from cnidose.estimation.observations import scaled_prediction_and_variance, terms
 from cnidose.models.kernel import effect_dependencies
 from cnidose.models.model import Model, Notice
@@ -108,14 +108,15 @@ class _State:
     done: NDArray[np.bool_]
     converged: NDArray[np.bool_]
     info: FloatArray = field(default_factory=lambda: np.zeros((0, 0, 0)))  # (G, d, d) expected information / 2
+    floor: FloatArray | None = None  # (G,) a lower bound of each member's data term (_data_floor), when needed
 
 
 def _segment_sum(values: FloatArray, starts: IntArray, G: int) -> FloatArray:
     """Sum rows of ``values`` (O, ...) over each member's observation segment -> (G, ...)."""
     out = np.zeros((G, *values.shape[1:]))
-    counts = np.diff(starts)
-    idx = np.repeat(np.arange(G), counts)
-    np.add.at(out, idx, values)
+    full = np.diff(starts) > 0
+    if values.shape[0] and full.any():  # reduceat sums each run of rows up to the next index given
+        out[full] = np.add.reduceat(values, starts[:-1][full], axis=0)
     return out
 
 
@@ -123,9 +124,7 @@ def _obs_slices(g: Group, which: IntArray) -> tuple[IntArray, IntArray]:
     """Observation indices (into the group's arrays) of members ``which``, and their segment starts."""
     counts = np.diff(g.obs_start)[which]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    idx = np.concatenate([np.arange(g.obs_start[w], g.obs_start[w + 1]) for w in which]) if which.size else \
-        np.zeros(0, np.int64)
-    return idx.astype(np.int64), starts
+    return _ranges(g.obs_start[which], counts), starts
 
 
 def _ofv(g: Group, which: IntArray, theta: FloatArray, f: FloatArray) -> FloatArray:
@@ -485,6 +484,68 @@ def _wide(g: Group) -> IntArray:
     return np.flatnonzero(np.sqrt(np.diag(_inv(g.precision))) > _WIDE_PRIOR_SD).astype(np.int64)
 
 
+def _data_floor(g: Group, which: IntArray) -> FloatArray:
+    """A lower bound of each member's data term (the objective less the prior), over all predictions: the sum over
+    its levels of each level's own minimum over the prediction (a level's term alone, at the best prediction for
+    it), a BLQ level's 0 (-2 ln Phi >= 0). Each minimum: the terms on a grid of predictions (the level times
+    e^-8 .. e^8, steps of 0.2 in the log), then on finer grids around the best point; less a margin for what the
+    grids may miss. Then OFV(theta) >= floor + theta' Omega^-1 theta for every theta (up to that margin)."""
+    idx, starts = _obs_slices(g, which)
+    if idx.size == 0:
+        return np.zeros(which.size)
+    y, blq, log = g.y[idx], g.blq[idx], g.log[idx]
+    level = np.where(log, np.exp(np.where(log, y, 0.0)), y)
+    level = np.where(np.isfinite(level) & (level > 0), level, 1.0)
+    args = (y, blq, g.limit[idx], log, g.prop[idx], g.add[idx], g.sd_log[idx], g.if_zero[idx])
+
+    def at(s: FloatArray) -> FloatArray:  # the terms at predictions level * e^s, (O, S)
+        t = terms(level[:, None] * np.exp(s), *args, derivatives=False)[0]
+        return np.where(np.isfinite(t), t, np.inf)
+
+    centre = np.zeros(idx.size)
+    best = np.full(idx.size, np.inf)
+    for half, n in ((8.0, 81), (0.2, 81), (0.005, 41)):  # ever finer grids around the best point so far
+        s = centre[:, None] + np.linspace(-half, half, n)[None, :]
+        t = at(s)
+        k = np.argmin(t, axis=1)
+        best = np.minimum(best, t[np.arange(idx.size), k])
+        centre = s[np.arange(idx.size), k]
+    best = np.where(blq, 0.0, best)
+    best = np.where(np.isfinite(best), best, 0.0)  # a level no prediction fits: it only raises the objective
+    # the last grid's step is 2.5e-4 in the log: a term with a residual SD of 0.01 is then within 2e-4 of its
+    # minimum
+    return _segment_sum(best - 1e-3 - 1e-6 * np.abs(best), starts, which.size) - 1e-3
+
+
+# Points of the wide-prior search (rays, cloud) are screened only where they might compete: prior penalty below the
+# estimate's objective less the data floor (no point beyond can have a lower objective, _data_floor), plus this
+# slack -- a point a little beyond may still lie in a lower basin's pull
+_SCREEN_SLACK = 4.0
+
+
+def _screen_values(g: Group, which: IntArray, st: _State, members: IntArray, pts: FloatArray) -> FloatArray:
+    """The objective at points ``pts`` (G', P, d) of ``members``, inf where a point cannot compete (its prior
+    penalty alone exceeds what any point could have and still beat the estimate, by more than the slack), which
+    are not predicted."""
+    pen = np.einsum("gpi,ij,gpj->gp", pts, g.precision, pts)
+    if st.floor is None:
+        st.floor = _data_floor(g, which)
+    room = st.ofv[members] - st.floor[members] + _SCREEN_SLACK
+    keep = pen < np.where(np.isfinite(room), room, np.inf)[:, None]
+    vals = np.full(pts.shape[:2], np.inf)
+    n_keep = keep.sum(axis=1)
+    B = int(n_keep.max()) if n_keep.size else 0
+    if B == 0:
+        return vals
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :B]  # each member's kept points first
+    rows = np.arange(members.size)[:, None]
+    sub = pts[rows, order]  # (G', B, d); past a member's kept points: repeats of other points, not used
+    sub_vals = _ofv(g, which[members], sub, g.predict(sub, which[members]))
+    used = np.arange(B)[None, :] < n_keep[:, None]
+    vals[rows, order] = np.where(used & np.isfinite(sub_vals), sub_vals, np.inf)
+    return vals
+
+
 def _ray_scan(g: Group, which: IntArray, st: _State, members: IntArray, *, n_best: int = 3) -> None:
     """Look for other basins along rays from the estimate: the axis of every wide effect and every diagonal
     pair of axes with at least one wide effect and not of two different occasions (e_i, e_i + e_j, e_i - e_j),
@@ -513,8 +574,7 @@ def _ray_scan(g: Group, which: IntArray, st: _State, members: IntArray, *, n_bes
     steps = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 4.0])
     rays = np.concatenate([np.concatenate([a * D for a in steps]), np.concatenate([-a * D for a in steps])])
     pts = st.theta[members][:, None, :] + rays[None]
-    vals = _ofv(g, which[members], pts, g.predict(pts, which[members]))
-    vals = np.where(np.isfinite(vals), vals, np.inf)
+    vals = _screen_values(g, which, st, members, pts)
     best = np.argsort(vals, axis=1)[:, :n_best]
     S = pts[np.arange(members.size)[:, None], best].reshape(-1, d)
     own = np.repeat(members, n_best)
@@ -622,6 +682,28 @@ def _halton(n: int, d: int) -> FloatArray:
     return out
 
 
+def _distinct(u: FloatArray, n_best: int, block: int = 64) -> list[int]:
+    """Greedily, in order, the first ``n_best`` of the points ``u`` (rows; whitened: the prior's Mahalanobis
+    distance is their Euclidean one) each more than 1 from every one taken before it; their row numbers. The
+    distances of a block of candidates are formed at once."""
+    chosen: list[int] = []
+    for lo in range(0, u.shape[0], block):
+        if len(chosen) == n_best:
+            break
+        cand = u[lo:lo + block]
+        taken = u[chosen] if chosen else np.zeros((0, u.shape[1]))
+        to_taken = ((cand[:, None, :] - taken[None, :, :]) ** 2).sum(axis=2)  # (block, taken)
+        among = ((cand[:, None, :] - cand[None, :, :]) ** 2).sum(axis=2)  # (block, block)
+        mine: list[int] = []
+        for i in range(cand.shape[0]):
+            if len(chosen) + len(mine) == n_best:
+                break
+            if np.all(to_taken[i] > 1.0) and np.all(among[i, mine] > 1.0):
+                mine.append(i)
+        chosen += [lo + i for i in mine]
+    return chosen
+
+
 @lru_cache(maxsize=16)
 def _normal_cloud(n: int, k: int) -> FloatArray:
     """The Halton points (:func:`_halton`) mapped to standard normal quantiles (each coordinate clipped to
@@ -638,8 +720,11 @@ def _global_screen(g: Group, which: IntArray, st: _State, members: IntArray, *, 
                    n_best: int = 5, inflate: float = 1.5, chunk: int = 200) -> None:
     """Screen a Halton cloud covering the prior of the wide between-subject effects (SDs inflated by
     ``inflate``; the other effects once at the estimate and once at zero) for every member; restart from its
-    best distinct points far from the estimate; keep the lower optimum. The cloud has 256, 512 or 1,024 points
-    for one, two or more wide effects (twice that with the two placings of the others, where there are others).
+    best distinct points far from the estimate; keep the lower optimum. The cloud has 64, 512 or 1,024 points
+    for one, two or more wide effects (twice that with the two placings of the others, where there are others):
+    along one wide effect 64 quantiles reach 3.6 prior SDs out (inflated), 0.06 SD apart near the mode and at most
+    0.44 SD apart in the tails, where a point's prior penalty alone is 10-13 (256 reached 4.3 SDs). Points that
+    cannot compete are not predicted (:func:`_screen_values`).
     Between-occasion effects are left to the rays (:func:`_ray_scan`): each acts on its own occasion's levels,
     and a cloud over the product of many occasions' effects would cover none of them well.
     """
@@ -649,7 +734,7 @@ def _global_screen(g: Group, which: IntArray, st: _State, members: IntArray, *, 
         return
     d = g.dim
     k = wide.size
-    n = n_points if n_points is not None else 128 * 2 ** min(k, 3)
+    n = n_points if n_points is not None else (64 if k == 1 else 128 * 2 ** min(k, 3))
     z = _normal_cloud(n, k)
     chol = np.linalg.cholesky(_inv(g.precision)[np.ix_(wide, wide)])  # the wide effects' prior marginal
     cloud = inflate * z @ chol.T  # (n, k)
@@ -662,20 +747,16 @@ def _global_screen(g: Group, which: IntArray, st: _State, members: IntArray, *, 
         if k < d:
             pts = np.concatenate([pts, np.zeros((part.size, n, d))], axis=1)
         pts[:, :, wide] = np.tile(cloud, (pts.shape[1] // n, 1))[None]
-        vals = _ofv(g, which[part], pts, g.predict(pts, which[part]))
+        vals = _screen_values(g, which, st, part, pts)
         diff = pts - st.theta[part][:, None, :]
         far = np.einsum("gni,ij,gnj->gn", diff, g.precision, diff) > 1.0
         vals = np.where(np.isfinite(vals) & far, vals, np.inf)
         order = np.argsort(vals, axis=1)
+        root = np.linalg.cholesky(g.precision)  # (p - c)' P (p - c) = |L'(p - c)|^2
         for r, member in enumerate(part):
-            chosen: list[FloatArray] = []
-            for idx in order[r]:
-                if not np.isfinite(vals[r, idx]) or len(chosen) == n_best:
-                    break
-                p = pts[r, idx]
-                if all(float((p - c) @ g.precision @ (p - c)) > 1.0 for c in chosen):
-                    chosen.append(p)
-            starts += chosen
+            ranked = order[r][np.isfinite(vals[r, order[r]])]
+            chosen = _distinct(pts[r, ranked] @ root, n_best)
+            starts += [pts[r, ranked[k]] for k in chosen]
             owners += [member] * len(chosen)
     if not starts:
         return
