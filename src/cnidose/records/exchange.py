@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cnidose.clinical.record import PatientRecord, cyp3a5_expresser, parse_record
 from cnidose.records.nonmem import DataSet
-from cnidose.records.store import Actor, Chart, Store, make_dose, make_level
 from cnidose.records.units import FieldError
+
+if TYPE_CHECKING:  # the store (SQLAlchemy, 0.4 s to import) only where a function stores: not for a record's analysis
+    from cnidose.records.store import Actor, Chart, Store
 
 __all__ = ["NonmemExport", "chart_to_document", "chart_to_nonmem", "chart_to_record", "chart_to_record_document",
            "import_nonmem_rows", "import_record", "record_to_nonmem"]
@@ -363,6 +365,8 @@ def import_nonmem_rows(store: Store, actor: Actor, patient_id: int, header: list
     """Store a patient's NONMEM-format doses (EVID 1, AMT in mg) and levels (EVID 0, DV in ng/mL) with TIME in
     hours from ``origin``. Every row is checked before anything is stored; an error names the line and
     column. Returns (doses, levels) stored."""
+    from cnidose.records.store import make_dose, make_level
+
     store.authorize(actor, "write", "import", patient_id)
     names = [h.strip().upper() for h in header]
     missing = {"TIME", "EVID", "AMT", "DV"} - set(names)
