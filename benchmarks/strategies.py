@@ -11,6 +11,8 @@ Cohorts (tdm_cohorts.COHORTS) and the strategies compared on each:
   occasion effects (``drift:W``, a random walk) should win.
 - ``model-residual``: the model's own proportional residual error (SD 0.245): fitting on the log scale (``log``)
   removes the MAP's pull towards low forecasts (about p² = 6 %).
+- ``persistent-iov``: occasion effects that carry over from one trough to the next (AR(1), rho 0.8): the last
+  occasion's effect carried forward (``occ-last``), drifting occasion effects and forgetting should win.
 - ``post`` (every cohort): the forecast is the posterior predictive median, as the recommendation's.
 - ``realistic``: drift, between-patient variance x2, occasion variability x1.5, the CYP3A5 effect wrong by 1.3,
   sampling-time error (SD 45 min) and 5 % missed doses together.
