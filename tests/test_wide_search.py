@@ -54,6 +54,22 @@ def test_the_data_floor_is_below_the_data_term_everywhere(shared: Any, model: st
         assert own.sum() - 0.01 * len(g.y) - 0.01 < floor <= own.sum()
 
 
+def test_no_floor_where_the_data_term_has_none(shared: Any) -> None:
+    """A level of exactly 0 under a proportional-only error: its term falls without bound as the prediction goes to
+    0 (1/p^2 + ln(p^2 f^2)), so there is no floor and nothing may be pruned."""
+    m = mapsuite.load("001")
+    assert m.observations[0].error.additive is None and m.observations[0].error.proportional is not None
+    ind = mapsuite.individuals("001", 1)[0]
+    obs = np.flatnonzero((ind.evid == 0) & (ind.mdv == 0))
+    dv = ind.covariates["DV"].copy()
+    dv[obs[0]] = 0.0
+    zero = dataclasses.replace(ind, covariates={**ind.covariates, "DV": dv})
+    g = build_groups(m, [zero], fast=False)[0][0]
+    assert _data_floor(g, np.arange(1))[0] == -np.inf
+    g = build_groups(m, [ind], fast=False)[0][0]
+    assert np.isfinite(_data_floor(g, np.arange(1))[0])
+
+
 def test_distinct_starts_are_the_greedy_choice() -> None:
     """Blocks of candidates at once, the same choice as one at a time: in order, each more than 1 (Mahalanobis)
     from every one taken."""

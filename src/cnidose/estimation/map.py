@@ -488,8 +488,10 @@ def _data_floor(g: Group, which: IntArray) -> FloatArray:
     """A lower bound of each member's data term (the objective less the prior), over all predictions: the sum over
     its levels of each level's own minimum over the prediction (a level's term alone, at the best prediction for
     it), a BLQ level's 0 (-2 ln Phi >= 0). Each minimum: the terms on a grid of predictions (the level times
-    e^-8 .. e^8, steps of 0.2 in the log), then on finer grids around the best point; less a margin for what the
-    grids may miss. Then OFV(theta) >= floor + theta' Omega^-1 theta for every theta (up to that margin)."""
+    e^-8 .. e^8, steps of 0.2 in the log, and 0), then on finer grids around the best point; less a margin for what
+    the grids may miss. Then OFV(theta) >= floor + theta' Omega^-1 theta for every theta (up to that margin). A
+    level whose least term lies at the grid's edge or is nowhere finite has no bound: the member's floor is -inf
+    (nothing is pruned)."""
     idx, starts = _obs_slices(g, which)
     if idx.size == 0:
         return np.zeros(which.size)
@@ -502,16 +504,20 @@ def _data_floor(g: Group, which: IntArray) -> FloatArray:
         t = terms(level[:, None] * np.exp(s), *args, derivatives=False)[0]
         return np.where(np.isfinite(t), t, np.inf)
 
+    rows = np.arange(idx.size)
     centre = np.zeros(idx.size)
-    best = np.full(idx.size, np.inf)
+    best = at(np.full((idx.size, 1), -np.inf))[:, 0]  # a prediction of exactly 0 (a model's value there, if any)
+    unbounded = np.zeros(idx.size, bool)
     for half, n in ((8.0, 81), (0.2, 81), (0.005, 41)):  # ever finer grids around the best point so far
         s = centre[:, None] + np.linspace(-half, half, n)[None, :]
         t = at(s)
         k = np.argmin(t, axis=1)
-        best = np.minimum(best, t[np.arange(idx.size), k])
-        centre = s[np.arange(idx.size), k]
+        if half == 8.0:  # the least at the coarse grid's edge, or nowhere finite: no bound found (a level of 0
+            unbounded = (k == 0) | (k == n - 1) | ~np.isfinite(t[rows, k])  # with a proportional error: -inf)
+        best = np.minimum(best, t[rows, k])
+        centre = s[rows, k]
+    best = np.where(unbounded, -np.inf, best)
     best = np.where(blq, 0.0, best)
-    best = np.where(np.isfinite(best), best, 0.0)  # a level no prediction fits: it only raises the objective
     # the last grid's step is 2.5e-4 in the log: a term with a residual SD of 0.01 is then within 2e-4 of its
     # minimum
     return _segment_sum(best - 1e-3 - 1e-6 * np.abs(best), starts, which.size) - 1e-3
