@@ -25,7 +25,9 @@ Andrews     83 s wall, 81 s CPU          15.3 s (50 ms)      7.1 s (23 ms)      
 
 Measured 2026-12-07 with the compiled model kernels and exact derivatives (:mod:`cnidose.models.kernel`), on a
 development machine about 1.3x slower than the one above: Størset 7.9 s serially (26 ms per forecast) and 5.0 s on
-2 processes; Andrews 4.2 s and 2.7 s.
+2 processes; Andrews 4.2 s and 2.7 s. Later the same day, with the wide-prior search predicting only the points
+that might compete (:func:`cnidose.estimation.map._screen_values`): Størset 5.4 s serially (18 ms per forecast) and
+4.0 s on 2 processes; Andrews 4.4 s and 3.0 s (it gains nothing there: no effect of its has a wide prior).
 
 (The e9c062c figures: ``PYTHONPATH=<e9c062c>/src python -m cnidose.cli evaluate ...`` on the same files with one
 BLAS thread; the Størset run shared the machine with another job part of the time, so its CPU time is the fairer
