@@ -70,7 +70,11 @@ def test_covariance_matches_nonmem_etc(runs: dict[str, Any], model: str) -> None
 # Individuals of the wide-prior models with a second basin that a narrower search missed while the wide search
 # was made cheaper (issue 15: the hill-valley and first-step tests, the search restricted to directions with a
 # wide effect, starts optimised to convergence): each was once worse than NONMEM by 0.5-17 objective units.
-HARD = [("504", 1185), ("511", 3099), ("512", 605), ("513", 1185), ("513", 3253)]
+HARD = [("504", 1185), ("511", 3099), ("512", 605), ("513", 1185), ("513", 3253),
+        # narrow priors (SD 0.45), time-varying covariates: the descent from the prior mode stopped in a basin 8.6
+        # above NONMEM's (29.94 against 21.35); an objective that high above what the levels allow now calls for
+        # restarts (estimation.map._doubtful)
+        ("301", 2689)]
 
 
 @pytest.mark.parametrize(("model", "ident"), HARD)
