@@ -106,6 +106,9 @@ def _sign_in(page: object, base: str, user: str) -> None:
     page.fill("#username", user)  # type: ignore[attr-defined]
     page.fill("#password", f"{user}-pw")  # type: ignore[attr-defined]
     page.click("#sign-in")  # type: ignore[attr-defined]
+    # signed in when the next page has loaded: a check made at once may land mid-navigation (no document yet)
+    page.wait_for_url(lambda url: not url.split("?")[0].endswith("/login"))  # type: ignore[attr-defined]
+    page.wait_for_load_state()  # type: ignore[attr-defined]
 
 
 def test_clinician_adds_a_trough_gets_a_recommendation_signs_and_books(server: tuple[str, dict[str, int]],
