@@ -28,7 +28,8 @@ def _inv(a: NDArray[np.floating]) -> NDArray[np.float64]:  # type: ignore[type-a
     return np.asarray(np.linalg.inv(a), dtype=np.float64)
 
 
-__all__ = ["Group", "Member", "build_groups", "compiled_pays", "effect_layout", "occasion_prior", "occasion_times"]
+__all__ = ["Group", "Member", "build_groups", "compiled_pays", "effect_layout", "occasion_prior", "occasion_times",
+           "ranges"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -221,7 +222,7 @@ def _transform(model: Model, design: Design, params: dict[str, FloatArray], covs
     return out
 
 
-def _ranges(starts: IntArray, counts: IntArray) -> IntArray:
+def ranges(starts: IntArray, counts: IntArray) -> IntArray:
     """Concatenation of ``arange(s, s + c)`` for each (s, c), without a Python loop."""
     total = int(counts.sum())
     if total == 0:
@@ -233,11 +234,11 @@ def _ranges(starts: IntArray, counts: IntArray) -> IntArray:
 def _subset(design: Design, which: IntArray) -> Design:
     """The design for individuals ``which`` (in that order, repeats allowed), renumbered 0..len(which)-1."""
     obs_counts = np.diff(design.obs_start)[which]
-    obs_idx = _ranges(design.obs_start[which], obs_counts)
+    obs_idx = ranges(design.obs_start[which], obs_counts)
     new_obs_start = np.concatenate([[0], np.cumsum(obs_counts)]).astype(np.int64)
     pair_start = np.searchsorted(design.pair_obs, design.obs_start)
     pair_counts = (pair_start[which + 1] - pair_start[which]).astype(np.int64)
-    pidx = _ranges(pair_start[which], pair_counts)
+    pidx = ranges(pair_start[which], pair_counts)
     g_of_pair = np.repeat(np.arange(which.size), pair_counts)
     shift = (new_obs_start[:-1] - design.obs_start[which])[g_of_pair]
     return Design(

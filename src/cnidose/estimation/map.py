@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from cnidose.estimation.cohort import Group, Member, _ranges, build_groups, effect_layout
+from cnidose.estimation.cohort import Group, Member, build_groups, effect_layout, ranges
 from cnidose.estimation.observations import scaled_prediction_and_variance, terms
 from cnidose.models.kernel import effect_dependencies
 from cnidose.models.model import Model, Notice
@@ -124,7 +124,7 @@ def _obs_slices(g: Group, which: IntArray) -> tuple[IntArray, IntArray]:
     """Observation indices (into the group's arrays) of members ``which``, and their segment starts."""
     counts = np.diff(g.obs_start)[which]
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return _ranges(g.obs_start[which], counts), starts
+    return ranges(g.obs_start[which], counts), starts
 
 
 def _ofv(g: Group, which: IntArray, theta: FloatArray, f: FloatArray) -> FloatArray:
@@ -361,14 +361,20 @@ def _doubtful(g: Group, which: IntArray, st: _State) -> NDArray[np.bool_]:
         # chi-square with (levels + effects) degrees of freedom; above its 95th percentile the descent may have
         # stopped in a worse basin than another (shared model 301, individual 2689: 29.94 where NONMEM found
         # 21.35 nearer the prior mode; restarts find it)
-        level = np.where(g.log[idx], np.exp(np.where(g.log[idx], g.y[idx], 0.0)), g.y[idx])
-        t = terms(np.where(g.blq[idx], 1.0, level)[:, None], g.y[idx], g.blq[idx], g.limit[idx], g.log[idx],
+        t = terms(np.where(g.blq[idx], 1.0, _levels(g, idx))[:, None], g.y[idx], g.blq[idx], g.limit[idx], g.log[idx],
                   g.prop[idx], g.add[idx], g.sd_log[idx], g.if_zero[idx], derivatives=False)[0][:, 0]
         t = np.where(g.blq[idx] | ~np.isfinite(t), 0.0, t)
         surplus = st.ofv[ok] - _segment_sum(t, starts, ok.size)
         dof = np.diff(starts) + g.dim
         out[ok] |= surplus > _chi2_95(dof)
     return out
+
+
+def _levels(g: Group, idx: IntArray) -> FloatArray:
+    """The measured levels of observations ``idx`` on their natural scale (``g.y`` holds the log of those fitted on
+    the log scale)."""
+    log = g.log[idx]
+    return np.where(log, np.exp(np.where(log, g.y[idx], 0.0)), g.y[idx])
 
 
 def _chi2_95(k: NDArray[np.int64]) -> FloatArray:
@@ -516,7 +522,7 @@ def _data_floor(g: Group, which: IntArray) -> FloatArray:
     if idx.size == 0:
         return np.zeros(which.size)
     y, blq, log = g.y[idx], g.blq[idx], g.log[idx]
-    level = np.where(log, np.exp(np.where(log, y, 0.0)), y)
+    level = _levels(g, idx)
     level = np.where(np.isfinite(level) & (level > 0), level, 1.0)
     args = (y, blq, g.limit[idx], log, g.prop[idx], g.add[idx], g.sd_log[idx], g.if_zero[idx])
 
@@ -528,12 +534,12 @@ def _data_floor(g: Group, which: IntArray) -> FloatArray:
     centre = np.zeros(idx.size)
     best = at(np.full((idx.size, 1), -np.inf))[:, 0]  # a prediction of exactly 0 (a model's value there, if any)
     unbounded = np.zeros(idx.size, bool)
-    for half, n in ((8.0, 81), (0.2, 81), (0.005, 41)):  # ever finer grids around the best point so far
+    for stage, (half, n) in enumerate(((8.0, 81), (0.2, 81), (0.005, 41))):  # ever finer grids around the best
         s = centre[:, None] + np.linspace(-half, half, n)[None, :]
         t = at(s)
         k = np.argmin(t, axis=1)
-        if half == 8.0:  # the least at the coarse grid's edge, or nowhere finite: no bound found (a level of 0
-            unbounded = (k == 0) | (k == n - 1) | ~np.isfinite(t[rows, k])  # with a proportional error: -inf)
+        if stage == 0:  # the least at the coarse grid's edge, or nowhere finite: no bound found (a level of 0 with a
+            unbounded = (k == 0) | (k == n - 1) | ~np.isfinite(t[rows, k])  # proportional error: -inf)
         best = np.minimum(best, t[rows, k])
         centre = s[rows, k]
     best = np.where(unbounded, -np.inf, best)
