@@ -8,7 +8,7 @@ first costs far less per individual.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +28,8 @@ def _inv(a: NDArray[np.floating]) -> NDArray[np.float64]:  # type: ignore[type-a
     return np.asarray(np.linalg.inv(a), dtype=np.float64)
 
 
-__all__ = ["Group", "Member", "build_groups", "compiled_pays", "effect_layout", "occasion_prior", "occasion_times",
-           "ranges"]
+__all__ = ["Group", "Member", "ObsSlice", "build_groups", "compiled_pays", "effect_layout", "occasion_prior",
+           "occasion_times", "ranges"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -46,6 +46,28 @@ class Member:
     error: str = ""  # why it cannot be fitted (a DataError message naming the record)
     n_occasions: int = 1
     notices: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ObsSlice:
+    """Observations of some members of a group, concatenated in order (:meth:`Group.observations`)."""
+
+    idx: IntArray  # positions in the group's arrays
+    starts: IntArray  # (members + 1,) each member's first row here
+    y: FloatArray
+    blq: NDArray[np.bool_]
+    limit: FloatArray
+    log: NDArray[np.bool_]
+    prop: FloatArray
+    add: FloatArray
+    sd_log: FloatArray
+    if_zero: FloatArray
+
+    @property
+    def error(self) -> tuple[FloatArray, NDArray[np.bool_], FloatArray, NDArray[np.bool_], FloatArray, FloatArray,
+                             FloatArray, FloatArray]:
+        """The arguments of :func:`cnidose.estimation.observations.terms` after the predictions."""
+        return self.y, self.blq, self.limit, self.log, self.prop, self.add, self.sd_log, self.if_zero
 
 
 @dataclass(slots=True)
@@ -78,10 +100,36 @@ class Group:
     sd_log: FloatArray = field(default_factory=lambda: np.zeros(0))
     if_zero: FloatArray = field(default_factory=lambda: np.zeros(0))
     _covs: dict[str, FloatArray] = field(default_factory=dict)
+    #: values derived from the group and made once (:meth:`memo`)
+    _memo: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
         return len(self.members)
+
+    def observations(self, which: IntArray) -> ObsSlice:
+        """The observations of members ``which`` (in order, repeats allowed), concatenated, with each member's
+        segment start: made once per selection (an optimisation asks for the same few selections at every
+        iteration)."""
+        def make() -> ObsSlice:
+            counts = np.diff(self.obs_start)[which]
+            starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            idx = ranges(self.obs_start[which], counts)
+            return ObsSlice(idx, starts, self.y[idx], self.blq[idx], self.limit[idx], self.log[idx], self.prop[idx],
+                            self.add[idx], self.sd_log[idx], self.if_zero[idx])
+
+        out: ObsSlice = self.memo(("observations", np.ascontiguousarray(which, dtype=np.int64).tobytes()), make)
+        return out
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, made once per key for this group (its arrays do not change once built). Bounded: an
+        optimisation's selections of members shrink as members converge, and each is a key."""
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) >= 64:
+                self._memo.clear()
+            hit = self._memo[key] = make()
+        return hit
 
     def expand(self, theta: FloatArray) -> FloatArray:
         """Estimated effects (..., dim) -> the model's full vector (..., full_dim), zeros elsewhere."""

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from cnidose.estimation.cohort import Group, Member, build_groups, effect_layout, ranges
+from cnidose.estimation.cohort import Group, Member, build_groups, effect_layout
 from cnidose.estimation.observations import scaled_prediction_and_variance, terms
 from cnidose.models.kernel import effect_dependencies
 from cnidose.models.model import Model, Notice
@@ -111,8 +111,13 @@ class _State:
     floor: FloatArray | None = None  # (G,) a lower bound of each member's data term (_data_floor), when needed
 
 
+_ZERO = np.zeros(1, dtype=np.intp)
+
+
 def _segment_sum(values: FloatArray, starts: IntArray, G: int) -> FloatArray:
     """Sum rows of ``values`` (O, ...) over each member's observation segment -> (G, ...)."""
+    if G == 1 and values.shape[0]:  # one member (a clinician's single patient): its rows are all the rows; the same
+        return np.add.reduceat(values, _ZERO, axis=0)  # sums as below (a fit gives the same bits alone or with others)
     out = np.zeros((G, *values.shape[1:]))
     full = np.diff(starts) > 0
     if values.shape[0] and full.any():  # reduceat sums each run of rows up to the next index given
@@ -122,18 +127,27 @@ def _segment_sum(values: FloatArray, starts: IntArray, G: int) -> FloatArray:
 
 def _obs_slices(g: Group, which: IntArray) -> tuple[IntArray, IntArray]:
     """Observation indices (into the group's arrays) of members ``which``, and their segment starts."""
-    counts = np.diff(g.obs_start)[which]
-    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return ranges(g.obs_start[which], counts), starts
+    o = g.observations(which)
+    return o.idx, o.starts
+
+
+def _quadratic(x: FloatArray, A: FloatArray) -> FloatArray:
+    """x' A x over the last axis of ``x`` (..., d) -> (...) (a matrix product: einsum's overhead is larger on the
+    few points of one patient)."""
+    return np.asarray(((x @ A) * x).sum(axis=-1), dtype=np.float64)
+
+
+def _information(w: FloatArray, J: FloatArray, starts: IntArray, G: int) -> FloatArray:
+    """Half the expected information of the data, each member's sum of ``w`` J_i J_j / 2 over its rows -> (G, d, d)."""
+    return _segment_sum(0.5 * w[:, None, None] * J[:, :, None] * J[:, None, :], starts, G)
 
 
 def _ofv(g: Group, which: IntArray, theta: FloatArray, f: FloatArray) -> FloatArray:
     """Objective of members ``which`` at ``theta`` (G', B, d) with predictions ``f`` (O', B) -> (G', B)."""
-    idx, starts = _obs_slices(g, which)
-    t, _, _, _ = terms(f, g.y[idx], g.blq[idx], g.limit[idx], g.log[idx], g.prop[idx], g.add[idx],
-                       g.sd_log[idx], g.if_zero[idx], derivatives=False)
-    data = _segment_sum(t, starts, which.size)
-    prior = np.einsum("gbi,ij,gbj->gb", theta, g.precision, theta)
+    o = g.observations(which)
+    t, _, _, _ = terms(f, *o.error, derivatives=False)
+    data = _segment_sum(t, o.starts, which.size)
+    prior = _quadratic(theta, g.precision)
     return data + prior
 
 
@@ -196,16 +210,16 @@ def _derivatives_of(g: Group, which: IntArray, theta: FloatArray, f: FloatArray,
                     ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
     """:func:`_derivatives` from the predictions ``f`` (O',) and their derivatives ``J`` (O', d)."""
     G = theta.shape[0]
-    idx, starts = _obs_slices(g, which)
-    t, dt, w, _ = terms(f[:, None], g.y[idx], g.blq[idx], g.limit[idx], g.log[idx], g.prop[idx], g.add[idx],
-                        g.sd_log[idx], g.if_zero[idx])
+    o = g.observations(which)
+    t, dt, w, _ = terms(f[:, None], *o.error)
     assert dt is not None and w is not None
     t, dt, w = t[:, 0], dt[:, 0], w[:, 0]
     dt = np.where(np.isfinite(dt), dt, 0.0)
     w = np.where(np.isfinite(w), w, 0.0)
-    ofv = _segment_sum(t, starts, G) + np.einsum("gi,ij,gj->g", theta, g.precision, theta)
-    grad = _segment_sum(dt[:, None] * J, starts, G) + 2.0 * theta @ g.precision
-    info_half = _segment_sum(0.5 * w[:, None, None] * J[:, :, None] * J[:, None, :], starts, G) + g.precision
+    Pt = theta @ g.precision
+    ofv = _segment_sum(t, o.starts, G) + (Pt * theta).sum(axis=-1)
+    grad = _segment_sum(dt[:, None] * J, o.starts, G) + 2.0 * Pt
+    info_half = _information(w, J, o.starts, G) + g.precision
     return f, J, ofv, grad, info_half
 
 
@@ -229,12 +243,11 @@ def _final(g: Group, theta: FloatArray) -> tuple[FloatArray, FloatArray, FloatAr
         F = g.predict(pts, which)
         f_typ = F[:, 1]
         f, J = _from_differences(theta, np.concatenate([F[:, :1], F[:, 2:]], axis=1))
-    idx, starts = _obs_slices(g, which)
-    _, _, w, _ = terms(f[:, None], g.y[idx], g.blq[idx], g.limit[idx], g.log[idx], g.prop[idx], g.add[idx],
-                       g.sd_log[idx], g.if_zero[idx])
+    o = g.observations(which)
+    _, _, w, _ = terms(f[:, None], *o.error)
     assert w is not None
     w1 = np.where(np.isfinite(w[:, 0]), w[:, 0], 0.0)
-    info = _segment_sum(0.5 * w1[:, None, None] * J[:, :, None] * J[:, None, :], starts, G) + g.precision
+    info = _information(w1, J, o.starts, G) + g.precision
     return f, f_typ, info
 
 
@@ -283,13 +296,14 @@ def _optimise(g: Group, theta0: FloatArray, which: IntArray, *, max_iter: int = 
             if upd.size:
                 sv = st.theta[upd] - prev_theta[upd]
                 yv = grad_all[upd] - prev_grad[upd]
-                sy = np.einsum("gi,gi->g", sv, yv)
-                Hs = np.einsum("gij,gj->gi", Hq[upd], sv)
-                sHs = np.einsum("gi,gi->g", sv, Hs)
+                sy = (sv * yv).sum(axis=1)
+                Hs = (Hq[upd] @ sv[:, :, None])[:, :, 0]
+                sHs = (sv * Hs).sum(axis=1)
                 good = (sy > 1e-12) & (sHs > 1e-12)
                 u = upd[good]
-                Hq[u] += (np.einsum("gi,gj->gij", yv[good], yv[good]) / sy[good][:, None, None]
-                          - np.einsum("gi,gj->gij", Hs[good], Hs[good]) / sHs[good][:, None, None])
+                yg, hg = yv[good], Hs[good]
+                Hq[u] += (yg[:, :, None] * yg[:, None, :] / sy[good][:, None, None]
+                          - hg[:, :, None] * hg[:, None, :] / sHs[good][:, None, None])
             use = have_q[members]
             H[late[use]] = Hq[members[use]]
         prev_theta[act] = st.theta[act]
@@ -298,7 +312,7 @@ def _optimise(g: Group, theta0: FloatArray, which: IntArray, *, max_iter: int = 
             step = -np.linalg.solve(H, grad[..., None])[..., 0]
         except np.linalg.LinAlgError:
             step = -grad * 0.1
-        decrement = -np.einsum("gi,gi->g", grad, step)
+        decrement = -(grad * step).sum(axis=1)
         small = (decrement < tol) | (np.max(np.abs(step), axis=1) < 1e-9)
         st.done[act[small]] = True
         st.converged[act[small]] = True
@@ -354,7 +368,7 @@ def _doubtful(g: Group, which: IntArray, st: _State) -> NDArray[np.bool_]:
         flag = (z > 5.0) | ((f == 0) & ~g.blq[idx])
         out[ok] |= _segment_sum(flag.astype(float), starts, ok.size) > 0
         # information not positive definite, or an estimate far in the prior's tail
-        far = np.einsum("gi,ij,gj->g", st.theta[ok], g.precision, st.theta[ok]) > 25.0
+        far = _quadratic(st.theta[ok], g.precision) > 25.0
         out[ok] |= far
         # an objective well above what the levels could give: OFV less each level's term at a prediction equal to
         # it (a BLQ level's 0; about each level's own least term, _data_floor) is, at the optimum, about a
@@ -559,7 +573,7 @@ def _screen_values(g: Group, which: IntArray, st: _State, members: IntArray, pts
     """The objective at points ``pts`` (G', P, d) of ``members``, inf where a point cannot compete (its prior
     penalty alone exceeds what any point could have and still beat the estimate, by more than the slack), which
     are not predicted."""
-    pen = np.einsum("gpi,ij,gpj->gp", pts, g.precision, pts)
+    pen = _quadratic(pts, g.precision)
     if st.floor is None:
         st.floor = _data_floor(g, which)
     room = st.ofv[members] - st.floor[members] + _SCREEN_SLACK
@@ -578,43 +592,126 @@ def _screen_values(g: Group, which: IntArray, st: _State, members: IntArray, pts
     return vals
 
 
-def _ray_scan(g: Group, which: IntArray, st: _State, members: IntArray, *, n_best: int = 3) -> None:
-    """Look for other basins along rays from the estimate: the axis of every wide effect and every diagonal
-    pair of axes with at least one wide effect and not of two different occasions (e_i, e_i + e_j, e_i - e_j),
-    both ways, 0.5-4 units of the effects. The flip-flop of absorption and elimination, for one, moves the log
-    volume and the log absorption rate by the same amount (an e_i + e_j ray). Directions between narrow effects
-    only are not searched: a basin along them pays more prior penalty than it can gain (``_WIDE_PRIOR_SD``).
-    Restarts from the best ray points; keeps the lower optimum.
+def _ray_directions(g: Group) -> FloatArray:
+    """The rays of the wide-prior search from an estimate, in raw effect units (:func:`_wide_search`): (R, d), or
+    (0, d) where no effect is wide. Made once per group."""
+    out: FloatArray = g.memo("rays", lambda: _make_rays(g))
+    return out
+
+
+def _make_rays(g: Group) -> FloatArray:
+    d = g.dim
+    wide = np.zeros(d, bool)
+    wide[_wide(g)] = True
+    if not wide.any():
+        return np.zeros((0, d))
+    occ = np.asarray(g.occasions, dtype=np.int64)
+    i, j = np.triu_indices(d, k=1)
+    # pairs with a wide effect; effects of two different occasions act at different times: no ridge between them
+    keep = (wide[i] | wide[j]) & ~((occ[i] > 0) & (occ[j] > 0) & (occ[i] != occ[j]))
+    i, j = i[keep], j[keep]
+    pairs = np.zeros((2 * i.size, d))
+    rows = np.arange(i.size)
+    pairs[2 * rows, i], pairs[2 * rows, j] = 1.0, 1.0  # e_i + e_j, then e_i - e_j
+    pairs[2 * rows + 1, i], pairs[2 * rows + 1, j] = 1.0, -1.0
+    D = np.concatenate([np.eye(d)[wide], pairs])  # raw effect units: a flip-flop moves two log-parameters alike
+    steps = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 4.0])
+    return np.concatenate([np.concatenate([a * D for a in steps]), np.concatenate([-a * D for a in steps])])
+
+
+def _wide_search(g: Group, which: IntArray, st: _State, members: IntArray, *, rays: bool = True,
+                 n_ray_best: int = 3, n_cloud_best: int = 5, chunk: int = 64) -> None:
+    """Look for other basins where a prior is wide, in one screen of two sets of points per member; restart from
+    the best of each set; keep the lower optimum.
+
+    Rays from the estimate: the axis of every wide effect and every diagonal pair of axes with at least one wide
+    effect and not of two different occasions (e_i, e_i + e_j, e_i - e_j), both ways, 0.5-4 units of the effects.
+    The flip-flop of absorption and elimination, for one, moves the log volume and the log absorption rate by the
+    same amount (an e_i + e_j ray). Directions between narrow effects only are not searched: a basin along them
+    pays more prior penalty than it can gain (``_WIDE_PRIOR_SD``). The ``n_ray_best`` lowest ray points start
+    probes.
+
+    A cloud over the prior of the wide between-subject effects (:func:`_cloud`), the others once at the estimate
+    and once at zero: the ``n_cloud_best`` lowest points far from the estimate and distinct from each other start
+    probes.
+
+    The points are predicted together (one call per chunk of members), and the starts of both probed together
+    (:func:`_probe_and_keep`). A member whose optimum moved is screened by the cloud again around its new
+    estimate.
     """
-    wide = set(_wide(g).tolist())
-    if members.size == 0 or not wide:
+    if members.size == 0 or g.dim == 0:
         return
     d = g.dim
-    occ = g.occasions
-    dirs = [np.eye(d)[i] for i in sorted(wide)]
-    for i in range(d):
-        for j in range(i + 1, d):
-            if i not in wide and j not in wide:
-                continue
-            if occ[i] and occ[j] and occ[i] != occ[j]:
-                continue  # effects of two different occasions act at different times: no ridge between them
-            for sgn in (1.0, -1.0):
-                v = np.zeros(d)
-                v[i], v[j] = 1.0, sgn
-                dirs.append(v)
-    D = np.asarray(dirs)  # raw effect units: a flip-flop moves two log-parameters by the same amount
-    steps = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 4.0])
-    rays = np.concatenate([np.concatenate([a * D for a in steps]), np.concatenate([-a * D for a in steps])])
-    pts = st.theta[members][:, None, :] + rays[None]
-    vals = _screen_values(g, which, st, members, pts)
-    best = np.argsort(vals, axis=1)[:, :n_best]
-    S = pts[np.arange(members.size)[:, None], best].reshape(-1, d)
-    own = np.repeat(members, n_best)
-    okv = np.isfinite(vals[np.arange(members.size)[:, None], best].ravel())
-    S, own = S[okv], own[okv]
-    if own.size == 0:
+    ray = _ray_directions(g) if rays else np.zeros((0, d))
+    cloud, wide = _cloud(g)
+    n_ray = ray.shape[0]
+    if n_ray == 0 and cloud.shape[0] == 0:
         return
-    _probe_and_keep(g, which, st, S, own)
+    root = np.linalg.cholesky(g.precision)  # (p - c)' P (p - c) = |L'(p - c)|^2
+    starts: list[FloatArray] = []
+    owners: list[IntArray] = []
+    for lo in range(0, members.size, chunk):
+        part = members[lo:lo + chunk]
+        est = st.theta[part]
+        parts = [est[:, None, :] + ray[None]]
+        if cloud.shape[0]:
+            # the other effects at the estimate, and at their prior mode (a flip-flop's other basin has the narrow
+            # effect near its prior mode when the first basin pushed it far out)
+            n = cloud.shape[0]
+            pts = np.repeat(est[:, None, :], n, axis=1)
+            if wide.size < d:
+                pts = np.concatenate([pts, np.zeros((part.size, n, d))], axis=1)
+            pts[:, :, wide] = np.tile(cloud, (pts.shape[1] // n, 1))[None]
+            parts.append(pts)
+        allpts = np.concatenate(parts, axis=1)
+        vals = _screen_values(g, which, st, part, allpts)
+        rows = np.arange(part.size)[:, None]
+        if n_ray:
+            best = np.argsort(vals[:, :n_ray], axis=1)[:, :n_ray_best]
+            okv = np.isfinite(vals[rows, best]).ravel()
+            starts.append(allpts[rows, best].reshape(-1, d)[okv])
+            owners.append(np.repeat(part, best.shape[1])[okv])
+        if allpts.shape[1] > n_ray:
+            cpts, cvals = allpts[:, n_ray:], vals[:, n_ray:]
+            diff = cpts - est[:, None, :]
+            cvals = np.where(np.isfinite(cvals) & (_quadratic(diff, g.precision) > 1.0), cvals, np.inf)
+            order = np.argsort(cvals, axis=1)
+            for r, member in enumerate(part.tolist()):
+                ranked = order[r][np.isfinite(cvals[r, order[r]])]
+                chosen = _distinct(cpts[r, ranked] @ root, n_cloud_best)
+                if chosen:
+                    starts.append(cpts[r, ranked[chosen]])
+                    owners.append(np.full(len(chosen), member, dtype=np.int64))
+    if not starts:
+        return
+    before = st.ofv.copy()
+    _probe_and_keep(g, which, st, np.concatenate(starts), np.concatenate(owners))
+    moved = members[st.ofv[members] < before[members] - 1e-9]
+    if rays and moved.size and cloud.shape[0]:
+        _wide_search(g, which, st, moved, rays=False, n_cloud_best=n_cloud_best, chunk=chunk)
+
+
+def _cloud(g: Group, inflate: float = 1.5) -> tuple[FloatArray, IntArray]:
+    """The cloud of the wide-prior search (:func:`_wide_search`) and the wide between-subject effects it covers:
+    Halton points mapped to normal quantiles over those effects' prior (SDs inflated by ``inflate``), (n, k) and
+    (k,); (0, 0) where none is wide. The cloud has 64, 512 or 1,024 points for one, two or more wide effects: along
+    one wide effect 64 quantiles reach 3.6 prior SDs out (inflated), 0.06 SD apart near the mode and at most 0.44 SD
+    apart in the tails, where a point's prior penalty alone is 10-13 (256 reached 4.3 SDs).
+    Between-occasion effects are left to the rays: each acts on its own occasion's levels, and a cloud over the
+    product of many occasions' effects would cover none of them well."""
+    out: tuple[FloatArray, IntArray] = g.memo(("cloud", inflate), lambda: _make_cloud(g, inflate))
+    return out
+
+
+def _make_cloud(g: Group, inflate: float) -> tuple[FloatArray, IntArray]:
+    occ = g.occasions
+    wide = np.asarray([w for w in _wide(g).tolist() if occ[w] == 0], dtype=np.int64)
+    if wide.size == 0:
+        return np.zeros((0, 0)), wide
+    k = wide.size
+    z = _normal_cloud(64 if k == 1 else 128 * 2 ** min(k, 3), k)
+    chol = np.linalg.cholesky(_inv(g.precision)[np.ix_(wide, wide)])  # the wide effects' prior marginal
+    return np.asarray(inflate * z @ chol.T, dtype=np.float64), wide
 
 
 def _probe_and_keep(g: Group, which: IntArray, st: _State, starts: FloatArray, owners: IntArray) -> None:
@@ -676,7 +773,7 @@ def _leaves_the_basin(g: Group, which: IntArray, st: _State, starts: FloatArray,
         step = -grad
     home = est - starts
     with np.errstate(all="ignore"):
-        cos = np.einsum("si,si->s", step, home) / (np.linalg.norm(step, axis=1) * np.linalg.norm(home, axis=1))
+        cos = (step * home).sum(axis=1) / (np.linalg.norm(step, axis=1) * np.linalg.norm(home, axis=1))
     away = ~(np.isfinite(cos) & (cos >= _TOWARDS))
     # an impossible start cannot be probed
     keep: NDArray[np.bool_] = np.isfinite(vals[:, 0]) & (hill | away)
@@ -724,13 +821,14 @@ def _distinct(u: FloatArray, n_best: int, block: int = 64) -> list[int]:
             break
         cand = u[lo:lo + block]
         taken = u[chosen] if chosen else np.zeros((0, u.shape[1]))
-        to_taken = ((cand[:, None, :] - taken[None, :, :]) ** 2).sum(axis=2)  # (block, taken)
-        among = ((cand[:, None, :] - cand[None, :, :]) ** 2).sum(axis=2)  # (block, block)
+        # as Python booleans: the greedy pass below reads them one at a time
+        clear = np.all(((cand[:, None, :] - taken[None, :, :]) ** 2).sum(axis=2) > 1.0, axis=1).tolist()
+        apart = (((cand[:, None, :] - cand[None, :, :]) ** 2).sum(axis=2) > 1.0).tolist()  # (block, block)
         mine: list[int] = []
         for i in range(cand.shape[0]):
             if len(chosen) + len(mine) == n_best:
                 break
-            if np.all(to_taken[i] > 1.0) and np.all(among[i, mine] > 1.0):
+            if clear[i] and all(apart[i][j] for j in mine):
                 mine.append(i)
         chosen += [lo + i for i in mine]
     return chosen
@@ -746,55 +844,6 @@ def _normal_cloud(n: int, k: int) -> FloatArray:
     z = np.array([inv(float(x)) for x in u.ravel()]).reshape(n, k)
     z.setflags(write=False)
     return z
-
-
-def _global_screen(g: Group, which: IntArray, st: _State, members: IntArray, *, n_points: int | None = None,
-                   n_best: int = 5, inflate: float = 1.5, chunk: int = 200) -> None:
-    """Screen a Halton cloud covering the prior of the wide between-subject effects (SDs inflated by
-    ``inflate``; the other effects once at the estimate and once at zero) for every member; restart from its
-    best distinct points far from the estimate; keep the lower optimum. The cloud has 64, 512 or 1,024 points
-    for one, two or more wide effects (twice that with the two placings of the others, where there are others):
-    along one wide effect 64 quantiles reach 3.6 prior SDs out (inflated), 0.06 SD apart near the mode and at most
-    0.44 SD apart in the tails, where a point's prior penalty alone is 10-13 (256 reached 4.3 SDs). Points that
-    cannot compete are not predicted (:func:`_screen_values`).
-    Between-occasion effects are left to the rays (:func:`_ray_scan`): each acts on its own occasion's levels,
-    and a cloud over the product of many occasions' effects would cover none of them well.
-    """
-    occ = g.occasions
-    wide = np.asarray([w for w in _wide(g).tolist() if occ[w] == 0], dtype=np.int64)
-    if members.size == 0 or wide.size == 0:
-        return
-    d = g.dim
-    k = wide.size
-    n = n_points if n_points is not None else (64 if k == 1 else 128 * 2 ** min(k, 3))
-    z = _normal_cloud(n, k)
-    chol = np.linalg.cholesky(_inv(g.precision)[np.ix_(wide, wide)])  # the wide effects' prior marginal
-    cloud = inflate * z @ chol.T  # (n, k)
-    starts, owners = [], []
-    for lo in range(0, members.size, chunk):
-        part = members[lo:lo + chunk]
-        # the other effects at the estimate, and at their prior mode (a flip-flop's other basin has the narrow
-        # effect near its prior mode when the first basin pushed it far out)
-        pts = np.repeat(st.theta[part][:, None, :], n, axis=1)
-        if k < d:
-            pts = np.concatenate([pts, np.zeros((part.size, n, d))], axis=1)
-        pts[:, :, wide] = np.tile(cloud, (pts.shape[1] // n, 1))[None]
-        vals = _screen_values(g, which, st, part, pts)
-        diff = pts - st.theta[part][:, None, :]
-        far = np.einsum("gni,ij,gnj->gn", diff, g.precision, diff) > 1.0
-        vals = np.where(np.isfinite(vals) & far, vals, np.inf)
-        order = np.argsort(vals, axis=1)
-        root = np.linalg.cholesky(g.precision)  # (p - c)' P (p - c) = |L'(p - c)|^2
-        for r, member in enumerate(part):
-            ranked = order[r][np.isfinite(vals[r, order[r]])]
-            chosen = _distinct(pts[r, ranked] @ root, n_best)
-            starts += [pts[r, ranked[k]] for k in chosen]
-            owners += [member] * len(chosen)
-    if not starts:
-        return
-    S = np.asarray(starts)
-    own = np.asarray(owners, dtype=np.int64)
-    _probe_and_keep(g, which, st, S, own)
 
 
 def _exact_covariance(g: Group, which: int, theta: FloatArray) -> FloatArray | None:
@@ -910,9 +959,7 @@ def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: Cov
         if restarts:
             _timing_scan(g, fit_idx, st, timing)
             if g.dim and np.max(np.sqrt(np.diag(_inv(g.precision)))) > _WIDE_PRIOR_SD:
-                everyone_idx = np.arange(fit_idx.size)
-                _ray_scan(g, fit_idx, st, everyone_idx)
-                _global_screen(g, fit_idx, st, everyone_idx)
+                _wide_search(g, fit_idx, st, np.arange(fit_idx.size))
         _polish(g, fit_idx, st, np.flatnonzero(~st.converged & np.isfinite(st.ofv)))
         theta = np.zeros((g.size, g.dim))
         theta[fit_idx] = st.theta

@@ -176,6 +176,8 @@ def scaled_prediction_and_variance(f: FloatArray, log: BoolArray, prop: FloatArr
                                    sd_log: FloatArray, if_zero: FloatArray) -> tuple[FloatArray, FloatArray]:
     """``f'`` (the prediction on the scale each observation is fitted on: ln f on the log scale) and the residual
     variance ``V`` there, for predictions ``f`` (O, B) and per-observation error arrays broadcast to it."""
+    if not log.any() and not np.isfinite(if_zero).any():  # the usual case, without the masks
+        return f, (prop * f) ** 2 + add**2
     with np.errstate(divide="ignore", invalid="ignore"):
         fp = np.where(log, np.log(np.where(f > 0, f, np.nan)), f)
         fp = np.where(log & ~(f > 0), -np.inf, fp)
@@ -198,33 +200,45 @@ def terms(f: FloatArray, y: FloatArray, blq: BoolArray, limit: FloatArray, log: 
     blq, log = blq[col], log[col]
     prop, add, sd_log, if_zero = prop[col], add[col], sd_log[col], if_zero[col]
     fp, V = scaled_prediction_and_variance(f, log, prop, add, sd_log, if_zero)
+    # the masks cost more than the arithmetic on a patient's few levels: each branch only where it is needed
+    any_blq, any_log, any_zero = bool(blq.any()), bool(log.any()), bool(np.isfinite(if_zero).any())
     with np.errstate(divide="ignore", invalid="ignore"):
-        dV = np.where(log | (np.isfinite(if_zero) & (f == 0)), 0.0, 2.0 * prop**2 * f)  # dV/df' (f' = f here)
-        target = np.where(blq, limit, y)
-        r = target - fp
+        if any_log or any_zero:
+            dV = np.where(log | (np.isfinite(if_zero) & (f == 0)), 0.0, 2.0 * prop**2 * f)  # dV/df' (f' = f here)
+        else:
+            dV = 2.0 * prop**2 * f
+        r = (np.where(blq, limit, y) if any_blq else y) - fp
         normal = r**2 / V + np.log(V)
-        normal = np.where((V == 0) & (r == 0), -np.inf, normal)  # degenerate exact fit; flagged below
-        z = r / np.sqrt(V)
-        if blq.any():  # SciPy's special functions only where a level is BLQ (their import is a quarter second)
+        degenerate = V <= 0
+        if degenerate.any():
+            normal = np.where((V == 0) & (r == 0), -np.inf, normal)  # degenerate exact fit; flagged below
+        if any_blq:  # SciPy's special functions only where a level is BLQ (their import is a quarter second)
             from scipy.special import log_ndtr
 
+            z = r / np.sqrt(V)
             lphi = np.where(blq, log_ndtr(z), 0.0)
+            t = np.where(blq, -2.0 * lphi, normal)
         else:
-            lphi = np.zeros_like(z)
-        t = np.where(blq, -2.0 * lphi, normal)
-        t = np.where(np.isnan(t) | (V <= 0), np.inf, t)
+            t = normal
+        t = np.where(np.isnan(t) | degenerate, np.inf, t)
         if not derivatives:
             return t, None, None, None
-        dfp = np.where(log, 1.0 / f, 1.0)
         # d t / d f'
         d_normal = -2.0 * r / V + (1.0 / V - r**2 / V**2) * dV
-        mills = np.exp(-0.5 * z**2 - 0.5 * np.log(2 * np.pi) - lphi)  # phi(z)/Phi(z)
-        dz = -1.0 / np.sqrt(V) - r * dV / (2.0 * V**1.5)
-        d_blq = -2.0 * mills * dz
-        dtp = np.where(blq, d_blq, d_normal)
         w_normal = 2.0 / V + (dV / V) ** 2
-        # M3: exact second derivative of -2 ln Phi(z) w.r.t. f' (z linear in f' when V is constant;
-        # the V(f) part is neglected in the weight), clipped at 0
-        w_blq = np.maximum(2.0 * mills * (z + mills) * dz**2, 0.0)
-        wp = np.where(blq, w_blq, w_normal)
+        if any_blq:
+            mills = np.exp(-0.5 * z**2 - 0.5 * np.log(2 * np.pi) - lphi)  # phi(z)/Phi(z)
+            dz = -1.0 / np.sqrt(V) - r * dV / (2.0 * V**1.5)
+            d_blq = -2.0 * mills * dz
+            dtp = np.where(blq, d_blq, d_normal)
+            # M3: exact second derivative of -2 ln Phi(z) w.r.t. f' (z linear in f' when V is constant;
+            # the V(f) part is neglected in the weight), clipped at 0
+            w_blq = np.maximum(2.0 * mills * (z + mills) * dz**2, 0.0)
+            wp = np.where(blq, w_blq, w_normal)
+        else:
+            dtp, wp = d_normal, w_normal
+        if not any_log:
+            dfp = np.ones_like(f)
+            return t, dtp, wp, dfp
+        dfp = np.where(log, 1.0 / f, 1.0)
     return t, dtp * dfp, wp * dfp**2, dfp

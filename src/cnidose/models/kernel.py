@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -102,6 +102,7 @@ class Stack:
     n_rec: IntArray
     natural: IntArray
     plans: tuple[Plan, ...]
+    timed: NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))  # per plan: Plan.timed
 
     @staticmethod
     def of(plans: Sequence[Plan]) -> Stack:
@@ -128,7 +129,7 @@ class Stack:
             n_obs=np.array([p.obs_rec.size for p in plans], dtype=np.int64),
             n_rec=np.array([p.occ.size for p in plans], dtype=np.int64),
             natural=np.array([int(p.natural) for p in plans], dtype=np.int64),
-            plans=tuple(plans))
+            plans=tuple(plans), timed=np.array([p.timed for p in plans], dtype=bool))
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -256,12 +257,11 @@ class ModelKernel:
         out = np.empty((n_out, B))
         jac = np.empty((n_out, B, max(nd, 1)))
         held = np.empty((G, B), dtype=np.bool_)
-        timed = np.array([stack.plans[int(i)].timed for i in which], dtype=bool) if stack.plans else \
-            np.zeros(G, bool)
-        rows = np.flatnonzero(~timed)
-        if rows.size == G:
+        timed = stack.timed[which] if stack.plans else np.zeros(G, bool)
+        if not timed.any():
             self._loop(stack, which, P, dP, nd, out_start, out, jac, held)
         else:
+            rows = np.flatnonzero(~timed)
             if rows.size:  # the shared schedules in one call
                 sub_start = np.concatenate([[0], np.cumsum(stack.n_obs[which[rows]])]).astype(np.int64)
                 o2, j2 = np.empty((int(sub_start[-1]), B)), np.empty((int(sub_start[-1]), B, max(nd, 1)))
