@@ -49,6 +49,14 @@ def test_the_kernels_pay_for_ode_models_and_for_enough_fits_on_the_engine_path()
     levels = sum(int(np.sum((i.evid == 0) & (i.mdv == 0))) for i in engine[:16])
     assert levels >= 40 and compiled_pays([m], engine[:16], per_level=True)
     assert compiled_pays([m], engine[:20], repeats=2) and not compiled_pays([m], engine[:19], repeats=2)
+    # a large data set is judged by an even sample of 256, its count scaled: 60 engine-path individuals spread
+    # among 1,000 others pay, 10 do not
+    many = ex * 500
+    spread = list(many)
+    for k in range(60):
+        spread.insert(k * 17, engine[k % 40])
+    assert compiled_pays([m], spread)
+    assert not compiled_pays([m], [*many[:500], *engine[:10], *many[500:]])
     # an ODE model: the compiled integrator, even for one patient
     assert compiled_pays([load_model(REPO / "validation" / "map-nonmem" / "model201.toml")], [])
 

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError
-from cnidose.estimation.observations import ObservationData, observation_data
+from cnidose.estimation.observations import ObservationData, observation_data_many
 from cnidose.models.kernel import ModelKernel, Plan, Stack, model_kernel
 from cnidose.models.model import Model, Prepared
 from cnidose.pk.events import Individual
@@ -328,11 +328,17 @@ def compiled_pays(models: Sequence[Model], individuals: Sequence[Individual], *,
     path: time-varying covariates, several occasions) number at least ``_KERNEL_PAYS_AFTER``. ``per_level``:
     each individual is fitted once per level (forecasting evaluation); ``repeats``: each fit made that many
     times (strategies). A long-running process (the web app, the API) keeps them: the cost is paid once."""
-    fits = 0
+    if any(isinstance(model.structure, OdeStructure) for model in models):
+        return True
+    # a large data set: an even sample of it, the count scaled (binding every individual only to decide cost a
+    # tenth of a second for 4,000; a wrong guess costs time, never a different estimate)
+    sample: Sequence[Individual] = individuals
+    if len(individuals) > _PAYS_SAMPLE:
+        sample = [individuals[int(k)] for k in np.linspace(0, len(individuals) - 1, _PAYS_SAMPLE)]
+    scale = len(individuals) / max(len(sample), 1)
+    fits = 0.0
     for model in models:
-        if isinstance(model.structure, OdeStructure):
-            return True
-        for ind in individuals:
+        for ind in sample:
             try:
                 prep = model.prepare(ind)
             except CnidoseError:
@@ -340,10 +346,13 @@ def compiled_pays(models: Sequence[Model], individuals: Sequence[Individual], *,
             if _superposed(model, prep):
                 continue
             levels = int(np.sum((ind.evid == 0) & (ind.mdv == 0))) if per_level else 1
-            fits += levels * repeats
+            fits += levels * repeats * scale
             if fits >= _KERNEL_PAYS_AFTER:
                 return True
     return False
+
+
+_PAYS_SAMPLE = 256
 
 
 def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool = True, compiled: bool = True
@@ -359,14 +368,22 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
     prec_eta: FloatArray = _inv(model.omega[np.ix_(est, est)]) if est.size else np.zeros((0, 0))
     fast_members: list[Member] = []
     slow_members: list[Member] = []
+    prepared: list[Member] = []
     for m in members:
         try:
             m.prep = model.prepare(m.individual)
-            m.notices = m.prep.notices
-            m.obs = observation_data(model, m.prep)
         except CnidoseError as exc:
             m.error = str(exc)
             continue
+        m.notices = m.prep.notices
+        prepared.append(m)
+    bound = observation_data_many(model, [m.prep for m in prepared])  # type: ignore[misc]
+    for m, obs in zip(prepared, bound, strict=True):
+        if isinstance(obs, CnidoseError):
+            m.error = str(obs)
+            continue
+        assert m.prep is not None
+        m.obs = obs
         m.n_occasions = m.prep.n_occasions
         eligible = fast and _superposed(model, m.prep)
         (fast_members if eligible else slow_members).append(m)
