@@ -594,18 +594,17 @@ def _screen_values(g: Group, which: IntArray, st: _State, members: IntArray, pts
 
 def _ray_directions(g: Group) -> FloatArray:
     """The rays of the wide-prior search from an estimate, in raw effect units (:func:`_wide_search`): (R, d), or
-    (0, d) where no effect is wide. Made once per group."""
-    out: FloatArray = g.memo("rays", lambda: _make_rays(g))
-    return out
+    (0, d) where no effect is wide. Made once per layout (every fit of a patient makes its own group)."""
+    return _make_rays(g.dim, tuple(_wide(g).tolist()), tuple(g.occasions))
 
 
-def _make_rays(g: Group) -> FloatArray:
-    d = g.dim
+@lru_cache(maxsize=64)
+def _make_rays(d: int, wide_effects: tuple[int, ...], occasions: tuple[int, ...]) -> FloatArray:
     wide = np.zeros(d, bool)
-    wide[_wide(g)] = True
+    wide[list(wide_effects)] = True
     if not wide.any():
         return np.zeros((0, d))
-    occ = np.asarray(g.occasions, dtype=np.int64)
+    occ = np.asarray(occasions, dtype=np.int64)
     i, j = np.triu_indices(d, k=1)
     # pairs with a wide effect; effects of two different occasions act at different times: no ridge between them
     keep = (wide[i] | wide[j]) & ~((occ[i] > 0) & (occ[j] > 0) & (occ[i] != occ[j]))
@@ -616,7 +615,9 @@ def _make_rays(g: Group) -> FloatArray:
     pairs[2 * rows + 1, i], pairs[2 * rows + 1, j] = 1.0, -1.0
     D = np.concatenate([np.eye(d)[wide], pairs])  # raw effect units: a flip-flop moves two log-parameters alike
     steps = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 4.0])
-    return np.concatenate([np.concatenate([a * D for a in steps]), np.concatenate([-a * D for a in steps])])
+    out = np.concatenate([np.concatenate([a * D for a in steps]), np.concatenate([-a * D for a in steps])])
+    out.setflags(write=False)
+    return out
 
 
 def _wide_search(g: Group, which: IntArray, st: _State, members: IntArray, *, rays: bool = True,
@@ -699,19 +700,22 @@ def _cloud(g: Group, inflate: float = 1.5) -> tuple[FloatArray, IntArray]:
     apart in the tails, where a point's prior penalty alone is 10-13 (256 reached 4.3 SDs).
     Between-occasion effects are left to the rays: each acts on its own occasion's levels, and a cloud over the
     product of many occasions' effects would cover none of them well."""
-    out: tuple[FloatArray, IntArray] = g.memo(("cloud", inflate), lambda: _make_cloud(g, inflate))
-    return out
-
-
-def _make_cloud(g: Group, inflate: float) -> tuple[FloatArray, IntArray]:
     occ = g.occasions
-    wide = np.asarray([w for w in _wide(g).tolist() if occ[w] == 0], dtype=np.int64)
-    if wide.size == 0:
-        return np.zeros((0, 0)), wide
-    k = wide.size
+    wide = tuple(w for w in _wide(g).tolist() if occ[w] == 0)
+    if not wide:
+        return np.zeros((0, 0)), np.zeros(0, np.int64)
+    marginal = _inv(g.precision)[np.ix_(wide, wide)]  # the wide effects' prior marginal
+    return _make_cloud(marginal.tobytes(), len(wide), inflate), np.asarray(wide, dtype=np.int64)
+
+
+@lru_cache(maxsize=64)
+def _make_cloud(marginal: bytes, k: int, inflate: float) -> FloatArray:
+    """The cloud for wide effects of prior covariance ``marginal`` (k x k, its bytes): made once per prior."""
     z = _normal_cloud(64 if k == 1 else 128 * 2 ** min(k, 3), k)
-    chol = np.linalg.cholesky(_inv(g.precision)[np.ix_(wide, wide)])  # the wide effects' prior marginal
-    return np.asarray(inflate * z @ chol.T, dtype=np.float64), wide
+    chol = np.linalg.cholesky(np.frombuffer(marginal, dtype=np.float64).reshape(k, k))
+    out = np.asarray(inflate * z @ chol.T, dtype=np.float64)
+    out.setflags(write=False)
+    return out
 
 
 def _probe_and_keep(g: Group, which: IntArray, st: _State, starts: FloatArray, owners: IntArray) -> None:
