@@ -8,7 +8,7 @@ first costs far less per individual.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,10 @@ class Member:
     error: str = ""  # why it cannot be fitted (a DataError message naming the record)
     n_occasions: int = 1
     notices: tuple[Any, ...] = ()
+
+
+# selections of at most this many members keep their observations' slices (Group.observations)
+_KEEP_SLICES_UP_TO = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +104,8 @@ class Group:
     sd_log: FloatArray = field(default_factory=lambda: np.zeros(0))
     if_zero: FloatArray = field(default_factory=lambda: np.zeros(0))
     _covs: dict[str, FloatArray] = field(default_factory=dict)
-    #: values derived from the group and made once (:meth:`memo`)
-    _memo: dict[Any, Any] = field(default_factory=dict)
+    #: the observations of small selections of members, kept (:meth:`observations`)
+    _slices: dict[bytes, ObsSlice] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -109,27 +113,26 @@ class Group:
 
     def observations(self, which: IntArray) -> ObsSlice:
         """The observations of members ``which`` (in order, repeats allowed), concatenated, with each member's
-        segment start: made once per selection (an optimisation asks for the same few selections at every
-        iteration)."""
-        def make() -> ObsSlice:
-            counts = np.diff(self.obs_start)[which]
-            starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-            idx = ranges(self.obs_start[which], counts)
-            return ObsSlice(idx, starts, self.y[idx], self.blq[idx], self.limit[idx], self.log[idx], self.prop[idx],
-                            self.add[idx], self.sd_log[idx], self.if_zero[idx])
-
-        out: ObsSlice = self.memo(("observations", np.ascontiguousarray(which, dtype=np.int64).tobytes()), make)
-        return out
-
-    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
-        """``make()``, made once per key for this group (its arrays do not change once built). Bounded: an
-        optimisation's selections of members shrink as members converge, and each is a key."""
-        hit = self._memo.get(key)
+        segment start. A selection of a few members is made once and kept (an optimisation asks for the same few
+        selections at every iteration, and on one patient's levels the slicing costs as much as the arithmetic); a
+        large one is made at each call (its slicing is small beside the work on it, and keeping it would hold
+        copies of a cohort's observations)."""
+        if which.size > _KEEP_SLICES_UP_TO:
+            return self._slice(which)
+        key = np.ascontiguousarray(which, dtype=np.int64).tobytes()
+        hit = self._slices.get(key)
         if hit is None:
-            if len(self._memo) >= 64:
-                self._memo.clear()
-            hit = self._memo[key] = make()
+            if len(self._slices) >= 16:  # the selections change as members converge
+                self._slices.clear()
+            hit = self._slices[key] = self._slice(which)
         return hit
+
+    def _slice(self, which: IntArray) -> ObsSlice:
+        counts = np.diff(self.obs_start)[which]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        idx = ranges(self.obs_start[which], counts)
+        return ObsSlice(idx, starts, self.y[idx], self.blq[idx], self.limit[idx], self.log[idx], self.prop[idx],
+                        self.add[idx], self.sd_log[idx], self.if_zero[idx])
 
     def expand(self, theta: FloatArray) -> FloatArray:
         """Estimated effects (..., dim) -> the model's full vector (..., full_dim), zeros elsewhere."""
