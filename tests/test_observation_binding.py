@@ -13,6 +13,7 @@ from cnidose.errors import CnidoseError
 from cnidose.estimation.cohort import build_groups
 from cnidose.estimation.observations import ObservationData, observation_data, observation_data_many
 from cnidose.models import load_model, resolve_model
+from cnidose.models.fileformat import parse_model
 from cnidose.pk.events import Individual
 from cnidose.records.nonmem import read_nonmem_csv
 
@@ -119,3 +120,30 @@ def test_build_groups_records_each_refusal_and_fits_the_rest() -> None:
     assert "negative" in errors[5] and "BLQ must be 0 or 1" in errors[9] and "column DV" in errors[13]
     assert "column LLOQ" in errors[17]
     assert sum(g.size for g in groups) == len(members) - len(errors)
+
+
+def test_an_error_model_reading_pk_values_is_evaluated_per_individual() -> None:
+    """An error SD that reads a [pk] value (the typical individual's, at each level): 0.05 x VC / 70 with VC = 70
+    is 0.05 at every level, bound at once or alone."""
+    text = (REPO / "validation" / "map-nonmem" / "model001.toml").read_text()
+    text = text.replace('proportional = "sqrt(0.05)"', 'proportional = "0.05 * VC / 70"')
+    model = parse_model(text.encode())
+    cohort = read_nonmem_csv(REPO / "examples" / "tacrolimus_patients.csv").individuals()
+    preps = [model.prepare(i) for i in cohort]
+    many = observation_data_many(model, preps)
+    for a, p in zip(many, preps, strict=True):
+        _same(a, observation_data(model, p))
+        assert isinstance(a, ObservationData) and np.allclose(a.prop, 0.05, rtol=1e-12, atol=0.0)
+
+
+def test_a_level_of_a_type_without_an_error_model_is_named() -> None:
+    text = (REPO / "validation" / "map-nonmem" / "model001.toml").read_text()
+    text = text.replace(', error = { model = "proportional", proportional = "sqrt(0.05)", prediction_if_zero = 1.0 }',
+                        "").replace('error = { model = "proportional", proportional = "sqrt(0.05)", '
+                                    'prediction_if_zero = 1.0 }\n', "")
+    model = parse_model(text.encode())
+    assert model.observations[0].error is None
+    cohort = read_nonmem_csv(REPO / "examples" / "tacrolimus_patients.csv").individuals()
+    for res in observation_data_many(model, [model.prepare(i) for i in cohort]):
+        assert isinstance(res, CnidoseError)
+        assert "has no error model" in str(res) and "column DV" in str(res) and "row" in str(res)

@@ -68,8 +68,8 @@ class ObsSlice:
     if_zero: FloatArray
 
     @property
-    def error(self) -> tuple[FloatArray, NDArray[np.bool_], FloatArray, NDArray[np.bool_], FloatArray, FloatArray,
-                             FloatArray, FloatArray]:
+    def terms_args(self) -> tuple[FloatArray, NDArray[np.bool_], FloatArray, NDArray[np.bool_], FloatArray,
+                                  FloatArray, FloatArray, FloatArray]:
         """The arguments of :func:`cnidose.estimation.observations.terms` after the predictions."""
         return self.y, self.blq, self.limit, self.log, self.prop, self.add, self.sd_log, self.if_zero
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from cnidose.estimation.cohort import Group, Member, build_groups, effect_layout
+from cnidose.estimation.cohort import Group, Member, ObsSlice, build_groups, effect_layout
 from cnidose.estimation.observations import scaled_prediction_and_variance, terms
 from cnidose.models.kernel import effect_dependencies
 from cnidose.models.model import Model, Notice
@@ -125,12 +125,6 @@ def _segment_sum(values: FloatArray, starts: IntArray, G: int) -> FloatArray:
     return out
 
 
-def _obs_slices(g: Group, which: IntArray) -> tuple[IntArray, IntArray]:
-    """Observation indices (into the group's arrays) of members ``which``, and their segment starts."""
-    o = g.observations(which)
-    return o.idx, o.starts
-
-
 def _quadratic(x: FloatArray, A: FloatArray) -> FloatArray:
     """x' A x over the last axis of ``x`` (..., d) -> (...) (a matrix product: einsum's overhead is larger on the
     few points of one patient)."""
@@ -145,7 +139,7 @@ def _information(w: FloatArray, J: FloatArray, starts: IntArray, G: int) -> Floa
 def _ofv(g: Group, which: IntArray, theta: FloatArray, f: FloatArray) -> FloatArray:
     """Objective of members ``which`` at ``theta`` (G', B, d) with predictions ``f`` (O', B) -> (G', B)."""
     o = g.observations(which)
-    t, _, _, _ = terms(f, *o.error, derivatives=False)
+    t, _, _, _ = terms(f, *o.terms_args, derivatives=False)
     data = _segment_sum(t, o.starts, which.size)
     prior = _quadratic(theta, g.precision)
     return data + prior
@@ -211,7 +205,7 @@ def _derivatives_of(g: Group, which: IntArray, theta: FloatArray, f: FloatArray,
     """:func:`_derivatives` from the predictions ``f`` (O',) and their derivatives ``J`` (O', d)."""
     G = theta.shape[0]
     o = g.observations(which)
-    t, dt, w, _ = terms(f[:, None], *o.error)
+    t, dt, w, _ = terms(f[:, None], *o.terms_args)
     assert dt is not None and w is not None
     t, dt, w = t[:, 0], dt[:, 0], w[:, 0]
     dt = np.where(np.isfinite(dt), dt, 0.0)
@@ -244,7 +238,7 @@ def _final(g: Group, theta: FloatArray) -> tuple[FloatArray, FloatArray, FloatAr
         f_typ = F[:, 1]
         f, J = _from_differences(theta, np.concatenate([F[:, :1], F[:, 2:]], axis=1))
     o = g.observations(which)
-    _, _, w, _ = terms(f[:, None], *o.error)
+    _, _, w, _ = terms(f[:, None], *o.terms_args)
     assert w is not None
     w1 = np.where(np.isfinite(w[:, 0]), w[:, 0], 0.0)
     info = _information(w1, J, o.starts, G) + g.precision
@@ -361,12 +355,11 @@ def _doubtful(g: Group, which: IntArray, st: _State) -> NDArray[np.bool_]:
     ok = np.flatnonzero(~out)
     if ok.size:
         f = g.predict(st.theta[ok][:, None, :], which[ok])[:, 0]
-        idx, starts = _obs_slices(g, which[ok])
-        fp, V = scaled_prediction_and_variance(f, g.log[idx], g.prop[idx], g.add[idx], g.sd_log[idx],
-                                               g.if_zero[idx])
-        z = np.abs(np.where(g.blq[idx], 0.0, g.y[idx] - fp)) / np.sqrt(V)
-        flag = (z > 5.0) | ((f == 0) & ~g.blq[idx])
-        out[ok] |= _segment_sum(flag.astype(float), starts, ok.size) > 0
+        o = g.observations(which[ok])
+        fp, V = scaled_prediction_and_variance(f, o.log, o.prop, o.add, o.sd_log, o.if_zero)
+        z = np.abs(np.where(o.blq, 0.0, o.y - fp)) / np.sqrt(V)
+        flag = (z > 5.0) | ((f == 0) & ~o.blq)
+        out[ok] |= _segment_sum(flag.astype(float), o.starts, ok.size) > 0
         # information not positive definite, or an estimate far in the prior's tail
         far = _quadratic(st.theta[ok], g.precision) > 25.0
         out[ok] |= far
@@ -375,20 +368,18 @@ def _doubtful(g: Group, which: IntArray, st: _State) -> NDArray[np.bool_]:
         # chi-square with (levels + effects) degrees of freedom; above its 95th percentile the descent may have
         # stopped in a worse basin than another (shared model 301, individual 2689: 29.94 where NONMEM found
         # 21.35 nearer the prior mode; restarts find it)
-        t = terms(np.where(g.blq[idx], 1.0, _levels(g, idx))[:, None], g.y[idx], g.blq[idx], g.limit[idx], g.log[idx],
-                  g.prop[idx], g.add[idx], g.sd_log[idx], g.if_zero[idx], derivatives=False)[0][:, 0]
-        t = np.where(g.blq[idx] | ~np.isfinite(t), 0.0, t)
-        surplus = st.ofv[ok] - _segment_sum(t, starts, ok.size)
-        dof = np.diff(starts) + g.dim
+        t = terms(np.where(o.blq, 1.0, _levels(o))[:, None], *o.terms_args, derivatives=False)[0][:, 0]
+        t = np.where(o.blq | ~np.isfinite(t), 0.0, t)
+        surplus = st.ofv[ok] - _segment_sum(t, o.starts, ok.size)
+        dof = np.diff(o.starts) + g.dim
         out[ok] |= surplus > _chi2_95(dof)
     return out
 
 
-def _levels(g: Group, idx: IntArray) -> FloatArray:
-    """The measured levels of observations ``idx`` on their natural scale (``g.y`` holds the log of those fitted on
-    the log scale)."""
-    log = g.log[idx]
-    return np.where(log, np.exp(np.where(log, g.y[idx], 0.0)), g.y[idx])
+def _levels(o: ObsSlice) -> FloatArray:
+    """The measured levels of observations ``o`` on their natural scale (``o.y`` holds the log of those fitted on the
+    log scale)."""
+    return np.where(o.log, np.exp(np.where(o.log, o.y, 0.0)), o.y)
 
 
 def _chi2_95(k: NDArray[np.int64]) -> FloatArray:
@@ -532,22 +523,22 @@ def _data_floor(g: Group, which: IntArray) -> FloatArray:
     the grids may miss. Then OFV(theta) >= floor + theta' Omega^-1 theta for every theta (up to that margin). A
     level whose least term lies at the grid's edge or is nowhere finite has no bound: the member's floor is -inf
     (nothing is pruned)."""
-    idx, starts = _obs_slices(g, which)
-    if idx.size == 0:
+    o = g.observations(which)
+    if o.idx.size == 0:
         return np.zeros(which.size)
-    y, blq, log = g.y[idx], g.blq[idx], g.log[idx]
-    level = _levels(g, idx)
+    level = _levels(o)
     level = np.where(np.isfinite(level) & (level > 0), level, 1.0)
-    args = (y, blq, g.limit[idx], log, g.prop[idx], g.add[idx], g.sd_log[idx], g.if_zero[idx])
+    args = o.terms_args
+    n_obs = o.idx.size
 
     def at(s: FloatArray) -> FloatArray:  # the terms at predictions level * e^s, (O, S)
         t = terms(level[:, None] * np.exp(s), *args, derivatives=False)[0]
         return np.where(np.isfinite(t), t, np.inf)
 
-    rows = np.arange(idx.size)
-    centre = np.zeros(idx.size)
-    best = at(np.full((idx.size, 1), -np.inf))[:, 0]  # a prediction of exactly 0 (a model's value there, if any)
-    unbounded = np.zeros(idx.size, bool)
+    rows = np.arange(n_obs)
+    centre = np.zeros(n_obs)
+    best = at(np.full((n_obs, 1), -np.inf))[:, 0]  # a prediction of exactly 0 (a model's value there, if any)
+    unbounded = np.zeros(n_obs, bool)
     for stage, (half, n) in enumerate(((8.0, 81), (0.2, 81), (0.005, 41))):  # ever finer grids around the best
         s = centre[:, None] + np.linspace(-half, half, n)[None, :]
         t = at(s)
@@ -557,10 +548,10 @@ def _data_floor(g: Group, which: IntArray) -> FloatArray:
         best = np.minimum(best, t[rows, k])
         centre = s[rows, k]
     best = np.where(unbounded, -np.inf, best)
-    best = np.where(blq, 0.0, best)
+    best = np.where(o.blq, 0.0, best)
     # the last grid's step is 2.5e-4 in the log: a term with a residual SD of 0.01 is then within 2e-4 of its
     # minimum
-    return _segment_sum(best - 1e-3 - 1e-6 * np.abs(best), starts, which.size) - 1e-3
+    return _segment_sum(best - 1e-3 - 1e-6 * np.abs(best), o.starts, which.size) - 1e-3
 
 
 # Points of the wide-prior search (rays, cloud) are screened only where they might compete: prior penalty below the
@@ -962,7 +953,7 @@ def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: Cov
         n_restart = _restarts(g, fit_idx, st, everyone=timing.size > 0) if restarts else 0
         if restarts:
             _timing_scan(g, fit_idx, st, timing)
-            if g.dim and np.max(np.sqrt(np.diag(_inv(g.precision)))) > _WIDE_PRIOR_SD:
+            if _wide(g).size:
                 _wide_search(g, fit_idx, st, np.arange(fit_idx.size))
         _polish(g, fit_idx, st, np.flatnonzero(~st.converged & np.isfinite(st.ofv)))
         theta = np.zeros((g.size, g.dim))

@@ -21,7 +21,7 @@ Objective (the NONMEM definition of the shared validation suite; no 2Ï€, no ln|Î
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,190 +59,82 @@ class ObservationData:
 
 def observation_data(model: Model, prep: Prepared) -> ObservationData:
     """Collect and check the observations of ``prep``; DataError names the record and the field."""
-    ind = prep.individual
-    covs = ind.covariates
-    dv = covs.get("DV")
-    sel = (ind.evid == 0) & (ind.mdv == 0)
-    rec = np.flatnonzero(sel)
-    if rec.size and dv is None:
-        raise DataError("observation records need a DV column", column="DV")
-    if not rec.size:
-        empty = np.zeros(0)
-        return ObservationData(rec, ind.rows[rec], empty, np.zeros(0, bool), empty, np.zeros(0, bool),
-                               empty, empty, empty, empty)
-    assert dv is not None
-    y = dv[rec].astype(np.float64)
-    rows = ind.rows[rec]
-    blq_col = covs.get("BLQ")
-    blq = np.zeros(rec.size, bool) if blq_col is None else np.nan_to_num(blq_col[rec]) == 1
-    if blq_col is not None:
-        bad = ~np.isin(np.nan_to_num(blq_col[rec], nan=0.0), (0.0, 1.0))
-        if bad.any():
-            raise DataError("BLQ must be 0 or 1", row=int(rows[np.flatnonzero(bad)[0]]), column="BLQ")
-    lloq_col = covs.get("LLOQ")
-    limit = np.full(rec.size, np.nan)
-    if blq.any():
-        limit[blq] = y[blq] if lloq_col is None else lloq_col[rec][blq]
-        missing = blq & ~np.isfinite(limit)
-        if missing.any():
-            raise DataError("a BLQ record needs its limit (LLOQ column, or DV)",
-                            row=int(rows[np.flatnonzero(missing)[0]]), column="LLOQ")
-    nan = ~blq & ~np.isfinite(y)
-    if nan.any():
-        raise DataError("observation record without a level (DV is missing or NaN); set MDV=1 to keep it "
-                        "as a prediction-only record", row=int(rows[np.flatnonzero(nan)[0]]), column="DV")
-    types = prep.obs_type[rec]
-    if np.any(types < 0):
-        j = int(np.flatnonzero(types < 0)[0])
-        cmt = int(ind.cmt[rec[j]]) or model.structure.default_obs
-        raise DataError(f"model {model.id} has no observation type for compartment {cmt}",
-                        row=int(rows[j]), column="CMT")
-    prop, add, sd_log, if_zero = (np.zeros(rec.size) for _ in range(4))
-    if_zero[:] = np.nan
-    log = np.zeros(rec.size, bool)
-    env0 = _error_env(model, prep, rec)
-    for k, ob in enumerate(model.observations):
-        m = types == k
-        if not m.any():
-            continue
-        e = ob.error
-        if e is None:
-            raise DataError(f"observation type {ob.name} of model {model.id} has no error model; it cannot be "
-                            "fitted", row=int(rows[np.flatnonzero(m)[0]]), column="DV")
-
-        def value(expr: Any, _m: BoolArray = m) -> FloatArray:
-            return np.zeros(int(_m.sum())) if expr is None else np.broadcast_to(
-                np.asarray(expr(env0), dtype=np.float64), (rec.size,))[_m]
-
-        prop[m], add[m], sd_log[m] = value(e.proportional), value(e.additive), value(e.exponential)
-        if e.prediction_if_zero is not None:
-            if_zero[m] = e.prediction_if_zero
-        log[m] = e.log_scale
-    for name, arr in (("proportional SD", prop), ("additive SD", add), ("log-scale SD", sd_log)):
-        if np.any(~np.isfinite(arr) | (arr < 0)):
-            j = int(np.flatnonzero(~np.isfinite(arr) | (arr < 0))[0])
-            raise DataError(f"the model's {name} is not a finite non-negative number here", row=int(rows[j]))
-    level = np.where(blq, limit, y)
-    negative = level < 0
-    if negative.any():
-        raise DataError(f"impossible level {level[np.flatnonzero(negative)[0]]:g} (negative)",
-                        row=int(rows[np.flatnonzero(negative)[0]]), column="DV")
-    nonpos_log = log & (level <= 0)
-    if nonpos_log.any():
-        raise DataError("a level of 0 cannot be fitted on the log scale (exponential error): mark it BLQ",
-                        row=int(rows[np.flatnonzero(nonpos_log)[0]]), column="DV")
-    fitting = model.fitting
-    if fitting.log_scale:  # transform both sides: SD on the log scale at the measured level (Fitting)
-        natural = ~log
-        if np.any(natural & (level <= 0)):
-            j = int(np.flatnonzero(natural & (level <= 0))[0])
-            raise DataError("a level of 0 cannot be fitted on the log scale (the log strategy): mark it BLQ",
-                            row=int(rows[j]), column="DV")
-        with np.errstate(divide="ignore"):
-            sd_nat = np.sqrt(prop**2 + (add / np.where(natural, level, 1.0)) ** 2)
-        sd_log = np.where(natural, sd_nat, sd_log)
-        prop, add = np.where(natural, 0.0, prop), np.where(natural, 0.0, add)
-        if_zero = np.where(natural, np.nan, if_zero)
-        log = np.ones(rec.size, bool)
-    if fitting.half_life is not None:  # exponential forgetting, the levels' total weight kept (Fitting)
-        t = ind.time[rec]
-        age = np.maximum(t.max() - t, 0.0)
-        v = np.exp2(np.minimum(age / fitting.half_life, 100.0))
-        inflate = np.sqrt(v * np.mean(1.0 / v))
-        prop, add, sd_log = prop * inflate, add * inflate, sd_log * inflate
-    y = np.where(log & ~blq, np.log(np.where(log & ~blq, y, 1.0)), y)
-    limit = np.where(log & blq, np.log(np.where(log & blq, limit, 1.0)), limit)
-    return ObservationData(rec, rows, y, blq, limit, log, prop, add, sd_log, if_zero)
+    out = _bind(model, [prep])[0]
+    if isinstance(out, CnidoseError):
+        raise out
+    return out
 
 
 def observation_data_many(model: Model, preps: Sequence[Prepared]) -> list[ObservationData | CnidoseError]:
     """:func:`observation_data` of many individuals, each its data or the error it raises (in order).
 
-    The records of all are bound at once (a cohort's Python overhead per individual was most of the binding's
-    cost: 4,000 individuals of the shared model 001, 0.5 s). An individual any check refuses, and individuals whose
-    columns differ from the others' or whose error model reads [pk] values, are bound alone by
-    :func:`observation_data`, which raises the error naming the record and the field: the numbers and the messages
-    are that function's."""
+    Individuals that share their columns are bound in one pass over their concatenated records (a cohort's Python
+    overhead per individual was most of the binding's cost: 4,000 individuals of the shared model 001, 0.5 s)."""
     out: list[ObservationData | CnidoseError | None] = [None] * len(preps)
-
-    def alone(k: int) -> None:
-        try:
-            out[k] = observation_data(model, preps[k])
-        except CnidoseError as exc:
-            out[k] = exc
-
-    keys = {k: (tuple(p.individual.covariates), tuple(p.covariates)) for k, p in enumerate(preps)}
-    common = keys[0] if preps else None
-    batch = [k for k in range(len(preps)) if keys[k] == common]
-    for k in range(len(preps)):
-        if keys[k] != common:
-            alone(k)
-    if batch and not _batch_observations(model, [preps[k] for k in batch], batch, out):
-        for k in batch:
-            alone(k)
-    for k in range(len(preps)):
-        if out[k] is None:
-            alone(k)
+    alike: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
+    for k, p in enumerate(preps):
+        alike.setdefault((tuple(p.individual.covariates), tuple(p.covariates)), []).append(k)
+    for ks in alike.values():
+        for k, res in zip(ks, _bind(model, [preps[k] for k in ks]), strict=True):
+            out[k] = res
     return [o for o in out if o is not None]
 
 
-def _batch_observations(model: Model, preps: list[Prepared], where: list[int],
-                        out: list[ObservationData | CnidoseError | None]) -> bool:
-    """Bind ``preps`` (sharing their columns) at once into ``out[where[k]]``, leaving None where an individual
-    fails a check (it is then bound alone, for its message); False where the batch does not apply."""
-    first = preps[0]
-    covs0 = first.individual.covariates
-    needed: set[str] = set()
-    for ob in model.observations:
-        if ob.error is None:
-            return False  # a type without an error model: the message names the individual's record
-        for expr in (ob.error.proportional, ob.error.additive, ob.error.exponential):
-            if expr is not None:
-                needed |= expr.names
-    known = set(model.parameters) | set(first.covariates)
-    if needed - known or "DV" not in covs0:
-        return False  # [pk] values in the error model, or no DV: each alone
-    sels = [(p.individual.evid == 0) & (p.individual.mdv == 0) for p in preps]
-    recs = [np.flatnonzero(sl) for sl in sels]
+def _bind(model: Model, preps: Sequence[Prepared]) -> list[ObservationData | CnidoseError]:
+    """The observations of ``preps`` (individuals with the same columns), checked: each its data, or the error of
+    the first check it fails, at its first failing record (the checks in the order below)."""
+    covs0 = preps[0].individual.covariates
+    recs = [np.flatnonzero((p.individual.evid == 0) & (p.individual.mdv == 0)) for p in preps]
     counts = np.array([r.size for r in recs], dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     n = int(starts[-1])
     owner = np.repeat(np.arange(len(preps)), counts)
+    if "DV" not in covs0:
+        empty, none = np.zeros(0), np.zeros(0, bool)
+        return [DataError("observation records need a DV column", column="DV") if r.size else
+                ObservationData(r, p.individual.rows[r], empty, none, empty, none, empty, empty, empty, empty)
+                for p, r in zip(preps, recs, strict=True)]
 
-    def col(values: list[Any]) -> Any:
-        return np.concatenate(values) if values else np.zeros(0)
+    def rows_of(values: Callable[[Prepared], NDArray[Any]], dtype: Any = np.float64) -> NDArray[Any]:
+        return np.concatenate([values(p)[r] for p, r in zip(preps, recs, strict=True)]).astype(dtype)
 
-    def rows_of(name: str) -> FloatArray:
-        return np.asarray(col([p.individual.covariates[name][r] for p, r in zip(preps, recs, strict=True)]),
-                          dtype=np.float64)
+    rows = rows_of(lambda p: p.individual.rows, np.int64)
+    checks: list[tuple[BoolArray, Callable[[int], CnidoseError]]] = []  # rows failing, and the error at row j
 
-    y = rows_of("DV")
-    bad = np.zeros(n, bool)  # rows that fail a check: their individuals are bound alone
+    def check(mask: BoolArray, message: str | Callable[[int], str], column: str | None) -> None:
+        checks.append((mask, lambda j: DataError(message if isinstance(message, str) else message(j),
+                                                 row=int(rows[j]), column=column)))
+
+    y = rows_of(lambda p: p.individual.covariates["DV"])
     blq = np.zeros(n, bool)
     if "BLQ" in covs0:
-        raw = rows_of("BLQ")
+        raw = rows_of(lambda p: p.individual.covariates["BLQ"])
         blq = np.nan_to_num(raw) == 1
-        bad |= ~np.isin(np.nan_to_num(raw, nan=0.0), (0.0, 1.0))
+        check(~np.isin(np.nan_to_num(raw, nan=0.0), (0.0, 1.0)), "BLQ must be 0 or 1", "BLQ")
     limit = np.full(n, np.nan)
     if blq.any():
-        limit[blq] = (rows_of("LLOQ") if "LLOQ" in covs0 else y)[blq]
-        bad |= blq & ~np.isfinite(limit)
-    bad |= ~blq & ~np.isfinite(y)
-    types = np.asarray(col([p.obs_type[r] for p, r in zip(preps, recs, strict=True)]), dtype=np.int64)
-    bad |= types < 0
-    env: dict[str, Any] = {nm: p.value for nm, p in model.parameters.items()}
-    for name in first.covariates:
-        env[name] = np.asarray(col([p.covariates[name][r] for p, r in zip(preps, recs, strict=True)]),
-                               dtype=np.float64)
+        limit[blq] = (rows_of(lambda p: p.individual.covariates["LLOQ"]) if "LLOQ" in covs0 else y)[blq]
+        check(blq & ~np.isfinite(limit), "a BLQ record needs its limit (LLOQ column, or DV)", "LLOQ")
+    check(~blq & ~np.isfinite(y), "observation record without a level (DV is missing or NaN); set MDV=1 to keep it "
+          "as a prediction-only record", "DV")
+    types = rows_of(lambda p: p.obs_type, np.int64)
+    cmt = rows_of(lambda p: p.individual.cmt, np.int64)
+    check(types < 0, lambda j: f"model {model.id} has no observation type for compartment "
+          f"{int(cmt[j]) or model.structure.default_obs}", "CMT")
+    env, env_error = _error_env(model, preps, recs)
+    if env_error:  # the [pk] values the error model reads could not be evaluated for these individuals
+        checks.append((np.isin(owner, list(env_error)), lambda j: env_error[int(owner[j])]))
     prop, add, sd_log, if_zero = (np.zeros(n) for _ in range(4))
     if_zero[:] = np.nan
     log = np.zeros(n, bool)
     for k, ob in enumerate(model.observations):
         m = types == k
+        e = ob.error
+        if e is None:
+            check(m, f"observation type {ob.name} of model {model.id} has no error model; it cannot be fitted", "DV")
+            continue
         if not m.any():
             continue
-        e = ob.error
-        assert e is not None
 
         def value(expr: Any, _m: BoolArray = m) -> FloatArray:
             return np.zeros(int(_m.sum())) if expr is None else np.broadcast_to(
@@ -252,23 +144,25 @@ def _batch_observations(model: Model, preps: list[Prepared], where: list[int],
         if e.prediction_if_zero is not None:
             if_zero[m] = e.prediction_if_zero
         log[m] = e.log_scale
-    for arr in (prop, add, sd_log):
-        bad |= ~np.isfinite(arr) | (arr < 0)
+    for name, arr in (("proportional SD", prop), ("additive SD", add), ("log-scale SD", sd_log)):
+        check(~np.isfinite(arr) | (arr < 0), f"the model's {name} is not a finite non-negative number here", None)
     level = np.where(blq, limit, y)
-    bad |= (level < 0) | (log & (level <= 0))
+    check(level < 0, lambda j: f"impossible level {level[j]:g} (negative)", "DV")
+    check(log & (level <= 0), "a level of 0 cannot be fitted on the log scale (exponential error): mark it BLQ", "DV")
     fitting = model.fitting
-    if fitting.log_scale:  # as observation_data
+    if fitting.log_scale:  # transform both sides: SD on the log scale at the measured level (Fitting)
         natural = ~log
-        bad |= natural & (level <= 0)
+        check(natural & (level <= 0), "a level of 0 cannot be fitted on the log scale (the log strategy): mark it "
+              "BLQ", "DV")
         with np.errstate(divide="ignore"):
             sd_nat = np.sqrt(prop**2 + (add / np.where(natural, level, 1.0)) ** 2)
         sd_log = np.where(natural, sd_nat, sd_log)
         prop, add = np.where(natural, 0.0, prop), np.where(natural, 0.0, add)
         if_zero = np.where(natural, np.nan, if_zero)
         log = np.ones(n, bool)
-    if fitting.half_life is not None:  # as observation_data, each individual's weights with its own arithmetic
+    if fitting.half_life is not None:  # exponential forgetting, the levels' total weight kept (Fitting)
         inflate = np.ones(n)
-        for k, (p, r) in enumerate(zip(preps, recs, strict=True)):
+        for k, (p, r) in enumerate(zip(preps, recs, strict=True)):  # each individual's own newest level and mean
             if r.size:
                 t = p.individual.time[r]
                 v = np.exp2(np.minimum(np.maximum(t.max() - t, 0.0) / fitting.half_life, 100.0))
@@ -277,25 +171,26 @@ def _batch_observations(model: Model, preps: list[Prepared], where: list[int],
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.where(log & ~blq, np.log(np.where(log & ~blq, y, 1.0)), y)
         limit = np.where(log & blq, np.log(np.where(log & blq, limit, 1.0)), limit)
-    refused = np.zeros(len(preps), bool)
-    refused[owner[bad]] = True
-    for k, p in enumerate(preps):
-        if refused[k]:
-            continue
+    failed: dict[int, CnidoseError] = {}
+    for mask, error in checks:  # in order: an individual keeps the first check it fails, at its first such record
+        bad = np.flatnonzero(mask)
+        who, first = np.unique(owner[bad], return_index=True)
+        for i, j in zip(who.tolist(), bad[first].tolist(), strict=True):
+            if i not in failed:
+                failed[i] = error(j)
+    out: list[ObservationData | CnidoseError] = []
+    for k, r in enumerate(recs):
         lo, hi = int(starts[k]), int(starts[k + 1])
-        rec = recs[k]
-        if hi == lo:
-            empty = np.zeros(0)
-            out[where[k]] = ObservationData(rec, p.individual.rows[rec], empty, np.zeros(0, bool), empty,
-                                            np.zeros(0, bool), empty, empty, empty, empty)
-            continue
-        out[where[k]] = ObservationData(rec, p.individual.rows[rec], y[lo:hi], blq[lo:hi], limit[lo:hi], log[lo:hi],
-                                        prop[lo:hi], add[lo:hi], sd_log[lo:hi], if_zero[lo:hi])
-    return True
+        out.append(failed[k] if k in failed else
+                   ObservationData(r, rows[lo:hi], y[lo:hi], blq[lo:hi], limit[lo:hi], log[lo:hi], prop[lo:hi],
+                                   add[lo:hi], sd_log[lo:hi], if_zero[lo:hi]))
+    return out
 
 
-def _error_env(model: Model, prep: Prepared, rec: IntArray) -> dict[str, Any]:
-    """Names the error expressions may use, at the observation records (typical individual)."""
+def _error_env(model: Model, preps: Sequence[Prepared], recs: Sequence[IntArray]
+               ) -> tuple[dict[str, Any], dict[int, CnidoseError]]:
+    """Names the error expressions may use, at the observation records of ``preps`` concatenated (typical
+    individual), and the individuals whose [pk] values (where the error reads them) could not be evaluated."""
     needed: set[str] = set()
     for ob in model.observations:
         if ob.error is not None:
@@ -303,13 +198,23 @@ def _error_env(model: Model, prep: Prepared, rec: IntArray) -> dict[str, Any]:
                 if e is not None:
                     needed |= e.names
     env: dict[str, Any] = {n: p.value for n, p in model.parameters.items()}
-    env.update({n: v[rec] for n, v in prep.covariates.items()})
+    for name in preps[0].covariates:
+        env[name] = np.concatenate([p.covariates[name][r] for p, r in zip(preps, recs, strict=True)])
+    failed: dict[int, CnidoseError] = {}
     if needed - set(env):  # the error depends on [pk] values: evaluate them (typical individual)
-        params = model.individual_parameters(prep)
-        env.update({n: v[0, rec] for n, v in params.items()})
-        for n in model.iiv.names + (model.iov.names if model.iov else ()):
-            env[n] = 0.0
-    return env
+        each: list[dict[str, FloatArray] | None] = []
+        for k, p in enumerate(preps):
+            try:
+                each.append(model.individual_parameters(p))
+            except CnidoseError as exc:
+                failed[k] = exc
+                each.append(None)
+        names = next((tuple(d) for d in each if d is not None), ())
+        env.update({nm: np.concatenate([d[nm][0, r] if d is not None else np.full(r.size, np.nan)
+                                        for d, r in zip(each, recs, strict=True)]) for nm in names})
+        for nm in model.iiv.names + (model.iov.names if model.iov else ()):
+            env[nm] = 0.0
+    return env, failed
 
 
 def scaled_prediction_and_variance(f: FloatArray, log: BoolArray, prop: FloatArray, add: FloatArray,
@@ -349,9 +254,7 @@ def terms(f: FloatArray, y: FloatArray, blq: BoolArray, limit: FloatArray, log: 
             dV = 2.0 * prop**2 * f
         r = (np.where(blq, limit, y) if any_blq else y) - fp
         normal = r**2 / V + np.log(V)
-        degenerate = V <= 0
-        if degenerate.any():
-            normal = np.where((V == 0) & (r == 0), -np.inf, normal)  # degenerate exact fit; flagged below
+        degenerate = V <= 0  # no variance: an impossible observation (below)
         if any_blq:  # SciPy's special functions only where a level is BLQ (their import is a quarter second)
             from scipy.special import log_ndtr
 

@@ -44,7 +44,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError, DataError
 from cnidose.estimation.cohort import build_groups
-from cnidose.estimation.map import MapResult, _obs_slices, _ofv, fit_map
+from cnidose.estimation.map import MapResult, _ofv, fit_map
 from cnidose.estimation.observations import scaled_prediction_and_variance
 from cnidose.estimation.posterior import mr_theta
 from cnidose.models.model import Model
@@ -537,7 +537,8 @@ def conditional_moments(model: Model, individuals: Sequence[Individual], results
         with np.errstate(all="ignore"):
             f = g.predict(theta, which)
             ofv = _ofv(g, which, theta, f)
-            idx_o, starts_o = _obs_slices(g, which)
+            obs = g.observations(which)
+            idx_o, starts_o = obs.idx, obs.starts
             z2 = _standardised_sq(g, idx_o, f)  # (O', M)
         _, logdet_prior = np.linalg.slogdet(2 * pi * np.linalg.inv(g.precision))
         lw = np.where(np.isfinite(ofv), -0.5 * ofv - 0.5 * logdet_prior - log_q, -np.inf)

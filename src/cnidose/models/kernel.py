@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -102,7 +102,7 @@ class Stack:
     n_rec: IntArray
     natural: IntArray
     plans: tuple[Plan, ...]
-    timed: NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, bool))  # per plan: Plan.timed
+    timed: NDArray[np.bool_]  # per plan: Plan.timed (read at every prediction)
 
     @staticmethod
     def of(plans: Sequence[Plan]) -> Stack:
@@ -257,7 +257,7 @@ class ModelKernel:
         out = np.empty((n_out, B))
         jac = np.empty((n_out, B, max(nd, 1)))
         held = np.empty((G, B), dtype=np.bool_)
-        timed = stack.timed[which] if stack.plans else np.zeros(G, bool)
+        timed = stack.timed[which]
         if not timed.any():
             self._loop(stack, which, P, dP, nd, out_start, out, jac, held)
         else:
