@@ -160,7 +160,7 @@ def test_martial_model_once_daily_and_the_last_dose_approximation() -> None:
 
 def test_a_map_fit_with_the_transit_input_finds_the_patient() -> None:
     """Envarsus once daily for two weeks, a trough and a 24-h profile simulated for a patient who clears 60 %
-    faster than typical: the MAP fit (engine path: the superposition design refuses gamma inputs) moves ETA_CL
+    faster than typical: the MAP fit (by superposition) moves ETA_CL
     towards the truth and predicts the levels better than the population."""
     from cnidose.estimation import fit_map
 
@@ -183,3 +183,95 @@ def test_a_map_fit_with_the_transit_input_finds_the_patient() -> None:
     ipred = m.simulate(data, np.asarray(fit.eta)[None, :]).prediction[0][obs_mask]
     pred = m.simulate(data).prediction[0][obs_mask]
     assert np.abs(np.log(ipred / dv[obs_mask])).max() < 0.5 * np.abs(np.log(pred / dv[obs_mask])).max()
+
+
+def _row(time: float, evid: float, amt: float, cmt: float, ss: float = 0.0, ii: float = 0.0, addl: float = 0.0
+         ) -> dict[str, float]:
+    return {"TIME": time, "EVID": evid, "AMT": amt, "CMT": cmt, "SS": ss, "II": ii, "ADDL": addl}
+
+
+def _random_history(rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """Doses into the transit input (with ADDL, at steady state SS 1 or 2, some F-less zero doses), a bolus into
+    the central compartment, an EVID 3 or 4 reset, observations also at dose times and during absorption."""
+    rows: list[dict[str, float]] = []
+    t = 0.0
+    tau = float(rng.choice([8.0, 12.0, 24.0]))
+    for k in range(int(rng.integers(2, 6))):
+        ss = float(rng.choice([0, 0, 1, 2])) if k else float(rng.choice([0, 1]))
+        addl = float(rng.integers(0, 4)) if rng.random() < 0.5 else 0.0
+        evid = 4.0 if k and rng.random() < 0.15 else 1.0
+        rows.append(_row(t, evid, float(rng.uniform(0.5, 5)), 1.0, ss, tau if (ss or addl) else 0.0, addl))
+        if rng.random() < 0.3:
+            rows.append(_row(t + float(rng.uniform(0, 3)), 1.0, 0.5, 2.0))
+        for _ in range(int(rng.integers(1, 5))):
+            rows.append(_row(t + float(rng.choice([0.0, rng.uniform(0, 2 * tau)])), 0.0, 0.0, 2.0))
+        if rng.random() < 0.1:
+            rows.append(_row(t + tau, 3.0, 0.0, 0.0))
+        t += float(rng.uniform(0.5, 3)) * tau
+    rows.sort(key=lambda r: r["TIME"])  # stable: a dose before an observation at its time, as listed
+    cols = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    return split_individuals({"ID": np.ones(len(rows)), **cols})[0]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_superposition_equals_the_engine(seed: int) -> None:
+    """The estimation's fast path (every dose-observation pair in one array expression, Kummer's function only
+    for inputs still running) against the event engine, on random histories and four parameter sets at once:
+    lags, F, n from 0 to 4, short and long mean transit times (inputs that outlast the interval at steady
+    state)."""
+    from cnidose.pk.superposition import compile_design, design_supports, predict_design
+
+    rng = np.random.default_rng(seed)
+    ind = _random_history(rng)
+    assert design_supports(TWO, ind)
+    B = 4
+    p = {k: np.full(B, v) for k, v in MARTIAL.items()}
+    p["NTR"] = np.array([0.0, 1.58, 4.0, rng.uniform(0, 3)])
+    p["MTT"] = np.array([3.39, 0.5, 30.0, rng.uniform(1, 10)])
+    p["ALAG1"] = np.array([0.0, 0.0, 1.25, rng.uniform(0, 2)])
+    p["F1"] = np.array([0.23, 1.0, 0.5, rng.uniform(0.1, 1)])
+    p["KA"] = np.array([2.97, 0.4, 1.1, rng.uniform(0.2, 4)])
+    want = simulate(TWO, ind, {k: v[:, None] for k, v in p.items()}).prediction[:, ind.evid == 0]
+    design = compile_design(TWO, [ind])
+    got, bad = predict_design(design, TWO, {k: v[None, :] for k, v in p.items()})
+    assert not bad.any()
+    np.testing.assert_allclose(got.T, want, rtol=1e-10, atol=1e-14)
+
+
+def test_superposition_refuses_what_the_engine_refuses() -> None:
+    """A zero-order input into the transit compartment is left to the engine (which names the record); an
+    impossible n or mean transit time gives NaN, the mark of a point the fit must not take."""
+    from cnidose.pk.superposition import compile_design, design_supports, predict_design
+
+    assert not design_supports(TWO, individual([(0.0, 2.0)], [4.0], RATE=[1.0, 0.0]))
+    ind = individual([(0.0, 2.0)], [4.0, 8.0])
+    p = {k: np.full((1, 3), v) for k, v in MARTIAL.items()}
+    p["MTT"] = np.array([[3.39, -1.0, 3.39]])
+    p["NTR"] = np.array([[1.58, 1.58, np.nan]])
+    got, _ = predict_design(compile_design(TWO, [ind]), TWO, p)
+    assert np.isfinite(got[:, 0]).all() and np.isnan(got[:, 1:]).all()
+
+
+def test_martial_fit_on_superposition_equals_the_engine_fit() -> None:
+    """Envarsus once daily (Martial 2021), a trough every few days and a dose change: the fit by superposition
+    (the default) and the fit through the event engine reach the same estimate and objective."""
+    from cnidose.estimation import fit_map
+
+    m = resolve_model("martial2021_tac_envarsus_liver")
+    rows = []
+    for day in range(14):
+        rows.append((24.0 * day, 1.0, 4.0 if day < 7 else 5.0, np.nan))
+        if day in (3, 6, 9, 13):
+            rows.append((24.0 * day + 23.5, 0.0, 0.0, [6.1, 5.0, 8.2, 7.4][(3, 6, 9, 13).index(day)]))
+    cols = {"ID": np.ones(len(rows)), "TIME": np.array([r[0] for r in rows]),
+            "EVID": np.array([r[1] for r in rows]), "AMT": np.array([r[2] for r in rows]),
+            "DV": np.array([r[3] for r in rows]), "MDV": np.array([r[1] for r in rows]),
+            "WT": np.full(len(rows), 75.0), "DBS": np.zeros(len(rows)), "POD": 400.0 + np.array([r[0] for r in rows])
+            / 24.0}
+    ind = split_individuals(cols)[0]
+    (fast,) = fit_map(m, [ind])
+    (slow,) = fit_map(m, [ind], fast=False)
+    assert fast.status == slow.status == "converged"
+    assert fast.ofv == pytest.approx(slow.ofv, abs=1e-7)
+    assert np.asarray(fast.eta) == pytest.approx(np.asarray(slow.eta), abs=1e-5)
+    assert fast.ipred == pytest.approx(slow.ipred, rel=1e-8)

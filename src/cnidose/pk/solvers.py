@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from cnidose.pk.compiled import Kernel
 
 __all__ = ["EigenSolver", "ExpmSolver", "GammaDose", "OdeSolver", "Solver", "gamma_density", "gamma_modes",
-           "gamma_support"]
+           "gamma_response", "gamma_support"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -132,7 +132,9 @@ def gamma_support(a: FloatArray, b: FloatArray) -> FloatArray:
     """Hours after which less than :data:`GAMMA_TAIL` of a gamma-density input (shape a, rate b) remains."""
     from scipy.special import gammainccinv
 
-    return np.asarray(gammainccinv(a, GAMMA_TAIL) / b, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    shapes, inverse = np.unique(a, return_inverse=True)  # the shape is mostly one value (n without a random effect)
+    return np.asarray(gammainccinv(shapes, GAMMA_TAIL)[inverse].reshape(a.shape) / b, dtype=np.float64)
 
 
 def gamma_density(u: FloatArray, a: FloatArray, b: FloatArray) -> FloatArray:
@@ -144,8 +146,9 @@ def gamma_density(u: FloatArray, a: FloatArray, b: FloatArray) -> FloatArray:
     return np.where(u > 0, v, np.where((u == 0) & (a == 1), b, 0.0))
 
 
-def _gamma_response(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray) -> FloatArray:
-    """int_0^x e^(lam (x - u)) g(u) du for the gamma density g (shape a, rate b), per mode: (B, n).
+def gamma_response(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray) -> FloatArray:
+    """int_0^x e^(lam (x - u)) g(u) du for the gamma density g (shape a, rate b), per mode: (..., n) for ``x``,
+    ``a`` and ``b`` of shape (...) and ``lam`` (..., n).
 
     = (b x)^a e^(-b x) / Gamma(a + 1) * M(1, a + 1, (b + lam) x), M Kummer's function: substitute u = x s and
     use Kummer's transformation M(a, a + 1, -z) e^z = M(1, a + 1, z). For lam = 0 this is the regularised
@@ -155,7 +158,7 @@ def _gamma_response(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray
     """
     from scipy.special import gammaln, hyp1f1
 
-    xc, ac, bc = x[:, None], a[:, None], b[:, None]
+    xc, ac, bc = x[..., None], a[..., None], b[..., None]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         lead = np.where(xc > 0, np.exp(ac * np.log(bc * xc) - bc * xc - gammaln(ac + 1)), 0.0)
         m = hyp1f1(1.0, ac + 1, (bc + lam) * xc)
@@ -169,7 +172,7 @@ def gamma_modes(lam: FloatArray, u0: FloatArray, u1: FloatArray, a: FloatArray, 
 
     def clipped(x: FloatArray) -> FloatArray:  # the input is over after `end`: only decay after it
         xe = np.minimum(x, end)
-        return np.exp(lam * (x - xe)[:, None]) * _gamma_response(lam, xe, a, b)
+        return np.exp(lam * (x - xe)[:, None]) * gamma_response(lam, xe, a, b)
 
     return clipped(u1) - np.exp(lam * (u1 - u0)[:, None]) * clipped(u0)
 

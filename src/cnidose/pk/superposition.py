@@ -3,7 +3,9 @@
 For a linear structure whose parameters are constant within each individual,
 an observation is a sum over the doses that precede it of closed-form
 responses ``sum_k w_k e^(lambda_k dt)`` (bolus), their integrals (zero-order
-inputs) and geometric series (steady state). This module compiles the
+inputs), their convolutions with a gamma density (the Savic transit input:
+Kummer's function, :func:`cnidose.pk.solvers.gamma_response`) and geometric
+series (steady state). This module compiles the
 dose/observation pairs of a whole cohort once (:func:`compile_design`) and then
 evaluates them for any batch of parameter sets per individual with array
 operations only (:func:`predict_design`): no Python loop over individuals,
@@ -30,14 +32,15 @@ from numpy.typing import NDArray
 from cnidose.pk.eigen import eigen_blocks as _eigen_blocks
 from cnidose.pk.eigen import flow_blocks as _blocks
 from cnidose.pk.events import Individual
-from cnidose.pk.structure import LinearStructure
+from cnidose.pk.solvers import gamma_response, gamma_support
+from cnidose.pk.structure import GammaInput, LinearStructure
 
 __all__ = ["Design", "compile_design", "design_supports", "predict_design"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
 
-_BOLUS, _RATE, _MODEL_RATE, _MODEL_DUR, _CONST_INF = 0, 1, 2, 3, 4
+_BOLUS, _RATE, _MODEL_RATE, _MODEL_DUR, _CONST_INF, _GAMMA = 0, 1, 2, 3, 4, 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +80,22 @@ class Design:
 
 
 def design_supports(structure: object, individual: Individual) -> bool:
-    """Whether :func:`compile_design` can represent this individual's records."""
-    if not isinstance(structure, LinearStructure) or structure.gamma is not None:  # gamma inputs: the engine
+    """Whether :func:`compile_design` can represent this individual's records.
+
+    With a gamma (transit) input, the doses into its compartment must be boluses: the engine refuses zero-order
+    inputs there, naming the record, and is left to say so."""
+    if not isinstance(structure, LinearStructure):
         return False
     n = structure.n
     cmt = np.where(individual.cmt > 0, individual.cmt, 0)
-    return bool(np.all(cmt <= n))
+    if not np.all(cmt <= n):
+        return False
+    if structure.gamma is not None:
+        dose = (individual.evid == 1) | (individual.evid == 4)
+        into = np.where(individual.cmt > 0, individual.cmt, structure.default_dose) == structure.gamma.cmt
+        if np.any(dose & into & (individual.rate != 0)):
+            return False
+    return True
 
 
 def compile_design(structure: LinearStructure, individuals: Sequence[Individual],
@@ -101,6 +114,7 @@ def compile_design(structure: LinearStructure, individuals: Sequence[Individual]
                                                      "ss", "ii", "addl")}
     dose_cmts: set[int] = set()
     n_obs_total = 0
+    gamma_c = structure.gamma.cmt - 1 if structure.gamma is not None else -1
     for i, ind in enumerate(individuals):
         R = len(ind)
         sel = (ind.evid == 0) if observe is None else np.asarray(observe[i], dtype=bool)
@@ -131,6 +145,8 @@ def compile_design(structure: LinearStructure, individuals: Sequence[Individual]
                 terms.append((int(r), t, c, _CONST_INF, 0.0, rate, 0, 0.0, 0))
                 continue
             kind = _BOLUS if rate == 0 else _RATE if rate > 0 else _MODEL_RATE if rate == -1 else _MODEL_DUR
+            if kind == _BOLUS and c == gamma_c:  # a gamma-density input (design_supports: boluses only)
+                kind = _GAMMA
             if kind == _BOLUS:  # the dose and its ADDL doses: one finite geometric series
                 terms.append((int(r), t, c, kind, amt, rate, 0, ii, int(ind.addl[r])))
             else:
@@ -327,8 +343,38 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         decay = np.exp(L3 * np.where(m, dt, 0.0)[..., None])
         contrib[q] = np.where(m[..., None], design.pair_rate[q, None, None] * decay / -safe, 0.0)
         bad |= _scatter_any(((L3 >= 0) & (np.abs(w[q]) > 1e-12)).any(-1) & m, qi, N, B)
+    # -- gamma-density (transit) inputs, not steady state: each dose's input so far, decayed since it ended
+    gamma_q = kind_all == _GAMMA
+    if gamma_q.any():
+        assert structure.gamma is not None
+        ga, gb, gend, g_invalid = _gamma_parameters(params, structure.gamma, (N, B))
+        invalid_params |= g_invalid
+        gfull = gamma_response(lam, gend, ga, gb)  # (N, B, n): a whole dose's input, at its end
+        q = sub(gamma_q & ~ss_all)
+        if q.size:
+            lag, dt, amount, qi = common(q)
+            contrib[q] = amount[..., None] * _gamma_left(lam[qi], dt, ga[qi], gb[qi], gend[qi], gfull[qi])
+        # at steady state, the earlier doses j = 1, 2, ... (entered dt + j ii ago): those whose input is still
+        # running one by one, then those whose input is over as a geometric series (the engine's k0 doses and tail)
+        q = sub(gamma_q & ss_all)
+        if q.size:
+            lag, dt, amount, qi = common(q)
+            L3, a3, b3, end3, full3 = lam[qi], ga[qi], gb[qi], gend[qi], gfull[qi]
+            iiv = ii_all[q, None]
+            first_over = np.maximum(1.0, np.ceil((end3 - dt) / iiv))  # first j with dt + j ii >= end
+            geo_ok = L3 < 0
+            denom = np.where(geo_ok, -np.expm1(L3 * iiv[..., None]), 1.0)
+            tail = np.exp(L3 * (dt + first_over * iiv - end3)[..., None]) * full3 / denom
+            total = tail
+            for n_back in range(1, int(np.max(first_over))):
+                running = n_back < first_over
+                if running.any():
+                    x = np.where(running, dt + n_back * iiv, 0.0)
+                    total = total + np.where(running[..., None], _gamma_left(L3, x, a3, b3, end3, full3), 0.0)
+            contrib[q] = amount[..., None] * total
+            bad |= _scatter_any(np.asarray((~geo_ok & (np.abs(w[q]) > 1e-12)).any(-1)), qi, N, B)
     # -- steady-state series of the earlier doses: entries at dt + j*ii, j >= 1
-    q = sub(ss_all)
+    q = sub(ss_all & ~gamma_q)
     if q.size:
         lag, dt, amount, qi = common(q)
         L3 = lam[qi]
@@ -363,6 +409,34 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         out = np.where(invalid_params[design.obs_ind], np.nan, out)
         bad &= ~invalid_params
     return out, bad
+
+
+def _gamma_parameters(params: Mapping[str, FloatArray], gamma: GammaInput, shape: tuple[int, int]
+                      ) -> tuple[FloatArray, FloatArray, FloatArray, NDArray[np.bool_]]:
+    """Shape n + 1, rate (n + 1) / mtt and support (:func:`cnidose.pk.solvers.gamma_support`) of the gamma input,
+    (N, B) each, and where n or mtt is not valid (not finite, n < 0, mtt <= 0: an impossible parameter set, NaN
+    predictions; the engine refuses such a record with the parameter's name)."""
+    n = np.broadcast_to(np.asarray(params[gamma.n], dtype=np.float64), shape)
+    mtt = np.broadcast_to(np.asarray(params[gamma.mtt], dtype=np.float64), shape)
+    invalid = ~(np.isfinite(n) & (n >= 0) & np.isfinite(mtt) & (mtt > 0))
+    a = np.where(invalid, 1.0, n + 1.0)
+    b = a / np.where(invalid, 1.0, mtt)
+    return a, b, gamma_support(a, b), invalid
+
+
+def _gamma_left(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray, end: FloatArray, at_end: FloatArray
+                ) -> FloatArray:
+    """Per mode (..., n), what a unit dose entering at a gamma-density rate (shape a, rate b, input over after
+    ``end``) has brought in ``x`` after it entered: nothing yet for x <= 0; the input so far while it runs; after
+    ``end``, all of it (``at_end``: :func:`cnidose.pk.solvers.gamma_response` at ``end``) decayed since then, as
+    the engine clips the input (:func:`cnidose.pk.solvers.gamma_modes`). Kummer's function is evaluated only for
+    the inputs still running: most of a regimen's doses are over by the next level."""
+    out = np.exp(lam * np.maximum(x - end, 0.0)[..., None]) * at_end
+    running = (x > 0) & (x < end)
+    if running.any():
+        idx = np.nonzero(running)
+        out[idx] = gamma_response(lam[idx], x[idx], a[idx], b[idx])
+    return np.where((x > 0)[..., None], out, 0.0)
 
 
 def _rate_duration(kind: IntArray, rate: FloatArray, amount: FloatArray, R: FloatArray, D: FloatArray
