@@ -499,3 +499,39 @@ def test_ode_kernel_derivatives_of_event_times() -> None:
     richardson = _richardson(predict, etas).reshape(len(ind), 3, n_eta)
     assert np.abs(jac[..., 3]).max() > 1e-3 and np.abs(jac[..., 5]).max() > 1e-3  # the lag and D move the levels
     np.testing.assert_allclose(jac, richardson, rtol=1e-5, atol=1e-7 * np.max(np.abs(out)))
+
+
+def test_superposition_leaves_an_equal_rate_chain_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Monchaud 2012 (lung): a dose compartment and four transit compartments at one rate, so superposition's
+    eigen-decomposition fails at every point. Those points are predicted by the compiled kernel (matrix
+    exponentials), not the engine (a SciPy matrix exponential per step, ~100x slower), and equal the engine's."""
+    from cnidose.estimation.cohort import Group
+
+    model = resolve_model("monchaud2012_tac_lung")
+    rows = [(24.0 * d + h, 1.0, 3.0, np.nan) for d in range(10) for h in (0.0, 12.0)]
+    rows += [(24.0 * d + 23.5, 0.0, 0.0, 8.0) for d in (3, 6, 9)]
+    rows.sort(key=lambda r: (r[0], -r[1]))
+    cols = {"ID": np.ones(len(rows)), "TIME": np.array([r[0] for r in rows]), "EVID": np.array([r[1] for r in rows]),
+            "AMT": np.array([r[2] for r in rows]), "DV": np.array([r[3] for r in rows]),
+            "MDV": np.array([r[1] for r in rows])}
+    covs = {name: np.full(len(rows), float(c.domain[0] + c.domain[1]) / 2 if c.domain else 0.0)
+            for name, c in model.covariates.items()}
+    if "HCT" in covs:
+        covs["HCT"] = np.full(len(rows), 0.33)
+    ind = split_individuals(cols | covs)[0]
+    groups, members = build_groups(model, [ind])
+    assert not members[0].error, members[0].error
+    g = groups[0]
+    assert g.fast and g.kernel is not None, "superposition with the kernel for its derivatives"
+    theta = np.random.default_rng(3).normal(0.0, 0.3, (1, 5, g.dim))
+    which = np.zeros(1, np.int64)
+    plain, _ = build_groups(model, [ind], compiled=False)
+    ref = plain[0].predict(theta, which)  # superposition, the failing points by the engine
+
+    def no_engine(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the engine was used")
+
+    monkeypatch.setattr(Group, "_run_engine", no_engine)
+    monkeypatch.setattr(type(model), "simulate", no_engine)
+    got = g.predict(theta, which)
+    np.testing.assert_allclose(got, ref, rtol=1e-10)

@@ -239,7 +239,12 @@ class Group:
         params = model.evaluate_pk(covs, full[..., :n_eta], full[..., n_eta:] if model.iov is not None else None,
                                    (G, B))
         conc, bad = predict_design(design, model.structure, params)
-        if bad.any():
+        # members whose rate matrix does not decompose well (repeated eigenvalues: a chain of equal transit rates
+        # at every point): the compiled kernel where the group has it (matrix exponentials, compiled), else the
+        # engine (a SciPy matrix exponential per step, some hundred times slower)
+        by_kernel = np.flatnonzero(bad.any(axis=1)) if self.kernel is not None and self.stack is not None \
+            else np.zeros(0, np.int64)
+        if bad.any() and by_kernel.size == 0:
             for g in np.flatnonzero(bad.any(axis=1)):
                 m = self.members[int(which[g])]
                 assert m.prep is not None and m.obs is not None
@@ -250,7 +255,14 @@ class Group:
                     conc[lo:hi] = raw[:, m.obs.rec].T
                 except (CnidoseError, FloatingPointError, np.linalg.LinAlgError):
                     conc[lo:hi] = np.nan
-        return _transform(model, design, params, covs, conc)
+        out = _transform(model, design, params, covs, conc)
+        if by_kernel.size:  # the kernel's predictions are transformed already
+            kout = self._predict_kernel(full[by_kernel], which[by_kernel])
+            kstart = np.concatenate([[0], np.cumsum(np.diff(design.obs_start)[by_kernel])])
+            for k, g in enumerate(by_kernel.tolist()):
+                cols = bad[g]
+                out[design.obs_start[g]:design.obs_start[g + 1], cols] = kout[kstart[k]:kstart[k + 1], cols]
+        return out
 
 
 def _transform(model: Model, design: Design, params: dict[str, FloatArray], covs: dict[str, FloatArray],
