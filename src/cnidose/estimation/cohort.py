@@ -259,9 +259,9 @@ class Group:
         if by_kernel.size:  # the kernel's predictions are transformed already
             kout = self._predict_kernel(full[by_kernel], which[by_kernel])
             kstart = np.concatenate([[0], np.cumsum(np.diff(design.obs_start)[by_kernel])])
-            for k, g in enumerate(by_kernel.tolist()):
-                cols = bad[g]
-                out[design.obs_start[g]:design.obs_start[g + 1], cols] = kout[kstart[k]:kstart[k + 1], cols]
+            for k, member in enumerate(by_kernel.tolist()):
+                cols = bad[member]
+                out[design.obs_start[member]:design.obs_start[member + 1], cols] = kout[kstart[k]:kstart[k + 1], cols]
         return out
 
 
