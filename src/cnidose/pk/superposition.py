@@ -301,21 +301,25 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         L3 = lam[qi]
         ii = ii_all[q, None]
         addl = design.pair_addl[q, None]
-        # index of the last dose that has entered: K = min(ADDL, floor(dt / ii)), checked like the engine
-        K = np.where(addl > 0, np.minimum(addl, np.floor(np.maximum(dt, 0.0) / ii)), 0.0)
-        t0 = design.pair_tdose[q, None]
-        tobs = design.pair_tobs[q, None]
-        over = (K > 0) & ((t0 + K * ii) + lag > tobs)
-        K = np.where(over, K - 1, K)
-        under = (addl > K) & ((t0 + (K + 1) * ii) + lag <= tobs)
-        K = np.where(under, K + 1, K)
         entered = dt >= 0
-        dK = np.where(entered, tobs - ((t0 + K * ii) + lag), 0.0)[..., None]
-        series = np.where(np.abs(L3 * ii[..., None]) < 1e-12, (K + 1)[..., None],
-                          np.expm1(L3 * ii[..., None] * (K + 1)[..., None])
-                          / np.where(np.abs(L3 * ii[..., None]) < 1e-12, 1.0, np.expm1(L3 * ii[..., None])))
-        series = np.where((addl > 0)[..., None], series, 1.0)
-        contrib[q] = np.where(entered[..., None], amount[..., None] * np.exp(L3 * dK) * series, 0.0)
+        if not np.any(addl > 0):  # one dose per record (a chart's administrations): the same sums, no series
+            contrib[q] = np.where(entered[..., None], amount[..., None] * np.exp(L3 * np.where(entered, dt, 0.0)[
+                ..., None]), 0.0)
+        else:
+            # index of the last dose that has entered: K = min(ADDL, floor(dt / ii)), checked like the engine
+            K = np.where(addl > 0, np.minimum(addl, np.floor(np.maximum(dt, 0.0) / ii)), 0.0)
+            t0 = design.pair_tdose[q, None]
+            tobs = design.pair_tobs[q, None]
+            over = (K > 0) & ((t0 + K * ii) + lag > tobs)
+            K = np.where(over, K - 1, K)
+            under = (addl > K) & ((t0 + (K + 1) * ii) + lag <= tobs)
+            K = np.where(under, K + 1, K)
+            dK = np.where(entered, tobs - ((t0 + K * ii) + lag), 0.0)[..., None]
+            series = np.where(np.abs(L3 * ii[..., None]) < 1e-12, (K + 1)[..., None],
+                              np.expm1(L3 * ii[..., None] * (K + 1)[..., None])
+                              / np.where(np.abs(L3 * ii[..., None]) < 1e-12, 1.0, np.expm1(L3 * ii[..., None])))
+            series = np.where((addl > 0)[..., None], series, 1.0)
+            contrib[q] = np.where(entered[..., None], amount[..., None] * np.exp(L3 * dK) * series, 0.0)
     zero_order = (kind_all == _RATE) | (kind_all == _MODEL_RATE) | (kind_all == _MODEL_DUR)
     if zero_order.any():
         zq = np.flatnonzero(zero_order)
