@@ -87,3 +87,20 @@ def test_ill_conditioned_members_are_flagged() -> None:
     params = {"KA": np.array([[0.5, 1.0]]), "CL": np.array([[10.0, 10.0]]), "V": np.array([[20.0, 20.0]])}
     _, bad = predict_design(design, st, params)
     assert bad.tolist() == [[True, False]]
+
+
+def test_a_duration_that_is_not_finite_gives_nan_not_an_exception() -> None:
+    """An input at steady state over a modelled duration (RATE = -2) that a trial point makes NaN or infinite: the
+    count of its earlier infusions still running is not a number, and the prediction is NaN (or left to the
+    engine), never an exception that stops a fit."""
+    s = one_compartment()
+    ind = split_individuals({"ID": np.ones(3), "TIME": np.array([0.0, 4.0, 30.0]), "EVID": np.array([1.0, 0, 0]),
+                             "AMT": np.array([100.0, 0, 0]), "RATE": np.array([-2.0, 0, 0]),
+                             "SS": np.array([1.0, 0, 0]), "II": np.array([12.0, 0, 0]),
+                             "CMT": np.array([1.0, 1, 1])})[0]
+    p = {"CL": np.full((1, 3), 5.0), "V": np.full((1, 3), 50.0), "KA": np.ones((1, 3)),
+         "D1": np.array([[2.0, np.nan, np.inf]]), "S1": np.full((1, 3), 50.0)}
+    got, bad = predict_design(compile_design(s, [ind]), s, p)
+    ref = simulate(s, ind, {k: v[0, 0] for k, v in p.items()}).prediction[0][ind.evid == 0]
+    np.testing.assert_allclose(got[:, 0], ref, rtol=1e-10)
+    assert np.all(np.isnan(got[:, 1:]) | bad[0, 1:])

@@ -250,6 +250,12 @@ def test_superposition_refuses_what_the_engine_refuses() -> None:
     p["NTR"] = np.array([[1.58, 1.58, np.nan]])
     got, _ = predict_design(compile_design(TWO, [ind]), TWO, p)
     assert np.isfinite(got[:, 0]).all() and np.isnan(got[:, 1:]).all()
+    # at steady state, a lag that is not finite makes the count of running inputs not a number: NaN, no exception
+    ss = individual([(0.0, 2.0)], [4.0, 30.0], SS=[1.0, 0.0, 0.0], II=[24.0, 0.0, 0.0])
+    p = {k: np.full((1, 3), v) for k, v in MARTIAL.items()}
+    p["ALAG1"] = np.array([[0.5, np.nan, np.inf]])
+    got, _ = predict_design(compile_design(TWO, [ss]), TWO, p)
+    assert np.isfinite(got[:, 0]).all() and np.isnan(got[:, 1:]).all()
 
 
 def test_martial_fit_on_superposition_equals_the_engine_fit() -> None:

@@ -370,7 +370,7 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
             denom = np.where(geo_ok, -np.expm1(L3 * iiv[..., None]), 1.0)
             tail = np.exp(L3 * (dt + first_over * iiv - end3)[..., None]) * full3 / denom
             total = tail
-            for n_back in range(1, int(np.max(first_over))):
+            for n_back in range(1, _loop_count(first_over)):
                 running = n_back < first_over
                 if running.any():
                     x = np.where(running, dt + n_back * iiv, 0.0)
@@ -393,7 +393,7 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         j1 = np.maximum(j0, np.ceil((dur - dt) / iiv))  # first earlier infusion already complete
         d1 = (dt + j1 * iiv - dur)[..., None]
         part_inf = rho[..., None] * np.exp(L3 * d1) * _expm1_over(L3, dur[..., None]) / denom
-        n_partial = int(np.max(np.where(~is_bolus, j1 - j0, 0))) if (~is_bolus).any() else 0
+        n_partial = _loop_count(np.where(~is_bolus, j1 - j0, 0.0))
         for step in range(n_partial):
             j = j0 + step
             mk = ~is_bolus & (j < j1)
@@ -413,6 +413,13 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         out = np.where(invalid_params[design.obs_ind], np.nan, out)
         bad &= ~invalid_params
     return out, bad
+
+
+def _loop_count(x: FloatArray) -> int:
+    """The largest finite entry of ``x`` as a loop count (0 where none): a member whose lag, duration or input is
+    not finite gets NaN predictions (``invalid_params``), not an exception from its NaN or infinite count."""
+    finite = x[np.isfinite(x)]
+    return int(finite.max()) if finite.size else 0
 
 
 def _gamma_parameters(params: Mapping[str, FloatArray], gamma: GammaInput, shape: tuple[int, int]
