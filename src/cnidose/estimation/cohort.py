@@ -168,16 +168,16 @@ class Group:
         Returns (O', B), the observations of the selected members concatenated in order.
         """
         which = np.arange(self.size) if which is None else which
+        if which.size == 0:
+            return np.zeros((0, theta.shape[1]))
         full = self.expand(theta)
-        if which.size and self.kernel is not None and self.stack is not None:
+        if self.kernel is not None and self.stack is not None:
             # the compiled kernel wherever the group has it: faster than superposition at every size measured
             # (one patient, 16 points: 0.2-0.5 ms against 1.3-2.3; 4,000 individuals of model 001, 7 points each:
-            # 25 ms against 74), and the source of the derivatives the descent takes
+            # 25 ms against 74), and the source of the derivatives the descent takes; such a group has no design
             return self._predict_kernel(full, which)
         if self.fast:
             return self._predict_fast(full, which)
-        if which.size == 0:
-            return np.zeros((0, theta.shape[1]))
         # one engine run per distinct member, over all its rows' points at once (several starts of one
         # member: the engine's cost is mostly per run, not per point)
         B = theta.shape[1]
@@ -406,15 +406,7 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
         return est_full, _block_diag([prec_eta] + [prec_k] * n_occ), n_eta + n_occ * len(model.iov)
 
     if fast_members:
-        g = _group(model, fast_members, *layout(1), fast=True)
-        assert isinstance(model.structure, LinearStructure)
-        # the prepared records (intravenous doses routed to the model's IV compartment), as the engine reads them
-        g.design = compile_design(model.structure, [m.prep.individual for m in fast_members],  # type: ignore[union-attr]
-                                  observe=[_mask(m) for m in fast_members])
-        g._covs = {k: np.array([m.prep.covariates[k][0] if m.prep.covariates[k].size else np.nan  # type: ignore[union-attr]
-                                for m in fast_members]) for k in (fast_members[0].prep.covariates if
-                                                                  fast_members[0].prep else {})}
-        groups.append(g)
+        groups.append(_group(model, fast_members, *layout(1), fast=True))
     kernel = model_kernel(model) if compiled and members else None
     plans: dict[int, Plan] = {}
     if kernel is not None:
@@ -423,8 +415,17 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
             plan = kernel.plan(model, m.prep, m.obs.rec)
             if plan is not None:
                 plans[m.index] = plan
-        if groups and all(m.index in plans for m in groups[0].members):  # the superposition group's derivatives
+        if groups and all(m.index in plans for m in groups[0].members):  # the superposition group's kernel
             groups[0].kernel, groups[0].stack = kernel, Stack.of([plans[m.index] for m in groups[0].members])
+    if fast_members and groups[0].stack is None:  # superposition predicts the group (a kernel would: Group.predict)
+        g = groups[0]
+        assert isinstance(model.structure, LinearStructure)
+        # the prepared records (intravenous doses routed to the model's IV compartment), as the engine reads them
+        g.design = compile_design(model.structure, [m.prep.individual for m in fast_members],  # type: ignore[union-attr]
+                                  observe=[_mask(m) for m in fast_members])
+        g._covs = {k: np.array([m.prep.covariates[k][0] if m.prep.covariates[k].size else np.nan  # type: ignore[union-attr]
+                                for m in fast_members]) for k in (fast_members[0].prep.covariates if
+                                                                  fast_members[0].prep else {})}
     # the kernel predicts many individuals in one call: those it holds share a group per layout (number of
     # occasions), so that the optimiser works on all of them at once; the others are predicted by the engine,
     # one group each

@@ -168,11 +168,23 @@ def gamma_response(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray)
     return np.asarray(lead * m, dtype=np.float64)
 
 
-def gamma_so_far(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray, end: FloatArray) -> FloatArray:
-    """int_0^x e^(lam (x - u)) g(u) du per mode (B, n), the input taken as over after ``end`` (only decay after
-    it)."""
-    xe = np.minimum(x, end)
-    return np.exp(lam * (x - xe)[:, None]) * gamma_response(lam, xe, a, b)
+def gamma_so_far(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray, end: FloatArray,
+                 at_end: FloatArray | None = None) -> FloatArray:
+    """int_0^x e^(lam (x - u)) g(u) du per mode (..., n) for ``x``, ``a``, ``b``, ``end`` of shape (...): nothing
+    for x <= 0; the input so far while it runs; after ``end`` (:func:`gamma_support`) all of it decayed since then
+    (the input taken as over). Kummer's function only for the inputs still running, and at ``end`` for the others
+    unless ``at_end`` (:func:`gamma_response` at ``end``, (..., n)) is given."""
+    out = np.zeros(lam.shape)
+    running = (x > 0) & (x < end)
+    if running.any():
+        idx = np.nonzero(running)
+        out[idx] = gamma_response(lam[idx], x[idx], a[idx], b[idx])
+    over = (x > 0) & ~running
+    if over.any():
+        idx = np.nonzero(over)
+        full = gamma_response(lam[idx], end[idx], a[idx], b[idx]) if at_end is None else at_end[idx]
+        out[idx] = np.exp(lam[idx] * (x[idx] - end[idx])[..., None]) * full
+    return out
 
 
 def gamma_modes(lam: FloatArray, u0: FloatArray, u1: FloatArray, a: FloatArray, b: FloatArray,

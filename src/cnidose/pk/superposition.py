@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from cnidose.pk.eigen import eigen_blocks as _eigen_blocks
 from cnidose.pk.eigen import flow_blocks as _blocks
 from cnidose.pk.events import Individual
-from cnidose.pk.solvers import gamma_response, gamma_support
+from cnidose.pk.solvers import gamma_response, gamma_so_far, gamma_support
 from cnidose.pk.structure import GammaInput, LinearStructure
 
 __all__ = ["Design", "compile_design", "design_supports", "predict_design"]
@@ -357,7 +357,7 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         q = sub(gamma_q & ~ss_all)
         if q.size:
             lag, dt, amount, qi = common(q)
-            contrib[q] = amount[..., None] * _gamma_left(lam[qi], dt, ga[qi], gb[qi], gend[qi], gfull[qi])
+            contrib[q] = amount[..., None] * gamma_so_far(lam[qi], dt, ga[qi], gb[qi], gend[qi], gfull[qi])
         # at steady state, the earlier doses j = 1, 2, ... (entered dt + j ii ago): those whose input is still
         # running one by one, then those whose input is over as a geometric series (the engine's k0 doses and tail)
         q = sub(gamma_q & ss_all)
@@ -374,7 +374,7 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
                 running = n_back < first_over
                 if running.any():
                     x = np.where(running, dt + n_back * iiv, 0.0)
-                    total = total + np.where(running[..., None], _gamma_left(L3, x, a3, b3, end3, full3), 0.0)
+                    total = total + np.where(running[..., None], gamma_so_far(L3, x, a3, b3, end3, full3), 0.0)
             contrib[q] = amount[..., None] * total
             bad |= _scatter_any(np.asarray((~geo_ok & (np.abs(w[q]) > 1e-12)).any(-1)), qi, N, B)
     # -- steady-state series of the earlier doses: entries at dt + j*ii, j >= 1
@@ -433,21 +433,6 @@ def _gamma_parameters(params: Mapping[str, FloatArray], gamma: GammaInput, shape
     a = np.where(invalid, 1.0, n + 1.0)
     b = a / np.where(invalid, 1.0, mtt)
     return a, b, gamma_support(a, b), invalid
-
-
-def _gamma_left(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray, end: FloatArray, at_end: FloatArray
-                ) -> FloatArray:
-    """Per mode (..., n), what a unit dose entering at a gamma-density rate (shape a, rate b, input over after
-    ``end``) has brought in ``x`` after it entered: nothing yet for x <= 0; the input so far while it runs; after
-    ``end``, all of it (``at_end``: :func:`cnidose.pk.solvers.gamma_response` at ``end``) decayed since then, as
-    the engine clips the input (:func:`cnidose.pk.solvers.gamma_modes`). Kummer's function is evaluated only for
-    the inputs still running: most of a regimen's doses are over by the next level."""
-    out = np.exp(lam * np.maximum(x - end, 0.0)[..., None]) * at_end
-    running = (x > 0) & (x < end)
-    if running.any():
-        idx = np.nonzero(running)
-        out[idx] = gamma_response(lam[idx], x[idx], a[idx], b[idx])
-    return np.where((x > 0)[..., None], out, 0.0)
 
 
 def _rate_duration(kind: IntArray, rate: FloatArray, amount: FloatArray, R: FloatArray, D: FloatArray
