@@ -113,13 +113,14 @@ def test_the_command_line_gives_the_choice_back_when_it_ends(tmp_path: Path,
 
 def test_a_record_recommendation_loads_neither_the_database_nor_compiled_code() -> None:
     """`cnidose recommend --patient RECORD.json` (one patient, a library model on the closed form): no SQLAlchemy
-    (the store is not used; 0.4 s to import), no Numba, no SciPy special functions."""
+    (the store is not used; 0.4 s to import), no Numba, no SciPy special functions, no pydantic (Typer 0.29 parses
+    every command's options through it, 0.2-0.3 s: pinned below 0.29 in pyproject)."""
     env = {k: v for k, v in os.environ.items() if k != "CNIDOSE_COMPILED"}
     code = ("import sys, runpy\nsys.argv = ['cnidose', 'recommend', '--patient', "
             f"{str(REPO / 'examples' / 'kidney_transplant_patient.json')!r}, '--as-of', '2026-12-01']\n"
             "try:\n    runpy.run_module('cnidose.cli', run_name='__main__')\nexcept SystemExit as e:\n"
             "    assert not e.code, e.code\n"
-            "print([m for m in ('sqlalchemy', 'numba', 'scipy.special') if m in sys.modules])\n")
+            "print([m for m in ('sqlalchemy', 'numba', 'scipy.special', 'pydantic') if m in sys.modules])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "give " in r.stdout and r.stdout.strip().splitlines()[-1] == "[]"
