@@ -11,6 +11,8 @@ Cohorts (tdm_cohorts.COHORTS) and the strategies compared on each:
   occasion effects (``drift:W``, a random walk) should win.
 - ``model-residual``: the model's own proportional residual error (SD 0.245): fitting on the log scale (``log``)
   removes the MAP's pull towards low forecasts (about p² = 6 %).
+- ``lognormal-residual``: a residual error of the same size on the log scale (skewed, as an exponential error
+  model assumes): there the log-scale fit (``log``) is the right likelihood.
 - ``persistent-iov``: occasion effects that carry over from one trough to the next (AR(1), rho 0.8): the last
   occasion's effect carried forward (``occ-last``), drifting occasion effects and forgetting should win.
 - ``post`` (every cohort): the forecast is the posterior predictive median, as the recommendation's.
@@ -18,8 +20,12 @@ Cohorts (tdm_cohorts.COHORTS) and the strategies compared on each:
   sampling-time error (SD 45 min) and 5 % missed doses together.
 
 Prints, per cohort and strategy, the Bayesian forecasts' (steps 1-7) median PE, median APE and share within ±20 %,
-each with its 95 % bootstrap interval by patient, and the paired difference in absolute error against ``map``
-(median over patients of each patient's mean |PE| difference; negative: the strategy is better) with its interval.
+each with its 95 % bootstrap interval by patient, and the paired changes against ``map`` on the same forecasts
+(:func:`cnidose.dosing.evaluate.compare`: mean |PE|, mean |ln(pred/obs)| and the share within ±20 %, in points,
+with intervals by patient, and the verdict). Two more rows are the ceilings (``truth``: the level without its
+residual error, the patient known exactly; ``truth-no-occ``: the same with the occasion effects at zero): what a
+forecast could at best reach on these levels.
+
 Limited by the MAP fits of the IOV model with eight occasions (about 0.4 s each when measured below; about 50 ms
 since the wide-prior search was made cheap, see benchmarks/bench_forecast.py).
 
@@ -72,6 +78,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +87,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tdm_cohorts import COHORTS, cohort
 
-from cnidose.dosing.evaluate import evaluate, summarise
+from cnidose.dosing.evaluate import compare, evaluate, summarise
 from cnidose.dosing.strategies import strategy
 from cnidose.models.library import resolve_model
 
@@ -90,22 +97,26 @@ SPECS = {
     "omega-x4": ("map", "flat:4", "post", "flat:4+post"),
     "drift": ("map", "forget:3", "forget:7", "post", "forget:7+post", "drift:0.2", "drift:0.4", "drift:0.2+post"),
     "model-residual": ("map", "log", "post", "log+post"),
+    "lognormal-residual": ("map", "log", "post", "log+post"),
     "persistent-iov": ("map", "occ-last", "forget:7", "drift:0.2", "drift:0.4", "post", "drift:0.2+post"),
     "realistic": ("map", "post", "log+post", "forget:7+post", "flat:2+post", "drift:0.2", "drift:0.2+post",
                   "flat:2+drift:0.2+post"),
 }
 
 
-def paired(fc: list, name: str, rng: np.random.Generator, n_boot: int = 1000) -> tuple[float, float, float]:  # type: ignore[type-arg]
-    """Median over patients of mean(|PE| strategy - |PE| map), with a bootstrap interval by patient."""
-    base = {(f.id, f.step): abs(f.error) for f in fc if f.strategy == "map"}
-    per: dict[float, list[float]] = {}
+def _ceilings(fc: list, inds: list, truth: list[dict[str, np.ndarray]]) -> list:  # type: ignore[type-arg]
+    """The forecasts a method could at best make, on map's forecasts (the same levels): ``truth`` the level
+    without its residual error (the patient known exactly, the trough's occasion effect too), ``truth-no-occ``
+    the same with the occasion effects at zero (the patient known, not the occasion's deviation). Their share
+    within ±20 % is the ceiling that the residual error (and the occasion variability) leaves."""
+    index = {float(ind.id): k for k, ind in enumerate(inds)}
+    out = []
     for f in fc:
-        if f.strategy == name and (f.id, f.step) in base:
-            per.setdefault(f.id, []).append(abs(f.error) - base[f.id, f.step])
-    d = np.array([np.mean(v) for v in per.values()]) * 100
-    boots = [np.mean(rng.choice(d, d.size)) for _ in range(n_boot)]
-    return float(np.mean(d)), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+        if f.strategy == "map":
+            t = truth[index[float(f.id)]]
+            out.append(replace(f, predicted=float(t["exact"][f.step]), strategy="truth"))
+            out.append(replace(f, predicted=float(t["no_occasion"][f.step]), strategy="truth-no-occ"))
+    return out
 
 
 def main() -> None:
@@ -119,20 +130,25 @@ def main() -> None:
     seed = int(args[1]) if len(args) > 1 else 1
     names = args[2:] or list(SPECS)
     m = resolve_model("andrews2019_tac_adult_kidney")
-    rng = np.random.default_rng(seed)
     for label in names:
         t0 = time.perf_counter()
-        inds = cohort(m, n, seed, **COHORTS[label])
+        truth: list[dict[str, np.ndarray]] = []
+        inds = cohort(m, n, seed, **COHORTS[label], truth_out=truth)
         fc = evaluate([m], inds, strategies=[strategy(s) for s in (only or SPECS[label])])
         fc = [f for f in fc if f.step > 0]  # Bayesian forecasts (the a-priori step is the same for all)
+        fc += _ceilings(fc, inds, truth)
+        against = {c.strategy: c for c in compare(fc, reference=(m.id, "map"), bootstrap=1000, seed=seed)}
         for s in summarise(fc, by_step=False, bootstrap=1000, seed=seed):
             ci = s.ci or {}
 
             def iv(key: str, ci: dict[str, tuple[float, float]] = ci) -> str:
                 return f"[{ci[key][0]:.1f}, {ci[key][1]:.1f}]" if key in ci else ""
 
-            diff = "" if s.strategy == "map" else "mean d|PE| {:+.1f} [{:+.1f}, {:+.1f}]".format(
-                *paired(fc, s.strategy, rng))
+            c = against.get(s.strategy)
+            diff = "" if c is None or c.ci is None else "  ".join(
+                f"{label} {getattr(c, key):+.1f} [{c.ci[key][0]:+.1f}, {c.ci[key][1]:+.1f}]"
+                for label, key in (("d|PE|", "abs_error"), ("d|ln|", "abs_log"), ("d(within 20 %)", "within_20"))
+            ) + f"  {c.verdict}"
             print(f"{label:15} {s.strategy:14} n={s.n:4} bias {s.median_pe:6.1f} % {iv('median_pe'):15} "
                   f"MAPE {s.mape:5.1f} % {iv('mape'):13} within 20 % {s.within_20:5.1f} % {iv('within_20'):14} {diff}",
                   flush=True)

@@ -36,7 +36,9 @@ of :func:`cohort`):
     (for ``cnidose adapt``).
 ``residual``
     ``"assay"``: a 10 % log-normal assay error (the default); ``"model"``: the model's own residual error
-    (proportional, Andrews' 0.245, normal: ``Y = F (1 + e)``).
+    (proportional, Andrews' 0.245, normal: ``Y = F (1 + e)``); ``"lognormal"``: an error of the same size on the
+    log scale (``Y = F exp(e)``, e ~ N(0, 0.245²)): skewed, never negative, as an exponential error model assumes
+    (the log-scale fit, ``log``, is then the right likelihood and the natural-scale proportional one is not).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ COHORTS: dict[str, dict[str, Any]] = {
     "omega-x4": {"omega_scale": 4.0},
     "drift": {"drift": 0.7},
     "model-residual": {"residual": "model"},
+    "lognormal-residual": {"residual": "lognormal"},
     "persistent-iov": {"iov_rho": 0.8},
     "centre-cl-0.7": {"cl_scale": 0.7},
     "realistic": {"drift": 0.7, "omega_scale": 2.0, "iov_scale": 1.5, "cyp3a5_factor": 1.3, "time_sd": 0.75,
@@ -83,8 +86,14 @@ def _columns(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
 
 def cohort(model: Model, n: int, seed: int, *, drift: float | None = None, omega_scale: float = 1.0,
            iov_scale: float = 1.0, cyp3a5_factor: float = 1.0, time_sd: float = 0.0, missed: float = 0.0,
-           residual: str = "assay", cl_scale: float = 1.0, iov_rho: float = 0.0) -> list[Individual]:
-    """``n`` patients' data as a chart holds it, with levels simulated from the truth (module docstring)."""
+           residual: str = "assay", cl_scale: float = 1.0, iov_rho: float = 0.0,
+           truth_out: list[dict[str, np.ndarray]] | None = None) -> list[Individual]:
+    """``n`` patients' data as a chart holds it, with levels simulated from the truth (module docstring).
+
+    ``truth_out``, when given, receives per patient the levels without residual error: ``"exact"`` (the truth's
+    own prediction at each trough) and ``"no_occasion"`` (the same with the occasion effects at zero, the drift
+    kept): what a forecast could reach if it knew the patient exactly, and if it knew all but the trough's own
+    occasion effect."""
     rng = np.random.default_rng(seed)
     chol = np.linalg.cholesky(model.iiv.omega * omega_scale)
     iov_sd = np.sqrt(np.diag(model.iov.omega)) * iov_scale if model.iov is not None else np.zeros(0)
@@ -123,11 +132,21 @@ def cohort(model: Model, n: int, seed: int, *, drift: float | None = None, omega
             kappa += noise[np.minimum(trough_of_day, len(DAYS) - 1)]
             kappa[:, 0] += a * (1.0 - np.exp(-day_mid / 240.0))  # KAPPA_CL: the drift
         pred = model.simulate(ind, eta[None], kappas=kappa[None]).prediction[0][ind.evid == 0]
+        if truth_out is not None:
+            kappa0 = np.zeros_like(kappa)
+            if iov_sd.size:
+                kappa0[:, 0] = a * (1.0 - np.exp(-day_mid / 240.0))
+            pred0 = model.simulate(ind, eta[None], kappas=kappa0[None]).prediction[0][ind.evid == 0]
+            truth_out.append({"exact": pred, "no_occasion": pred0})
         if residual == "model":
             dv = pred * (1.0 + 0.245 * rng.standard_normal(pred.size))
             dv = np.maximum(dv, 0.05 * pred)  # a measured level is positive
-        else:
+        elif residual == "lognormal":
+            dv = pred * np.exp(0.245 * rng.standard_normal(pred.size))
+        elif residual == "assay":
             dv = pred * np.exp(0.10 * rng.standard_normal(pred.size))
+        else:
+            raise ValueError(f"residual is 'assay', 'model' or 'lognormal', got {residual!r}")
         # the chart: the regimen with ADDL, nominal times, one occasion per trough
         chart = [{"ID": i, "TIME": 0.0, "EVID": 1, "AMT": dose, "II": 12.0, "ADDL": 2 * n_days - 1, "MDV": 1,
                   "DV": np.nan, "OCC": 1, **cov}]

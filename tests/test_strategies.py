@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cnidose.dosing.averaging import laplace_criterion
-from cnidose.dosing.evaluate import Strategy, _hide_after, evaluate, strategy, summarise
+from cnidose.dosing.evaluate import Forecast, Strategy, _hide_after, compare, evaluate, strategy, summarise
 from cnidose.errors import InputError
 from cnidose.estimation import fit_map
 from cnidose.estimation.observations import observation_data
@@ -116,6 +116,64 @@ def test_the_cli_compares_strategies(tmp_path: Path) -> None:
     assert out.read_text().splitlines()[0] == "MODEL,STRATEGY,ID,STEP,ROW,DAY,DV,PRED,PE,WEIGHTS"
     r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", str(data), "-s", "flat:0.5"])
     assert r.exit_code != 0 and "1 < L" in r.output
+    # each model and strategy's summary over all steps carries its paired change against the reference (map)
+    whole = {x["strategy"]: x for x in rows if x["step"] is None}
+    assert whole["map"]["paired"] is None
+    c = whole["flat:2+occ-last"]["paired"]
+    assert c["reference"] == ["andrews2019_tac_adult_kidney", "map"] and c["n"] > 0
+    assert c["verdict"] == "too few patients" and c["ci"] is not None
+    r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", str(data), "-s",
+                                 "map,flat:2+occ-last", "--no-progress", "--calibration", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "against andrews2019_tac_adult_kidney map" in r.stdout and "verdict" not in r.stdout
+    assert "expected ±20 %" in r.stdout and "in 80 % PI" in r.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert rows and all(0.0 <= float(x["P_WITHIN_20"]) <= 1.0 and x["IN_PI80"] in ("0.0", "1.0") for x in rows)
+
+
+def _forecasts(strategy_name: str, errors: dict[tuple[int, int], float]) -> list[Forecast]:
+    """Forecasts of model "m" with the given PE per (patient, step): observed 10, predicted 10 (1 + PE)."""
+    return [Forecast("m", float(i), k, 0, 10.0, 10.0 * (1.0 + e), strategy_name) for (i, k), e in errors.items()]
+
+
+def test_paired_comparison_against_the_reference() -> None:
+    """compare: the changes over the forecasts both made (the a-priori step and unpaired forecasts left out), the
+    intervals by patient, and a verdict only with enough patients."""
+    rng = np.random.default_rng(5)
+    base = {(i, k): float(rng.normal(0.0, 0.25)) for i in range(30) for k in range(4)}
+    half = {key: e / 2 for key, e in base.items() if key[1] > 0}
+    del half[(0, 1)]  # a forecast the strategy did not make: not paired
+    fc = _forecasts("map", base) + _forecasts("half", half) + _forecasts("same", base)
+    fc += _forecasts("worse", {key: e * 2 for key, e in base.items()})
+    got = {c.strategy: c for c in compare(fc, bootstrap=400, seed=1)}
+    assert set(got) == {"half", "same", "worse"} and got["half"].reference == ("m", "map")
+    h = got["half"]
+    keys = list(half)
+    assert h.n == len(keys) == 30 * 3 - 1 and h.patients == 30
+    want = np.mean([abs(half[key]) - abs(base[key]) for key in keys]) * 100
+    share = np.mean([(abs(half[key]) <= 0.2) - (abs(base[key]) <= 0.2) for key in keys]) * 100
+    logs = np.mean([abs(np.log1p(half[key])) - abs(np.log1p(base[key])) for key in keys]) * 100
+    assert h.abs_error == pytest.approx(want) and h.within_20 == pytest.approx(share)
+    assert h.abs_log == pytest.approx(logs) and h.abs_log < 0
+    assert h.ci is not None and h.ci["abs_error"][0] < h.abs_error < h.ci["abs_error"][1] < 0
+    assert h.verdict == "better" and got["worse"].verdict == "worse"
+    assert got["same"].abs_error == 0.0 and got["same"].verdict == "no difference shown"
+    # fewer patients than a verdict needs; no bootstrap: no intervals and no verdict
+    few = [f for f in fc if f.id < 5]
+    assert {c.verdict for c in compare(few, bootstrap=200)} == {"too few patients"}
+    assert all(c.ci is None and c.verdict == "" for c in compare(fc))
+    # mixed: closer on average, but fewer within ±20 % (errors of 0.15 become 0.21, errors of 0.6 become 0.3)
+    mixed = {(i, k): (0.15 if k % 2 else 0.6) for i in range(30) for k in range(1, 5)}
+    other = {key: (0.21 if e == 0.15 else 0.3) for key, e in mixed.items()}
+    (c,) = compare(_forecasts("map", mixed) + _forecasts("x", other), bootstrap=200)
+    assert c.abs_error < 0 and c.abs_log < 0 and c.within_20 < 0 and c.verdict == "mixed"
+    # |PE| favours forecasts that err low, |ln(pred/obs)| does not: half the level against twice the level
+    low = {(i, 1): -0.5 for i in range(12)}
+    high = {(i, 1): 1.0 for i in range(12)}
+    (c,) = compare(_forecasts("map", high) + _forecasts("low", low), bootstrap=100)
+    assert c.abs_error == pytest.approx(-50.0) and c.abs_log == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(InputError, match="reference"):
+        compare(fc, reference=("m", "nothing"))
 
 
 def test_log_and_forgetting_specs() -> None:
@@ -480,3 +538,63 @@ def test_drift_draws_future_occasions_from_the_conditional_prior() -> None:
     cond = C[np.ix_(n, n)] - gain @ C[np.ix_(s, n)]
     assert np.abs(resid.mean(axis=0)).max() < 4 * np.sqrt(np.diag(cond).max() / resid.shape[0])
     np.testing.assert_allclose(np.var(resid, axis=0), np.diag(cond), rtol=0.1)
+
+
+def test_the_benchmark_cohorts_truth_and_residual_errors() -> None:
+    """benchmarks/tdm_cohorts.py: asking for the truth changes no level; the levels scatter around the truth as
+    each residual setting says (assay: 10 % log-normal; lognormal: 0.245 on the log scale; model: 0.245
+    proportional, normal); the occasion-free truth differs from the truth by the occasion effects alone."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tdm_cohorts import cohort
+
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    for residual, sd in (("assay", 0.10), ("lognormal", 0.245), ("model", 0.245)):
+        truth: list[dict[str, np.ndarray]] = []
+        with_truth = cohort(m, 40, 11, residual=residual, truth_out=truth)
+        plain = cohort(m, 40, 11, residual=residual)
+        dv = np.concatenate([i.covariates["DV"][i.evid == 0] for i in with_truth])
+        np.testing.assert_array_equal(dv, np.concatenate([i.covariates["DV"][i.evid == 0] for i in plain]))
+        exact = np.concatenate([t["exact"] for t in truth])
+        ratio = dv / exact
+        if residual == "model":
+            assert abs(np.std(ratio) - sd) < 0.04 and abs(np.mean(ratio) - 1.0) < 0.05
+        else:
+            assert abs(np.std(np.log(ratio)) - sd) < 0.04 and abs(np.median(np.log(ratio))) < 0.05
+        no_occ = np.concatenate([t["no_occasion"] for t in truth])
+        assert np.all(no_occ > 0) and 0.05 < np.std(np.log(exact / no_occ)) < 0.5
+    with pytest.raises(ValueError, match="residual"):
+        cohort(m, 1, 1, residual="normal")
+
+
+def test_calibration_says_how_the_model_saw_each_level() -> None:
+    """evaluate(calibration=True): on levels simulated from the model itself (its own residual error) about 80 %
+    lie inside their 80 % predictive interval and the share within ±20 % is about what the model expects; on
+    levels with a smaller error than the model's (a 10 % assay error) more lie inside and more are within ±20 %
+    than it expects (the model's variability overstates these patients')."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from tdm_cohorts import cohort
+
+    m = resolve_model("andrews2019_tac_adult_kidney")
+    got = {}
+    for residual in ("model", "assay"):
+        fc = [f for f in evaluate([m], cohort(m, 12, 3, residual=residual), max_step=4, calibration=True)
+              if f.step > 0]
+        assert fc and all(f.expected_20 is not None and 0.0 <= f.expected_20 <= 1.0 and f.in_pi80 in (0.0, 1.0)
+                          for f in fc)
+        (whole,) = summarise(fc, by_step=False)
+        assert whole.coverage_80 == pytest.approx(100 * np.mean([f.in_pi80 for f in fc]))
+        assert whole.expected_20 is not None
+        got[residual] = whole
+    model, assay = got["model"], got["assay"]
+    assert model.coverage_80 is not None and 65.0 <= model.coverage_80 <= 95.0
+    assert model.expected_20 is not None and abs(model.within_20 - model.expected_20) < 15.0
+    assert assay.coverage_80 is not None and assay.coverage_80 > 90.0
+    assert assay.expected_20 is not None and assay.within_20 > assay.expected_20 + 10.0
+    # without calibration nothing is computed
+    plain = evaluate([m], cohort(m, 2, 3), max_step=1)
+    assert all(f.expected_20 is None and f.in_pi80 is None for f in plain)
+    assert all(s.expected_20 is None and s.coverage_80 is None for s in summarise(plain))

@@ -43,6 +43,11 @@ app.add_typer(models_app, name="models")
 T = TypeVar("T")
 
 
+def _nan(x: float | None) -> float:
+    """None (not computed) as NaN, which the tables and the CSV write as missing."""
+    return float("nan") if x is None else x
+
+
 def _run(fn: Callable[[], T]) -> T:
     from cnidose.pk.compiled import on_first_compilation
 
@@ -502,6 +507,10 @@ def evaluate(
     by_time: Annotated[bool, typer.Option("--by-time", help=(
         "also summarise by days since transplantation (POD or TSFT column, else TIME/24): 0-7, 7-14, 14-30, "
         "30-90, 90-365, 365+, Bayesian and a priori apart"))] = False,
+    calibration: Annotated[bool, typer.Option("--calibration", help=(
+        "also how each model saw every level in advance (its posterior predictive; about twice the time): the "
+        "share within ±20 % the model itself expects, and the share of levels inside their 80 % interval"))]
+    = False,
 ) -> None:
     """Iterative Bayesian forecasting over a data set (fit on levels 1..k, predict level k+1): bias,
     MAPE, RMSE and shares within 20 % and 30 %, per model, strategy and step, side by side on the same
@@ -513,7 +522,7 @@ def evaluate(
         import numpy as np
 
         from cnidose.cohort import batch_evaluate
-        from cnidose.dosing.evaluate import STRATEGY_HELP, check_combine, strategy, summarise
+        from cnidose.dosing.evaluate import STRATEGY_HELP, check_combine, compare, strategy, summarise
 
         ms = [_resolve(x.strip(), dose_values) for x in models.split(",") if x.strip()]
         strats = list({s.name: s for s in (strategy(x) for x in strategies.split(",") if x.strip())}.values())
@@ -533,8 +542,10 @@ def evaluate(
         with _progress("evaluating", n_chunks, progress and n_chunks > 1) as callback:
             fc = batch_evaluate(ms, inds, max_step=max_step, backend=backend,  # type: ignore[arg-type]
                                 scheduler=scheduler, workers=workers, chunk_size=chunk_size, progress=callback,
-                                problems=problems, notices=notices, strategies=strats, combine=ways)
+                                problems=problems, notices=notices, strategies=strats, combine=ways,
+                                calibration=calibration)
         summary = summarise(fc, bootstrap=bootstrap, by_period=by_time)
+        paired = compare(fc, bootstrap=bootstrap)
         _echo_notices(notices)
         for msg in problems:
             typer.echo(f"skipped: {msg}", err=True)
@@ -551,13 +562,20 @@ def evaluate(
 
             plot_time.write_text(plot_by_time_svg(fc), encoding="utf-8")
         if out is not None:
-            write_csv(out, ["MODEL", "STRATEGY", "ID", "STEP", "ROW", "DAY", "DV", "PRED", "PE", "WEIGHTS"],
+            write_csv(out, ["MODEL", "STRATEGY", "ID", "STEP", "ROW", "DAY", "DV", "PRED", "PE", "WEIGHTS",
+                            *(("P_WITHIN_20", "IN_PI80") if calibration else ())],
                       ([f.model, f.strategy, _id(f.id), f.step, f.row, f.day, f.observed, f.predicted, f.error,
-                        " ".join(f"{m}={w:.3f}" for m, w in f.weights)] for f in fc))
+                        " ".join(f"{m}={w:.3f}" for m, w in f.weights),
+                        *((_nan(f.expected_20), _nan(f.in_pi80)) if calibration else ())] for f in fc))
         if as_json:
             from dataclasses import asdict
 
-            typer.echo(json.dumps([asdict(s) for s in summary], indent=2))
+            rows = [asdict(s) for s in summary]
+            against = {(c.model, c.strategy): asdict(c) for c in paired}
+            for row in rows:  # each model and strategy's summary over all steps: its change against the reference
+                if row["step"] is None and row["period"] is None:
+                    row["paired"] = against.get((row["model"], row["strategy"]))
+            typer.echo(json.dumps(rows, indent=2))
             return
         def cell(s: Any, key: str, value: float) -> str:
             if s.ci is None:
@@ -567,16 +585,45 @@ def evaluate(
 
         width = 8 if bootstrap == 0 else 22
         typer.echo(f"{'model':<36} {'strategy':<16} {'step':>12} {'n':>6} {'bias %':>{width}} {'MAPE %':>{width}} "
-                   f"{'RMSE %':>8} {'±20 %':>{width}} {'±30 %':>7}")
+                   f"{'RMSE %':>8} {'±20 %':>{width}} {'±30 %':>7}"
+                   + (f" {'expected ±20 %':>14} {'in 80 % PI':>10}" if calibration else ""))
         for s in summary:
             step = "all" if s.step is None else str(s.step)
             if s.period is not None:
                 step = f"{s.period[5:]}d " + ("a priori" if s.step == 0 else "k>=1")
             typer.echo(f"{s.model:<36} {s.strategy:<16} {step:>12} {s.n:>6} {cell(s, 'median_pe', s.median_pe)} "
                        f"{cell(s, 'mape', s.mape)} {s.rmse:8.1f} {cell(s, 'within_20', s.within_20)} "
-                       f"{s.within_30:7.1f}")
+                       f"{s.within_30:7.1f}"
+                       + (f" {_nan(s.expected_20):14.1f} {_nan(s.coverage_80):10.1f}" if calibration else ""))
+        if calibration:
+            typer.echo("[expected ±20 %: the share within ±20 % the model itself expects (its posterior predictive); "
+                       "in 80 % PI: levels inside their 80 % predictive interval, 80 if the model's variability "
+                       "describes these patients]", err=True)
         if bootstrap:
             typer.echo(f"[95 % intervals: {bootstrap} bootstrap resamples of the patients]", err=True)
+        if paired:
+            ref = paired[0].reference
+            typer.echo(f"\nagainst {ref[0]} {ref[1]}, on the same Bayesian forecasts (paired changes in points: mean "
+                       "|PE| and mean |ln(pred/obs)|, negative: closer; share within ±20 %, positive: more within)")
+            typer.echo(f"{'model':<36} {'strategy':<16} {'n':>6} {'|PE|':>{width}} {'|ln(pred/obs)|':>{width}} "
+                       f"{'±20 %':>{width}}" + ("  verdict" if bootstrap else ""))
+
+            def change(c: Any, key: str) -> str:
+                value = getattr(c, key)
+                if c.ci is None:
+                    return f"{value:+8.1f}"
+                lo, hi = c.ci[key]
+                return f"{value:+6.1f} [{lo:+5.1f}, {hi:+5.1f}]"
+
+            for c in paired:
+                typer.echo(f"{c.model:<36} {c.strategy:<16} {c.n:>6} {change(c, 'abs_error')} "
+                           f"{change(c, 'abs_log')} {change(c, 'within_20')}" + (f"  {c.verdict}" if bootstrap else ""))
+            if bootstrap:
+                typer.echo("[verdict: better or worse where the interval of |ln(pred/obs)| or of the share within "
+                           "±20 % excludes no change and the other does not point the other way; one comparison "
+                           "in twenty passes by chance where nothing differs]", err=True)
+            else:
+                typer.echo("(--bootstrap N gives the intervals and a verdict)", err=True)
         for strat in strats if ways else []:
             bayes = [f for f in fc if f.step > 0 and f.model == ways[0] and f.strategy == strat.name]
             if bayes:

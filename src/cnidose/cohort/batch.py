@@ -72,12 +72,12 @@ def batch_fit(model: Model, individuals: Sequence[Individual], *, backend: Backe
 
 
 def _evaluate_chunk(chunk: list[Individual], payloads: list[Payload], max_step: int | None,
-                    strategies: tuple[Strategy, ...] = (Strategy(),), combine: tuple[str, ...] = ()
-                    ) -> tuple[list[Forecast], list[str], list[Notice]]:
+                    strategies: tuple[Strategy, ...] = (Strategy(),), combine: tuple[str, ...] = (),
+                    calibration: bool = False) -> tuple[list[Forecast], list[str], list[Notice]]:
     problems: list[str] = []
     notices: list[Notice] = []
     forecasts = evaluate([_model(p) for p in payloads], chunk, max_step=max_step, problems=problems,
-                         notices=notices, strategies=strategies, combine=combine)
+                         notices=notices, strategies=strategies, combine=combine, calibration=calibration)
     return forecasts, problems, notices
 
 
@@ -85,13 +85,15 @@ def batch_evaluate(models: Sequence[Model], individuals: Sequence[Individual], *
                    backend: Backend = "serial", scheduler: str | None = None, workers: int | None = None,
                    chunk_size: int = 200, progress: Callable[[int, int], None] | None = None,
                    problems: list[str] | None = None, notices: list[Notice] | None = None,
-                   strategies: Sequence[Strategy] = (Strategy(),), combine: Sequence[str] = ()) -> list[Forecast]:
+                   strategies: Sequence[Strategy] = (Strategy(),), combine: Sequence[str] = (),
+                   calibration: bool = False) -> list[Forecast]:
     """:func:`cnidose.dosing.evaluate.evaluate` partitioned by individual, on any backend; the forecasts
     (and skipped individuals' messages) come back in the serial order: model, strategy, step, individual."""
     chunks = chunked(list(individuals), chunk_size)
     payloads = [model_payload(m) for m in models]
     parts = run_chunks(_evaluate_chunk, chunks, backend=backend, scheduler=scheduler, workers=workers,
-                       progress=progress, extra=(payloads, max_step, tuple(strategies), tuple(combine)))
+                       progress=progress, extra=(payloads, max_step, tuple(strategies), tuple(combine),
+                                                  calibration))
     rank = {m.id: k for k, m in enumerate(models)}
     rank.update({c: len(models) + k for k, c in enumerate(combine)})
     srank = {s.name: k for k, s in enumerate(strategies)}

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cnidose.dosing.evaluate import Forecast, Summary, evaluate, summarise
+from cnidose.dosing.evaluate import Forecast, Summary, evaluate, paired_changes, summarise
 from cnidose.dosing.strategies import Strategy
 from cnidose.errors import InputError
 from cnidose.estimation.population import Adaptation, Fitter, adapt, adapted
@@ -65,7 +65,8 @@ def adapted_model(model: Model, adaptation: Adaptation) -> Model:
 
 def paired_change(forecasts: Sequence[Forecast], parent: str, other: str, *, bootstrap: int = 1000,
                   seed: int = 0) -> list[Paired]:
-    """Mean change in |PE| of ``other`` against ``parent`` on the levels both forecast, a priori and Bayesian."""
+    """Mean change in |PE| and in |ln(pred/obs)| of ``other`` against ``parent`` on the levels both forecast
+    (:func:`cnidose.dosing.evaluate.paired_changes`), a priori and Bayesian."""
     rng = np.random.default_rng(seed)
     key = {(f.id, f.step, f.row, f.strategy): f for f in forecasts if f.model == parent}
     pairs = [(key[(f.id, f.step, f.row, f.strategy)], f) for f in forecasts
@@ -75,21 +76,10 @@ def paired_change(forecasts: Sequence[Forecast], parent: str, other: str, *, boo
         chosen = [(a, b) for a, b in pairs if (a.step > 0) == bayesian]
         if not chosen:
             continue
-        d = np.array([abs(b.error) - abs(a.error) for a, b in chosen]) * 100.0
-        dl = np.array([abs(np.log(b.predicted / b.observed)) - abs(np.log(a.predicted / a.observed))
-                       for a, b in chosen]) * 100.0
-        ids = np.array([a.id for a, _ in chosen])
-        patients = np.unique(ids)
-        picks = [rng.integers(0, patients.size, patients.size) for _ in range(bootstrap)] \
-            if patients.size > 1 else []
-        intervals = []
-        for x in (d, dl):
-            by_patient = [x[ids == i] for i in patients]
-            means = [float(np.mean(np.concatenate([by_patient[i] for i in pick]))) for pick in picks] \
-                or [float(np.mean(x))]
-            intervals.append((float(np.mean(x)), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))))
-        (c, lo, hi), (cl, lol, hil) = intervals
-        out.append(Paired(kind, int(d.size), int(patients.size), c, lo, hi, cl, lol, hil,
+        est, ci, n_patients = paired_changes(chosen, ("abs_error", "abs_log"), bootstrap=bootstrap, rng=rng)
+        c, cl = est["abs_error"], est["abs_log"]
+        (lo, hi), (lol, hil) = (ci["abs_error"], ci["abs_log"]) if ci is not None else ((c, c), (cl, cl))
+        out.append(Paired(kind, len(chosen), n_patients, c, lo, hi, cl, lol, hil,
                           float(np.median([a.error for a, _ in chosen]) * 100.0),
                           float(np.median([b.error for _, b in chosen]) * 100.0)))
     return out

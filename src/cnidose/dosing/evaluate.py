@@ -8,14 +8,16 @@ individual at once (:func:`cnidose.estimation.fit_map`).
 Metrics (prediction error PE = (predicted − observed) / observed): median PE (bias), median absolute PE
 (MAPE), relative RMSE, and the shares of forecasts within ±20 % and ±30 %; per model, strategy and step k, with
 bootstrap confidence intervals by patient (resampling patients, not forecasts: a patient's forecasts are
-correlated).
+correlated). :func:`compare` sets every model and strategy against a reference on the same forecasts (paired
+changes of the mean |PE| and of the share within ±20 %, with intervals by patient and a verdict).
 
 Forecasting strategies: :mod:`cnidose.dosing.strategies`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +33,17 @@ from cnidose.pk.events import Individual, split_individuals
 
 __all__ = [
     "COMBINE",
+    "PAIRED_METRICS",
     "STRATEGY_HELP",
+    "Comparison",
     "Forecast",
     "Strategy",
     "Summary",
     "check_combine",
+    "compare",
     "days_since_transplant",
     "evaluate",
+    "paired_changes",
     "plot_svg",
     "strategy",
     "summarise",
@@ -57,6 +63,12 @@ class Forecast:
     weights: tuple[tuple[str, float], ...] = ()
     #: days since transplantation at the forecast level (:func:`days_since_transplant`)
     day: float = float("nan")
+    #: with ``calibration``: the probability, under the model's posterior predictive of the level (the patient's
+    #: posterior draws, a new occasion's effect from its prior, the residual error), that the level lies within
+    #: ±20 % of this forecast; and 1 or 0 as the level lay inside the central 80 % predictive interval or not (None:
+    #: not computed)
+    expected_20: float | None = None
+    in_pi80: float | None = None
 
     @property
     def error(self) -> float:
@@ -80,6 +92,11 @@ class Summary:
     #: a period since transplantation ("days 0-7", ...): this summary is of the forecasts in it (None: all); with a
     #: period, step None means the Bayesian forecasts (k >= 1) and step 0 the a-priori ones
     period: str | None = None
+    #: with ``calibration`` (%): the share within ±20 % the model itself expects of these forecasts (the mean of
+    #: :attr:`Forecast.expected_20`), and the share of levels inside their 80 % predictive interval (80 if the
+    #: model's variability describes these patients); None where not every forecast has them
+    expected_20: float | None = None
+    coverage_80: float | None = None
 
 
 #: the periods since transplantation forecasts are summarised by, in days [from, to)
@@ -138,8 +155,16 @@ def check_combine(ways: Sequence[str], n_models: int) -> None:
 
 def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_step: int | None = None,
              problems: list[str] | None = None, notices: list[Notice] | None = None,
-             strategies: Sequence[Strategy] = (Strategy(),), combine: Sequence[str] = ()) -> list[Forecast]:
+             strategies: Sequence[Strategy] = (Strategy(),), combine: Sequence[str] = (),
+             calibration: bool = False) -> list[Forecast]:
     """Every forecast of every model and strategy (k = 0 .. n-1 levels seen).
+
+    ``calibration``: each forecast of a model also says how the model itself saw that level in advance
+    (:attr:`Forecast.expected_20`, :attr:`Forecast.in_pi80`; :data:`POSTERIOR_DRAWS` posterior draws per forecast,
+    about doubling the cost). If the model's variability (between occasions, residual) describes the centre's
+    patients, 80 % of levels lie inside their 80 % interval and the share within ±20 % is about what the model
+    expects; a share far below it points to a bias or a misspecification, one near it to variability that no
+    forecast removes (the ceiling of ±20 % that the model's own residual and occasion variability leave).
 
     ``combine`` adds forecasts that use every model at once, as model ``"average"`` or ``"select"`` (Uster et
     al. 2021, Clin Pharmacol Ther 109:175: model averaging and selection): each model's weight for a patient
@@ -188,15 +213,16 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
                             problems.append(f"{model.id}: ID {ind.id:g}: {r.message}")
                         continue
                     target = int(obs_idx[j][k])
-                    pred = _forecast(model, strat, ind, r, obs_idx[j], k)
                     dv = float(individuals[j].covariates["DV"][target])
+                    pred, p20, in80 = _forecast(model, strat, ind, r, obs_idx[j], k,
+                                                observed=dv if calibration else None)
                     if not (dv > 0 and np.isfinite(pred)):
                         continue
                     preds[a, b] = pred
                     crit[a, b] = 0.0 if k == 0 else (laplace_criterion(model, r) if combine else np.nan)
                     per_model.setdefault((published.id, strat.name), []).append(Forecast(
                         published.id, float(ind.id), k, int(ind.rows[target]), dv, float(pred), strat.name,
-                        day=days_since_transplant(ind, target)))
+                        day=days_since_transplant(ind, target), expected_20=p20, in_pi80=in80))
             for b, (j, ind) in enumerate(zip(who, trimmed, strict=True)):
                 if not combine:
                     break
@@ -221,33 +247,57 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
     return out
 
 
-def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArray[np.int64], k: int) -> float:
-    """The fit's prediction of level k (record ``obs[k]``); NaN when it cannot be computed."""
+def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArray[np.int64], k: int, *,
+              observed: float | None = None) -> tuple[float, float | None, float | None]:
+    """The fit's prediction of level k (record ``obs[k]``); NaN when it cannot be computed. With ``observed`` (the
+    level), also the model's own view of it (:attr:`Forecast.expected_20`, :attr:`Forecast.in_pi80`), else NaN."""
     target = int(obs[k])
     carry = None  # occ-last: (the last seen occasion, the new occasion of level k)
     if model.iov is not None and r.kappa is not None and strat.occasion == "last" and k > 0:
         occ = model.prepare(ind).occasion
         if occ[target] not in occ[obs[:k]]:
             carry = (int(occ[obs[k - 1]]), int(occ[target]))
+    nan = float("nan")
     try:
-        if strat.forecast == "posterior" and r.status != "prior-only":
-            post = sample_posterior(model, ind, n_draws=POSTERIOR_DRAWS, seed=0, map_result=r)
-            return float(np.median(post.predict(ind, seed=0, carry=carry)[:, target]))
-        kap = None
-        if model.iov is not None and r.kappa is not None:
-            kap = np.array(r.kappa, dtype=np.float64)
-            if carry is not None:
-                kap[carry[1]] = kap[carry[0]]
-            kap = kap[None]
-        return float(model.simulate(ind, r.eta[None], kappas=kap).prediction[0, target])
+        posterior = strat.forecast == "posterior" and r.status != "prior-only"
+        post = sample_posterior(model, ind, n_draws=POSTERIOR_DRAWS, seed=0, map_result=r) \
+            if posterior or observed is not None else None
+        if posterior:
+            assert post is not None
+            value = float(np.median(post.predict(ind, seed=0, carry=carry)[:, target]))
+        else:
+            kap = None
+            if model.iov is not None and r.kappa is not None:
+                kap = np.array(r.kappa, dtype=np.float64)
+                if carry is not None:
+                    kap[carry[1]] = kap[carry[0]]
+                kap = kap[None]
+            value = float(model.simulate(ind, r.eta[None], kappas=kap).prediction[0, target])
+        if post is None or observed is None or not np.isfinite(value):
+            return value, None, None
+        level = post.predict(ind, seed=1, carry=carry, residual=True)[:, target]
+        level = level[np.isfinite(level)]
+        if level.size == 0:
+            return value, None, None
+        with np.errstate(divide="ignore", invalid="ignore"):  # a drawn level <= 0 is never within ±20 %
+            within = (level > 0) & (np.abs(value / level - 1.0) <= 0.2)
+        lo, hi = np.percentile(level, [10.0, 90.0])
+        return value, float(np.mean(within)), float(lo <= observed <= hi)
     except (CnidoseError, ValueError):  # a forecast that cannot be computed is skipped, not fatal
-        return float("nan")
+        return nan, None, None
 
 
 def _metrics(pe: NDArray[np.float64]) -> dict[str, float]:
     a = np.abs(pe)
     return {"median_pe": float(np.median(pe)), "mape": float(np.median(a)), "rmse": float(np.sqrt(np.mean(pe**2))),
             "within_20": float(np.mean(a <= 20.0) * 100.0), "within_30": float(np.mean(a <= 30.0) * 100.0)}
+
+
+def _percent(values: Sequence[float | None]) -> float | None:
+    """The mean of per-forecast probabilities or indicators, in %; None unless every forecast has one."""
+    if not values or any(v is None for v in values):
+        return None
+    return float(np.mean(np.asarray(values, dtype=np.float64)) * 100.0)
 
 
 def summarise(forecasts: Sequence[Forecast], *, by_step: bool = True, bootstrap: int = 0,
@@ -289,8 +339,107 @@ def summarise(forecasts: Sequence[Forecast], *, by_step: bool = True, bootstrap:
                             draws[key].append(v)
                     ci = {key: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
                           for key, v in draws.items()}
+                p20 = [f.expected_20 for f in fs]
+                in80 = [f.in_pi80 for f in fs]
                 out.append(Summary(model, k, len(fs), m["median_pe"], m["mape"], m["rmse"], m["within_20"], strat,
-                                   m["within_30"], int(patients.size), ci, period))
+                                   m["within_30"], int(patients.size), ci, period,
+                                   _percent(p20), _percent(in80)))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """One model and strategy against the reference, on the same Bayesian forecasts (:func:`compare`). Each change
+    is the other's mean less the reference's, over the paired forecasts, in points (:data:`PAIRED_METRICS`)."""
+
+    model: str
+    strategy: str
+    reference: tuple[str, str]  # (model, strategy)
+    n: int  # forecasts both made (the same patient and step)
+    patients: int
+    abs_error: float  # mean |PE| (negative: closer to the levels)
+    abs_log: float  # mean |ln(predicted / observed)| x 100 (negative: closer)
+    within_20: float  # share within ±20 % (positive: more within)
+    #: 95 % bootstrap intervals by patient of each change (None without a bootstrap)
+    ci: dict[str, tuple[float, float]] | None = None
+    #: "better" or "worse" (the interval of |ln(pred/obs)| or of the share within ±20 % excludes no change, and the
+    #: other's does not point the other way), "mixed" (both exclude it, in opposite directions), "no difference
+    #: shown", "too few patients" (fewer than :data:`VERDICT_PATIENTS`), or "" without a bootstrap
+    verdict: str = ""
+
+
+#: what a paired comparison measures of each forecast, from its PE (predicted / observed - 1), in points: |PE|;
+#: |ln(predicted / observed)| x 100, which weighs over- and under-prediction alike (|PE| does not: a forecast of
+#: half the level costs 50, of twice the level 100, so |PE| favours forecasts that err low); and 100 within ±20 %
+PAIRED_METRICS: dict[str, Callable[[float], float]] = {
+    "abs_error": lambda pe: abs(pe) * 100.0,
+    "abs_log": lambda pe: abs(math.log1p(pe)) * 100.0 if pe > -1.0 else math.inf,
+    "within_20": lambda pe: 100.0 * (abs(pe) <= 0.2),
+}
+
+#: the fewest patients a verdict is given for: a bootstrap over fewer clusters gives intervals too narrow (with 2
+#: patients every resample is one of 3 sets)
+VERDICT_PATIENTS = 10
+
+
+def paired_changes(pairs: Sequence[tuple[Forecast, Forecast]], metrics: Sequence[str], *, bootstrap: int = 0,
+                   rng: np.random.Generator | None = None
+                   ) -> tuple[dict[str, float], dict[str, tuple[float, float]] | None, int]:
+    """``(reference, other)`` forecasts of the same levels: for each of ``metrics`` (:data:`PAIRED_METRICS`) the
+    other's mean less the reference's over the pairs; with ``bootstrap`` > 0 and two patients or more, the 95 %
+    percentile interval from that many resamples of the patients (each brings all its pairs: a patient's forecasts
+    are correlated); and the number of patients."""
+    ids = np.array([a.id for a, _ in pairs])
+    patients, which = np.unique(ids, return_inverse=True)
+    n_of = np.bincount(which, minlength=patients.size).astype(np.float64)
+    sums = np.stack([np.bincount(which, weights=np.array([PAIRED_METRICS[k](b.error) - PAIRED_METRICS[k](a.error)
+                                                          for a, b in pairs]), minlength=patients.size)
+                     for k in metrics])
+    est = {k: float(v) for k, v in zip(metrics, sums.sum(axis=1) / n_of.sum(), strict=True)}
+    if bootstrap <= 0 or patients.size < 2:
+        return est, None, int(patients.size)
+    rng = rng if rng is not None else np.random.default_rng(0)
+    pick = rng.integers(0, patients.size, (bootstrap, patients.size))
+    draws = sums[:, pick].sum(axis=2) / n_of[pick].sum(axis=1)[None]
+    lo, hi = np.percentile(draws, 2.5, axis=1), np.percentile(draws, 97.5, axis=1)
+    return est, {k: (float(lo[j]), float(hi[j])) for j, k in enumerate(metrics)}, int(patients.size)
+
+
+def compare(forecasts: Sequence[Forecast], *, reference: tuple[str, str] | None = None, bootstrap: int = 0,
+            seed: int = 0) -> list[Comparison]:
+    """Every other model and strategy against ``reference`` ((model, strategy); default: the first forecast's),
+    paired on the Bayesian forecasts (k >= 1) both made for the same patient and step (:func:`paired_changes` of
+    every metric of :data:`PAIRED_METRICS`), with a verdict.
+
+    Paired differences on the same levels are far more precise than comparing each side's own interval (the
+    levels' own variability cancels): the way to tell whether a strategy or a model forecasts a centre's patients
+    better than its reference. The verdicts are per comparison: with many strategies, one may pass by chance (at
+    95 %, about one in twenty where nothing differs).
+    """
+    bayes = [f for f in forecasts if f.step > 0]
+    if not bayes:
+        return []
+    ref = reference if reference is not None else (bayes[0].model, bayes[0].strategy)
+    base = {(f.id, f.step): f for f in bayes if (f.model, f.strategy) == ref}
+    if not base:
+        raise InputError(f"no Bayesian forecast of the reference {ref[0]} {ref[1]} to compare with")
+    rng = np.random.default_rng(seed)
+    out: list[Comparison] = []
+    for model, strat in dict.fromkeys((f.model, f.strategy) for f in bayes if (f.model, f.strategy) != ref):
+        pairs = [(base[f.id, f.step], f) for f in bayes
+                 if f.model == model and f.strategy == strat and (f.id, f.step) in base]
+        if not pairs:
+            continue
+        est, ci, n_patients = paired_changes(pairs, tuple(PAIRED_METRICS), bootstrap=bootstrap, rng=rng)
+        verdict = ""
+        if ci is not None:
+            # +1: shown better, -1: shown worse, 0: not shown (|ln| lower is better, the share higher)
+            signs = (int(ci["abs_log"][1] < 0) - int(ci["abs_log"][0] > 0),
+                     int(ci["within_20"][0] > 0) - int(ci["within_20"][1] < 0))
+            verdict = ("too few patients" if n_patients < VERDICT_PATIENTS else "mixed" if -1 in signs and 1 in
+                       signs else "better" if 1 in signs else "worse" if -1 in signs else "no difference shown")
+        out.append(Comparison(model, strat, ref, len(pairs), n_patients, est["abs_error"], est["abs_log"],
+                              est["within_20"], ci, verdict))
     return out
 
 
