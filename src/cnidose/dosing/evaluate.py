@@ -9,7 +9,9 @@ Metrics (prediction error PE = (predicted − observed) / observed): median PE (
 (MAPE), relative RMSE, and the shares of forecasts within ±20 % and ±30 %; per model, strategy and step k, with
 bootstrap confidence intervals by patient (resampling patients, not forecasts: a patient's forecasts are
 correlated). :func:`compare` sets every model and strategy against a reference on the same forecasts (paired
-changes of the mean |PE| and of the share within ±20 %, with intervals by patient and a verdict).
+changes of the mean |PE|, of the mean |ln(pred/obs)| and of the share within ±20 %, with intervals by patient and
+a verdict); with ``calibration``, each forecast also says how the model saw the level in advance (its posterior
+predictive: the share within ±20 % it expects, and whether the level fell inside its 80 % interval).
 
 Forecasting strategies: :mod:`cnidose.dosing.strategies`.
 """
@@ -250,7 +252,7 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
 def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArray[np.int64], k: int, *,
               observed: float | None = None) -> tuple[float, float | None, float | None]:
     """The fit's prediction of level k (record ``obs[k]``); NaN when it cannot be computed. With ``observed`` (the
-    level), also the model's own view of it (:attr:`Forecast.expected_20`, :attr:`Forecast.in_pi80`), else NaN."""
+    level), also the model's own view of it (:attr:`Forecast.expected_20`, :attr:`Forecast.in_pi80`), else None."""
     target = int(obs[k])
     carry = None  # occ-last: (the last seen occasion, the new occasion of level k)
     if model.iov is not None and r.kappa is not None and strat.occasion == "last" and k > 0:
