@@ -127,6 +127,18 @@ def test_the_cli_compares_strategies(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "against andrews2019_tac_adult_kidney map" in r.stdout and "verdict" not in r.stdout
     assert "expected ±20 %" in r.stdout and "in 80 % PI" in r.stdout
+    # another reference: the named strategy; a reference that is not compared is refused before any work
+    r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", str(data), "-s",
+                                 "map,flat:2+occ-last", "--reference-strategy", "occ-last+flat:2", "--json"])
+    assert r.exit_code == 0, r.output
+    whole = {x["strategy"]: x for x in json.loads(r.stdout) if x["step"] is None}
+    assert whole["flat:2+occ-last"]["paired"] is None
+    assert whole["map"]["paired"]["reference"] == ["andrews2019_tac_adult_kidney", "flat:2+occ-last"]
+    for option, value, said in (("--reference-strategy", "flat:3", "none of the strategies"),
+                                ("--reference-model", "woillard2011_tac_prograf_advagraf", "none of the models")):
+        r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", str(data), "-s",
+                                     "map,flat:2+occ-last", option, value])
+        assert r.exit_code == 2 and said in r.output, r.output
     rows = list(csv.DictReader(out.open()))
     assert rows and all(0.0 <= float(x["P_WITHIN_20"]) <= 1.0 and x["IN_PI80"] in ("0.0", "1.0") for x in rows)
 

@@ -507,6 +507,11 @@ def evaluate(
     by_time: Annotated[bool, typer.Option("--by-time", help=(
         "also summarise by days since transplantation (POD or TSFT column, else TIME/24): 0-7, 7-14, 14-30, "
         "30-90, 90-365, 365+, Bayesian and a priori apart"))] = False,
+    reference_model: Annotated[str | None, typer.Option(help=(
+        "the model the others are compared with, paired on the same forecasts (default: the first of --model; "
+        "'average' or 'select' with --combine)"))] = None,
+    reference_strategy: Annotated[str | None, typer.Option(help=(
+        "the strategy the others are compared with (default: the first of --strategy)"))] = None,
     calibration: Annotated[bool, typer.Option("--calibration", help=(
         "also how each model saw every level in advance (its posterior predictive; about twice the time): the "
         "share within ±20 % the model itself expects, and the share of levels inside their 80 % interval"))]
@@ -532,6 +537,15 @@ def evaluate(
             raise InputError(f"--bootstrap must be 0-100000, got {bootstrap}")
         ways = tuple(x.strip() for x in combine.split(",") if x.strip())
         check_combine(ways, len(ms))
+        ids = [m.id for m in ms] + list(ways)
+        if reference_model is not None and reference_model not in ids:
+            raise InputError(f"--reference-model {reference_model!r} is none of the models compared ({', '.join(ids)})")
+        ref_strategy = strats[0].name if reference_strategy is None else strategy(reference_strategy).name
+        if ref_strategy not in [x.name for x in strats]:
+            raise InputError(f"--reference-strategy {reference_strategy!r} is none of the strategies compared "
+                             f"({', '.join(x.name for x in strats)})")
+        reference = (reference_model or ms[0].id, ref_strategy) \
+            if reference_model is not None or reference_strategy is not None else None
         inds = read_nonmem_csv(data).individuals()
         for m in ms:
             check_doses(m, inds)
@@ -545,7 +559,11 @@ def evaluate(
                                 problems=problems, notices=notices, strategies=strats, combine=ways,
                                 calibration=calibration)
         summary = summarise(fc, bootstrap=bootstrap, by_period=by_time)
-        paired = compare(fc, bootstrap=bootstrap)
+        try:
+            paired = compare(fc, reference=reference, bootstrap=bootstrap)
+        except InputError as exc:  # the chosen reference forecast nothing (every patient skipped): the rest stands
+            typer.echo(f"warning: {exc}", err=True)
+            paired = []
         _echo_notices(notices)
         for msg in problems:
             typer.echo(f"skipped: {msg}", err=True)
