@@ -623,13 +623,13 @@ def evaluate(
             ref = paired[0].reference
             typer.echo(f"\nagainst {ref[0]} {ref[1]}, on the same Bayesian forecasts (paired changes in points: mean "
                        "|PE| and mean |ln(pred/obs)|, negative: closer; share within ±20 %, positive: more within)")
-            typer.echo(f"{'model':<36} {'strategy':<16} {'n':>6} {'|PE|':>{width}} {'|ln(pred/obs)|':>{width}} "
-                       f"{'±20 %':>{width}}" + ("  verdict" if bootstrap else ""))
+            typer.echo(f"{'model':<36} {'strategy':<16} {'n':>6} {'|PE|':>{width}} "
+                       f"{'|ln(pred/obs)|':>{max(width, 14)}} {'±20 %':>{width}}" + ("  verdict" if bootstrap else ""))
 
             def change(c: Any, key: str) -> str:
                 value = getattr(c, key)
                 if c.ci is None:
-                    return f"{value:+8.1f}"
+                    return f"{value:+{14 if key == 'abs_log' else 8}.1f}"
                 lo, hi = c.ci[key]
                 return f"{value:+6.1f} [{lo:+5.1f}, {hi:+5.1f}]"
 
