@@ -135,6 +135,7 @@ def test_the_cli_compares_strategies(tmp_path: Path) -> None:
     assert whole["flat:2+occ-last"]["paired"] is None
     assert whole["map"]["paired"]["reference"] == ["andrews2019_tac_adult_kidney", "flat:2+occ-last"]
     for option, value, said in (("--reference-strategy", "flat:3", "none of the strategies"),
+                                ("--reference-strategy", "flat:x", "--reference-strategy: flat:L needs a number"),
                                 ("--reference-model", "woillard2011_tac_prograf_advagraf", "none of the models")):
         r = CliRunner().invoke(app, ["evaluate", "-m", "andrews2019_tac_adult_kidney", "-d", str(data), "-s",
                                      "map,flat:2+occ-last", option, value])

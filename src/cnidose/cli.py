@@ -540,7 +540,10 @@ def evaluate(
         ids = [m.id for m in ms] + list(ways)
         if reference_model is not None and reference_model not in ids:
             raise InputError(f"--reference-model {reference_model!r} is none of the models compared ({', '.join(ids)})")
-        ref_strategy = strats[0].name if reference_strategy is None else strategy(reference_strategy).name
+        try:
+            ref_strategy = strats[0].name if reference_strategy is None else strategy(reference_strategy).name
+        except InputError as exc:
+            raise InputError(f"--reference-strategy: {exc}") from None
         if ref_strategy not in [x.name for x in strats]:
             raise InputError(f"--reference-strategy {reference_strategy!r} is none of the strategies compared "
                              f"({', '.join(x.name for x in strats)})")

@@ -259,7 +259,6 @@ def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArr
         occ = model.prepare(ind).occasion
         if occ[target] not in occ[obs[:k]]:
             carry = (int(occ[obs[k - 1]]), int(occ[target]))
-    nan = float("nan")
     try:
         posterior = strat.forecast == "posterior" and r.status != "prior-only"
         post = sample_posterior(model, ind, n_draws=POSTERIOR_DRAWS, seed=0, map_result=r) \
@@ -286,7 +285,7 @@ def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArr
         lo, hi = np.percentile(level, [10.0, 90.0])
         return value, float(np.mean(within)), float(lo <= observed <= hi)
     except (CnidoseError, ValueError):  # a forecast that cannot be computed is skipped, not fatal
-        return nan, None, None
+        return float("nan"), None, None
 
 
 def _metrics(pe: NDArray[np.float64]) -> dict[str, float]:
