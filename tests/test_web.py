@@ -367,6 +367,20 @@ def test_pages_load_their_scripts_from_the_app_itself(site: tuple[Any, Store, di
     assert c.get("/vendor/anything.js").status_code == 404
 
 
+def test_coded_covariates_shown_by_meaning(site: tuple[Any, Store, dict[str, int]]) -> None:
+    """A genotype is shown by its meaning and code, never as a bare code with the unit "1" ("0 1"); measured
+    covariates keep their unit."""
+    import re
+
+    app, _, ids = site
+    c, _ = client(app, "clin")
+    page = c.get(f"/patients/{ids['DEMO-TX-1']}").text
+    rows = re.findall(r"<td>CYP3A5</td><td>([^<]*)</td>", page)
+    assert rows and all(r == "non-expresser (*3/*3, *3/*6) (0)" for r in rows), rows
+    assert re.search(r"<td>WT</td><td>82 kg</td>", page)
+    assert not re.search(r"<td>-?\d+(\.\d+)? 1</td>", page)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serve_demo_starts_on_sqlite(tmp_path: Path, workers: int) -> None:
     """``cnidose serve --demo`` (the README's run command) on a fresh data directory: answers the sign-in page

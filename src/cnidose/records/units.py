@@ -20,7 +20,7 @@ from cnidose.errors import DataError, InputError
 from cnidose.models.covariates import STANDARD_COVARIATES
 from cnidose.pk.events import Individual
 
-__all__ = ["DRUGS", "FieldError", "check_data_doses", "covariate_value", "dose_mg", "level_ng_ml"]
+__all__ = ["DRUGS", "FieldError", "check_data_doses", "covariate_text", "covariate_value", "dose_mg", "level_ng_ml"]
 
 
 class FieldError(InputError):
@@ -161,3 +161,18 @@ def covariate_value(name: str, value: Any, unit: str, *, field: str = "value") -
         raise FieldError(f"{value:g} {unit} is not a plausible {std.description} (expected {lo:g}-{hi:g} "
                          f"{std.unit}; check the unit)", field=field)
     return key, v, std.unit
+
+
+def covariate_text(name: str, value: float, unit: str) -> str:
+    """A stored covariate as a page shows it: a coded one (genotype, sex) by its meaning and code, a dimensionless
+    one without the unit "1", the others with their unit.
+
+    >>> covariate_text("CYP3A5", 0.0, "1")
+    'non-expresser (*3/*3, *3/*6) (0)'
+    >>> covariate_text("WT", 82.0, "kg")
+    '82 kg'
+    """
+    std = STANDARD_COVARIATES.get(name)
+    if std is not None and std.levels and float(value).is_integer() and int(value) in std.levels:
+        return f"{std.levels[int(value)]} ({int(value)})"
+    return f"{value:g}" if unit in ("1", "") else f"{value:g} {unit}"

@@ -53,7 +53,7 @@ from cnidose.clinical.record import department_for, indications, lab_units, reso
 from cnidose.errors import CnidoseError, InputError
 from cnidose.records.plausibility import NeedsConfirmation
 from cnidose.records.store import ENTRY_TABLES, PUBLIC, YEARS, AccessDenied, Actor, NotFound, SlotTaken, Store
-from cnidose.records.units import FieldError
+from cnidose.records.units import FieldError, covariate_text
 from cnidose.web.security import (
     AddressResolver,
     Guard,
@@ -284,6 +284,7 @@ def create_app(store: Store, *, secret_key: str | None = None, timezone: str | N
     templates.env.globals["MAX"] = MAX  # the forms' maxlength: the same limits as the server's
     templates.env.globals["STRATEGIES"] = STRATEGIES
     templates.env.globals["LAB_UNITS"] = lab_units()  # each test's units, canonical first
+    templates.env.globals["covariate_text"] = covariate_text  # a genotype by its meaning, not "0 1"
     # times are stored in UTC; pages show and forms read them in the app's time zone, which they name
     templates.env.globals["TZ"] = tz.key
     templates.env.filters["local"] = lambda t, seconds=False: _local(t, tz, seconds)
