@@ -3,6 +3,7 @@ evaluated with plain MAP and with the strategies meant for each misspecification
 
     python benchmarks/strategies.py [N_PATIENTS] [SEED] [COHORT ...] [--strategies SPEC,SPEC]
     python benchmarks/strategies.py [N_PATIENTS] [SEED] [COHORT ...] --calibration    # how map's model saw the levels
+    python benchmarks/strategies.py [N_PATIENTS] [SEED] --models --calibration         # and each combination
     python benchmarks/strategies.py [N_PATIENTS] [SEED] --models    # model averaging and selection
 
 Cohorts (tdm_cohorts.COHORTS) and the strategies compared on each:
@@ -169,12 +170,15 @@ def _ceilings(fc: list, inds: list, truth: list[dict[str, np.ndarray]]) -> list:
     return out
 
 
-def _models(n: int, seed: int) -> None:
+def _models(n: int, seed: int, calibration: bool = False) -> None:
     """Model averaging and selection (``evaluate(combine=...)``, Uster 2021) where one model suits some patients and
     another the others: the candidates are Andrews 2019 as published and the same with a typical clearance 0.6
     times as large (as a centre's adapted model would be); the ``mixed`` cohort has n/2 patients of each kind, the
     ``as-published`` one n patients of the published kind. Each combined forecast and the other single model
-    against the published model alone, on the same forecasts (map)."""
+    against the published model alone, on the same forecasts (map). With ``calibration``, also how each model and
+    each combination saw the levels in advance (the share within ±20 % expected, the share inside the 80 %
+    predictive interval; a combination's predictive distribution is the mixture of its models' with their
+    weights, :func:`cnidose.dosing.evaluate.calibration_of`)."""
     m = resolve_model("andrews2019_tac_adult_kidney")
     low = replace(m, id=m.id + "-cl0.6", parameters={
         **m.parameters, "TVCL": replace(m.parameters["TVCL"], value=0.6 * m.parameters["TVCL"].value)})
@@ -186,7 +190,8 @@ def _models(n: int, seed: int) -> None:
     }
     for label, inds in cohorts.items():
         t0 = time.perf_counter()
-        fc = [f for f in evaluate([m, low], inds, combine=("average", "select")) if f.step > 0]
+        fc = [f for f in evaluate([m, low], inds, combine=("average", "select"), calibration=calibration)
+              if f.step > 0]
         whole = {(s.model, s.strategy): s for s in summarise(fc, by_step=False)}
         for c in compare(fc, reference=(m.id, "map"), bootstrap=1000, seed=seed):
             assert c.ci is not None
@@ -196,19 +201,23 @@ def _models(n: int, seed: int) -> None:
                   + "  ".join(f"{k} {getattr(c, key):+.1f} [{c.ci[key][0]:+.1f}, {c.ci[key][1]:+.1f}]"
                               for k, key in (("d|ln|", "abs_log"), ("d(within 20 %)", "within_20")))
                   + f"  {c.verdict}", flush=True)
+        if calibration:
+            for s in whole.values():
+                print(f"{label:13} {s.model:34} within 20 % {s.within_20:5.1f} %, expected {s.expected_20:5.1f} %; "
+                      f"inside the 80 % predictive interval {s.coverage_80:5.1f} %", flush=True)
         print(f"  ({time.perf_counter() - t0:.0f} s, {len(inds)} patients)", flush=True)
 
 
 def main() -> None:
     args = sys.argv[1:]
     only = None
-    if "--models" in args:
-        args.remove("--models")
-        _models(int(args[0]) if args else 20, int(args[1]) if len(args) > 1 else 1)
-        return
     calibration = "--calibration" in args
     if calibration:
         args.remove("--calibration")
+    if "--models" in args:
+        args.remove("--models")
+        _models(int(args[0]) if args else 20, int(args[1]) if len(args) > 1 else 1, calibration)
+        return
     if "--strategies" in args:  # compare only these (map always), e.g. --strategies forget:7,drift:0.2
         k = args.index("--strategies")
         only = ["map", *(x for x in args[k + 1].split(",") if x and x != "map")]

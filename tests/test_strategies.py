@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 from cnidose.dosing.averaging import laplace_criterion
-from cnidose.dosing.evaluate import Forecast, Strategy, _hide_after, compare, evaluate, strategy, summarise
+from cnidose.dosing.evaluate import (
+    Forecast,
+    Strategy,
+    _hide_after,
+    calibration_of,
+    compare,
+    evaluate,
+    strategy,
+    summarise,
+)
 from cnidose.errors import InputError
 from cnidose.estimation import fit_map
 from cnidose.estimation.observations import observation_data
@@ -611,3 +620,46 @@ def test_calibration_says_how_the_model_saw_each_level() -> None:
     plain = evaluate([m], cohort(m, 2, 3), max_step=1)
     assert all(f.expected_20 is None and f.in_pi80 is None for f in plain)
     assert all(s.expected_20 is None and s.coverage_80 is None for s in summarise(plain))
+
+
+def test_calibration_of_a_mixture_of_predictive_distributions() -> None:
+    """calibration_of: the probability within ±20 % and the probability integral transform of a mixture are the
+    weighted sums of its components'; one model's interval is its draws' central 80 %."""
+    ten, twenty = np.full(100, 10.0), np.full(100, 20.0)
+    # a forecast of 10: every draw of the first model is within ±20 %, none of the second's (10/20 - 1 = -0.5)
+    assert calibration_of(10.0, 15.0, [ten, twenty], [0.3, 0.7]) == (pytest.approx(0.3), 1.0)
+    # the level 15 lies above every draw of the first model and below every one of the second: PIT = the first's
+    # weight, inside the central 80 % only where that weight is within [0.1, 0.9]
+    assert calibration_of(10.0, 15.0, [ten, twenty], [0.05, 0.95])[1] == 0.0
+    assert calibration_of(10.0, 15.0, [ten, twenty], [0.95, 0.05])[1] == 0.0
+    assert calibration_of(10.0, 15.0, [ten, twenty])[0] == pytest.approx(0.5)  # equal weights by default
+    draws = np.arange(1.0, 101.0)  # 1..100
+    # the forecast within ±20 % of the level (|50 / L - 1| <= 0.2): L = 42..62; the level 5: PIT 0.05
+    assert calibration_of(50.0, 5.0, [draws]) == (pytest.approx(0.21), 0.0)
+    assert calibration_of(50.0, 50.0, [draws])[1] == 1.0
+    assert calibration_of(50.0, 95.0, [draws])[1] == 0.0
+    assert calibration_of(50.0, 1.0, [np.array([-1.0, 0.0, 50.0])])[0] == pytest.approx(1 / 3)  # <= 0: never within
+
+
+def test_combined_forecasts_are_calibrated() -> None:
+    """evaluate(calibration=True, combine=...): a selected forecast has exactly its chosen model's calibration;
+    every combined forecast has both figures, and so do their summaries (the mixture's arithmetic:
+    test_calibration_of_a_mixture_of_predictive_distributions)."""
+    ms = [resolve_model("andrews2019_tac_adult_kidney"), resolve_model("woillard2011_tac_prograf_advagraf")]
+    inds = read_nonmem_csv(EXAMPLE).individuals()
+    fc = evaluate(ms, inds, strategies=[strategy("map")], combine=("average", "select"), max_step=2,
+                  calibration=True)
+    single = {(f.model, f.id, f.step): f for f in fc if f.model in (ms[0].id, ms[1].id)}
+    combined = [f for f in fc if f.model in ("average", "select")]
+    assert combined and all(f.expected_20 is not None and 0.0 <= f.expected_20 <= 1.0 and f.in_pi80 in (0.0, 1.0)
+                            for f in combined)
+    for f in combined:
+        w = dict(f.weights)
+        if f.model == "select":
+            chosen = single[(max(w, key=lambda k: w[k]), f.id, f.step)]
+            assert (f.expected_20, f.in_pi80) == (chosen.expected_20, chosen.in_pi80)
+        else:
+            assert all(single[(m.id, f.id, f.step)].expected_20 is not None for m in ms)
+    for s in summarise(combined, by_step=False):
+        assert s.expected_20 is not None and s.coverage_80 is not None
+

@@ -41,6 +41,7 @@ __all__ = [
     "Forecast",
     "Strategy",
     "Summary",
+    "calibration_of",
     "check_combine",
     "compare",
     "days_since_transplant",
@@ -68,7 +69,8 @@ class Forecast:
     #: with ``calibration``: the probability, under the model's posterior predictive of the level (the patient's
     #: posterior draws, a new occasion's effect from its prior, the residual error), that the level lies within
     #: ±20 % of this forecast; and 1 or 0 as the level lay inside the central 80 % predictive interval or not (None:
-    #: not computed)
+    #: not computed). A combined forecast reads the mixture of its models' predictive distributions with their
+    #: weights ("average") or its chosen model's ("select") (:func:`calibration_of`)
     expected_20: float | None = None
     in_pi80: float | None = None
 
@@ -166,7 +168,9 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
     about doubling the cost). If the model's variability (between occasions, residual) describes the centre's
     patients, 80 % of levels lie inside their 80 % interval and the share within ±20 % is about what the model
     expects; a share far below it points to a bias or a misspecification, one near it to variability that no
-    forecast removes (the ceiling of ±20 % that the model's own residual and occasion variability leave).
+    forecast removes (the ceiling of ±20 % that the model's own residual and occasion variability leave). Combined
+    forecasts are calibrated too: "average" by the mixture of the models' predictive distributions with their
+    weights, "select" by its chosen model's.
 
     ``combine`` adds forecasts that use every model at once, as model ``"average"`` or ``"select"`` (Uster et
     al. 2021, Clin Pharmacol Ther 109:175: model averaging and selection): each model's weight for a patient
@@ -203,6 +207,7 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
             trimmed = [_hide_after(individuals[j], k) for j in who]
             preds = np.full((len(models), len(who)), np.nan)
             crit = np.full((len(models), len(who)), np.nan)
+            draws: dict[tuple[int, int], NDArray[np.float64]] = {}  # (model, patient): predictive draws of the level
             for a, (published, model) in enumerate(zip(models, fitted, strict=True)):
                 fits = fit_map(model, trimmed, start=[last.get((a, j)) for j in who])
                 last.update({(a, j): r for j, r in zip(who, fits, strict=True)})
@@ -216,10 +221,12 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
                         continue
                     target = int(obs_idx[j][k])
                     dv = float(individuals[j].covariates["DV"][target])
-                    pred, p20, in80 = _forecast(model, strat, ind, r, obs_idx[j], k,
-                                                observed=dv if calibration else None)
+                    pred, level = _forecast(model, strat, ind, r, obs_idx[j], k, predictive=calibration)
                     if not (dv > 0 and np.isfinite(pred)):
                         continue
+                    p20, in80 = calibration_of(pred, dv, [level]) if level is not None else (None, None)
+                    if level is not None:
+                        draws[a, b] = level
                     preds[a, b] = pred
                     crit[a, b] = 0.0 if k == 0 else (laplace_criterion(model, r) if combine else np.nan)
                     per_model.setdefault((published.id, strat.name), []).append(Forecast(
@@ -236,10 +243,14 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
                 dv = float(individuals[j].covariates["DV"][target])
                 weights = tuple((m.id, float(x)) for m, x in zip(models, w, strict=True))
                 for c in combine:
-                    value = float(np.sum(w[ok] * preds[ok, b])) if c == "average" else float(
-                        preds[int(np.argmax(w)), b])
+                    # select: the largest weight's model alone (its forecast and predictive distribution); average:
+                    # the weighted mean of the forecasts, and the mixture of the predictive distributions
+                    used = np.flatnonzero(ok & (w > 0)) if c == "average" else np.array([int(np.argmax(w))])
+                    value = float(np.sum(w[ok] * preds[ok, b])) if c == "average" else float(preds[used[0], b])
+                    p20, in80 = (calibration_of(value, dv, [draws[a, b] for a in used.tolist()], w[used])
+                                 if calibration and all((a, b) in draws for a in used.tolist()) else (None, None))
                     combined.append(Forecast(c, float(ind.id), k, int(ind.rows[target]), dv, value, strat.name,
-                                             weights, days_since_transplant(ind, target)))
+                                             weights, days_since_transplant(ind, target), p20, in80))
     for m in models:
         for strat in strategies:
             out += sorted(per_model.get((m.id, strat.name), []), key=lambda f: f.step)
@@ -250,9 +261,10 @@ def evaluate(models: Sequence[Model], individuals: Sequence[Individual], *, max_
 
 
 def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArray[np.int64], k: int, *,
-              observed: float | None = None) -> tuple[float, float | None, float | None]:
-    """The fit's prediction of level k (record ``obs[k]``); NaN when it cannot be computed. With ``observed`` (the
-    level), also the model's own view of it (:attr:`Forecast.expected_20`, :attr:`Forecast.in_pi80`), else None."""
+              predictive: bool = False) -> tuple[float, NDArray[np.float64] | None]:
+    """The fit's prediction of level k (record ``obs[k]``); NaN when it cannot be computed. With ``predictive``,
+    also draws of the model's posterior predictive of the level (:data:`POSTERIOR_DRAWS`: the patient's posterior,
+    a new occasion's effect from its prior, the residual error; finite ones only), else None."""
     target = int(obs[k])
     carry = None  # occ-last: (the last seen occasion, the new occasion of level k)
     if model.iov is not None and r.kappa is not None and strat.occasion == "last" and k > 0:
@@ -262,7 +274,7 @@ def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArr
     try:
         posterior = strat.forecast == "posterior" and r.status != "prior-only"
         post = sample_posterior(model, ind, n_draws=POSTERIOR_DRAWS, seed=0, map_result=r) \
-            if posterior or observed is not None else None
+            if posterior or predictive else None
         if posterior:
             assert post is not None
             value = float(np.median(post.predict(ind, seed=0, carry=carry)[:, target]))
@@ -274,18 +286,35 @@ def _forecast(model: Model, strat: Strategy, ind: Individual, r: Any, obs: NDArr
                     kap[carry[1]] = kap[carry[0]]
                 kap = kap[None]
             value = float(model.simulate(ind, r.eta[None], kappas=kap).prediction[0, target])
-        if post is None or observed is None or not np.isfinite(value):
-            return value, None, None
+        if post is None or not predictive or not np.isfinite(value):
+            return value, None
         level = post.predict(ind, seed=1, carry=carry, residual=True)[:, target]
         level = level[np.isfinite(level)]
-        if level.size == 0:
-            return value, None, None
+        return value, (level if level.size else None)
+    except (CnidoseError, ValueError):  # a forecast that cannot be computed is skipped, not fatal
+        return float("nan"), None
+
+
+def calibration_of(value: float, observed: float, draws: Sequence[NDArray[np.float64]],
+                   weights: Sequence[float] | None = None) -> tuple[float, float]:
+    """How a predictive distribution saw a level in advance: (:attr:`Forecast.expected_20`,
+    :attr:`Forecast.in_pi80`) for the forecast ``value`` and the measured level ``observed``.
+
+    The predictive distribution is the mixture of the draws of each model (``draws``, one array per model) with
+    ``weights`` (default: one model, or equal): a combined forecast's models with their weights for the patient,
+    as Bayesian model averaging predicts (Hoeting et al. 1999, Stat Sci 14:382). ``expected_20`` is its
+    probability that the level lies within ±20 % of ``value``; ``in_pi80`` is 1 where the level lay inside its
+    central 80 % interval, i.e. where its probability integral transform, the predictive probability of a level
+    at or below the one measured, lies in [0.1, 0.9] (Gneiting et al. 2007, J R Stat Soc B 69:243)."""
+    w = np.full(len(draws), 1.0 / len(draws)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    p20 = pit = 0.0
+    for wa, level in zip(w.tolist(), draws, strict=True):
         with np.errstate(divide="ignore", invalid="ignore"):  # a drawn level <= 0 is never within ±20 %
             within = (level > 0) & (np.abs(value / level - 1.0) <= 0.2)
-        lo, hi = np.percentile(level, [10.0, 90.0])
-        return value, float(np.mean(within)), float(lo <= observed <= hi)
-    except (CnidoseError, ValueError):  # a forecast that cannot be computed is skipped, not fatal
-        return float("nan"), None, None
+        p20 += wa * float(np.mean(within))
+        pit += wa * float(np.mean(level <= observed))
+    return p20, float(0.1 <= pit <= 0.9)
 
 
 def _metrics(pe: NDArray[np.float64]) -> dict[str, float]:
