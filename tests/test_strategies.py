@@ -6,6 +6,7 @@ of CPU: not a unit test)."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,17 @@ def test_paired_comparison_against_the_reference() -> None:
     high = {(i, 1): 1.0 for i in range(12)}
     (c,) = compare(_forecasts("map", high) + _forecasts("low", low), bootstrap=100)
     assert c.abs_error == pytest.approx(-50.0) and c.abs_log == pytest.approx(0.0, abs=1e-9)
+    # a forecast of 0 (or 1,000 times too low or high) counts LOG_ERROR_CAP on the log scale: finite means and
+    # intervals (one patient's forecast: resamples without that patient show no change)
+    zero = {(i, k): (-1.0 if (i, k) == (3, 2) else 0.1) for i in range(12) for k in range(1, 4)}
+    fine = dict.fromkeys(zero, 0.1)
+    (c,) = compare(_forecasts("map", zero) + _forecasts("fine", fine), bootstrap=200)
+    cap = 100 * math.log(1000.0)
+    assert c.abs_log == pytest.approx((100 * math.log(1.1) - cap) / len(zero))
+    assert c.ci is not None and all(np.isfinite(c.ci[k]).all() for k in c.ci) and c.ci["abs_log"][1] == 0.0
+    assert c.verdict == "no difference shown"
+    (c,) = compare(_forecasts("map", fine) + _forecasts("far", {**fine, (3, 2): 5000.0}))
+    assert c.abs_log == pytest.approx((cap - 100 * math.log(1.1)) / len(zero))
     with pytest.raises(InputError, match="reference"):
         compare(fc, reference=("m", "nothing"))
 

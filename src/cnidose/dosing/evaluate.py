@@ -35,6 +35,7 @@ from cnidose.pk.events import Individual, split_individuals
 
 __all__ = [
     "COMBINE",
+    "LOG_ERROR_CAP",
     "PAIRED_METRICS",
     "STRATEGY_HELP",
     "Comparison",
@@ -398,12 +399,18 @@ class Comparison:
     verdict: str = ""
 
 
+#: the largest |ln(predicted / observed)| a paired comparison counts: a forecast 1,000 times too low or too high
+#: (691 points). A forecast of 0 (a level before any dose the model sees, a lag not yet over) has an infinite log
+#: error: uncapped, one such forecast makes every mean and interval infinite or undefined
+LOG_ERROR_CAP = math.log(1000.0)
+
 #: what a paired comparison measures of each forecast, from its PE (predicted / observed - 1), in points: |PE|;
-#: |ln(predicted / observed)| x 100, which weighs over- and under-prediction alike (|PE| does not: a forecast of
-#: half the level costs 50, of twice the level 100, so |PE| favours forecasts that err low); and 100 within ±20 %
+#: |ln(predicted / observed)| x 100 (at most :data:`LOG_ERROR_CAP`), which weighs over- and under-prediction alike
+#: (|PE| does not: a forecast of half the level costs 50, of twice the level 100, so |PE| favours forecasts that err
+#: low); and 100 within ±20 %
 PAIRED_METRICS: dict[str, Callable[[float], float]] = {
     "abs_error": lambda pe: abs(pe) * 100.0,
-    "abs_log": lambda pe: abs(math.log1p(pe)) * 100.0 if pe > -1.0 else math.inf,
+    "abs_log": lambda pe: min(abs(math.log1p(pe)) if pe > -1.0 else math.inf, LOG_ERROR_CAP) * 100.0,
     "within_20": lambda pe: 100.0 * (abs(pe) <= 0.2),
 }
 
