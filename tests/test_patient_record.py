@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from cnidose.clinical import assess, parse_record
@@ -449,3 +450,21 @@ def test_patient2_database_fhir_patient2_round_trip(tmp_path: Path) -> None:
     again = chart_to_record_document(stores[1].chart(SYSTEM, pid2))
     assert _canon(again) == _canon(doc)
     assert stores[1].chart(SYSTEM, pid2).patient["family_name"] == "Dvořák"
+
+
+def test_the_page_forecast_treats_the_next_occasion_as_the_strategy_does() -> None:
+    """The forecast curves continue the patient as the recommendation does: with occ-last the last occasion's
+    effect carries over (each draw's own, so the band is narrower than a new occasion drawn from its prior, which
+    adds Andrews 2019's between-occasion variability on CL/F); the fit and the posterior are the same."""
+    rec = parse_record(kidney(), as_of=AS_OF)
+    plain = analyse(rec, AS_OF, n_draws=300)
+    last = analyse(rec, AS_OF, n_draws=300, strategy="occ-last")
+    assert plain["model"].startswith("andrews2019_tac_adult_kidney")  # a model with between-occasion variability
+    assert last["recommendation"]["inputs"]["occasion"] == "last"
+    assert plain["curve"] == last["curve"]  # the same fit and posterior draws
+
+    def spread(out: Any) -> float:
+        f = out["forecast"]["current"]
+        return float(np.median(np.log(np.array(f["p90"]) / np.array(f["p10"]))))
+
+    assert spread(last) < spread(plain) - 0.02, (spread(last), spread(plain))  # 0.41 against 0.45

@@ -208,7 +208,8 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
     out["curve"] = _curve(ind, post, exp.origin, interval, target, seed)
     if rec.chosen is not None and post is not None:
         out["forecast"] = _forecast(ind, post, [("current", reg.dose_mg, reg.interval_h),
-                                                ("proposed", rec.chosen.dose, rec.chosen.interval)], seed)
+                                                ("proposed", rec.chosen.dose, rec.chosen.interval)], seed,
+                                    occasion=strat.occasion)
     out.update(_mechanism(record.agent, model, out["curve"], out.get("forecast"), interval))
     out["recommendation"] = rec.to_dict()
     summary = rec.summary()
@@ -293,14 +294,16 @@ def _curve(ind: Any, post: Any, origin: dt.datetime | None, interval: float, tar
 FORECAST_DAYS = 5.0
 
 
-def _forecast(ind: Any, post: Any, regimens: list[tuple[str, float, float]], seed: int) -> dict[str, Any]:
+def _forecast(ind: Any, post: Any, regimens: list[tuple[str, float, float]], seed: int, *,
+              occasion: str = "prior") -> dict[str, Any]:
     """The patient's posterior forecast (median, 80 % band) over the next ``FORECAST_DAYS`` under each regimen
     ``(name, dose mg, interval h)``, continued from the next dose due after the last record (the last dose plus
     the new interval, or the last record if later). The doses copy the last recorded dose's compartment and
     infusion duration; covariates keep their last values, except the post-operative day, which advances with
-    the clock. Where the model has between-occasion variability the forecast is a new occasion, its effect drawn
-    from its prior -- the assumption of the recommendation's steady-state predictions, so curve and candidate table
-    agree. The same posterior draws and occasion effects serve every regimen: the curves differ only by the
+    the clock. Where the model has between-occasion variability the forecast is a new occasion, treated as the
+    recommendation treats it (``occasion``, the strategy's): "prior", its effect drawn from its prior; "last",
+    each draw's effect of the last occasion with a level carried forward (occ-last) -- so curve and candidate
+    table agree. The same posterior draws and occasion effects serve every regimen: the curves differ only by the
     regimen."""
     dosed = np.flatnonzero((ind.evid == 1) | (ind.evid == 4))
     last = int(dosed[-1])
@@ -330,7 +333,12 @@ def _forecast(ind: Any, post: Any, regimens: list[tuple[str, float, float]], see
             else:
                 future[k] = (v, np.full(new_t.size, v[-1]))
         g, on_grid, times = _with_grid(ind, doses, grid, future)
-        band = np.percentile(post.predict(g, seed=seed)[:, on_grid], [10, 50, 90], axis=0)
+        carry = None
+        if occ is not None and occasion == "last":  # the last occasion with a level -> the forecast's new one
+            levels = np.flatnonzero((ind.evid == 0) & (ind.mdv == 0))
+            if levels.size:
+                carry = (int(post.model.prepare(ind).occasion[levels[-1]]), int(post.model.prepare(g).occasion[-1]))
+        band = np.percentile(post.predict(g, seed=seed, carry=carry)[:, on_grid], [10, 50, 90], axis=0)
         out.setdefault("hours", _hours(times[on_grid]))
         out[name] = {"dose": float(dose), "interval": float(tau), "dose_hours": _hours(dose_t),
                      **{q: _sig(band[i]) for i, q in enumerate(("p10", "p50", "p90"))}}
