@@ -197,6 +197,64 @@ def test_the_kernel_matches_the_engine_and_its_derivatives_are_exact(name: str, 
                               lambda plan: plan.natural == natural)
 
 
+def _with_steady_infusions(rng: np.random.Generator, cols: dict[str, list[float]]) -> dict[str, list[float]]:
+    """A TDM history whose doses are infusion regimens at steady state (SS 1 and 2, durations shorter and longer
+    than II, so that several of the implied inputs overlap, with the history's lags, some shorter and some longer
+    than II), constant infusions at steady state (SS 1, AMT 0, II 0), plain infusions and bolus doses."""
+    out = {k: list(v) for k, v in cols.items()}
+    for r in range(len(out["TIME"])):
+        if out["EVID"][r] != 1:
+            continue
+        u = rng.random()
+        amt = out["AMT"][r]
+        if u < 0.5:
+            out["SS"][r] = float(rng.choice([1, 2]))
+            out["II"][r] = float(rng.choice([6.0, 8.0, 12.0, 24.0]))
+            out["RATE"][r] = amt / float(rng.choice([0.5, 2.0, 5.0, 7.5, 13.0, 30.0]))
+        elif u < 0.65:
+            out["SS"][r], out["AMT"][r], out["II"][r], out["ADDL"][r] = 1.0, 0.0, 0.0, 0.0
+            out["RATE"][r] = float(rng.uniform(1, 50))
+        elif u < 0.8:
+            out["RATE"][r] = amt / float(rng.choice([1.0, 4.0, 20.0]))
+    return out
+
+
+@pytest.mark.parametrize(("name", "seed"), [(n, k) for n in ("1cmt-oral", "2cmt-iv", "transit3", "3cmt-oral")
+                                            for k in range(4)])
+def test_the_kernel_holds_infusion_regimens_at_steady_state(name: str, seed: int) -> None:
+    """Infusion regimens and constant infusions at steady state in the kernel (natural coordinates: one interval of
+    the periodic input replayed, its periodic state by a linear solve; a constant infusion's by -K^-1 RATE): the
+    engine's predictions to rounding and exact derivatives, rate parameters changing at records."""
+    rng = np.random.default_rng([seed, 41])
+    cols, params = random_history(rng, name, tdm=True)
+    cols = _with_steady_infusions(rng, cols)
+    _check_against_the_engine(rng, name, seed, cols, params, _test_model(name, f_effect=False),
+                              lambda plan: plan.natural)
+
+
+def test_steady_infusion_histories_reach_the_cases_they_are_for() -> None:
+    """The random histories of the test above hold infusion regimens at steady state whose inputs overlap (duration
+    longer than II), whose lag is longer than II, and constant infusions, on SS 1 and 2."""
+    seen = set()
+    for name in ("1cmt-oral", "2cmt-iv", "transit3", "3cmt-oral"):
+        for seed in range(4):
+            rng = np.random.default_rng([seed, 41])
+            cols, params = random_history(rng, name, tdm=True)
+            cols = _with_steady_infusions(rng, cols)
+            for r in range(len(cols["TIME"])):
+                ss, rate, amt, ii = cols["SS"][r], cols["RATE"][r], cols["AMT"][r], cols["II"][r]
+                if ss and rate > 0 and ii > 0:
+                    seen.add(f"ss{int(ss)}")
+                    c = int(cols["CMT"][r])
+                    if amt / rate > ii:
+                        seen.add("overlap")
+                    if params[f"ALAG{c}"][r] > ii:
+                        seen.add("lag > II")
+                elif ss == 1 and amt == 0 and rate > 0:
+                    seen.add("constant")
+    assert seen == {"ss1", "ss2", "overlap", "lag > II", "constant"}, seen
+
+
 def _check_against_the_engine(rng: np.random.Generator, name: str, seed: int, cols: dict[str, list[float]],
                               params: dict[str, np.ndarray], model_text: str, plan_ok: Callable[[Any], bool],
                               lags: list[float] | None = None, atol: float = 1e-9) -> None:
@@ -281,6 +339,35 @@ def test_map_with_exact_derivatives_equals_map_with_differences() -> None:
         np.testing.assert_allclose(a.eta, b.eta, atol=1e-4)
         assert a.covariance is not None and b.covariance is not None
         np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-4, atol=1e-8)
+
+
+def test_map_of_intravenous_steady_states_takes_exact_derivatives() -> None:
+    """Antignac 2007 (tacrolimus, intravenous then oral): a continuous infusion at steady state (SS 1, AMT 0, RATE,
+    II 0), then a 4-hour infusion every 12 h at steady state (SS 1 and 2), then oral doses; troughs on each. The fit
+    takes the kernel's exact derivatives and reaches the optimum the central differences reach."""
+    model = resolve_model("antignac2007_tac_kidney_iv_oral")
+    rows = [(0.0, 1, 0.0, 0.08, 0.0, 1, 2), (20.0, 0, 0, 0, 0, 0, 2),  # continuous 0.08 mg/h: 1.9 mg a day
+            (24.0, 1, 1.0, 0.25, 12.0, 1, 2), (35.5, 0, 0, 0, 0, 0, 2), (36.0, 1, 1.0, 0.25, 12.0, 2, 2),
+            (47.5, 0, 0, 0, 0, 0, 2), (48.0, 1, 4.0, 0.0, 12.0, 0, 1), (59.5, 0, 0, 0, 0, 0, 2),
+            (60.0, 1, 4.0, 0.0, 12.0, 0, 1), (71.5, 0, 0, 0, 0, 0, 2)]
+    cols = {"ID": [1.0] * len(rows), "TIME": [r[0] for r in rows], "EVID": [float(r[1]) for r in rows],
+            "AMT": [r[2] for r in rows], "RATE": [r[3] for r in rows], "II": [r[4] for r in rows],
+            "SS": [float(r[5]) for r in rows], "CMT": [float(r[6]) for r in rows], "ADDL": [0.0] * len(rows),
+            "MDV": [1.0 - float(r[1] == 0) for r in rows], "POD": [1.0 + r[0] // 24 for r in rows],
+            "PRED": [20.0] * len(rows)}
+    cols["DV"] = [float("nan") if r[1] else v for r, v in zip(rows, [0, 9.1, 0, 7.2, 0, 8.4, 0, 6.3, 0, 7.7],
+                                                               strict=True)]
+    ind, = split_individuals(cols)
+    kernel = model_kernel(model)
+    assert kernel is not None
+    assert kernel.plan(model, model.prepare(ind), np.flatnonzero(ind.evid == 0)) is not None
+    exact, = fit_map(model, [ind])
+    plain, = fit_map(model, [ind], derivatives="differences")
+    assert exact.derivatives == "exact" and plain.derivatives == "differences"
+    assert exact.status == plain.status == "converged"
+    assert abs(exact.ofv - plain.ofv) < 1e-6
+    np.testing.assert_allclose(exact.eta, plain.eta, atol=1e-4)
+    np.testing.assert_allclose(exact.ipred, plain.ipred, rtol=1e-6)
 
 
 def _suite_model(run: str):  # type: ignore[no-untyped-def]

@@ -9,12 +9,13 @@ per model, compiled once and cached on disk (:func:`cnidose.pk.compiled.load`).
 
 It applies to linear models and ODE models (``kind = "ode"``) without a gamma (Savic transit) input, and to
 individuals whose records are observations, EVID 2, 3 and 4, bolus doses with ADDL and lags, zero-order inputs at a
-given RATE or over a modelled duration (RATE = -2), and bolus regimens at steady state (linear models, their lag
-fixed). Lags, durations and the F of inputs may depend on the random effects: such an individual's events are
-ordered for each point apart (a "timed" plan) and the derivatives of the entry times enter the sensitivities. The
-rest -- modelled rates (RATE = -1, which NONMEM re-reads at every record), inputs at steady state, a steady state
-whose lag moves, nonlinear steady states -- is predicted by the event engine (:func:`cnidose.pk.simulate`), its
-derivatives by central differences (:mod:`cnidose.estimation.map`); so is everything when compiled code is off
+given RATE or over a modelled duration (RATE = -2), and regimens at steady state: bolus, infusion and constant
+infusion (linear models, their lag, F and duration fixed). Lags, durations and the F of inputs may depend on the
+random effects: such an individual's events are ordered for each point apart (a "timed" plan) and the derivatives
+of the entry times enter the sensitivities. The rest -- modelled rates (RATE = -1, which NONMEM re-reads at every
+record), a steady state whose lag, F or input duration moves with the effects, nonlinear steady states -- is
+predicted by the event engine (:func:`cnidose.pk.simulate`), its derivatives by central differences
+(:mod:`cnidose.estimation.map`); so is everything when compiled code is off
 (``CNIDOSE_COMPILED=0``).
 """
 
@@ -160,9 +161,11 @@ class ModelKernel:
         dose_c = np.where(ind.cmt > 0, ind.cmt, self.structure.default_dose) - 1
         steady = dose & (ind.ss != 0)
         modelled = dose & (ind.rate == -2)
-        if (np.any(dose & (ind.rate < 0) & (ind.rate != -2)) or np.any(ind.rate[steady] != 0)
-                or np.any(ind.ii[steady] <= 0) or any(self.d_index[int(c)] < 0 for c in dose_c[modelled])):
-            return None  # modelled rates (NONMEM re-reads them at each record), inputs at steady state: the engine
+        constant = steady & (ind.ss == 1) & (ind.amt == 0) & (ind.rate > 0) & (ind.ii == 0)
+        if (np.any(dose & (ind.rate < 0) & (ind.rate != -2)) or np.any(ind.ii[steady & ~constant] <= 0)
+                or np.any(~np.isin(ind.ss[steady], (1, 2)))
+                or any(self.d_index[int(c)] < 0 for c in dose_c[modelled])):
+            return None  # modelled rates (NONMEM re-reads them at each record): the engine
         if steady.any() and not isinstance(self.structure, LinearStructure):
             return None  # a nonlinear steady state is found by cycling doses: the engine
         infused = dose & (ind.rate != 0)

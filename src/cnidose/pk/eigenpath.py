@@ -114,6 +114,13 @@ _OBS = 3  # out[:, a] = V[:, b, :] . y / Ss[c][:, a]   (c = -1: no scale)
 _RATE = 4
 _RESET = 5
 _SS = 6  # a bolus regimen's steady state: (SS, compartment, its record, index of II, tau, compartment in dts)
+# an infusion regimen's steady state (SS 1 or 2 with RATE > 0 or -2): the state so far set aside (SSB), one dosing
+# interval of the periodic input replayed from an empty system (rate changes and steps), then (SSE, amount II) the
+# periodic state (I - exp(K II))^-1 y of what the interval left, y, added back; a constant infusion at steady
+# state (SS 1, AMT 0, RATE > 0, II 0): (CINF, compartment, amount RATE) adds -K^-1 RATE e_c
+_SSB = 7
+_SSE = 8
+_CINF = 9
 
 
 _SCHEDULES: OrderedDict[tuple[object, ...], tuple[Individual, NDArray[np.int64], FloatArray, FloatArray]] = \
@@ -168,9 +175,12 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
     a rate change now, (RATE, compartment, the record of its F and D, +1), and another at its end (..., -1); and
     bolus doses at steady state (SS 1, after a reset, or 2): an SS operation adds the implied doses that have
     entered by the record (the first of them ``tau`` hours before it; its II, tau and compartment are appended to
-    the step lengths), and those a lag longer than II still holds back enter later, with the SS record's F. The
-    order is the engine's: what is due by a record's time happens before the record, in time order (ties in the
-    order the doses were given), a reset after that, then the record's own dose and its report."""
+    the step lengths), and those a lag longer than II still holds back enter later, with the SS record's F;
+    infusion regimens at steady state (SS 1 or 2 with RATE > 0 or -2: SSB, one interval of the periodic input
+    replayed, SSE; the inputs running at the record end later) and constant infusions at steady state (SS 1, AMT 0,
+    RATE > 0, II 0: CINF). The order is the engine's: what is due by a record's time happens before the record,
+    in time order (ties in the order the doses were given), a reset after that, then the record's own dose and its
+    report."""
     ops: list[tuple[int, int, int, int, int, int]] = []
     amts: list[float] = []
     aux: list[float] = []
@@ -206,6 +216,45 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
             pending.append((now + duration, c, src, -rate, -1, rec, mode, duration))
             pending.sort(key=lambda p: p[0])
 
+    def steady_input(j: int, c: int, L: float, ii: float, t: float) -> None:
+        """The steady state of an infusion regimen at record j (time t): the implied doses k = 1, 2, ... start at
+        t + L - k II, each at the SS record's rate for its duration (its F and D: the engine's
+        ``_add_steady_state``). One interval [t - II, t] of that periodic input is replayed between SSB and SSE;
+        the inputs still running at t end later, and those a lag holds back start later."""
+        assert f_of is not None
+        amount = float(f_of[j, c]) * float(ind.amt[j])
+        rate = float(ind.rate[j])
+        if rate > 0:
+            mode, rho, duration = 0, rate, amount / rate
+        else:
+            assert d_of is not None and rate == -2
+            mode, duration = 1, float(d_of[j, c])
+            rho = amount / duration if duration > 0 else 0.0
+        if not (duration > 0 and rho > 0):
+            return
+        spans = [(L - k * ii, L - k * ii + duration) for k in range(1, ceil((L + duration) / ii) + 2)]
+        spans = [(a, e) for a, e in spans if e > -ii]  # those that reach into the interval or start after t
+        running = sum(1 for a, e in spans if a <= -ii < e)
+        edges = sorted([(a, 1) for a, _ in spans if -ii < a <= 0.0] + [(e, -1) for _, e in spans if -ii < e <= 0.0])
+        op(_SSB)
+        if running:
+            op(_RATE, c, j, 1, j, mode, running * rho, duration)
+        cur = -ii
+        for v, edge in edges:
+            if v > cur:
+                step(v - cur)
+                cur = v
+            op(_RATE, c, j, edge, j, mode, edge * rho, duration)
+        if cur < 0.0:
+            step(-cur)
+        op(_SSE, c, j, amount=ii)
+        for a, e in spans:
+            if a <= 0.0 < e:  # running at t: it ends later
+                pending.append((t + e, c, j, -rho, -1, j, mode, duration))
+            elif a > 0.0:  # held back by a lag longer than k II: given later, with the SS record's F (and D)
+                pending.append((t + a, c, j, 0.0, j, -1, 0, 0.0))
+        pending.sort(key=lambda p: p[0])
+
     # (time it happens, compartment, dose record, the end's rate change (0: a dose entering), the record whose F
     # an implied steady-state dose takes or -1, and for an input's end: the record of its F and D, its kind and
     # duration)
@@ -236,11 +285,16 @@ def _schedule(ind: Individual, dose: NDArray[np.bool_], dose_c: NDArray[np.int64
         if ind.evid[j] in (3, 4) or (dose[j] and ind.ss[j] == 1):
             op(_RESET)
             pending = []
-        if dose[j]:  # the dose and its additional doses (ADDL, every II), each after the lag
+        constant = bool(dose[j] and ind.ss[j] == 1 and ind.amt[j] == 0 and ind.rate[j] > 0 and ind.ii[j] == 0)
+        if constant:  # a constant infusion at steady state: its state only (no F, no lag; it stops at the record,
+            op(_CINF, int(dose_c[j]), j, amount=float(ind.rate[j]))  # NONMEM help, "SS dose event record")
+        elif dose[j]:  # the dose and its additional doses (ADDL, every II), each after the lag
             c = int(dose_c[j])
             L = lag_of.get(j, 0.0)
             ii = float(ind.ii[j])
-            if ind.ss[j] in (1, 2):
+            if ind.ss[j] in (1, 2) and float(ind.rate[j]) != 0.0:
+                steady_input(j, c, L, ii, t)
+            elif ind.ss[j] in (1, 2):
                 first = max(1, ceil(L / ii))  # the first implied dose (k II before) that has entered by now
                 while first > 1 and (first - 1) * ii >= L:
                     first -= 1

@@ -42,7 +42,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from cnidose.pk.compiled import integrator_source, load
-from cnidose.pk.eigenpath import _DOSE, _OBS, _RATE, _RESET, _SS, _STEP, _SWITCH, _schedule
+from cnidose.pk.eigenpath import _CINF, _DOSE, _OBS, _RATE, _RESET, _SS, _SSB, _SSE, _STEP, _SWITCH, _schedule
 from cnidose.pk.events import Individual
 from cnidose.pk.kernels import DECOMPOSE_ONE
 
@@ -90,9 +90,9 @@ def tangent_kernel() -> Any:
                                                      **_CODES))
 
 
-_VERSION = "7"
+_VERSION = "8"
 _CODES = {"STEP": _STEP, "DOSE": _DOSE, "SWITCH": _SWITCH, "OBS": _OBS, "RATE": _RATE, "RESET": _RESET,
-          "SS": _SS}
+          "SS": _SS, "SSB": _SSB, "SSE": _SSE, "CINF": _CINF}
 
 SHARED = '''
 @njit(cache=True, error_model="numpy")
@@ -420,6 +420,10 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, aux, dts, t0, nt,
     ZEs = np.empty((2 * n, 2 * n))
     LE = np.empty((n, n))
     LG = np.empty((n, n))
+    keep_x = np.empty(n)  # the state set aside while an infusion regimen's steady state is made (SSB .. SSE)
+    keep_s = np.empty((n, ndx))
+    keep_r = np.empty(n)
+    keep_rd = np.empty((n, ndx))
     u = -1
     for k in range(k0, k1):
         kind = ops[k, 0]
@@ -571,6 +575,83 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, aux, dts, t0, nt,
                         sg[a, col] += rhs2[a, col]
             for a in range(n):
                 x[a] += rhs1[a, 0]
+        elif kind == {SSB}:
+            # an infusion regimen's steady state (cnidose.pk.eigenpath._schedule): the state so far is set aside and
+            # one dosing interval of the periodic input is replayed from an empty system (the next operations)
+            for a in range(n):
+                keep_x[a] = x[a]
+                keep_r[a] = r_in[a]
+                x[a] = 0.0
+                r_in[a] = 0.0
+                for col in range(nd):
+                    keep_s[a, col] = sg[a, col]
+                    keep_rd[a, col] = r_dot[a, col]
+                    sg[a, col] = 0.0
+                    r_dot[a, col] = 0.0
+            for d in range(nt):
+                have[d] = False
+        elif kind == {SSE}:
+            # what one interval of the periodic input left, y (x now), is the periodic state less its decay over
+            # the interval: x_ss = E x_ss + y, x_ss = (I - E)^-1 y with E = exp(K II); its derivative
+            # (I - E)^-1 (s_y + E_j x_ss). The inputs running at the record's time go on (r_in).
+            ii = amts[k]
+            for a in range(n):
+                for q in range(n):
+                    Kt[a, q] = K[a, q] * ii
+            _expm(Kt, E1)
+            for a in range(n):
+                for q in range(n):
+                    Q1[a, q] = (1.0 if a == q else 0.0) - E1[a, q]
+                    Q2[a, q] = Q1[a, q]
+                rhs1[a, 0] = x[a]
+            if not _solve(Q1, rhs1):
+                return False  # no steady state: a compartment without elimination
+            if want:
+                for col in range(nd):
+                    for a in range(n):
+                        rhs2[a, col] = sg[a, col]
+                    if act[col]:
+                        _block(K, Kd[col], ii, Zs, ZEs, LE)
+                        for a in range(n):
+                            acc = 0.0
+                            for q in range(n):
+                                acc += LE[a, q] * rhs1[q, 0]
+                            rhs2[a, col] += acc
+                if not _solve(Q2, rhs2):
+                    return False
+            for a in range(n):
+                x[a] = keep_x[a] + rhs1[a, 0]
+                r_in[a] += keep_r[a]
+                for col in range(nd):
+                    sg[a, col] = keep_s[a, col] + rhs2[a, col]
+                    r_dot[a, col] += keep_rd[a, col]
+            for d in range(nt):
+                have[d] = False
+        elif kind == {CINF}:
+            # a constant infusion at steady state into compartment c: x_ss = -K^-1 rho e_c; its derivative solves
+            # -K s_j = K_j x_ss
+            c = ops[k, 1]
+            for a in range(n):
+                for q in range(n):
+                    Q1[a, q] = -K[a, q]
+                    Q2[a, q] = -K[a, q]
+                rhs1[a, 0] = amts[k] if a == c else 0.0
+            if not _solve(Q1, rhs1):
+                return False  # no steady state: a compartment without elimination
+            if want:
+                for col in range(nd):
+                    for a in range(n):
+                        acc = 0.0
+                        if act[col]:
+                            for q in range(n):
+                                acc += Kd[col, a, q] * rhs1[q, 0]
+                        rhs2[a, col] = acc
+                if not _solve(Q2, rhs2):
+                    return False
+            for a in range(n):
+                x[a] += rhs1[a, 0]
+                for col in range(nd):
+                    sg[a, col] += rhs2[a, col]
         elif kind == {OBS}:
             slot = ops[k, 3]
             if slot >= 0 and not _report(x, sg, Pg, dPg, ops[k, 1], ops[k, 2], s_index, nd, out, jac, lo + slot, b):
