@@ -69,9 +69,10 @@ def test_derivative_is_none_where_the_name_does_not_move_the_value() -> None:
 
 # -- the kernel on random histories --------------------------------------------------------------------------------
 
-def _test_model(name: str, f_effect: bool = True, timing: bool = False) -> str:
+def _test_model(name: str, f_effect: bool = True, timing: bool = False, duration: bool = False) -> str:
     """A model file whose rate parameters, F and lags are data columns (the history's time-varying values) times
-    a random effect (on F unless ``f_effect`` is False; on the lag and a modelled duration D with ``timing``)."""
+    a random effect (on F unless ``f_effect`` is False; on the lag and a modelled duration D with ``timing``; with
+    ``duration``, a modelled duration D from its data column, without a random effect)."""
     structure, _, dose_cmts = CASES[name]
     assert isinstance(structure, LinearStructure)
     comps = structure.compartments
@@ -98,6 +99,9 @@ def _test_model(name: str, f_effect: bool = True, timing: bool = False) -> str:
         pk += [f'D{c} = {{ expr = "C_D{c} * exp(ETA_D{c})", unit = "h" }}' for c in dose_cmts]
     else:
         pk += [f'ALAG{c} = {{ expr = "C_ALAG{c}", unit = "h" }}' for c in dose_cmts]
+        if duration:
+            covs += [f'C_D{c} = {{ unit = "h" }}' for c in dose_cmts]
+            pk += [f'D{c} = {{ expr = "C_D{c}", unit = "h" }}' for c in dose_cmts]
     obs = comps[structure.default_obs - 1]
     volume = "V" if "V" in rate else "V1"
     return f"""
@@ -211,6 +215,8 @@ def _with_steady_infusions(rng: np.random.Generator, cols: dict[str, list[float]
             out["SS"][r] = float(rng.choice([1, 2]))
             out["II"][r] = float(rng.choice([6.0, 8.0, 12.0, 24.0]))
             out["RATE"][r] = amt / float(rng.choice([0.5, 2.0, 5.0, 7.5, 13.0, 30.0]))
+            if rng.random() < 0.3:  # over the model's duration D instead (0.5-20 h, the record's)
+                out["RATE"][r] = -2.0
         elif u < 0.65:
             out["SS"][r], out["AMT"][r], out["II"][r], out["ADDL"][r] = 1.0, 0.0, 0.0, 0.0
             out["RATE"][r] = float(rng.uniform(1, 50))
@@ -228,13 +234,14 @@ def test_the_kernel_holds_infusion_regimens_at_steady_state(name: str, seed: int
     rng = np.random.default_rng([seed, 41])
     cols, params = random_history(rng, name, tdm=True)
     cols = _with_steady_infusions(rng, cols)
-    _check_against_the_engine(rng, name, seed, cols, params, _test_model(name, f_effect=False),
+    _check_against_the_engine(rng, name, seed, cols, params, _test_model(name, f_effect=False, duration=True),
                               lambda plan: plan.natural)
 
 
 def test_steady_infusion_histories_reach_the_cases_they_are_for() -> None:
     """The random histories of the test above hold infusion regimens at steady state whose inputs overlap (duration
-    longer than II), whose lag is longer than II, and constant infusions, on SS 1 and 2."""
+    longer than II), whose lag is longer than II, over a modelled duration, and constant infusions, on SS 1 and
+    2."""
     seen = set()
     for name in ("1cmt-oral", "2cmt-iv", "transit3", "3cmt-oral"):
         for seed in range(4):
@@ -243,6 +250,8 @@ def test_steady_infusion_histories_reach_the_cases_they_are_for() -> None:
             cols = _with_steady_infusions(rng, cols)
             for r in range(len(cols["TIME"])):
                 ss, rate, amt, ii = cols["SS"][r], cols["RATE"][r], cols["AMT"][r], cols["II"][r]
+                if ss and rate == -2:
+                    seen.add("modelled duration")
                 if ss and rate > 0 and ii > 0:
                     seen.add(f"ss{int(ss)}")
                     c = int(cols["CMT"][r])
@@ -252,7 +261,7 @@ def test_steady_infusion_histories_reach_the_cases_they_are_for() -> None:
                         seen.add("lag > II")
                 elif ss == 1 and amt == 0 and rate > 0:
                     seen.add("constant")
-    assert seen == {"ss1", "ss2", "overlap", "lag > II", "constant"}, seen
+    assert seen == {"ss1", "ss2", "overlap", "lag > II", "constant", "modelled duration"}, seen
 
 
 def _check_against_the_engine(rng: np.random.Generator, name: str, seed: int, cols: dict[str, list[float]],
