@@ -163,7 +163,6 @@ class ModelKernel:
         modelled = dose & (ind.rate == -2)
         constant = steady & (ind.ss == 1) & (ind.amt == 0) & (ind.rate > 0) & (ind.ii == 0)
         if (np.any(dose & (ind.rate < 0) & (ind.rate != -2)) or np.any(ind.ii[steady & ~constant] <= 0)
-                or np.any(~np.isin(ind.ss[steady], (1, 2)))
                 or any(self.d_index[int(c)] < 0 for c in dose_c[modelled])):
             return None  # modelled rates (NONMEM re-reads them at each record): the engine
         if steady.any() and not isinstance(self.structure, LinearStructure):
