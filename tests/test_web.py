@@ -375,8 +375,9 @@ def test_coded_covariates_shown_by_meaning(site: tuple[Any, Store, dict[str, int
     app, _, ids = site
     c, _ = client(app, "clin")
     page = c.get(f"/patients/{ids['DEMO-TX-1']}").text
-    rows = re.findall(r"<td>CYP3A5</td><td>([^<]*)</td>", page)
-    assert rows and all(r == "non-expresser (*3/*3, *3/*6) (0)" for r in rows), rows
+    rows = re.findall(r"<td>CYP3A5</td><td>([^<]*)</td>", page)  # the covariate tables (and the genotypes')
+    assert "non-expresser (*3/*3, *3/*6) (0)" in rows, rows
+    assert not any(re.fullmatch(r"-?\d+(\.\d+)?( 1)?", r) for r in rows), rows
     assert re.search(r"<td>WT</td><td>82 kg</td>", page)
     assert not re.search(r"<td>-?\d+(\.\d+)? 1</td>", page)
 
