@@ -382,6 +382,36 @@ def _expm(A, X):
 
 
 @njit(cache=True, error_model="numpy")
+def _periodic(K, Kd, act, ii, nd, Kt, E, Q1, Q2, y, s, Z, ZE, Ej):
+    # the periodic state of a regimen repeated every ii: y (n, 1), what one interval adds at its end, becomes
+    # x_ss = E x_ss + y = (I - E)^-1 y, E = exp(K ii); s (n, nd), y's derivatives, becomes x_ss's,
+    # (I - E)^-1 (s + E_j x_ss) (E_j: the derivative of E along K_j, _block). In place; False where I - E is singular
+    # (a compartment without elimination). Kt, Q1, Q2, Z, ZE, Ej: work arrays
+    n = K.shape[0]
+    for a in range(n):
+        for q in range(n):
+            Kt[a, q] = K[a, q] * ii
+    _expm(Kt, E)
+    for a in range(n):
+        for q in range(n):
+            Q1[a, q] = (1.0 if a == q else 0.0) - E[a, q]
+            Q2[a, q] = Q1[a, q]
+    if not _solve(Q1, y):
+        return False
+    if nd == 0:
+        return True
+    for col in range(nd):
+        if act[col]:
+            _block(K, Kd[col], ii, Z, ZE, Ej)
+            for a in range(n):
+                acc = 0.0
+                for q in range(n):
+                    acc += Ej[a, q] * y[q, 0]
+                s[a, col] += acc
+    return _solve(Q2, s)
+
+
+@njit(cache=True, error_model="numpy")
 def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, aux, dts, t0, nt, lo, hi_out, b, src, tgt, rate,
              per, s_index, lag_idx, f_idx, d_idx, out, jac):
     # one member in natural coordinates with matrix exponentials (any rate matrix: repeated eigenvalues, as in a
@@ -542,39 +572,25 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, aux, dts, t0, nt,
             amount = fv * amts[k]
             for a in range(n):
                 for q in range(n):
-                    Kt[a, q] = K[a, q] * ii
-            _expm(Kt, E1)
-            for a in range(n):
-                for q in range(n):
                     Kt[a, q] = K[a, q] * tau
             _expm(Kt, G1)
             for a in range(n):
-                for q in range(n):
-                    Q1[a, q] = (1.0 if a == q else 0.0) - E1[a, q]
-                    Q2[a, q] = Q1[a, q]
                 rhs1[a, 0] = G1[a, c] * amount
-            if not _solve(Q1, rhs1):
-                return False  # no steady state: a compartment without elimination
             if want:
                 for col in range(nd):
                     da = dPg[rb, fi, col] * amts[k] if fi >= 0 else 0.0
                     for a in range(n):
                         rhs2[a, col] = G1[a, c] * da
                     if act[col]:
-                        _block(K, Kd[col], ii, Zs, ZEs, LE)
                         _block(K, Kd[col], tau, Zs, ZEs, LG)
                         for a in range(n):
-                            acc = LG[a, c] * amount
-                            for q in range(n):
-                                acc += LE[a, q] * rhs1[q, 0]
-                            rhs2[a, col] += acc
-                if not _solve(Q2, rhs2):
-                    return False
-                for col in range(nd):
-                    for a in range(n):
-                        sg[a, col] += rhs2[a, col]
+                            rhs2[a, col] += LG[a, c] * amount
+            if not _periodic(K, Kd, act, ii, nd, Kt, E1, Q1, Q2, rhs1, rhs2, Zs, ZEs, LE):
+                return False  # no steady state: a compartment without elimination
             for a in range(n):
                 x[a] += rhs1[a, 0]
+                for col in range(nd):
+                    sg[a, col] += rhs2[a, col]
         elif kind == {SSB}:
             # an infusion regimen's steady state (cnidose.pk.eigenpath._schedule): the state so far is set aside and
             # one dosing interval of the periodic input is replayed from an empty system (the next operations)
@@ -596,29 +612,11 @@ def _natural(Pg, dPg, nd, nseg, first, seg, ops, k0, k1, amts, aux, dts, t0, nt,
             # (I - E)^-1 (s_y + E_j x_ss). The inputs running at the record's time go on (r_in).
             ii = amts[k]
             for a in range(n):
-                for q in range(n):
-                    Kt[a, q] = K[a, q] * ii
-            _expm(Kt, E1)
-            for a in range(n):
-                for q in range(n):
-                    Q1[a, q] = (1.0 if a == q else 0.0) - E1[a, q]
-                    Q2[a, q] = Q1[a, q]
                 rhs1[a, 0] = x[a]
-            if not _solve(Q1, rhs1):
-                return False  # no steady state: a compartment without elimination
-            if want:
                 for col in range(nd):
-                    for a in range(n):
-                        rhs2[a, col] = sg[a, col]
-                    if act[col]:
-                        _block(K, Kd[col], ii, Zs, ZEs, LE)
-                        for a in range(n):
-                            acc = 0.0
-                            for q in range(n):
-                                acc += LE[a, q] * rhs1[q, 0]
-                            rhs2[a, col] += acc
-                if not _solve(Q2, rhs2):
-                    return False
+                    rhs2[a, col] = sg[a, col]
+            if not _periodic(K, Kd, act, ii, nd, Kt, E1, Q1, Q2, rhs1, rhs2, Zs, ZEs, LE):
+                return False  # no steady state: a compartment without elimination
             for a in range(n):
                 x[a] = keep_x[a] + rhs1[a, 0]
                 r_in[a] += keep_r[a]
