@@ -314,6 +314,9 @@ def _forecast(ind: Any, post: Any, regimens: list[tuple[str, float, float]], see
     if occ is not None and occ not in covs:
         covs[occ] = np.zeros(len(ind))
     grid = np.arange(t_last_record, t_last_record + FORECAST_DAYS * 24.0 + 1e-9, 0.25)
+    levels = np.flatnonzero((ind.evid == 0) & (ind.mdv == 0))
+    carry_from = (int(post.model.prepare(ind).occasion[levels[-1]])  # occ-last: the last occasion with a level
+                  if occ is not None and occasion == "last" and levels.size else None)
     out: dict[str, Any] = {"days": FORECAST_DAYS}
     for name, dose, tau in regimens:
         start = float(ind.time[last]) + tau
@@ -333,11 +336,7 @@ def _forecast(ind: Any, post: Any, regimens: list[tuple[str, float, float]], see
             else:
                 future[k] = (v, np.full(new_t.size, v[-1]))
         g, on_grid, times = _with_grid(ind, doses, grid, future)
-        carry = None
-        if occ is not None and occasion == "last":  # the last occasion with a level -> the forecast's new one
-            levels = np.flatnonzero((ind.evid == 0) & (ind.mdv == 0))
-            if levels.size:
-                carry = (int(post.model.prepare(ind).occasion[levels[-1]]), int(post.model.prepare(g).occasion[-1]))
+        carry = None if carry_from is None else (carry_from, int(post.model.prepare(g).occasion[-1]))
         band = np.percentile(post.predict(g, seed=seed, carry=carry)[:, on_grid], [10, 50, 90], axis=0)
         out.setdefault("hours", _hours(times[on_grid]))
         out[name] = {"dose": float(dose), "interval": float(tau), "dose_hours": _hours(dose_t),
