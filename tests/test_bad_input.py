@@ -52,6 +52,25 @@ def test_bad_input_is_named_not_traced(name: str, tmp_path: Path) -> None:
         assert f in message, message
 
 
+def test_fit_names_a_dose_over_a_duration_the_model_lacks(tmp_path: Path) -> None:
+    """fit: a dose at RATE -2 into a compartment without a modelled duration is that individual's data error, named
+    by row and column (not an impossible objective with "the information matrix is singular"); the others fit."""
+    data = tmp_path / "data.csv"
+    data.write_text("ID,TIME,EVID,AMT,CMT,RATE,DV,MDV,POD,PRED\n1,0,1,1,2,0.25,.,1,1,20\n1,11.5,0,0,2,0,6.0,0,1,20\n"
+                    "2,0,1,1,2,-2,.,1,1,20\n2,11.5,0,0,2,0,6.0,0,1,20\n")
+    out = tmp_path / "etas.csv"
+    # Antignac 2007 (intravenous doses into CENTRAL, compartment 2) models no infusion duration
+    result = CliRunner().invoke(app, ["fit", "--model", "antignac2007_tac_kidney_iv_oral", "--data", str(data),
+                                      "--out", str(out), "--no-progress"])
+    assert "Traceback" not in result.output
+    import csv
+
+    rows = {r["ID"]: r for r in csv.DictReader(out.read_text().splitlines())}
+    assert rows["1"]["STATUS"] != "error", rows["1"]
+    assert rows["2"]["STATUS"] == "error"
+    assert rows["2"]["MESSAGE"].startswith("row 4, column D2: RATE=-2 needs a modelled duration D2"), rows["2"]
+
+
 def test_good_input_runs(tmp_path: Path) -> None:
     data = tmp_path / "data.csv"
     data.write_text(GOOD)

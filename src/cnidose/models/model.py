@@ -30,7 +30,7 @@ from numpy.typing import ArrayLike, NDArray
 from cnidose.errors import DataError
 from cnidose.models.covariates import DERIVATIONS, STANDARD_COVARIATES
 from cnidose.models.expr import Expression
-from cnidose.pk.engine import DoseValues, Method, Simulation, simulate
+from cnidose.pk.engine import DoseValues, Method, Simulation, no_modelled_input, simulate
 from cnidose.pk.events import Individual, split_individuals
 from cnidose.pk.structure import LinearStructure, OdeStructure
 
@@ -296,6 +296,7 @@ class Model:
         if isinstance(individual, Prepared):
             return individual
         ind = self._route_doses(individual)
+        self._check_modelled_inputs(ind)
         notices: list[Notice] = []
         covs = {}
         for name, cov in self.covariates.items():
@@ -326,6 +327,17 @@ class Model:
         for k, ob in enumerate(self.observations):
             obs_type[obs_cmt == ob.compartment] = k
         return Prepared(ind, covs, occasion, n_occ, obs_type, tuple(notices))
+
+    def _check_modelled_inputs(self, ind: Individual) -> None:
+        """A dose at RATE -1 (-2) needs the model's R<n> (D<n>) of its compartment: refused here, naming the row and
+        the column, before any fit (the engine would refuse it only when it predicts, and a fit would then report
+        an impossible objective instead of the data's fault)."""
+        dose = (ind.evid == 1) | (ind.evid == 4)
+        names = {name for name, _ in self.pk}
+        for j in np.flatnonzero(dose & ((ind.rate == -1) | (ind.rate == -2))).tolist():
+            key = f"{'R' if ind.rate[j] == -1 else 'D'}{int(ind.cmt[j]) or self.structure.default_dose}"
+            if key not in names:
+                raise no_modelled_input(key, int(ind.rows[j]))
 
     def _route_doses(self, ind: Individual) -> Individual:
         """Send intravenous doses (``IV`` = 1, no CMT) to the model's intravenous compartment, or refuse them."""

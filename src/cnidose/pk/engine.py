@@ -133,6 +133,13 @@ class _Running:
     src: int
 
 
+def no_modelled_input(key: str, row: int) -> DataError:
+    """The error for a dose at RATE -1 (-2) into a compartment whose ``R<n>`` (``D<n>``), ``key``, the model does
+    not define."""
+    need = "RATE=-1 needs a modelled rate" if key.startswith("R") else "RATE=-2 needs a modelled duration"
+    return DataError(f"{need} {key}; the model defines none", row=row, column=key)
+
+
 class _DoseParameters:
     """Per-record dose parameters (F, ALAG, R, D of each compartment), checked where they are used."""
 
@@ -148,8 +155,7 @@ class _DoseParameters:
         a = self.P.get(key)
         if a is None:
             if name in ("R", "D"):
-                need = "RATE=-1 needs a modelled rate" if name == "R" else "RATE=-2 needs a modelled duration"
-                raise DataError(f"{need} {key}; the model defines none", row=int(self.rows[src]), column=key)
+                raise no_modelled_input(key, int(self.rows[src]))
             return self.ones if name == "F" else self.zeros
         v = a[:, rec]
         w = v if mask is None else v[mask]
