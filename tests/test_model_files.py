@@ -119,6 +119,23 @@ def test_missing_pieces_are_named(tmp_path: Path) -> None:
     assert "not valid TOML" in str(err) and err.line is not None
 
 
+def test_a_covariate_from_the_medication_list_is_a_0_1_covariate(tmp_path: Path) -> None:
+    heart = LIB / "kirubakaran2023_tac_adult_heart.toml"
+    cov = load_model(heart).covariates["AZOLE"]
+    assert cov.medications == ("itraconazole", "voriconazole", "fluconazole") and cov.after_days == 7.0
+    text = heart.read_text()
+    err = _refused(text.replace('medications = ["itraconazole", "voriconazole", "fluconazole"]', "medications = [1]"),
+                   tmp_path)
+    assert err.field == "covariates.AZOLE.medications" and err.line == _line_of(text, "medications = [")
+    err = _refused(text.replace('medications = ["itraconazole", "voriconazole", "fluconazole"]\n', ""), tmp_path)
+    assert err.field == "covariates.AZOLE.medication_after_days"
+    err = _refused(text.replace("medication_after_days = 7", "medication_after_days = -1"), tmp_path)
+    assert err.field == "covariates.AZOLE.medication_after_days"
+    text = ANDREWS.read_text().replace('[covariates.AGE]\n', '[covariates.AGE]\nmedications = ["aspirin"]\n')
+    err = _refused(text, tmp_path)
+    assert err.field == "covariates.AGE.levels" and "levels 0 and 1" in str(err)
+
+
 def test_model_ids_and_names_do_not_clash(tmp_path: Path) -> None:
     text = ANDREWS.read_text().replace('[covariates.AGE]', '[covariates.TVCL]\nunit = "1"\n\n[covariates.AGE]')
     assert "both as a parameter and as a covariate" in str(_refused(text, tmp_path))

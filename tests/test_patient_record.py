@@ -393,6 +393,52 @@ def test_a_liver_recipient_is_fitted_with_the_graft_donors_genotype() -> None:
     assert cl_rede != other["model_inputs"]  # the graft's genotype is an input of the fit
 
 
+def heart(meds: list[dict[str, Any]]) -> dict[str, Any]:
+    doc = kidney()
+    doc["indication"] = {"system": "ICD-10-CM", "code": "Z94.1"}
+    doc["transplant"] |= {"organ": "heart"}
+    doc["medications"] += meds
+    return doc
+
+
+def test_a_heart_recipients_azole_comes_from_the_medication_list_with_the_papers_week_after() -> None:
+    """Kirubakaran 2023 codes an azole antifungal as AZOLE = 1 while it is taken and for 7 days after: itraconazole
+    taken 11-14 November gives 1 up to 22 November 00:00 UTC and 0 after; the heart model is chosen for a heart
+    recipient and shows AZOLE among its inputs."""
+    from cnidose.records.exchange import record_to_nonmem
+
+    rec = parse_record(heart([{"name": "Itraconazole", "start": "2026-11-11", "stop": "2026-11-14",
+                               "daily_mg": 400}]), as_of=AS_OF)
+    ex = record_to_nonmem(rec, medication_covariates={"AZOLE": (("itraconazole", "voriconazole"), 7.0)})
+    t, j = ex.header.index("TIME"), ex.header.index("AZOLE")
+    cut = (dt.datetime(2026, 11, 22, tzinfo=dt.UTC) - ex.origin).total_seconds() / 3600
+    assert {r[j] for r in ex.rows if r[t] < cut} == {1.0} and {r[j] for r in ex.rows if r[t] >= cut} == {0.0}
+    assert any(n.startswith("AZOLE: 1 while itraconazole") for n in ex.notes)
+    assert "AZOLE" not in record_to_nonmem(rec).header  # no model asked for it
+    out = analyse(rec, AS_OF, n_draws=200)
+    assert out["model_choice"]["id"] == "kirubakaran2023_tac_adult_heart", out["model_choice"]
+    shown = {c["name"]: c for c in out["model_inputs"]["covariates"]}
+    assert shown["AZOLE"]["value"] == 0.0 and shown["AZOLE"]["shown"] == "no azole antifungal"
+    assert "recommendation" in out
+
+
+def test_an_azole_in_the_heart_model_is_not_also_an_exposure_multiplier() -> None:
+    """Voriconazole multiplies tacrolimus exposure by 3 in the rule base (its label); the heart model already has
+    an azole's effect in AZOLE (CL/F 4.2 against 21.1 L/h), so applying both would count it twice. The warning says
+    which one is used; a kidney recipient on the same drug still gets the multiplier."""
+    doc = heart([{"name": "voriconazole", "start": "2026-11-25", "daily_mg": 400}])
+    out = analyse(parse_record(doc, as_of=AS_OF), AS_OF, n_draws=200)
+    assert out["model_choice"]["id"] == "kirubakaran2023_tac_adult_heart"
+    assert out["exposure"] == []
+    assert any(w.startswith("voriconazole: in the model as a covariate (AZOLE)") for w in out["warnings"])
+    assert not any("applied to the model (CL/F divided by" in w for w in out["warnings"])
+    assert {c["name"]: c["value"] for c in out["model_inputs"]["covariates"]}["AZOLE"] == 1.0
+    assert any(a["rule"] == "interaction:voriconazole" for a in out["clinical"]["alerts"])  # the label's advice stays
+    doc["indication"], doc["transplant"]["organ"] = {"system": "ICD-10-CM", "code": "Z94.0"}, "kidney"
+    kid = analyse(parse_record(doc, as_of=AS_OF), AS_OF, n_draws=200)
+    assert [x["drug"] for x in kid["exposure"]] == ["voriconazole"]
+
+
 def test_sublingual_doses_are_read_as_oral_and_the_warning_says_so() -> None:
     doc = kidney()
     doc["administrations"] = [{"time": at(0.5), "dose": 1.0, "unit": "mg", "product": "Prograf",

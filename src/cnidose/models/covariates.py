@@ -73,6 +73,8 @@ STANDARD_COVARIATES: Mapping[str, StandardCovariate] = dict([
     _std("IMMUNOASSAY", "1", "sample measured by immunoassay (per record)",
          0, 1, {0: "chromatography (LC-MS/MS)", 1: "immunoassay"}),
     _std("CF", "1", "cystic fibrosis", 0, 1, _BINARY),
+    _std("AZOLE", "1", "azole antifungal co-medication (which azoles, and for how long after, is the model's)",
+         0, 1, {0: "no azole antifungal", 1: "azole antifungal"}),
 ])
 
 

@@ -27,7 +27,9 @@ result. The full reference, with an annotated example, is
                        correlations = [[name, name, r], ...], source, note
     [random_effects.iov]  the same keys, plus occasion = "<data column>"
     [covariates.NAME]  unit, description, domain = [low, high], default, default_note,
-                       levels = {"0" = "...", ...}, derive = "<function>", derive_note, source
+                       levels = {"0" = "...", ...}, derive = "<function>", derive_note, source,
+                       medications = ["name", ...], medication_after_days (a 0/1 covariate that is 1 while one
+                       of the medications is taken and for that many days after it stops, as the paper coded it)
     [pk]         NAME = "expression" or NAME = {expr, unit, description}; evaluated in order
     [observations.NAME]  compartment, scale, scale_unit, unit, transform, description,
                          error = {model, proportional, additive, sd, source, note}
@@ -83,7 +85,7 @@ _STRUCTURE = {"kind", "compartments", "default_dose", "default_obs", "iv_dose", 
 _PARAM = {"value", "unit", "description", "source", "fixed", "note"}
 _RE = {"names", "variance", "sd", "cv_percent", "cv_conversion", "correlations", "source", "note", "occasion"}
 _COV = {"unit", "description", "domain", "default", "default_note", "levels", "derive", "derive_note", "source",
-        "note", "domain_only"}
+        "note", "domain_only", "medications", "medication_after_days"}
 _OBS = {"compartment", "scale", "scale_unit", "unit", "transform", "description", "error"}
 _ERR = {"model", "proportional", "additive", "sd", "source", "note", "prediction_if_zero"}
 _CHECK = {"name", "statement", "source", "kind", "expr", "covariates", "versus", "expected", "rtol", "dose", "tau",
@@ -475,9 +477,19 @@ def _covariates(ctx: _Ctx, table: Any) -> dict[str, Covariate]:
         domain_only = ctx.get(spec, "domain_only", bool, where, False)
         if domain_only and (domain is None or default is not None or derive is not None):
             ctx.fail("a domain_only covariate has a domain and no default or derive", f"{where}.domain_only")
+        meds = ctx.get(spec, "medications", list, where, [])
+        if not all(isinstance(x, str) and x.strip() for x in meds):
+            ctx.fail("medications is a list of medication names", f"{where}.medications")
+        after = ctx.number(spec, "medication_after_days", where, 0.0)
+        if meds and set(levels) != {0, 1}:
+            ctx.fail("a covariate read from the medication list has the levels 0 and 1", f"{where}.levels")
+        if "medication_after_days" in spec and (not meds or not after >= 0):
+            ctx.fail("medication_after_days is a number of days >= 0, with medications",
+                     f"{where}.medication_after_days")
         out[name] = Covariate(name, unit_text, ctx.get(spec, "description", str, where, ""), domain, default,
                               ctx.get(spec, "default_note", str, where, ""), levels, derive,
-                              ctx.get(spec, "derive_note", str, where, ""), factor, data_unit, domain_only)
+                              ctx.get(spec, "derive_note", str, where, ""), factor, data_unit, domain_only,
+                              tuple(x.strip().lower() for x in meds), float(after))
     return out
 
 

@@ -102,6 +102,11 @@ class Covariate:
     factor: float = 1.0  # data unit -> model unit
     data_unit: str = ""
     domain_only: bool = False  # not in the equations: only checked against the domain when present
+    #: a 0/1 covariate read from a patient's medication list: 1 while one of these (lower case) is taken and for
+    #: ``after_days`` days after it stops (the paper's coding); the rule base's exposure multiplier for these
+    #: drugs is then not applied as well (the model has their effect)
+    medications: tuple[str, ...] = ()
+    after_days: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

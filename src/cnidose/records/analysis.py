@@ -153,7 +153,18 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
         out["warnings"].append(f"no model, so no fit: {why_model}")
         return out
     exposure = out["clinical"].get("exposure", [])
-    exp = record_to_nonmem(record, ident=1, exposure=exposure)
+    try:
+        from_meds = _medication_covariates(resolve_model(mid))
+    except CnidoseError:
+        from_meds = {}  # the fit below reports the model's error
+    covered = {n for names, _ in from_meds.values() for n in names}
+    for x in exposure:
+        if x["agent"] == record.agent and x["drug"].lower() in covered:
+            out["warnings"].append(f"{x['drug']}: in the model as a covariate "
+                                   f"({', '.join(k for k, (n, _) in from_meds.items() if x['drug'].lower() in n)}), "
+                                   f"so the rule base's exposure x{x['factor']:g} is not applied as well")
+    exposure = [x for x in exposure if x["drug"].lower() not in covered]
+    exp = record_to_nonmem(record, ident=1, exposure=exposure, medication_covariates=from_meds)
     out["export_notes"] = exp.notes
     sub = record.given_by("sublingual", as_of)
     if sub:  # said, not guessed silently: no library model has a sublingual route
@@ -220,6 +231,11 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
     out["target"] = str(target)
     out["warnings"] += rec.warnings
     return out
+
+
+def _medication_covariates(model: Any) -> dict[str, tuple[tuple[str, ...], float]]:
+    """The model's covariates read from the medication list: name -> (medications, days after)."""
+    return {c.name: (c.medications, c.after_days) for c in model.covariates.values() if c.medications}
 
 
 def _fit_with_exclusions(model: Any, record: PatientRecord, exp: Any, out: dict[str, Any]) -> tuple[Any, Any]:

@@ -16,6 +16,7 @@ entered-in-error are left out.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -186,13 +187,21 @@ def _utc_day(day: str | dt.date) -> dt.datetime:
 
 
 def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None = None,
-                     exposure: list[dict[str, Any]] | None = None) -> NonmemExport:
+                     exposure: list[dict[str, Any]] | None = None,
+                     medication_covariates: Mapping[str, tuple[tuple[str, ...], float]] | None = None
+                     ) -> NonmemExport:
     """The record's final administrations and levels as NONMEM-format rows, each row naming its entry.
 
     ``exposure``: the rule base's adjustments for the record's agent (``{agent, factor, start, end}``, dates from
     00:00 UTC), written as the reserved ``EXPOSURE`` column -- the product of the factors in force over the
     interval each row ends -- with an EVID 2 row at each start or end inside the span, so the change happens
-    then (:mod:`cnidose.models.exposure`)."""
+    then (:mod:`cnidose.models.exposure`).
+
+    ``medication_covariates``: covariate name -> (medication names, days after): a model's 0/1 covariate read
+    from the medication list (:attr:`cnidose.models.model.Covariate.medications`), 1 from 00:00 UTC of the first
+    day one of them is taken until the end of its last day plus the days after, 0 otherwise; written only where
+    the record lists one of them and has no entered value of that name (otherwise the model's default says
+    so)."""
     levels = record.final_levels()
     doses = record.final_administrations()
     events: list[tuple[dt.datetime, int, Any]] = [(x.time, 0, x) for x in levels]
@@ -242,6 +251,14 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
         if pred:
             covs["PRED"] = [(min(t for t, _ in pred) - dt.timedelta(days=36500), 0.0), *sorted(pred)]
             notes.append("PRED: the prednisolone daily dose on the medication list (0 before and after it)")
+    for cname, (names_, after) in (medication_covariates or {}).items():
+        if cname in covs:
+            continue
+        spans = _medication_spans(record, names_, after)
+        if spans:
+            covs[cname] = _step_series(spans)
+            notes.append(f"{cname}: 1 while {', '.join(names_)} is on the medication list"
+                         + (f" and {after:g} days after it stops" if after else "") + ", else 0")
     for series in covs.values():
         series.sort(key=lambda x: x[0])
     names = sorted(covs)
@@ -295,6 +312,29 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
     for n in sorted(early):
         notes.append(f"{n}: no value before {covs[n][0][0].isoformat()}; its first value is used for earlier records")
     return NonmemExport(header, rows, origin, notes, entries)
+
+
+def _medication_spans(record: PatientRecord, names: tuple[str, ...], after_days: float
+                      ) -> list[tuple[dt.datetime, dt.datetime | None]]:
+    """[start, end) in UTC of every final medication named in ``names`` (case aside): from 00:00 of its first day
+    to the end of its last day plus ``after_days`` (None: not stopped)."""
+    wanted = {n.lower() for n in names}
+    spans: list[tuple[dt.datetime, dt.datetime | None]] = []
+    for m in record.final_medications():
+        if m.name.strip().lower() in wanted:
+            end = None if m.stop is None else _utc_day(m.stop) + dt.timedelta(days=1 + after_days)
+            spans.append((_utc_day(m.start), end))
+    return spans
+
+
+def _step_series(spans: list[tuple[dt.datetime, dt.datetime | None]]) -> list[tuple[dt.datetime, float]]:
+    """A 0/1 series (time, value from then on) that is 1 inside any of ``spans`` and 0 before and between them."""
+    bounds = sorted({t for s, e in spans for t in (s, e) if t is not None})
+    series = [(bounds[0] - dt.timedelta(days=36500), 0.0)]
+    for b in bounds:
+        on = any(s <= b and (e is None or b < e) for s, e in spans)
+        series.append((b, 1.0 if on else 0.0))
+    return series
 
 
 def import_record(store: Store, actor: Actor, doc: Any, *, family_name: str, given_name: str) -> int:
