@@ -420,6 +420,11 @@ def test_a_heart_recipients_azole_comes_from_the_medication_list_with_the_papers
     shown = {c["name"]: c for c in out["model_inputs"]["covariates"]}
     assert shown["AZOLE"]["value"] == 0.0 and shown["AZOLE"]["shown"] == "no azole antifungal"
     assert "recommendation" in out
+    assert not any(w.startswith("AZOLE is 1 at the last record") for w in out["warnings"])
+    later = analyse(parse_record(heart([{"name": "itraconazole", "start": "2026-11-11", "stop": "2026-11-29"}]),
+                                 as_of=AS_OF), AS_OF, n_draws=200)
+    assert any(w.startswith("AZOLE is 1 at the last record (itraconazole; AZOLE 0 from 2026-12-07)")
+               for w in later["warnings"]), later["warnings"]
 
 
 def test_an_azole_in_the_heart_model_is_not_also_an_exposure_multiplier() -> None:
@@ -434,6 +439,8 @@ def test_an_azole_in_the_heart_model_is_not_also_an_exposure_multiplier() -> Non
     assert not any("applied to the model (CL/F divided by" in w for w in out["warnings"])
     assert {c["name"]: c["value"] for c in out["model_inputs"]["covariates"]}["AZOLE"] == 1.0
     assert any(a["rule"] == "interaction:voriconazole" for a in out["clinical"]["alerts"])  # the label's advice stays
+    assert any(w.startswith("AZOLE is 1 at the last record (voriconazole; ongoing): the forecasts and the "
+                            "recommended dose assume it stays 1") for w in out["warnings"]), out["warnings"]
     doc["indication"], doc["transplant"]["organ"] = {"system": "ICD-10-CM", "code": "Z94.0"}, "kidney"
     kid = analyse(parse_record(doc, as_of=AS_OF), AS_OF, n_draws=200)
     assert [x["drug"] for x in kid["exposure"]] == ["voriconazole"]

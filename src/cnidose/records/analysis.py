@@ -206,6 +206,7 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
                             + (f" to {x['end']}" if x["end"] else " (ongoing)")
                             + f" applied to the model (CL/F divided by {x['factor']:g}) [{x['source']}]"
                             for x in applied]
+        out["warnings"] += _medication_covariates_at_end(model, record, ind, from_meds)
         post = None if fit.status == "error" else sample_posterior(model, ind, n_draws=n_draws, seed=seed,
                                                                    map_result=fit)
         rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed, choice=choice,
@@ -236,6 +237,25 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
 def _medication_covariates(model: Any) -> dict[str, tuple[tuple[str, ...], float]]:
     """The model's covariates read from the medication list: name -> (medications, days after)."""
     return {c.name: (c.medications, c.after_days) for c in model.covariates.values() if c.medications}
+
+
+def _medication_covariates_at_end(model: Any, record: PatientRecord, ind: Any,
+                                  from_meds: dict[str, tuple[tuple[str, ...], float]]) -> list[str]:
+    """A warning for each medication-list covariate that is 1 at the last record: the forecasts carry it on, and the
+    model's parameters change when it ends (Kirubakaran 2023: CL/F about five times higher without an azole)."""
+    out = []
+    for name, (names, after) in from_meds.items():
+        col = ind.covariates.get(name)
+        if col is None or col.size == 0 or col[-1] != 1:
+            continue
+        meds = [m for m in record.final_medications() if m.name.strip().lower() in names]
+        ongoing = any(m.stop is None for m in meds)
+        ends = [m.stop + dt.timedelta(days=1 + after) for m in meds if m.stop is not None]
+        when = "ongoing" if ongoing or not ends else f"{name} 0 from {max(ends).isoformat()}"
+        out.append(f"{name} is 1 at the last record ({', '.join(sorted({m.name for m in meds}))}; {when}): the "
+                   f"forecasts and the recommended dose assume it stays 1, and the model's parameters change when it "
+                   f"ends ({model.covariates[name].description}): check the level after that")
+    return out
 
 
 def _fit_with_exclusions(model: Any, record: PatientRecord, exp: Any, out: dict[str, Any]) -> tuple[Any, Any]:
