@@ -134,6 +134,9 @@ def test_a_covariate_from_the_medication_list_is_a_0_1_covariate(tmp_path: Path)
     text = ANDREWS.read_text().replace('[covariates.AGE]\n', '[covariates.AGE]\nmedications = ["aspirin"]\n')
     err = _refused(text, tmp_path)
     assert err.field == "covariates.AGE.levels" and "levels 0 and 1" in str(err)
+    shown = CliRunner().invoke(app, ["models", "show", "kirubakaran2023_tac_adult_heart"])
+    assert shown.exit_code == 0 and ("from a patient record: 1 while itraconazole or voriconazole or fluconazole is on "
+                                     "the medication list and 7 days after it stops") in shown.stdout
 
 
 def test_model_ids_and_names_do_not_clash(tmp_path: Path) -> None:

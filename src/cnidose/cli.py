@@ -1121,6 +1121,10 @@ def _show_lines(d: dict[str, Any]) -> list[str]:
             bits.append(f"derived by {cv['derive']} if absent")
         if cv["levels"]:
             bits.append("; ".join(f"{k} = {v}" for k, v in cv["levels"].items()))
+        if cv.get("medications"):
+            after = cv.get("medication_after_days") or 0
+            bits.append("from a patient record: 1 while " + " or ".join(cv["medications"]) + " is on the medication "
+                        "list" + (f" and {after:g} days after it stops" if after else ""))
         if cv["domain_only"]:
             bits.append("domain check only")
         out.append(f"  {cv['name']:<12} {cv['description']}: " + ", ".join(bits))

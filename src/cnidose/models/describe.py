@@ -78,7 +78,8 @@ def describe_model(model: Model) -> dict[str, Any]:
         "covariates": [{"name": c.name, "unit": c.unit, "data_unit": c.data_unit, "description": c.description,
                         "domain": list(c.domain) if c.domain else None, "default": c.default,
                         "default_note": c.default_note, "derive": c.derive, "derive_note": c.derive_note,
-                        "levels": {str(k): v for k, v in c.levels.items()}, "domain_only": c.domain_only}
+                        "levels": {str(k): v for k, v in c.levels.items()}, "domain_only": c.domain_only,
+                        "medications": list(c.medications), "medication_after_days": c.after_days}
                        for c in model.covariates.values()],
         "pk": [{"name": n, "expr": e.source, "unit": model.pk_units.get(n)} for n, e in model.pk],
         "observations": [{"name": o.name, "compartment": s.compartments[o.compartment - 1],
