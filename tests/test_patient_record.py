@@ -415,6 +415,17 @@ def test_a_heart_recipients_azole_comes_from_the_medication_list_with_the_papers
     assert {r[j] for r in ex.rows if r[t] < cut} == {1.0} and {r[j] for r in ex.rows if r[t] >= cut} == {0.0}
     assert any(n.startswith("AZOLE: 1 while itraconazole") for n in ex.notes)
     assert "AZOLE" not in record_to_nonmem(rec).header  # no model asked for it
+    entered = heart([])
+    entered["covariates"].append({"name": "AZOLE", "value": 1, "unit": "1", "time": at(1)})
+    with pytest.raises(RecordError, match="AZOLE is not entered: it is read from the medication list") as info:
+        parse_record(entered, as_of=AS_OF)
+    assert info.value.field == f"covariates[{len(entered['covariates']) - 1}].name"
+    from cnidose.records.units import FieldError, covariate_value
+
+    for name in ("AZOLE", "POD"):  # nor stored as an entry the record would then refuse
+        with pytest.raises(FieldError, match=f"{name} is not entered") as err:
+            covariate_value(name, 1, "1" if name == "AZOLE" else "d")
+        assert err.value.field == "name"
     out = analyse(rec, AS_OF, n_draws=200)
     assert out["model_choice"]["id"] == "kirubakaran2023_tac_adult_heart", out["model_choice"]
     shown = {c["name"]: c for c in out["model_inputs"]["covariates"]}

@@ -74,9 +74,15 @@ _HBA1C_RANGE = (3.0, 20.0)  # %
 # physiologically possible blood pressure (mmHg): outside, a typing or unit error
 BP_RANGE = {"systolic": (50.0, 300.0), "diastolic": (20.0, 200.0)}
 # covariates over time: the models' standard vocabulary (cnidose.models.covariates), in its data units; the values
-# computed per record from the rest of the record are not entered
+# computed per record from the rest of the record are not entered (AZOLE: from the medication list, by the model's
+# own definition of which azoles and how long after)
+#: standard covariates a record does not take as entries, and where their value comes from instead
+NOT_ENTERED: dict[str, str] = {
+    "AGE": "computed from the birth date", "SEX": "the patient's sex", "POD": "computed from the transplant date",
+    "IMMUNOASSAY": "the assay of each level",
+    "AZOLE": "read from the medication list (record the azole antifungal there, with its start and stop)"}
 _COVARIATES: dict[str, tuple[str, tuple[float, float]]] = {
-    k: (c.unit, c.plausible) for k, c in STANDARD_COVARIATES.items() if k not in ("AGE", "SEX", "POD", "IMMUNOASSAY")}
+    k: (c.unit, c.plausible) for k, c in STANDARD_COVARIATES.items() if k not in NOT_ENTERED}
 GENES = {"CYP3A5": "*1 functional; *3, *6, *7 non-functional (CPIC, Birdwell 2015)",
          "CYP3A4": "*22 reduced function"}
 _LEVEL_UNITS = {"ng/mL": 1.0, "ug/L": 1.0, "µg/L": 1.0, "mcg/L": 1.0}
@@ -626,6 +632,8 @@ def parse_record(doc: Any, *, as_of: dt.date | None) -> PatientRecord:
     covs = []
     for where, x in _items(doc, "covariates"):
         name = str(x.get("name", "")).upper()
+        if name in NOT_ENTERED:
+            raise RecordError(f"{name} is not entered: it is {NOT_ENTERED[name]}", field=where + ".name")
         if name not in _COVARIATES:
             raise RecordError(f"unknown covariate {x.get('name')!r} (known: {', '.join(_COVARIATES)}; genotypes go "
                               "in genotypes)", field=where + ".name")
