@@ -410,9 +410,11 @@ def test_a_heart_recipients_azole_comes_from_the_medication_list_with_the_papers
     rec = parse_record(heart([{"name": "Itraconazole", "start": "2026-11-11", "stop": "2026-11-14",
                                "daily_mg": 400}]), as_of=AS_OF)
     ex = record_to_nonmem(rec, medication_covariates={"AZOLE": (("itraconazole", "voriconazole"), 7.0)})
-    t, j = ex.header.index("TIME"), ex.header.index("AZOLE")
+    t, j, ev = ex.header.index("TIME"), ex.header.index("AZOLE"), ex.header.index("EVID")
     cut = (dt.datetime(2026, 11, 22, tzinfo=dt.UTC) - ex.origin).total_seconds() / 3600
-    assert {r[j] for r in ex.rows if r[t] < cut} == {1.0} and {r[j] for r in ex.rows if r[t] >= cut} == {0.0}
+    # each row holds the value over the interval it ends, with a row of its own at the change (as EXPOSURE)
+    assert [r[ev] for r in ex.rows if r[t] == cut] == [2]
+    assert {r[j] for r in ex.rows if r[t] <= cut} == {1.0} and {r[j] for r in ex.rows if r[t] > cut} == {0.0}
     assert any(n.startswith("AZOLE: 1 while itraconazole") for n in ex.notes)
     assert "AZOLE" not in record_to_nonmem(rec).header  # no model asked for it
     entered = heart([])

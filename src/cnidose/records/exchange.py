@@ -200,8 +200,9 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
     ``medication_covariates``: covariate name -> (medication names, days after): a model's 0/1 covariate read
     from the medication list (:attr:`cnidose.models.model.Covariate.medications`), 1 from 00:00 UTC of the first
     day one of them is taken until the end of its last day plus the days after, 0 otherwise; written only where
-    the record lists one of them and has no entered value of that name (otherwise the model's default says
-    so)."""
+    the record lists one of them (otherwise the model's default says so). Like ``EXPOSURE``, a row holds the value
+    in force over the interval it ends, with an EVID 2 row at each change inside the span, so a change takes
+    effect at its time and not up to a dosing interval early."""
     levels = record.final_levels()
     doses = record.final_administrations()
     events: list[tuple[dt.datetime, int, Any]] = [(x.time, 0, x) for x in levels]
@@ -212,9 +213,14 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
         return NonmemExport(list(_BASE), [], None, [f"no {record.agent} doses or levels"])
     mine = [(_utc_day(x["start"]), None if x["end"] is None else _utc_day(x["end"]), float(x["factor"]))
             for x in exposure or [] if x["agent"] == record.agent]
-    if mine:
+    entered = {c.name for c in record.covariates if c.final}
+    # a model's covariates read from the medication list: their spans, exact in time as the exposure's are
+    med_spans = {name: spans for name, (names_, after) in (medication_covariates or {}).items()
+                 if name not in entered and (spans := _medication_spans(record, names_, after))}
+    edges = [(s, e) for s, e, _ in mine] + [span for spans in med_spans.values() for span in spans]
+    if edges:
         have = {t for t, _, _ in events}
-        bounds = {t for s, e, _ in mine for t in (s, e) if t is not None and events[0][0] < t < events[-1][0]}
+        bounds = {t for s, e in edges for t in (s, e) if t is not None and events[0][0] < t < events[-1][0]}
         events += [(t, 2, None) for t in sorted(bounds - have)]
         events.sort(key=lambda e: (e[0], e[1] == 1, e[1] == 0))  # boundaries first, then levels, then doses
     origin = next((t for t, kind, _ in events if kind == 1), events[0][0])
@@ -251,20 +257,17 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
         if pred:
             covs["PRED"] = [(min(t for t, _ in pred) - dt.timedelta(days=36500), 0.0), *sorted(pred)]
             notes.append("PRED: the prednisolone daily dose on the medication list (0 before and after it)")
-    for cname, (names_, after) in (medication_covariates or {}).items():
-        if cname in covs:
-            continue
-        spans = _medication_spans(record, names_, after)
-        if spans:
-            covs[cname] = _step_series(spans)
-            notes.append(f"{cname}: 1 while {', '.join(names_)} is on the medication list"
-                         + (f" and {after:g} days after it stops" if after else "") + ", else 0")
+    for cname in med_spans:
+        names_, after = (medication_covariates or {})[cname]
+        notes.append(f"{cname}: 1 while {', '.join(names_)} is on the medication list"
+                     + (f" and {after:g} days after it stops" if after else "") + ", else 0")
     for series in covs.values():
         series.sort(key=lambda x: x[0])
     names = sorted(covs)
     tx = record.transplant_date
     iv = any(d.route == "intravenous" for d in doses)  # the reserved IV column (cnidose.models.model.IV)
     extra = (["AGE", "SEX"] + (["POD"] if tx else []) + ["IMMUNOASSAY"] + (["EXPOSURE"] if mine else [])
+             + sorted(med_spans)
              + (["IV"] if iv else []))
     header = _BASE + [n for n in extra if n not in names] + names
     # NONMEM IDs are numbers: a text record id (an MRN) becomes 1
@@ -293,6 +296,8 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
                 if start < t and (end is None or t <= end):
                     factor *= f
             row["EXPOSURE"] = factor
+        for n, spans in med_spans.items():  # in force over the interval ending at this row, as EXPOSURE
+            row[n] = 1.0 if any(start < t and (end is None or t <= end) for start, end in spans) else 0.0
         row["AGE"] = age
         row["SEX"] = {"male": 0, "female": 1}.get(record.sex, ".")
         if tx:
@@ -325,16 +330,6 @@ def _medication_spans(record: PatientRecord, names: tuple[str, ...], after_days:
             end = None if m.stop is None else _utc_day(m.stop) + dt.timedelta(days=1 + after_days)
             spans.append((_utc_day(m.start), end))
     return spans
-
-
-def _step_series(spans: list[tuple[dt.datetime, dt.datetime | None]]) -> list[tuple[dt.datetime, float]]:
-    """A 0/1 series (time, value from then on) that is 1 inside any of ``spans`` and 0 before and between them."""
-    bounds = sorted({t for s, e in spans for t in (s, e) if t is not None})
-    series = [(bounds[0] - dt.timedelta(days=36500), 0.0)]
-    for b in bounds:
-        on = any(s <= b and (e is None or b < e) for s, e in spans)
-        series.append((b, 1.0 if on else 0.0))
-    return series
 
 
 def import_record(store: Store, actor: Actor, doc: Any, *, family_name: str, given_name: str) -> int:
