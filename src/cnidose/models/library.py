@@ -190,6 +190,8 @@ def choose_model(drug: str, organ: str | None, age_group: str, formulation: str 
                        + (f", {formulation}" if formulation and best.id != defaults[0] else ""))
     elif best.meta.get("confirmed", False):
         reasons.append(f"{best.id} is checked against its primary publication")
+    elif len(ordered) == 1:
+        reasons.append(f"{best.id} is the only one (not yet checked against its primary publication: see its notes)")
     else:
         reasons.append(f"{best.id} (first by id among models equal on every rule; not yet checked against its "
                        "primary publication)")
