@@ -363,3 +363,20 @@ def test_choice_is_the_smallest_dose_in_target_or_the_closest(low: float, ratio:
         dist = np.minimum(np.abs(np.log(med / target.low)), np.abs(np.log(med / target.high)))
         assert chosen.dose == likely.dose == aimed.dose == doses[int(np.argmin(dist))]
         assert warnings and warnings2 and warnings3
+
+
+def test_heart_a_priori_doses_with_and_without_an_azole_are_near_the_cohorts_doses() -> None:
+    """Kirubakaran 2023 (secondary, Section 3.2): the cohort's median doses were 0.5 mg every 12 h with an azole and
+    3 mg without. The model's a priori doses for the early target (10-20 ng/mL, haematocrit 0.26 as the cohort's
+    median, FFM 55 kg) land within a factor of two of those, and the azole's is about a fifth of the other."""
+    from cnidose.dosing.start import apriori_dose
+
+    m = resolve_model("kirubakaran2023_tac_adult_heart")
+    target = find_target("tacrolimus", "heart", "adult", 1.0)
+    assert (target.low, target.high) == (10.0, 20.0)
+    prograf = product("Prograf", "tacrolimus")
+    without = apriori_dose(m, {"FFM": 55.0, "HCT": 0.26, "AZOLE": 0}, target, prograf)
+    with_azole = apriori_dose(m, {"FFM": 55.0, "HCT": 0.26, "AZOLE": 1}, target, prograf)
+    assert 1.5 <= without.dose <= 6.0 and 0.25 <= with_azole.dose <= 1.0
+    assert 0.1 <= with_azole.dose / without.dose <= 0.3
+    assert target.low <= without.predicted <= target.high and target.low <= with_azole.predicted <= target.high
