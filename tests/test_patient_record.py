@@ -454,9 +454,27 @@ def test_an_azole_in_the_heart_model_is_not_also_an_exposure_multiplier() -> Non
     assert any(a["rule"] == "interaction:voriconazole" for a in out["clinical"]["alerts"])  # the label's advice stays
     assert any(w.startswith("AZOLE is 1 at the last record (voriconazole; ongoing): the forecasts and the "
                             "recommended dose assume it stays 1") for w in out["warnings"]), out["warnings"]
+    assert not any("has no term for it" in w for w in out["warnings"])
     doc["indication"], doc["transplant"]["organ"] = {"system": "ICD-10-CM", "code": "Z94.0"}, "kidney"
     kid = analyse(parse_record(doc, as_of=AS_OF), AS_OF, n_draws=200)
     assert [x["drug"] for x in kid["exposure"]] == ["voriconazole"]
+    assert not any("has no term for it" in w for w in kid["warnings"])
+
+
+def test_an_inhibitor_the_model_does_not_know_is_named_in_the_recommendation() -> None:
+    """Posaconazole is a strong CYP3A inhibitor; the heart model's AZOLE names itraconazole, voriconazole and
+    fluconazole only, and the rule base has no exposure number for it, so the model treats the patient as without
+    it: the recommendation says so rather than leave a five-fold clearance difference unmentioned."""
+    out = analyse(parse_record(heart([{"name": "posaconazole", "start": "2026-11-20", "daily_mg": 300}]),
+                               as_of=AS_OF), AS_OF, n_draws=200)
+    assert out["model_choice"]["id"] == "kirubakaran2023_tac_adult_heart"
+    hit = [w for w in out["warnings"] if w.startswith("posaconazole (inhibitor) is on the medication list, but the "
+                                                      "model has no term for it")]
+    assert hit and "its AZOLE covariate names itraconazole, voriconazole, fluconazole" in hit[0], out["warnings"]
+    assert {c["name"]: c["value"] for c in out["model_inputs"]["covariates"]}["AZOLE"] == 0.0
+    stopped = analyse(parse_record(heart([{"name": "posaconazole", "start": "2026-10-01", "stop": "2026-10-20"}]),
+                                   as_of=AS_OF), AS_OF, n_draws=200)
+    assert not any("has no term for it" in w for w in stopped["warnings"])  # stopped before the first record
 
 
 def test_sublingual_doses_are_read_as_oral_and_the_warning_says_so() -> None:

@@ -207,6 +207,7 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
                             + f" applied to the model (CL/F divided by {x['factor']:g}) [{x['source']}]"
                             for x in applied]
         out["warnings"] += _medication_covariates_at_end(model, record, ind, from_meds)
+        out["warnings"] += _unmodelled_interactions(record, first, applied, from_meds)
         post = None if fit.status == "error" else sample_posterior(model, ind, n_draws=n_draws, seed=seed,
                                                                    map_result=fit)
         rec = recommend(model, ind, target, prod, interval=interval, n_draws=n_draws, seed=seed, choice=choice,
@@ -255,6 +256,37 @@ def _medication_covariates_at_end(model: Any, record: PatientRecord, ind: Any,
         out.append(f"{name} is 1 at the last record ({', '.join(sorted({m.name for m in meds}))}; {when}): the "
                    f"forecasts and the recommended dose assume it stays 1, and the model's parameters change when it "
                    f"ends ({model.covariates[name].description}): check the level after that")
+    return out
+
+
+def _unmodelled_interactions(record: PatientRecord, first: dt.datetime | None, applied: list[dict[str, Any]],
+                             from_meds: dict[str, tuple[tuple[str, ...], float]]) -> list[str]:
+    """A warning for each drug on the medication list that changes the agent's pharmacokinetics (an inhibitor, an
+    inducer or a food of the interaction knowledge base) but reaches the model neither as an exposure multiplier nor
+    as a model covariate (posaconazole with a model whose AZOLE names other azoles): the forecasts then assume it is
+    not there, and the first levels will show otherwise."""
+    from cnidose.clinical.engine import knowledge
+
+    interactions, _ = knowledge()
+    index = {n.lower(): d for d in interactions.get("drugs", []) for n in [d["name"], *d.get("synonyms", [])]}
+    multiplied = {x["drug"] for x in applied}
+    out = []
+    for m in record.final_medications():
+        d = index.get(m.name.strip().lower())
+        if d is None or d.get("kind") not in ("inhibitor", "inducer", "food") or record.agent not in d.get(
+                "effects", {}):
+            continue
+        if first is not None and m.stop is not None and m.stop < first.date():
+            continue
+        if d["name"] in multiplied:
+            continue
+        covered = [c for c, (names, _) in from_meds.items() if {m.name.strip().lower(), d["name"]} & set(names)]
+        if covered:
+            continue
+        others = "; ".join(f"its {c} covariate names {', '.join(names)}" for c, (names, _) in from_meds.items())
+        out.append(f"{m.name} ({d['kind']}) is on the medication list, but the model has no term for it (the rule "
+                   f"base has no exposure multiplier for it{'; ' + others if others else ''}): the forecasts and the "
+                   f"recommended dose assume it is not given -- follow the interaction alert and check levels sooner")
     return out
 
 
