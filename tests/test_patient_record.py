@@ -475,6 +475,29 @@ def test_an_inhibitor_the_model_does_not_know_is_named_in_the_recommendation() -
     stopped = analyse(parse_record(heart([{"name": "posaconazole", "start": "2026-10-01", "stop": "2026-10-20"}]),
                                    as_of=AS_OF), AS_OF, n_draws=200)
     assert not any("has no term for it" in w for w in stopped["warnings"])  # stopped before the first record
+    later = dt.date(2026, 12, 2)  # the last dose is on 30 November; voriconazole started after it, before today
+    since = analyse(parse_record(heart([{"name": "voriconazole", "start": "2026-12-01"}]), as_of=later), later,
+                    n_draws=200)
+    assert {c["name"]: c["value"] for c in since["model_inputs"]["covariates"]}["AZOLE"] == 1.0
+    assert any(w.startswith("AZOLE is 1 at the last record (voriconazole; ongoing)") for w in since["warnings"])
+
+
+def test_an_interacting_drug_started_after_the_last_record_changes_the_recommendation() -> None:
+    """Voriconazole started the day after the last dose and level, before the assessment date: its exposure x3 (the
+    label) must reach the recommendation. Before, the rows ended at the last record, whose EXPOSURE was 1, so the
+    recommendation was the same as without voriconazole while a warning said the multiplier was applied."""
+    later = dt.date(2026, 12, 2)
+    base = analyse(parse_record(kidney(), as_of=later), later, n_draws=300)
+    doc = kidney()
+    doc["medications"].append({"name": "voriconazole", "start": "2026-12-01", "daily_mg": 400})
+    vori = analyse(parse_record(doc, as_of=later), later, n_draws=300)
+    assert [x["drug"] for x in vori["exposure"]] == ["voriconazole"]
+    b, v = base["recommendation"]["chosen"], vori["recommendation"]["chosen"]
+    assert v["dose"] <= b["dose"] / 2, (b, v)  # about a third of the dose for the same aim
+    # the current regimen's forecast rises towards three-fold (Andrews 2019's slow peripheral compartment: about
+    # two-fold after the forecast's five days)
+    cur_b, cur_v = base["forecast"]["current"]["p50"][-1], vori["forecast"]["current"]["p50"][-1]
+    assert 1.5 < cur_v / cur_b < 3.0, (cur_b, cur_v)
 
 
 def test_sublingual_doses_are_read_as_oral_and_the_warning_says_so() -> None:

@@ -164,7 +164,7 @@ def analyse(record: PatientRecord, as_of: dt.date, *, model_id: str | None = Non
                                    f"({', '.join(k for k, (n, _) in from_meds.items() if x['drug'].lower() in n)}), "
                                    f"so the rule base's exposure x{x['factor']:g} is not applied as well")
     exposure = [x for x in exposure if x["drug"].lower() not in covered]
-    exp = record_to_nonmem(record, ident=1, exposure=exposure, medication_covariates=from_meds)
+    exp = record_to_nonmem(record, ident=1, exposure=exposure, medication_covariates=from_meds, as_of=as_of)
     out["export_notes"] = exp.notes
     sub = record.given_by("sublingual", as_of)
     if sub:  # said, not guessed silently: no library model has a sublingual route

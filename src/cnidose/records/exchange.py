@@ -188,8 +188,8 @@ def _utc_day(day: str | dt.date) -> dt.datetime:
 
 def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None = None,
                      exposure: list[dict[str, Any]] | None = None,
-                     medication_covariates: Mapping[str, tuple[tuple[str, ...], float]] | None = None
-                     ) -> NonmemExport:
+                     medication_covariates: Mapping[str, tuple[tuple[str, ...], float]] | None = None,
+                     as_of: dt.date | None = None) -> NonmemExport:
     """The record's final administrations and levels as NONMEM-format rows, each row naming its entry.
 
     ``exposure``: the rule base's adjustments for the record's agent (``{agent, factor, start, end}``, dates from
@@ -202,7 +202,11 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
     day one of them is taken until the end of its last day plus the days after, 0 otherwise; written only where
     the record lists one of them (otherwise the model's default says so). Like ``EXPOSURE``, a row holds the value
     in force over the interval it ends, with an EVID 2 row at each change inside the span, so a change takes
-    effect at its time and not up to a dosing interval early."""
+    effect at its time and not up to a dosing interval early.
+
+    ``as_of``: the date the rows describe the patient as of. A change after the last dose or level and not after
+    that day (an interacting drug started or stopped since) gets its EVID 2 row too, so the last row holds what is
+    in force now and the forecasts from it see it; without ``as_of`` the rows end at the last dose or level."""
     levels = record.final_levels()
     doses = record.final_administrations()
     events: list[tuple[dt.datetime, int, Any]] = [(x.time, 0, x) for x in levels]
@@ -211,6 +215,7 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
     notes: list[str] = []
     if not events:
         return NonmemExport(list(_BASE), [], None, [f"no {record.agent} doses or levels"])
+    last_event = events[-1][0]
     mine = [(_utc_day(x["start"]), None if x["end"] is None else _utc_day(x["end"]), float(x["factor"]))
             for x in exposure or [] if x["agent"] == record.agent]
     entered = {c.name for c in record.covariates if c.final}
@@ -220,7 +225,9 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
     edges = [(s, e) for s, e, _ in mine] + [span for spans in med_spans.values() for span in spans]
     if edges:
         have = {t for t, _, _ in events}
-        bounds = {t for s, e in edges for t in (s, e) if t is not None and events[0][0] < t < events[-1][0]}
+        until = events[-1][0] if as_of is None else max(events[-1][0], _utc_day(as_of) + dt.timedelta(days=1))
+        bounds = {t for s, e in edges for t in (s, e) if t is not None and events[0][0] < t
+                  and (t < events[-1][0] or t < until)}
         events += [(t, 2, None) for t in sorted(bounds - have)]
         events.sort(key=lambda e: (e[0], e[1] == 1, e[1] == 0))  # boundaries first, then levels, then doses
     origin = next((t for t, kind, _ in events if kind == 1), events[0][0])
@@ -290,14 +297,17 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
         else:
             row |= {"EVID": 0, "AMT": 0, "RATE": 0, "DV": e.value, "MDV": 0, "BLQ": int(bool(e.blq)),
                     "LLOQ": e.lloq if e.lloq is not None else "."}
+        # a row holds what is in force over the interval it ends; a change after the last dose or level (since then,
+        # up to as_of) holds from its own row on: the last row is what the forecasts carry
+        now = kind == 2 and t > last_event
         if mine:
             factor = 1.0
             for start, end, f in mine:
-                if start < t and (end is None or t <= end):
+                if _in_force(start, end, t, now):
                     factor *= f
             row["EXPOSURE"] = factor
-        for n, spans in med_spans.items():  # in force over the interval ending at this row, as EXPOSURE
-            row[n] = 1.0 if any(start < t and (end is None or t <= end) for start, end in spans) else 0.0
+        for n, spans in med_spans.items():
+            row[n] = 1.0 if any(_in_force(start, end, t, now) for start, end in spans) else 0.0
         row["AGE"] = age
         row["SEX"] = {"male": 0, "female": 1}.get(record.sex, ".")
         if tx:
@@ -317,6 +327,14 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
     for n in sorted(early):
         notes.append(f"{n}: no value before {covs[n][0][0].isoformat()}; its first value is used for earlier records")
     return NonmemExport(header, rows, origin, notes, entries)
+
+
+def _in_force(start: dt.datetime, end: dt.datetime | None, t: dt.datetime, now: bool) -> bool:
+    """Whether [start, end) holds over the interval a row at ``t`` ends (start < t <= end), or, for a row after the
+    last dose or level (``now``), from ``t`` on (start <= t < end)."""
+    if now:
+        return start <= t and (end is None or t < end)
+    return start < t and (end is None or t <= end)
 
 
 def _medication_spans(record: PatientRecord, names: tuple[str, ...], after_days: float
