@@ -20,7 +20,7 @@ from cnidose import __version__
 from cnidose.clinical.record import PatientRecord
 from cnidose.errors import CnidoseError, DataError, InputError
 from cnidose.pk.events import split_individuals
-from cnidose.records.exchange import record_to_nonmem
+from cnidose.records.exchange import medication_spans, record_to_nonmem
 
 if TYPE_CHECKING:
     from cnidose.models.library import ModelChoice
@@ -250,9 +250,8 @@ def _medication_covariates_at_end(model: Any, record: PatientRecord, ind: Any,
         if col is None or col.size == 0 or col[-1] != 1:
             continue
         meds = [m for m in record.final_medications() if m.name.strip().lower() in names]
-        ongoing = any(m.stop is None for m in meds)
-        ends = [m.stop + dt.timedelta(days=1 + after) for m in meds if m.stop is not None]
-        when = "ongoing" if ongoing or not ends else f"{name} 0 from {max(ends).isoformat()}"
+        ends = [end for _, end in medication_spans(record, names, after)]
+        when = "ongoing" if None in ends or not ends else f"{name} 0 from {max(e for e in ends if e).date()}"
         out.append(f"{name} is 1 at the last record ({', '.join(sorted({m.name for m in meds}))}; {when}): the "
                    f"forecasts and the recommended dose assume it stays 1, and the model's parameters change when it "
                    f"ends ({model.covariates[name].description}): check the level after that")

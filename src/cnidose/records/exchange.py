@@ -221,13 +221,12 @@ def record_to_nonmem(record: PatientRecord, *, ident: int | float | str | None =
     entered = {c.name for c in record.covariates if c.final}
     # a model's covariates read from the medication list: their spans, exact in time as the exposure's are
     med_spans = {name: spans for name, (names_, after) in (medication_covariates or {}).items()
-                 if name not in entered and (spans := _medication_spans(record, names_, after))}
+                 if name not in entered and (spans := medication_spans(record, names_, after))}
     edges = [(s, e) for s, e, _ in mine] + [span for spans in med_spans.values() for span in spans]
     if edges:
         have = {t for t, _, _ in events}
         until = events[-1][0] if as_of is None else max(events[-1][0], _utc_day(as_of) + dt.timedelta(days=1))
-        bounds = {t for s, e in edges for t in (s, e) if t is not None and events[0][0] < t
-                  and (t < events[-1][0] or t < until)}
+        bounds = {t for s, e in edges for t in (s, e) if t is not None and events[0][0] < t < until}
         events += [(t, 2, None) for t in sorted(bounds - have)]
         events.sort(key=lambda e: (e[0], e[1] == 1, e[1] == 0))  # boundaries first, then levels, then doses
     origin = next((t for t, kind, _ in events if kind == 1), events[0][0])
@@ -337,14 +336,14 @@ def _in_force(start: dt.datetime, end: dt.datetime | None, t: dt.datetime, now: 
     return start < t and (end is None or t <= end)
 
 
-def _medication_spans(record: PatientRecord, names: tuple[str, ...], after_days: float
+def medication_spans(record: PatientRecord, names: tuple[str, ...], after_days: float
                       ) -> list[tuple[dt.datetime, dt.datetime | None]]:
     """[start, end) in UTC of every final medication named in ``names`` (case aside): from 00:00 of its first day
     to the end of its last day plus ``after_days`` (None: not stopped)."""
     wanted = {n.lower() for n in names}
     spans: list[tuple[dt.datetime, dt.datetime | None]] = []
     for m in record.final_medications():
-        if m.name.strip().lower() in wanted:
+        if m.name.strip().lower() in wanted:  # as the model's covariate names them
             end = None if m.stop is None else _utc_day(m.stop) + dt.timedelta(days=1 + after_days)
             spans.append((_utc_day(m.start), end))
     return spans
