@@ -113,3 +113,21 @@ def test_simulate_many_error_names_the_individual_at_fault() -> None:
     good = {"CL": 1.0, "V": 10.0, "KA": 1.0}
     with pytest.raises(DataError, match=r"row 4, column F1"):
         simulate_many(one_compartment(), [a, b], [good, {**good, "F1": -1.0}])
+
+
+def test_split_individuals_owns_its_arrays_and_names_the_first_record_out_of_order() -> None:
+    """The individuals' arrays are views of the split's own copies: changing the caller's columns afterwards, or one
+    individual's arrays, changes no other individual. A record earlier than the one before it within its individual
+    is refused, naming it; a new ID may start at an earlier time."""
+    time = np.array([0.0, 1.0, 2.0, 0.0, 5.0])
+    amt = np.array([10.0, 0.0, 0.0, 20.0, 0.0])
+    a, b = split_individuals({"ID": [1, 1, 1, 2, 2], "TIME": time, "AMT": amt, "WT": np.full(5, 70.0)})
+    time[:] = 99.0
+    amt[:] = 0.0
+    assert a.time.tolist() == [0.0, 1.0, 2.0] and b.time.tolist() == [0.0, 5.0] and b.amt[0] == 20.0
+    a.covariates["WT"][:] = 1.0
+    a.time[:] = -1.0
+    assert b.covariates["WT"].tolist() == [70.0, 70.0] and b.time.tolist() == [0.0, 5.0]
+    with pytest.raises(DataError) as err:
+        split_individuals({"ID": [1, 1, 2, 2, 2], "TIME": [0.0, 1.0, 0.0, 3.0, 2.5]}, rows=[2, 3, 4, 5, 6])
+    assert err.value.row == 6 and err.value.column == "TIME" and "for ID 2" in str(err.value)

@@ -233,26 +233,32 @@ def split_individuals(
     fail(dose & (amt == 0) & ~const_inf, "AMT", "a dose record (EVID 1/4) needs AMT > 0, got {v}")
     fail((evid == 0) & (amt != 0), "AMT", "an observation record (EVID 0) cannot carry a dose AMT={v}")
 
-    # Split on ID change, then check time order within each individual.
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    # Split on ID change, then check time order within each individual (all at once: the first record that goes
+    # back in time within its individual).
+    new_id = np.r_[True, ids[1:] != ids[:-1]]
+    back = np.flatnonzero((np.diff(time) < 0) & ~new_id[1:])
+    if back.size:
+        j = int(back[0]) + 1
+        raise DataError(
+            f"TIME {_fmt(time[j])} is before the previous record's {_fmt(time[j - 1])} "
+            f"for ID {_fmt(ids[j])}; records must be sorted by time within an individual",
+            row=int(rows_arr[j]), column="TIME")
+    starts = np.flatnonzero(new_id)
     ends = np.r_[starts[1:], n]
     reserved = set(EVENT_COLUMNS)
     cov_names = [c for c in data if c not in reserved]
+    # each column copied once (the caller's arrays are never shared); every individual gets views of its own rows
+    # of those copies, which no other individual's rows overlap (a copy per individual and column cost a data set of
+    # 4,000 individuals a tenth of a second)
+    rows_c, time_c, evid_c, amt_c, rate_c, ii_c, addl_c, ss_c, cmt_c, mdv_c = (
+        np.array(a, copy=True) for a in (rows_arr, time, evid, amt, rate, ii, addl, ss, cmt, mdv))
+    covs_c = {c: np.array(data[c], copy=True) for c in cov_names}
     out = []
-    for s, e in zip(starts, ends, strict=True):
-        t = time[s:e]
-        back = np.flatnonzero(np.diff(t) < 0)
-        if back.size:
-            j = s + int(back[0]) + 1
-            raise DataError(
-                f"TIME {_fmt(time[j])} is before the previous record's {_fmt(time[j - 1])} "
-                f"for ID {_fmt(ids[j])}; records must be sorted by time within an individual",
-                row=int(rows_arr[j]), column="TIME")
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
         out.append(Individual(
-            id=float(ids[s]), rows=rows_arr[s:e].copy(), time=t.copy(), evid=evid[s:e].copy(),
-            amt=amt[s:e].copy(), rate=rate[s:e].copy(), ii=ii[s:e].copy(), addl=addl[s:e].copy(),
-            ss=ss[s:e].copy(), cmt=cmt[s:e].copy(), mdv=mdv[s:e].copy(),
-            covariates={c: data[c][s:e].copy() for c in cov_names},
+            id=float(ids[s]), rows=rows_c[s:e], time=time_c[s:e], evid=evid_c[s:e], amt=amt_c[s:e], rate=rate_c[s:e],
+            ii=ii_c[s:e], addl=addl_c[s:e], ss=ss_c[s:e], cmt=cmt_c[s:e], mdv=mdv_c[s:e],
+            covariates={c: v[s:e] for c, v in covs_c.items()},
         ))
     return tuple(out)
 

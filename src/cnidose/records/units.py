@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from cnidose.clinical.record import NOT_ENTERED
 from cnidose.dosing.regimen import IMPLAUSIBLE_LEVEL
 from cnidose.errors import DataError, InputError
 from cnidose.models.covariates import STANDARD_COVARIATES
@@ -145,6 +144,8 @@ def covariate_value(name: str, value: Any, unit: str, *, field: str = "value") -
     std = STANDARD_COVARIATES.get(key)
     if std is None:
         raise FieldError(f"unknown covariate {name!r} (known: {', '.join(STANDARD_COVARIATES)})", field="name")
+    from cnidose.clinical.record import NOT_ENTERED  # here: reading a data set (cnidose fit) needs no clinical code
+
     if key in NOT_ENTERED:  # the record computes it: an entry would be a second value, and the record refuses it
         raise FieldError(f"{key} is not entered: it is {NOT_ENTERED[key]}", field="name")
     v = _number(value, field)
