@@ -87,10 +87,35 @@ def main() -> None:
         per = (time.perf_counter() - t0) / args.yardstick
         print(f"model {run}: yardstick plain SciPy L-BFGS-B + engine: {per * 1e3:.0f} ms per individual "
               f"({args.yardstick} individuals; about {per * 4000:.0f} s for 4,000)")
+    closed_form_figures(suite)
     posterior_figures()
     storset_figures()
     steady_infusion_figures()
     library_figures()
+
+
+def closed_form_figures(suite: Path, run: str = "001", repeats: int = 3) -> None:
+    """A cohort fitted by superposition without compiled code (as ``cnidose fit`` runs model 001): ``fit_map`` of all
+    4,000 individuals with the closed form's exact derivatives and with central differences, in the same run (best
+    of ``repeats`` each, wall time)."""
+    model = load_model(REPO / "validation" / "map-nonmem" / f"model{run}.toml")
+    inds = read_nonmem_csv(suite / "data" / f"data_to_fit{run}.csv").individuals()
+    before = os.environ.get("CNIDOSE_COMPILED")
+    os.environ["CNIDOSE_COMPILED"] = "0"
+    try:
+        best: dict[str, float] = {}
+        for _ in range(repeats):
+            for how in ("exact", "differences"):
+                t0 = time.perf_counter()
+                fit_map(model, inds, derivatives=how)
+                best[how] = min(best.get(how, np.inf), time.perf_counter() - t0)
+    finally:
+        if before is None:
+            os.environ.pop("CNIDOSE_COMPILED")
+        else:
+            os.environ["CNIDOSE_COMPILED"] = before
+    print(f"model {run}, {len(inds)} individuals by superposition (no compiled code), fit_map: exact derivatives "
+          f"{best['exact']:.2f} s, central differences {best['differences']:.2f} s (best of {repeats})")
 
 
 def storset_figures(n: int = 20, troughs: int = 6) -> None:

@@ -21,7 +21,14 @@ from cnidose.models.kernel import ModelKernel, Plan, Stack, model_kernel
 from cnidose.models.model import Model, Prepared
 from cnidose.pk.events import Individual
 from cnidose.pk.structure import LinearStructure, OdeStructure
-from cnidose.pk.superposition import Design, compile_design, design_supports, predict_design
+from cnidose.pk.superposition import (
+    Design,
+    compile_design,
+    design_differentiable,
+    design_supports,
+    predict_design,
+    predict_design_jacobian,
+)
 
 
 def _inv(a: NDArray[np.floating]) -> NDArray[np.float64]:  # type: ignore[type-arg]
@@ -93,6 +100,9 @@ class Group:
     #: by the engine or superposition, derivatives by differences
     kernel: ModelKernel | None = None
     stack: Stack | None = None
+    #: the superposition design takes exact derivatives (:func:`cnidose.pk.superposition.predict_design_jacobian`:
+    #: bolus doses, no observation transform); False: differences
+    design_exact: bool = False
     obs_start: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
     # concatenated observations of the members
     y: FloatArray = field(default_factory=lambda: np.zeros(0))
@@ -142,17 +152,21 @@ class Group:
 
     @property
     def exact(self) -> bool:
-        """Whether :meth:`jacobian` gives exact derivatives (the compiled kernel holds every member)."""
-        return self.stack is not None and self.dim > 0
+        """Whether :meth:`jacobian` gives exact derivatives (the compiled kernel holds every member, or the
+        superposition design takes them)."""
+        return (self.stack is not None or self.design_exact) and self.dim > 0
 
     def jacobian(self, theta: FloatArray, which: IntArray | None = None
                  ) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]] | None:
         """Predictions (O',) at the observations of members ``which`` for ``theta`` (G', dim) and their exact
-        derivatives (O', dim) by the estimated effects (forward sensitivities, :mod:`cnidose.pk.tangent`), and the
-        members the kernel held (G',): the rows of the others are not set. None where there is no kernel."""
+        derivatives (O', dim) by the estimated effects (forward sensitivities, :mod:`cnidose.pk.tangent`, or through
+        the closed form, :func:`cnidose.pk.superposition.predict_design_jacobian`), and the members held (G',): the
+        rows of the others (a rate matrix that decomposes badly) are not set. None where neither applies."""
+        which = np.arange(self.size) if which is None else which
+        if self.design_exact and self.stack is None:
+            return self._jacobian_fast(self.expand(theta[:, None, :]), which)
         if self.kernel is None or self.stack is None:
             return None
-        which = np.arange(self.size) if which is None else which
         out, jac, held = self.kernel.run(self.model, self.stack, which, self.expand(theta[:, None, :]),
                                          self._est_cols(), self.dim)
         return out[:, 0], jac[:, 0, :], held[:, 0]
@@ -231,11 +245,34 @@ class Group:
         sim = model.simulate(m.prep, etas, kappas=kappas)
         return sim.prediction[:, m.obs.rec].T
 
+    def _jacobian_fast(self, full: FloatArray, which: IntArray) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
+        model = self.model
+        assert self.design is not None and isinstance(model.structure, LinearStructure)
+        design = self._design_of(which)
+        covs = {k: v[which][:, None] for k, v in self._covs.items()}
+        G = full.shape[0]
+        n_eta = len(model.iiv)
+        # each estimated effect is a direction: its seed is that row of the identity
+        names = [*model.iiv.names, *(model.iov.names if model.iov is not None else ())]
+        seeds = {}
+        for j, pos in enumerate(self.estimated.tolist()):
+            seed = np.zeros((G, 1, self.dim))
+            seed[..., j] = 1.0
+            seeds[names[pos]] = seed
+        params, tangents = model.evaluate_pk_tangents(
+            covs, full[..., :n_eta], full[..., n_eta:] if model.iov is not None else None, (G, 1), seeds)
+        out, jac, bad = predict_design_jacobian(design, model.structure, params, tangents)
+        return out[:, 0], jac[:, 0, :], ~bad[:, 0]
+
+    def _design_of(self, which: IntArray) -> Design:
+        assert self.design is not None
+        return self.design if which.size == self.size and np.all(which == np.arange(self.size)) \
+            else _subset(self.design, which)
+
     def _predict_fast(self, full: FloatArray, which: IntArray) -> FloatArray:
         model = self.model
         assert self.design is not None and isinstance(model.structure, LinearStructure)
-        design = self.design if which.size == self.size and np.all(which == np.arange(self.size)) \
-            else _subset(self.design, which)
+        design = self._design_of(which)
         covs = {k: v[which][:, None] for k, v in self._covs.items()}
         G, B = full.shape[0], full.shape[1]
         n_eta = len(model.iiv)
@@ -426,6 +463,10 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
         g._covs = {k: np.array([m.prep.covariates[k][0] if m.prep.covariates[k].size else np.nan  # type: ignore[union-attr]
                                 for m in fast_members]) for k in (fast_members[0].prep.covariates if
                                                                   fast_members[0].prep else {})}
+        # exact derivatives through the closed form where it has them (bolus doses; no transform of the levels,
+        # e.g. whole blood to plasma, whose derivative it does not carry)
+        g.design_exact = compiled and design_differentiable(g.design) and all(
+            ob.transform is None for ob in model.observations)
     # the kernel predicts many individuals in one call: those it holds share a group per layout (number of
     # occasions), so that the optimiser works on all of them at once; the others are predicted by the engine,
     # one group each

@@ -20,6 +20,7 @@ Every result names the model (``id``, ``version``, ``content_hash``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,7 +30,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from cnidose.errors import DataError
 from cnidose.models.covariates import DERIVATIONS, STANDARD_COVARIATES
-from cnidose.models.expr import Expression
+from cnidose.models.expr import Expression, derivative
 from cnidose.pk.engine import DoseValues, Method, Simulation, no_modelled_input, simulate
 from cnidose.pk.events import Individual, split_individuals
 from cnidose.pk.structure import LinearStructure, OdeStructure
@@ -60,6 +61,12 @@ IntArray = NDArray[np.int64]
 #: interval ending at it. Absent or 1: no change. ``cnidose.models.exposure.with_exposure`` writes it.
 EXPOSURE = "EXPOSURE"
 EXPOSED_PARAMETER = "CL"
+
+
+@functools.lru_cache(maxsize=4096)
+def _derivative(expr: Expression, name: str) -> Expression | None:
+    """The symbolic derivative of ``expr`` by ``name``, compiled once per expression."""
+    return derivative(expr, name)
 #: Reserved data column: 1 on a dose record given intravenously, 0 (or missing) for the model's default route.
 #: A dose with IV = 1 and no CMT enters the model's ``iv_dose`` compartment (``[structure] iv_dose``); a model
 #: without one refuses it (an intravenous dose read as oral would be absorbed, with oral bioavailability).
@@ -337,6 +344,8 @@ class Model:
         """A dose at RATE -1 (-2) needs the model's R<n> (D<n>) of its compartment: refused here, naming the row and
         the column, before any fit (the engine would refuse it only when it predicts, and a fit would then report
         an impossible objective instead of the data's fault)."""
+        if not (ind.rate < 0).any():  # the common case, at a cohort's every individual: no modelled input
+            return
         dose = (ind.evid == 1) | (ind.evid == 4)
         names = {name for name, _ in self.pk}
         for j in np.flatnonzero(dose & ((ind.rate == -1) | (ind.rate == -2))).tolist():
@@ -541,6 +550,56 @@ class Model:
             scale = np.broadcast_to(np.asarray(ob.scale(env), dtype=np.float64), shape)
             out[f"S{ob.compartment}"] = scale / ob.factor
         return out
+
+    def evaluate_pk_tangents(self, covariates: Mapping[str, FloatArray], eta: FloatArray, kappa: FloatArray | None,
+                             shape: tuple[int, ...], seeds: Mapping[str, FloatArray]
+                             ) -> tuple[dict[str, FloatArray], dict[str, FloatArray]]:
+        """:meth:`evaluate_pk` and each parameter's derivatives along d directions (forward mode, by the symbolic
+        derivatives of the expressions, :func:`cnidose.models.expr.derivative`).
+
+        ``seeds[name]`` (``shape`` + (d,)): the derivative of random effect ``name`` along each direction (a row of
+        the identity for an estimated effect; absent: not estimated). Returns the parameters and, for each one that
+        depends on a seeded effect, its derivatives (``shape`` + (d,)).
+        """
+        env = self._env(covariates, eta, kappa)
+        out: dict[str, FloatArray] = {}
+        tangents: dict[str, FloatArray] = dict(seeds)
+        exposure = covariates.get(EXPOSURE)
+
+        def tangent(expr: Expression, divisor: Any = None) -> FloatArray | None:
+            total: FloatArray | None = None
+            for u in expr.names:
+                t_u = tangents.get(u)
+                if t_u is None:
+                    continue
+                d = _derivative(expr, u)
+                if d is None:
+                    continue
+                part = np.asarray(d(env), dtype=np.float64)[..., None] * t_u
+                total = part if total is None else total + part
+            if total is not None and divisor is not None:
+                total = total / np.asarray(divisor)[..., None]
+            return total
+
+        for name, expr in self.pk:
+            v = np.broadcast_to(np.asarray(expr(env), dtype=np.float64), shape)
+            divisor = exposure if exposure is not None and name == EXPOSED_PARAMETER else None
+            t = tangent(expr, divisor)
+            if divisor is not None:
+                v = np.broadcast_to(v / divisor, shape)
+            env[name] = v
+            out[name] = v
+            if t is not None:
+                tangents[name] = t
+        for ob in self.observations:
+            scale = np.broadcast_to(np.asarray(ob.scale(env), dtype=np.float64), shape)
+            key = f"S{ob.compartment}"
+            out[key] = scale / ob.factor
+            t = tangent(ob.scale, ob.factor)
+            if t is not None:
+                tangents[key] = t
+        return out, {k: np.broadcast_to(v, (*shape, v.shape[-1])) for k, v in tangents.items()
+                     if k in out}
 
     def simulate(self, individual: Individual | Prepared, etas: ArrayLike | None = None, *,
                  kappas: ArrayLike | None = None, method: Method = "auto",

@@ -23,6 +23,7 @@ constant infusion at steady state that stops at its record.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,8 @@ from cnidose.pk.events import Individual
 from cnidose.pk.solvers import gamma_response, gamma_so_far, gamma_support
 from cnidose.pk.structure import GammaInput, LinearStructure
 
-__all__ = ["Design", "compile_design", "design_supports", "predict_design"]
+__all__ = ["Design", "compile_design", "design_differentiable", "design_supports", "predict_design",
+           "predict_design_jacobian"]
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -103,92 +105,86 @@ def compile_design(structure: LinearStructure, individuals: Sequence[Individual]
     """Compile the dose/observation pairs of ``individuals``.
 
     ``observe[i]`` selects the records of individual i to predict (default:
-    EVID 0 records).
+    EVID 0 records). The records of all individuals are laid end to end and
+    paired with array operations (no Python loop over records).
     """
-    obs_ind: list[int] = []
-    obs_cmt: list[int] = []
-    obs_rec: list[int] = []
-    obs_time: list[float] = []
-    obs_start = [0]
-    pairs: dict[str, list[float]] = {k: [] for k in ("obs", "ind", "cmt", "tobs", "tdose", "kind", "amt", "rate",
-                                                     "ss", "ii", "addl")}
-    dose_cmts: set[int] = set()
-    n_obs_total = 0
+    N = len(individuals)
+    sizes = np.fromiter((len(ind) for ind in individuals), dtype=np.int64, count=N)
+    first = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # each individual's first global record
+    R = int(first[-1])
+
+    def cat(name: str, dtype: type) -> NDArray:  # type: ignore[type-arg]
+        if N == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.concatenate([getattr(ind, name) for ind in individuals]).astype(dtype, copy=False)
+
+    time, evid, cmt, amt, rate = cat("time", np.float64), cat("evid", np.int64), cat("cmt", np.int64), \
+        cat("amt", np.float64), cat("rate", np.float64)
+    ii, ss, addl = cat("ii", np.float64), cat("ss", np.int64), cat("addl", np.int64)
+    ind_of = np.repeat(np.arange(N, dtype=np.int64), sizes)
+    local = np.arange(R, dtype=np.int64) - first[ind_of]
+    if observe is None:
+        sel = evid == 0
+    else:
+        sel = np.concatenate([np.asarray(o, dtype=bool) for o in observe]) if N else np.zeros(0, bool)
+    # observations, in record order
+    obs_pos = np.flatnonzero(sel)
+    obs_ind = ind_of[obs_pos]
+    obs_cmt = np.where((evid[obs_pos] == 0) & (cmt[obs_pos] > 0), cmt[obs_pos], structure.default_obs) - 1
+    obs_start = np.concatenate([[0], np.cumsum(np.bincount(obs_ind, minlength=N))]).astype(np.int64)
+    # the next reset strictly after each record (EVID 3/4, or a dose with SS=1), else the end of its individual
+    dose = (evid == 1) | (evid == 4)
+    resets = np.flatnonzero((evid == 3) | (evid == 4) | (dose & (ss == 1)))
+    k = np.searchsorted(resets, np.arange(R), side="right")
+    next_reset = np.minimum(np.where(k < resets.size, resets[np.minimum(k, max(resets.size - 1, 0))], R)
+                            if resets.size else np.full(R, R, np.int64), first[ind_of + 1])
+    # terms, in the order of their dose records: a constant steady-state infusion is one term; a bolus dose with
+    # its ADDL doses one finite series (other inputs, a gamma input included: one term per dose); then, at SS 1/2,
+    # the series of the regimen's earlier doses
     gamma_c = structure.gamma.cmt - 1 if structure.gamma is not None else -1
-    for i, ind in enumerate(individuals):
-        R = len(ind)
-        sel = (ind.evid == 0) if observe is None else np.asarray(observe[i], dtype=bool)
-        # next reset strictly after each record (EVID 3/4, or a dose with SS=1)
-        is_reset = (ind.evid == 3) | (ind.evid == 4) | (((ind.evid == 1) | (ind.evid == 4)) & (ind.ss == 1))
-        next_reset = np.full(R, R, dtype=np.int64)
-        nxt = R
-        for r in range(R - 1, -1, -1):
-            next_reset[r] = nxt
-            if is_reset[r]:
-                nxt = r
-        obs_idx = np.flatnonzero(sel)
-        obs_global = {int(r): n_obs_total + k for k, r in enumerate(obs_idx)}
-        for r in obs_idx.tolist():
-            obs_ind.append(i)
-            c = int(ind.cmt[r]) if ind.evid[r] == 0 and ind.cmt[r] > 0 else structure.default_obs
-            obs_cmt.append(c - 1)
-            obs_rec.append(int(r))
-            obs_time.append(float(ind.time[r]))
-        # rec, time, cmt, kind, amt, rate, ss, ii, addl
-        terms: list[tuple[int, float, int, int, float, float, int, float, int]] = []
-        for r in np.flatnonzero((ind.evid == 1) | (ind.evid == 4)).tolist():
-            c = (int(ind.cmt[r]) or structure.default_dose) - 1
-            dose_cmts.add(c)
-            amt, rate, ii, ss = float(ind.amt[r]), float(ind.rate[r]), float(ind.ii[r]), int(ind.ss[r])
-            t = float(ind.time[r])
-            if ss == 1 and amt == 0 and rate > 0 and ii == 0:
-                terms.append((int(r), t, c, _CONST_INF, 0.0, rate, 0, 0.0, 0))
-                continue
-            kind = _BOLUS if rate == 0 else _RATE if rate > 0 else _MODEL_RATE if rate == -1 else _MODEL_DUR
-            if kind == _BOLUS and c == gamma_c:  # a gamma-density input (design_supports: boluses only)
-                kind = _GAMMA
-            if kind == _BOLUS:  # the dose and its ADDL doses: one finite geometric series
-                terms.append((int(r), t, c, kind, amt, rate, 0, ii, int(ind.addl[r])))
-            else:
-                for k in range(int(ind.addl[r]) + 1):
-                    terms.append((int(r), t + k * ii, c, kind, amt, rate, 0, ii, 0))
-            if ss in (1, 2):
-                terms.append((int(r), t, c, kind, amt, rate, 1, ii, 0))
-        for rec, t, c, kind, amt, rate, ss, ii, addl in terms:
-            for o in obs_idx.tolist():
-                if not (rec < o < next_reset[rec]):
-                    continue
-                if ss == 0 and kind != _CONST_INF and float(ind.time[o]) < t:
-                    continue
-                pairs["obs"].append(obs_global[int(o)])
-                pairs["ind"].append(i)
-                pairs["cmt"].append(c)
-                pairs["tobs"].append(float(ind.time[o]))
-                pairs["tdose"].append(t)
-                pairs["kind"].append(kind)
-                pairs["amt"].append(amt)
-                pairs["rate"].append(rate)
-                pairs["ss"].append(ss)
-                pairs["ii"].append(ii)
-                pairs["addl"].append(addl)
-        n_obs_total += len(obs_idx)
-        obs_start.append(n_obs_total)
-    order = np.argsort(np.asarray(pairs["obs"], dtype=np.int64), kind="stable")
-
-    def arr(key: str, dtype: type) -> NDArray:  # type: ignore[type-arg]
-        return np.asarray(pairs[key], dtype=dtype)[order]
-
+    d = np.flatnonzero(dose)
+    dc = np.where(cmt[d] > 0, cmt[d], structure.default_dose) - 1
+    const_inf = (ss[d] == 1) & (amt[d] == 0) & (rate[d] > 0) & (ii[d] == 0)
+    kind_d = np.where(rate[d] == 0, _BOLUS, np.where(rate[d] > 0, _RATE, np.where(rate[d] == -1, _MODEL_RATE,
+                                                                                   _MODEL_DUR)))
+    kind_d = np.where((kind_d == _BOLUS) & (dc == gamma_c), _GAMMA, kind_d)
+    kind_d = np.where(const_inf, _CONST_INF, kind_d)
+    n_exp = np.where(const_inf, 1, np.where(kind_d == _BOLUS, 1, addl[d] + 1))
+    n_ss = np.where(~const_inf & ((ss[d] == 1) | (ss[d] == 2)), 1, 0)
+    per = n_exp + n_ss
+    t_of = np.repeat(np.arange(d.size, dtype=np.int64), per)  # the dose of each term
+    j = np.arange(t_of.size, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)  # position within its dose
+    is_ss = j >= n_exp[t_of]
+    rec = d[t_of]
+    kind = kind_d[t_of]
+    expanded = (kind != _BOLUS) & (kind != _CONST_INF) & ~is_ss
+    t_term = np.where(expanded, time[rec] + j * ii[rec], time[rec])
+    term_ss = is_ss.astype(np.int64)
+    term_addl = np.where((kind == _BOLUS) & ~is_ss, addl[rec], 0)
+    term_amt = np.where(kind == _CONST_INF, 0.0, amt[rec])
+    term_ii = np.where(kind == _CONST_INF, 0.0, ii[rec])
+    # each term's candidate observations: those after its record and before the next reset (a contiguous run of
+    # obs_pos), then, for an input that is not a steady state, those at or after its time
+    lo = np.searchsorted(obs_pos, rec, side="right")
+    hi = np.searchsorted(obs_pos, next_reset[rec], side="left")
+    count = np.maximum(hi - lo, 0)
+    pair_term = np.repeat(np.arange(rec.size, dtype=np.int64), count)
+    pair_o = np.repeat(lo, count) + np.arange(pair_term.size, dtype=np.int64) \
+        - np.repeat(np.cumsum(count) - count, count)
+    keep = (term_ss[pair_term] == 1) | (kind[pair_term] == _CONST_INF) | (time[obs_pos[pair_o]] >= t_term[pair_term])
+    pair_term, pair_o = pair_term[keep], pair_o[keep]
+    order = np.argsort(pair_o, kind="stable")
+    pair_term, pair_o = pair_term[order], pair_o[order]
+    prec = rec[pair_term]
     return Design(
-        n_individuals=len(individuals), n_cmt=structure.n,
-        obs_ind=np.asarray(obs_ind, dtype=np.int64), obs_cmt=np.asarray(obs_cmt, dtype=np.int64),
-        obs_rec=np.asarray(obs_rec, dtype=np.int64), obs_time=np.asarray(obs_time),
-        obs_start=np.asarray(obs_start, dtype=np.int64),
-        pair_obs=arr("obs", np.int64), pair_ind=arr("ind", np.int64), pair_cmt=arr("cmt", np.int64),
-        pair_tobs=arr("tobs", np.float64), pair_tdose=arr("tdose", np.float64), pair_kind=arr("kind", np.int64),
-        pair_amt=arr("amt", np.float64),
-        pair_rate=arr("rate", np.float64), pair_ss=arr("ss", np.int64), pair_ii=arr("ii", np.float64),
-        pair_addl=arr("addl", np.int64),
-        dose_cmts=tuple(sorted(dose_cmts)),
+        n_individuals=N, n_cmt=structure.n,
+        obs_ind=obs_ind.astype(np.int64), obs_cmt=obs_cmt.astype(np.int64), obs_rec=local[obs_pos],
+        obs_time=time[obs_pos], obs_start=obs_start,
+        pair_obs=pair_o.astype(np.int64), pair_ind=ind_of[prec], pair_cmt=dc[t_of[pair_term]].astype(np.int64),
+        pair_tobs=time[obs_pos[pair_o]], pair_tdose=t_term[pair_term], pair_kind=kind[pair_term].astype(np.int64),
+        pair_amt=term_amt[pair_term], pair_rate=rate[prec], pair_ss=term_ss[pair_term], pair_ii=term_ii[pair_term],
+        pair_addl=term_addl[pair_term].astype(np.int64),
+        dose_cmts=tuple(sorted({int(c) for c in np.unique(dc)})),
     )
 
 
@@ -209,13 +205,45 @@ def _eigen(K: FloatArray, blocks: Sequence[Sequence[int]] | None = None
         scale = 1.0 + np.max(np.abs(lam_c.real), axis=-1)
         imag = np.max(np.abs(lam_c.imag), axis=-1) > 1e-10 * scale
         lam, V = lam_c.real, V_c.real
-    gap = np.where(np.eye(n, dtype=bool), np.inf, np.abs(lam[..., :, None] - lam[..., None, :]))
-    rel = gap / np.maximum(np.maximum(np.abs(lam[..., :, None]), np.abs(lam[..., None, :])), 1e-300)
-    bad = imag | (np.min(rel, axis=(-1, -2)) < 1e-6) | ~np.isfinite(V).all(axis=(-1, -2))
+    bad = imag | ~np.isfinite(V).all(axis=(-1, -2))
+    mag = np.abs(lam)
+    for i in range(n):  # each pair of eigenvalues once (the structures have 2-4 compartments)
+        for j in range(i + 1, n):
+            bad |= np.abs(lam[..., i] - lam[..., j]) < 1e-6 * np.maximum(np.maximum(mag[..., i], mag[..., j]), 1e-300)
     V_safe = np.where(bad[..., None, None], np.eye(n), V)
-    Vinv = np.linalg.inv(V_safe)
-    bad |= ~np.isfinite(Vinv).all(axis=(-1, -2))
+    Vinv = _inverse(V_safe)
+    singular: NDArray[np.bool_] = np.asarray(~np.isfinite(Vinv).all(axis=(-1, -2)))
+    if singular.any():
+        bad |= singular
+        Vinv = np.where(singular[..., None, None], np.eye(n), Vinv)
+        V_safe = np.where(singular[..., None, None], np.eye(n), V_safe)
     return lam, V_safe, Vinv, bad
+
+
+def _inverse(A: FloatArray) -> FloatArray:
+    """Batched inverse of small matrices (..., n, n): by cofactors for n <= 2 (LAPACK's batched call costs more
+    than the arithmetic on a cohort's 2 x 2 blocks), by LAPACK above. A singular matrix gives non-finite entries
+    (the caller marks the member), not an exception."""
+    n = A.shape[-1]
+    if n == 1:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 1.0 / A
+    if n == 2:
+        a, b, c, d = A[..., 0, 0], A[..., 0, 1], A[..., 1, 0], A[..., 1, 1]
+        out = np.empty_like(A)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = 1.0 / (a * d - b * c)
+            out[..., 0, 0], out[..., 0, 1], out[..., 1, 0], out[..., 1, 1] = d * r, -b * r, -c * r, a * r
+        return out
+    try:
+        return np.asarray(np.linalg.inv(A), dtype=np.float64)
+    except np.linalg.LinAlgError:  # some member singular: each alone, NaN for those
+        flat = A.reshape(-1, n, n)
+        out = np.full_like(flat, np.nan)
+        for k in range(flat.shape[0]):
+            with contextlib.suppress(np.linalg.LinAlgError):
+                out[k] = np.linalg.inv(flat[k])
+        return out.reshape(A.shape)
 
 
 def _expm1_over(lam: FloatArray, m: FloatArray) -> FloatArray:
@@ -250,25 +278,21 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
     first = next(iter(params.values()))
     B = first.shape[1]
     n = structure.n
-    K = np.zeros((N, B, n, n))
-    invalid_params = np.zeros((N, B), dtype=bool)
-    for f in structure.flows:
-        k = params[f.rate] / params[f.per] if f.per is not None else params[f.rate]
-        invalid_params |= ~(np.isfinite(k) & (k >= 0))
-        K[:, :, f.source - 1, f.source - 1] -= k
-        if f.target is not None:
-            K[:, :, f.target - 1, f.source - 1] += k
-    if invalid_params.any():
-        K = np.where(invalid_params[..., None, None], -np.eye(n), K)
+    K, invalid_params = _rate_matrix(structure, params, (N, B))
     lam, V, Vinv, bad = _eigen(K, _blocks(structure))
     ones = np.ones((N, B))
     zeros = np.zeros((N, B))
 
+    def given(prefix: str) -> bool:
+        return any(f"{prefix}{c + 1}" in params for c in range(n))
+
     def per_cmt(prefix: str, default: FloatArray) -> FloatArray:
-        keys = [f"{prefix}{c + 1}" for c in range(n)]
-        if not any(k in params for k in keys):
+        if not given(prefix):
             return np.broadcast_to(default[..., None], (N, B, n))
-        return np.stack([params.get(k, default) for k in keys], axis=-1)  # (N, B, n)
+        return np.stack([params.get(f"{prefix}{c + 1}", default) for c in range(n)], axis=-1)  # (N, B, n)
+
+    # without bioavailability or lag parameters (F 1, lag 0) the per-pair gathers below are skipped: the same numbers
+    has_f, has_lag = given("F"), given("ALAG")
 
     Fc, Lc, Rc, Dc, Sc = (per_cmt("F", ones), per_cmt("ALAG", zeros), per_cmt("R", zeros),
                           per_cmt("D", zeros), per_cmt("S", ones))
@@ -289,37 +313,24 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
 
     def common(q: IntArray) -> tuple[FloatArray, FloatArray, FloatArray, IntArray]:
         qi, qc = pi[q], pc[q]
-        lag = Lc[qi, :, qc]
-        dt = design.pair_tobs[q, None] - (design.pair_tdose[q, None] + lag)  # as the engine computes entry times
-        amount = Fc[qi, :, qc] * design.pair_amt[q, None]
+        if has_lag:
+            lag = Lc[qi, :, qc]
+            dt = design.pair_tobs[q, None] - (design.pair_tdose[q, None] + lag)  # as the engine computes entry times
+        else:
+            lag = np.zeros((q.size, B))
+            dt = np.broadcast_to((design.pair_tobs[q] - design.pair_tdose[q])[:, None], (q.size, B))
+        if has_f:
+            amount = Fc[qi, :, qc] * design.pair_amt[q, None]
+        else:
+            amount = np.broadcast_to(design.pair_amt[q, None], (q.size, B))
         return lag, dt, amount, qi
 
     # -- bolus doses with their ADDL doses (finite series), not steady state
-    q = sub((kind_all == _BOLUS) & ~ss_all)
-    if q.size:
-        lag, dt, amount, qi = common(q)
-        L3 = lam[qi]
-        ii = ii_all[q, None]
-        addl = design.pair_addl[q, None]
-        entered = dt >= 0
-        if not np.any(addl > 0):  # one dose per record (a chart's administrations): the same sums, no series
-            contrib[q] = np.where(entered[..., None], amount[..., None] * np.exp(L3 * np.where(entered, dt, 0.0)[
-                ..., None]), 0.0)
-        else:
-            # index of the last dose that has entered: K = min(ADDL, floor(dt / ii)), checked like the engine
-            K = np.where(addl > 0, np.minimum(addl, np.floor(np.maximum(dt, 0.0) / ii)), 0.0)
-            t0 = design.pair_tdose[q, None]
-            tobs = design.pair_tobs[q, None]
-            over = (K > 0) & ((t0 + K * ii) + lag > tobs)
-            K = np.where(over, K - 1, K)
-            under = (addl > K) & ((t0 + (K + 1) * ii) + lag <= tobs)
-            K = np.where(under, K + 1, K)
-            dK = np.where(entered, tobs - ((t0 + K * ii) + lag), 0.0)[..., None]
-            series = np.where(np.abs(L3 * ii[..., None]) < 1e-12, (K + 1)[..., None],
-                              np.expm1(L3 * ii[..., None] * (K + 1)[..., None])
-                              / np.where(np.abs(L3 * ii[..., None]) < 1e-12, 1.0, np.expm1(L3 * ii[..., None])))
-            series = np.where((addl > 0)[..., None], series, 1.0)
-            contrib[q] = np.where(entered[..., None], amount[..., None] * np.exp(L3 * dK) * series, 0.0)
+    bolus = (kind_all == _BOLUS) & ~ss_all
+    for q in (sub(bolus & (design.pair_addl == 0)), sub(bolus & (design.pair_addl > 0))):
+        if q.size:
+            lag, dt, amount, qi = common(q)
+            contrib[q] = amount[..., None] * _bolus_response(design, q, lam[qi], lag, dt)[0]
     zero_order = (kind_all == _RATE) | (kind_all == _MODEL_RATE) | (kind_all == _MODEL_DUR)
     if zero_order.any():
         zq = np.flatnonzero(zero_order)
@@ -403,16 +414,179 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         no_ss: NDArray[np.bool_] = np.asarray((~geo_ok & (np.abs(w[q]) > 1e-12)).any(-1))
         bad |= _scatter_any(no_ss, qi, N, B)
     vals = np.einsum("pbk,pbk->pb", w, contrib)
-    np.add.at(pred, design.pair_obs, vals)
+    # the pairs are sorted by observation (compile_design, _subset): each observation's sum over its run of pairs
+    po_all = design.pair_obs
+    first_pair = np.flatnonzero(np.concatenate([[True], po_all[1:] != po_all[:-1]]))
+    pred[po_all[first_pair]] = np.add.reduceat(vals, first_pair, axis=0)
     scale = Sc[design.obs_ind, :, design.obs_cmt]
     out = pred / scale
     # parameters that are not finite or not valid rates give NaN (an impossible parameter set, not a failure)
-    dose_ok = np.all(np.isfinite(Fc) & (Fc >= 0) & np.isfinite(Lc) & (Lc >= 0), axis=-1)
-    invalid_params |= ~dose_ok
+    if has_f or has_lag:
+        dose_ok = np.all(np.isfinite(Fc) & (Fc >= 0) & np.isfinite(Lc) & (Lc >= 0), axis=-1)
+        invalid_params |= ~dose_ok
     if invalid_params.any():
         out = np.where(invalid_params[design.obs_ind], np.nan, out)
         bad &= ~invalid_params
     return out, bad
+
+
+def design_differentiable(design: Design) -> bool:
+    """Whether :func:`predict_design_jacobian` takes this design: bolus doses (with ADDL), no steady state, no
+    zero-order or gamma input."""
+    return bool(np.all((design.pair_kind == _BOLUS) & (design.pair_ss == 0)))
+
+
+def predict_design_jacobian(design: Design, structure: LinearStructure, params: Mapping[str, FloatArray],
+                            tangents: Mapping[str, FloatArray]) -> tuple[FloatArray, FloatArray, NDArray[np.bool_]]:
+    """:func:`predict_design` with the predictions' exact derivatives by d directions (the random effects).
+
+    ``tangents[name]`` (N, B, d) is the derivative of parameter ``name`` along each direction (absent: zero). The
+    design must be :func:`design_differentiable`. The derivatives go through the eigen-decomposition: with
+    M = V⁻¹ dK V, dλ_k = M_kk and dV = V C, C_kl = M_kl / (λ_l − λ_k) (k ≠ l), dV⁻¹ = −C V⁻¹; a mode's weight
+    w_k = V_ok V⁻¹_kc is the same for any scaling of V's columns, so C_kk = 0 serves. Each pair's response is
+    F·AMT·e^{λ(t − t_d − lag)} (times its ADDL series), so its derivative by λ, F and the lag is closed-form
+    (:func:`_bolus_response`). Exact up to the kinks where a dose enters (a lag crossing an observation time): the
+    one-sided derivative of the side the parameters are on.
+
+    Returns (O, B) predictions, (O, B, d) derivatives and ``bad`` (N, B) as :func:`predict_design`.
+    """
+    N = design.n_individuals
+    first = next(iter(params.values()))
+    B = first.shape[1]
+    d = next(iter(tangents.values())).shape[-1] if tangents else 0
+    n = structure.n
+    zero_t = np.zeros((N, B, d))
+
+    def tan(name: str | None) -> FloatArray:
+        return tangents.get(name, zero_t) if name is not None else zero_t
+
+    K, invalid_params = _rate_matrix(structure, params, (N, B))
+    dK = np.zeros((N, B, d, n, n))
+    for f in structure.flows:
+        if f.per is not None:
+            k = params[f.rate] / params[f.per]
+            dk = (tan(f.rate) - k[..., None] * tan(f.per)) / params[f.per][..., None]
+        else:
+            dk = tan(f.rate)
+        dK[..., f.source - 1, f.source - 1] -= dk
+        if f.target is not None:
+            dK[..., f.target - 1, f.source - 1] += dk
+    lam, V, Vinv, bad = _eigen(K, _blocks(structure))
+    M = Vinv[:, :, None] @ dK @ V[:, :, None]  # (N, B, d, n, n)
+    dlam = np.diagonal(M, axis1=-2, axis2=-1)  # (N, B, d, n)
+    gap = lam[..., None, :] - lam[..., :, None]  # [k, l]: lambda_l - lambda_k
+    off = ~np.eye(n, dtype=bool)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        C = np.where(off, M / np.where(off, gap, 1.0)[:, :, None], 0.0)
+    VC = V[:, :, None] @ C
+    CVi = C @ Vinv[:, :, None]
+
+    def per_cmt(prefix: str, default: float) -> tuple[FloatArray, FloatArray] | None:
+        keys = [f"{prefix}{c + 1}" for c in range(n)]
+        if not any(k in params for k in keys):
+            return None
+        value = np.stack([params[k] if k in params else np.full((N, B), default) for k in keys], axis=-1)
+        return value, np.stack([tan(k) for k in keys], axis=-1)  # (N, B, n), (N, B, d, n)
+
+    Fc, Lc, Sc = per_cmt("F", 1.0), per_cmt("ALAG", 0.0), per_cmt("S", 1.0)
+    pi, pc, po = design.pair_ind, design.pair_cmt, design.obs_cmt[design.pair_obs]
+    n_obs = design.obs_ind.size
+    pred = np.zeros((n_obs, B))
+    dpred = np.zeros((n_obs, B, d))
+    P = pi.size
+    if P:
+        w = V[pi, :, po, :] * Vinv[pi, :, :, pc]  # (P, B, n)
+        dw = VC[pi, :, :, po, :] * Vinv[pi, :, None, :, pc] - V[pi, :, None, po, :] * CVi[pi, :, :, :, pc]
+        lag = Lc[0][pi, :, pc] if Lc is not None else np.zeros((P, B))
+        dt = design.pair_tobs[:, None] - (design.pair_tdose[:, None] + lag)
+        L3 = lam[pi]
+        q = np.arange(P)
+        response, slope = _bolus_response(design, q, L3, lag, dt)  # (P, B, n)
+        amt = design.pair_amt[:, None]
+        amount = Fc[0][pi, :, pc] * amt if Fc is not None else np.broadcast_to(amt, (P, B))
+        contrib = amount[..., None] * response
+        # d contrib_k = dA response_k + contrib_k (dlambda_k slope_k - lambda_k dlag)
+        dlog = dlam[pi] * slope[:, :, None, :]  # (P, B, d, n)
+        if Lc is not None:
+            dlog = dlog - L3[:, :, None, :] * Lc[1][pi, :, :, pc][..., None]
+        dcontrib = contrib[:, :, None, :] * dlog
+        if Fc is not None:
+            dcontrib = dcontrib + (Fc[1][pi, :, :, pc] * amt[..., None])[..., None] * response[:, :, None, :]
+        vals = np.einsum("pbk,pbk->pb", w, contrib)
+        dvals = np.einsum("pbjk,pbk->pbj", dw, contrib) + np.einsum("pbk,pbjk->pbj", w, dcontrib)
+        first_pair = np.flatnonzero(np.concatenate([[True], design.pair_obs[1:] != design.pair_obs[:-1]]))
+        pred[design.pair_obs[first_pair]] = np.add.reduceat(vals, first_pair, axis=0)
+        dpred[design.pair_obs[first_pair]] = np.add.reduceat(dvals, first_pair, axis=0)
+    if Sc is not None:
+        scale = Sc[0][design.obs_ind, :, design.obs_cmt]
+        dscale = Sc[1][design.obs_ind, :, :, design.obs_cmt]
+    else:
+        scale, dscale = np.ones((n_obs, B)), np.zeros((n_obs, B, d))
+    out = pred / scale
+    jac = (dpred - out[..., None] * dscale) / scale[..., None]
+    for dose_params in (Fc, Lc):
+        if dose_params is not None:
+            invalid_params |= ~np.all(np.isfinite(dose_params[0]) & (dose_params[0] >= 0), axis=-1)
+    if invalid_params.any():
+        out = np.where(invalid_params[design.obs_ind], np.nan, out)
+        jac = np.where(invalid_params[design.obs_ind][..., None], np.nan, jac)
+        bad &= ~invalid_params
+    return out, jac, bad
+
+
+def _rate_matrix(structure: LinearStructure, params: Mapping[str, FloatArray], shape: tuple[int, int]
+                 ) -> tuple[FloatArray, NDArray[np.bool_]]:
+    """The rate matrix (N, B, n, n), and the members whose rate constants are not finite or negative (their matrix is
+    -I, and they get NaN predictions)."""
+    n = structure.n
+    K = np.zeros((*shape, n, n))
+    invalid = np.zeros(shape, dtype=bool)
+    for f in structure.flows:
+        k = params[f.rate] / params[f.per] if f.per is not None else params[f.rate]
+        invalid |= ~(np.isfinite(k) & (k >= 0))
+        K[:, :, f.source - 1, f.source - 1] -= k
+        if f.target is not None:
+            K[:, :, f.target - 1, f.source - 1] += k
+    if invalid.any():
+        K = np.where(invalid[..., None, None], -np.eye(n), K)
+    return K, invalid
+
+
+def _bolus_response(design: Design, q: IntArray, L3: FloatArray, lag: FloatArray, dt: FloatArray
+                    ) -> tuple[FloatArray, FloatArray]:
+    """Bolus pairs ``q`` (not at steady state): each eigen-mode's response to a unit dose, with its ADDL doses where
+    it has them (a finite geometric series), (P', B, n); and the response's logarithmic derivative by the mode's
+    eigenvalue, (P', B, n) (its derivative by the lag is -lambda times it; :func:`predict_design_jacobian`).
+
+    ``L3`` (P', B, n): the eigenvalues of each pair's individual; ``lag``, ``dt`` (P', B): the lag and the time from
+    the dose's entry (after its lag) to the observation."""
+    entered = dt >= 0
+    addl = design.pair_addl[q, None]
+    if not np.any(addl > 0):  # one dose per record (a chart's administrations): no series
+        d_ = np.where(entered, dt, 0.0)[..., None]
+        return np.where(entered[..., None], np.exp(L3 * d_), 0.0), np.broadcast_to(d_, L3.shape)
+    ii = np.where(design.pair_ii[q] > 0, design.pair_ii[q], 1.0)[:, None]
+    # index of the last dose that has entered: K = min(ADDL, floor(dt / ii)), checked like the engine
+    K = np.where(addl > 0, np.minimum(addl, np.floor(np.maximum(dt, 0.0) / ii)), 0.0)
+    t0 = design.pair_tdose[q, None]
+    tobs = design.pair_tobs[q, None]
+    over = (K > 0) & ((t0 + K * ii) + lag > tobs)
+    K = np.where(over, K - 1, K)
+    under = (addl > K) & ((t0 + (K + 1) * ii) + lag <= tobs)
+    K = np.where(under, K + 1, K)
+    dK = np.where(entered, tobs - ((t0 + K * ii) + lag), 0.0)[..., None]
+    x = L3 * ii[..., None]  # the geometric series of the K + 1 doses that have entered
+    K1 = (K + 1)[..., None]
+    tiny = np.abs(x) < 1e-12
+    series = np.where(tiny, K1, np.expm1(x * K1) / np.where(tiny, 1.0, np.expm1(x)))
+    # d log(series) / dx = (K+1) e^{x(K+1)} / expm1(x(K+1)) - e^x / expm1(x); near x = 0 (where both terms are about
+    # 1/x) its series K/2 + x K (K+2) / 12
+    near = np.abs(x) < 1e-4
+    xs = np.where(near, 1.0, x)
+    dlog = np.where(near, 0.5 * (K1 - 1) + x * (K1 - 1) * (K1 + 1) / 12.0,
+                    K1 * np.exp(xs * K1) / np.expm1(xs * K1) - np.exp(xs) / np.expm1(xs))
+    return (np.where(entered[..., None], np.exp(L3 * dK) * series, 0.0),
+            dK + ii[..., None] * dlog)
 
 
 def _loop_count(x: FloatArray) -> int:
