@@ -974,10 +974,15 @@ def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: Cov
                     cov_all[k] = _exact_covariance(g, k, theta[k])
         prior_logdet = -float(np.linalg.slogdet(g.precision)[1]) if g.dim else 0.0
         pos = {int(k): j for j, k in enumerate(fit_idx)}
+        full_all = g.expand(theta)
+        n_eta = len(model.iiv)
+        # per member, from the group's concatenated levels: the sum of the log levels (the log-scale fit's Jacobian
+        # term) and the number of BLQ levels
+        log_levels = _segment_sum(np.where(g.log & ~g.blq, g.y, 0.0), g.obs_start, g.size)
+        n_blq = _segment_sum(g.blq.astype(float), g.obs_start, g.size)
         for k, m in enumerate(g.members):
             lo, hi = g.obs_start[k], g.obs_start[k + 1]
-            full = g.expand(theta[k])
-            n_eta = len(model.iiv)
+            full = full_all[k]
             kappa = full[n_eta:].reshape(m.n_occasions, len(model.iov)) if model.iov is not None and \
                 full.size > n_eta else None
             assert m.obs is not None
@@ -999,8 +1004,8 @@ def _fit_map(model: Model, individuals: Sequence[Individual], *, covariance: Cov
                 id=float(m.individual.id), status=status, message=msg, eta=full[:n_eta], kappa=kappa, ofv=ofv,
                 covariance=cov_all[k], covariance_method=covariance, names=g.names, iterations=iters,
                 ipred=f_est[lo:hi], pred=f_typ[lo:hi], obs_records=m.obs.rec, notices=m.notices,
-                n_observations=int(hi - lo), n_blq=int(m.obs.blq.sum()), starts=1 + (n_restart > 0),
-                model=model.ref, log_levels=float(np.sum(m.obs.y[m.obs.log & ~m.obs.blq])),
+                n_observations=int(hi - lo), n_blq=int(n_blq[k]), starts=1 + (n_restart > 0),
+                model=model.ref, log_levels=float(log_levels[k]),
                 derivatives="exact" if g.exact else "differences", prior_logdet=prior_logdet)
             done += 1
             if progress is not None:

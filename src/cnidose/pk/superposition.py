@@ -88,9 +88,7 @@ def design_supports(structure: object, individual: Individual) -> bool:
     inputs there, naming the record, and is left to say so."""
     if not isinstance(structure, LinearStructure):
         return False
-    n = structure.n
-    cmt = np.where(individual.cmt > 0, individual.cmt, 0)
-    if not np.all(cmt <= n):
+    if individual.cmt.size and int(individual.cmt.max()) > structure.n:  # CMT >= 0 (split_individuals)
         return False
     if structure.gamma is not None:
         dose = (individual.evid == 1) | (individual.evid == 4)

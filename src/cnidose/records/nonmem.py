@@ -115,7 +115,7 @@ def read_nonmem_csv(path: str | Path) -> DataSet:
     lines: list[int] = []
     comment_col = upper[0] == "C"
     for k, row in enumerate(rows[1:], start=2):
-        if not row or all(not c.strip() for c in row):
+        if not "".join(row).strip():  # an empty line, or only separators and blanks
             continue
         if comment_col and row[0].strip()[:1] in ("C", "#", "@"):
             continue
