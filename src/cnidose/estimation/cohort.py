@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError
 from cnidose.estimation.observations import ObservationData, observation_data_many
-from cnidose.models.kernel import ModelKernel, Plan, Stack, model_kernel
+from cnidose.models.kernel import ModelKernel, Plan, Stack, effect_dependencies, model_kernel
 from cnidose.models.model import Model, Prepared
 from cnidose.pk.events import Individual
 from cnidose.pk.structure import LinearStructure, OdeStructure
@@ -465,8 +465,12 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
                                                                   fast_members[0].prep else {})}
         # exact derivatives through the closed form where it has them (bolus doses; no transform of the levels,
         # e.g. whole blood to plasma, whose derivative it does not carry)
+        # (and a gamma input's n and mtt free of random effects: no derivative of Kummer's function by them)
+        gamma = model.structure.gamma
+        moved = effect_dependencies(model)
         g.design_exact = compiled and design_differentiable(g.design) and all(
-            ob.transform is None for ob in model.observations)
+            ob.transform is None for ob in model.observations) and (
+            gamma is None or not (moved.get(gamma.n) or moved.get(gamma.mtt)))
     # the kernel predicts many individuals in one call: those it holds share a group per layout (number of
     # occasions), so that the optimiser works on all of them at once; the others are predicted by the engine,
     # one group each

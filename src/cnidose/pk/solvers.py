@@ -187,6 +187,44 @@ def gamma_so_far(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray, e
     return out
 
 
+def gamma_so_far_slopes(lam: FloatArray, x: FloatArray, a: FloatArray, b: FloatArray, end: FloatArray
+                        ) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """:func:`gamma_so_far` R (..., n) and its derivatives by each mode's eigenvalue and by x (the time since the
+    dose entered), for exact derivatives through the closed form (the input's shape and rate held fixed).
+
+    While the input runs, R = lead M(1, a + 1, z), z = (b + lam) x (:func:`gamma_response`), so dR/dlam =
+    lead x M(2, a + 2, z) / (a + 1) (dM(1, c, z)/dz = M(2, c + 1, z) / c) and dR/dx = g(x) + lam R (the input
+    arriving now, plus the mode's own change). After the input's end, R = e^(lam (x - end)) R(end): dR/dlam =
+    (x - end) R + e^(lam (x - end)) dR(end)/dlam and dR/dx = lam R."""
+    from scipy.special import gammaln, hyp1f1
+
+    R, R_lam, R_x = np.zeros(lam.shape), np.zeros(lam.shape), np.zeros(lam.shape)
+
+    def at(lam_: FloatArray, x_: FloatArray, a_: FloatArray, b_: FloatArray) -> tuple[FloatArray, FloatArray]:
+        xc, ac, bc = x_[..., None], a_[..., None], b_[..., None]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            lead = np.where(xc > 0, np.exp(ac * np.log(bc * xc) - bc * xc - gammaln(ac + 1)), 0.0)
+            z = (bc + lam_) * xc
+            return lead * hyp1f1(1.0, ac + 1, z), lead * xc * hyp1f1(2.0, ac + 2, z) / (ac + 1)
+
+    running = (x > 0) & (x < end)
+    if running.any():
+        idx = np.nonzero(running)
+        r, r_lam = at(lam[idx], x[idx], a[idx], b[idx])
+        R[idx], R_lam[idx] = r, r_lam
+        R_x[idx] = gamma_density(x[idx], a[idx], b[idx])[..., None] + lam[idx] * r
+    over = (x > 0) & ~running
+    if over.any():
+        idx = np.nonzero(over)
+        r_end, r_lam_end = at(lam[idx], end[idx], a[idx], b[idx])
+        since = (x[idx] - end[idx])[..., None]
+        decay = np.exp(lam[idx] * since)
+        R[idx] = decay * r_end
+        R_lam[idx] = since * R[idx] + decay * r_lam_end
+        R_x[idx] = lam[idx] * R[idx]
+    return R, R_lam, R_x
+
+
 def gamma_modes(lam: FloatArray, u0: FloatArray, u1: FloatArray, a: FloatArray, b: FloatArray,
                 end: FloatArray) -> FloatArray:
     """int_u0^u1 e^(lam (u1 - u)) g(u) du per mode (B, n): what the input over u0..u1 leaves at u1; ``end`` is

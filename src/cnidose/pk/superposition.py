@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 from cnidose.pk.eigen import eigen_blocks as _eigen_blocks
 from cnidose.pk.eigen import flow_blocks as _blocks
 from cnidose.pk.events import Individual
-from cnidose.pk.solvers import gamma_response, gamma_so_far, gamma_support
+from cnidose.pk.solvers import gamma_response, gamma_so_far, gamma_so_far_slopes, gamma_support
 from cnidose.pk.structure import GammaInput, LinearStructure
 
 __all__ = ["Design", "compile_design", "design_differentiable", "design_supports", "predict_design",
@@ -429,9 +429,9 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
 
 
 def design_differentiable(design: Design) -> bool:
-    """Whether :func:`predict_design_jacobian` takes this design: bolus doses (with ADDL), no steady state, no
-    zero-order or gamma input."""
-    return bool(np.all((design.pair_kind == _BOLUS) & (design.pair_ss == 0)))
+    """Whether :func:`predict_design_jacobian` takes this design: bolus doses (with ADDL) and gamma-density inputs,
+    no steady state, no zero-order input."""
+    return bool(np.all(((design.pair_kind == _BOLUS) | (design.pair_kind == _GAMMA)) & (design.pair_ss == 0)))
 
 
 def predict_design_jacobian(design: Design, structure: LinearStructure, params: Mapping[str, FloatArray],
@@ -442,9 +442,10 @@ def predict_design_jacobian(design: Design, structure: LinearStructure, params: 
     design must be :func:`design_differentiable`. The derivatives go through the eigen-decomposition: with
     M = V⁻¹ dK V, dλ_k = M_kk and dV = V C, C_kl = M_kl / (λ_l − λ_k) (k ≠ l), dV⁻¹ = −C V⁻¹; a mode's weight
     w_k = V_ok V⁻¹_kc is the same for any scaling of V's columns, so C_kk = 0 serves. Each pair's response is
-    F·AMT·e^{λ(t − t_d − lag)} (times its ADDL series), so its derivative by λ, F and the lag is closed-form
-    (:func:`_bolus_response`). Exact up to the kinks where a dose enters (a lag crossing an observation time): the
-    one-sided derivative of the side the parameters are on.
+    F·AMT·e^{λ(t − t_d − lag)} (times its ADDL series), or F·AMT times the gamma input's convolution
+    (:func:`cnidose.pk.solvers.gamma_so_far_slopes`; its n and mtt must not depend on the directions), so its
+    derivative by λ, F and the lag is closed-form (:func:`_bolus_response`). Exact up to the kinks where a dose
+    enters (a lag crossing an observation time): the one-sided derivative of the side the parameters are on.
 
     Returns (O, B) predictions, (O, B, d) derivatives and ``bad`` (N, B) as :func:`predict_design`.
     """
@@ -498,16 +499,33 @@ def predict_design_jacobian(design: Design, structure: LinearStructure, params: 
         lag = Lc[0][pi, :, pc] if Lc is not None else np.zeros((P, B))
         dt = design.pair_tobs[:, None] - (design.pair_tdose[:, None] + lag)
         L3 = lam[pi]
-        q = np.arange(P)
-        response, slope = _bolus_response(design, q, L3, lag, dt)  # (P, B, n)
+        # each mode's response R to a unit dose (P, B, n), and its derivatives by the eigenvalue and by the time
+        # since the dose entered (a lag moves that time back)
+        gq = np.flatnonzero(design.pair_kind == _GAMMA)
+        if gq.size == 0:
+            response, slope = _bolus_response(design, np.arange(P), L3, lag, dt)
+            r_lam, r_x = response * slope, L3 * response
+        else:
+            if structure.gamma is None or structure.gamma.n in tangents or structure.gamma.mtt in tangents:
+                raise ValueError("predict_design_jacobian: the gamma input's n and mtt cannot depend on the "
+                                 "directions (the closed form has no derivative of Kummer's function by them)")
+            response, r_lam, r_x = np.zeros((P, B, n)), np.zeros((P, B, n)), np.zeros((P, B, n))
+            bq = np.flatnonzero(design.pair_kind == _BOLUS)
+            if bq.size:
+                resp, slope = _bolus_response(design, bq, L3[bq], lag[bq], dt[bq])
+                response[bq], r_lam[bq], r_x[bq] = resp, resp * slope, L3[bq] * resp
+            ga, gb, gend, g_invalid = _gamma_parameters(params, structure.gamma, (N, B))
+            invalid_params |= g_invalid
+            gi = pi[gq]
+            response[gq], r_lam[gq], r_x[gq] = gamma_so_far_slopes(L3[gq], dt[gq], ga[gi], gb[gi], gend[gi])
         amt = design.pair_amt[:, None]
         amount = Fc[0][pi, :, pc] * amt if Fc is not None else np.broadcast_to(amt, (P, B))
         contrib = amount[..., None] * response
-        # d contrib_k = dA response_k + contrib_k (dlambda_k slope_k - lambda_k dlag)
-        dlog = dlam[pi] * slope[:, :, None, :]  # (P, B, d, n)
+        # d contrib_k = A (dR/dlambda_k dlambda_k - dR/dx dlag) + dA R
+        dresp = dlam[pi] * r_lam[:, :, None, :]  # (P, B, d, n)
         if Lc is not None:
-            dlog = dlog - L3[:, :, None, :] * Lc[1][pi, :, :, pc][..., None]
-        dcontrib = contrib[:, :, None, :] * dlog
+            dresp = dresp - Lc[1][pi, :, :, pc][..., None] * r_x[:, :, None, :]
+        dcontrib = amount[..., None, None] * dresp
         if Fc is not None:
             dcontrib = dcontrib + (Fc[1][pi, :, :, pc] * amt[..., None])[..., None] * response[:, :, None, :]
         vals = np.einsum("pbk,pbk->pb", w, contrib)
