@@ -429,9 +429,11 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
 
 
 def design_differentiable(design: Design) -> bool:
-    """Whether :func:`predict_design_jacobian` takes this design: bolus doses (with ADDL) and gamma-density inputs,
-    no steady state, no zero-order input."""
-    return bool(np.all(((design.pair_kind == _BOLUS) | (design.pair_kind == _GAMMA)) & (design.pair_ss == 0)))
+    """Whether :func:`predict_design_jacobian` takes this design: bolus doses (with ADDL), gamma-density inputs and
+    zero-order inputs (given RATE, modelled rate or duration), none at steady state."""
+    kinds = design.pair_kind
+    return bool(np.all(((kinds == _BOLUS) | (kinds == _GAMMA) | (kinds == _RATE) | (kinds == _MODEL_RATE)
+                        | (kinds == _MODEL_DUR)) & (design.pair_ss == 0)))
 
 
 def predict_design_jacobian(design: Design, structure: LinearStructure, params: Mapping[str, FloatArray],
@@ -499,35 +501,23 @@ def predict_design_jacobian(design: Design, structure: LinearStructure, params: 
         lag = Lc[0][pi, :, pc] if Lc is not None else np.zeros((P, B))
         dt = design.pair_tobs[:, None] - (design.pair_tdose[:, None] + lag)
         L3 = lam[pi]
-        # each mode's response R to a unit dose (P, B, n), and its derivatives by the eigenvalue and by the time
-        # since the dose entered (a lag moves that time back)
-        gq = np.flatnonzero(design.pair_kind == _GAMMA)
-        if gq.size == 0:
-            response, slope = _bolus_response(design, np.arange(P), L3, lag, dt)
-            r_lam, r_x = response * slope, L3 * response
-        else:
-            if structure.gamma is None or structure.gamma.n in tangents or structure.gamma.mtt in tangents:
-                raise ValueError("predict_design_jacobian: the gamma input's n and mtt cannot depend on the "
-                                 "directions (the closed form has no derivative of Kummer's function by them)")
-            response, r_lam, r_x = np.zeros((P, B, n)), np.zeros((P, B, n)), np.zeros((P, B, n))
-            bq = np.flatnonzero(design.pair_kind == _BOLUS)
-            if bq.size:
-                resp, slope = _bolus_response(design, bq, L3[bq], lag[bq], dt[bq])
-                response[bq], r_lam[bq], r_x[bq] = resp, resp * slope, L3[bq] * resp
-            ga, gb, gend, g_invalid = _gamma_parameters(params, structure.gamma, (N, B))
-            invalid_params |= g_invalid
-            gi = pi[gq]
-            response[gq], r_lam[gq], r_x[gq] = gamma_so_far_slopes(L3[gq], dt[gq], ga[gi], gb[gi], gend[gi])
         amt = design.pair_amt[:, None]
         amount = Fc[0][pi, :, pc] * amt if Fc is not None else np.broadcast_to(amt, (P, B))
-        contrib = amount[..., None] * response
-        # d contrib_k = A (dR/dlambda_k dlambda_k - dR/dx dlag) + dA R
-        dresp = dlam[pi] * r_lam[:, :, None, :]  # (P, B, d, n)
-        if Lc is not None:
-            dresp = dresp - Lc[1][pi, :, :, pc][..., None] * r_x[:, :, None, :]
-        dcontrib = amount[..., None, None] * dresp
-        if Fc is not None:
-            dcontrib = dcontrib + (Fc[1][pi, :, :, pc] * amt[..., None])[..., None] * response[:, :, None, :]
+        d_amount = Fc[1][pi, :, :, pc] * amt[..., None] if Fc is not None else None  # (P, B, d)
+        d_lag = Lc[1][pi, :, :, pc] if Lc is not None else None  # (P, B, d)
+        kinds = design.pair_kind
+        unit = (kinds == _BOLUS) | (kinds == _GAMMA)  # a response proportional to the amount
+        if unit.all():
+            contrib, dcontrib = _unit_tangents(design, structure, params, tangents, np.arange(P), L3, lag, dt, amount,
+                                               d_amount, d_lag, dlam[pi], (N, B), invalid_params)
+        else:
+            contrib, dcontrib = np.zeros((P, B, n)), np.zeros((P, B, d, n))
+            for q, fn in ((np.flatnonzero(unit), _unit_tangents), (np.flatnonzero(~unit), _zero_order_tangents)):
+                if q.size:
+                    contrib[q], dcontrib[q] = fn(design, structure, params, tangents, q, L3[q], lag[q], dt[q],
+                                                 amount[q], None if d_amount is None else d_amount[q],
+                                                 None if d_lag is None else d_lag[q], dlam[pi[q]], (N, B),
+                                                 invalid_params)
         vals = np.einsum("pbk,pbk->pb", w, contrib)
         dvals = np.einsum("pbjk,pbk->pbj", dw, contrib) + np.einsum("pbk,pbjk->pbj", w, dcontrib)
         first_pair = np.flatnonzero(np.concatenate([[True], design.pair_obs[1:] != design.pair_obs[:-1]]))
@@ -548,6 +538,110 @@ def predict_design_jacobian(design: Design, structure: LinearStructure, params: 
         jac = np.where(invalid_params[design.obs_ind][..., None], np.nan, jac)
         bad &= ~invalid_params
     return out, jac, bad
+
+
+def _unit_tangents(design: Design, structure: LinearStructure, params: Mapping[str, FloatArray],
+                   tangents: Mapping[str, FloatArray], q: IntArray, L3: FloatArray, lag: FloatArray, dt: FloatArray,
+                   amount: FloatArray, d_amount: FloatArray | None, d_lag: FloatArray | None, d_lam: FloatArray,
+                   shape: tuple[int, int], invalid: NDArray[np.bool_]) -> tuple[FloatArray, FloatArray]:
+    """Bolus and gamma-input pairs ``q`` of :func:`predict_design_jacobian`: each mode's contribution A R (P', B, n)
+    and its derivatives (P', B, d, n), A (dR/dlambda dlambda - dR/dx dlag) + dA R. R is the mode's response to a unit
+    dose, x the time since the dose entered (a lag moves it back). ``invalid`` (N, B) is updated in place."""
+    kinds = design.pair_kind[q]
+    gq = np.flatnonzero(kinds == _GAMMA)
+    if gq.size == 0:
+        response, slope = _bolus_response(design, q, L3, lag, dt)
+        r_lam, r_x = response * slope, L3 * response
+    else:
+        gamma = structure.gamma
+        if gamma is None or gamma.n in tangents or gamma.mtt in tangents:
+            raise ValueError("predict_design_jacobian: the gamma input's n and mtt cannot depend on the directions "
+                             "(the closed form has no derivative of Kummer's function by them)")
+        P, B, n = L3.shape
+        response, r_lam, r_x = np.zeros((P, B, n)), np.zeros((P, B, n)), np.zeros((P, B, n))
+        bq = np.flatnonzero(kinds == _BOLUS)
+        if bq.size:
+            resp, slope = _bolus_response(design, q[bq], L3[bq], lag[bq], dt[bq])
+            response[bq], r_lam[bq], r_x[bq] = resp, resp * slope, L3[bq] * resp
+        ga, gb, gend, g_invalid = _gamma_parameters(params, gamma, shape)
+        invalid |= g_invalid
+        gi = design.pair_ind[q[gq]]
+        response[gq], r_lam[gq], r_x[gq] = gamma_so_far_slopes(L3[gq], dt[gq], ga[gi], gb[gi], gend[gi])
+    dresp = d_lam * r_lam[:, :, None, :]  # (P', B, d, n)
+    if d_lag is not None:
+        dresp = dresp - d_lag[..., None] * r_x[:, :, None, :]
+    dcontrib = amount[..., None, None] * dresp
+    if d_amount is not None:
+        dcontrib = dcontrib + d_amount[..., None] * response[:, :, None, :]
+    return amount[..., None] * response, dcontrib
+
+
+def _zero_order_tangents(design: Design, structure: LinearStructure, params: Mapping[str, FloatArray],
+                         tangents: Mapping[str, FloatArray], q: IntArray, L3: FloatArray, lag: FloatArray,
+                         dt: FloatArray, amount: FloatArray, d_amount: FloatArray | None, d_lag: FloatArray | None,
+                         d_lam: FloatArray, shape: tuple[int, int], invalid: NDArray[np.bool_]
+                         ) -> tuple[FloatArray, FloatArray]:
+    """Zero-order inputs ``q`` (given RATE, modelled rate R or duration D; not at steady state) of
+    :func:`predict_design_jacobian`: each mode's contribution (P', B, n) and its derivatives (P', B, d, n).
+
+    An input at rate rho for a duration T, x after it started: rho E(lambda, x) while it runs (E(lambda, m) =
+    (e^(lambda m) - 1) / lambda), rho e^(lambda (x - T)) E(lambda, T) after. dE/dlambda = (m e^(lambda m) - E) /
+    lambda (m^2/2 + lambda m^3/6 near lambda m = 0) and dE/dm = e^(lambda m); x moves with -dlag; rho and T with the
+    amount A = F AMT and the modelled R or D (given RATE: T = A / RATE; R: T = A / R; D: rho = A / D)."""
+    P, B = L3.shape[:2]
+    d = d_lam.shape[2]
+    kinds = design.pair_kind[q][:, None]
+    pi, pc = design.pair_ind[q], design.pair_cmt[q]
+    zeros = np.zeros((P, B, d))
+
+    def modelled(prefix: str) -> tuple[FloatArray, FloatArray]:
+        key = [f"{prefix}{c + 1}" for c in range(structure.n)]
+        vals = np.stack([np.broadcast_to(params[k], shape) if k in params else np.zeros(shape) for k in key],
+                        axis=-1)[pi, :, pc]
+        tans = np.stack([np.broadcast_to(tangents[k], (*shape, d)) if k in tangents else np.zeros((*shape, d))
+                         for k in key], axis=-1)[pi, :, :, pc]
+        return vals, tans
+
+    dA = d_amount if d_amount is not None else zeros
+    R, dR = modelled("R")
+    D, dD = modelled("D")
+    given = np.broadcast_to(design.pair_rate[q][:, None], (P, B))
+    bad_input = ((kinds == _MODEL_DUR) & ~(D > 0)) | ((kinds == _MODEL_RATE) & ~(R > 0))
+    if bad_input.any():
+        invalid[pi[np.nonzero(bad_input)[0]], np.nonzero(bad_input)[1]] = True
+    with np.errstate(divide="ignore", invalid="ignore"):
+        R_safe = np.where(R > 0, R, 1.0)
+        D_safe = np.where(D > 0, D, 1.0)
+        rho = np.where(kinds == _RATE, given, np.where(kinds == _MODEL_RATE, R_safe, amount / D_safe))
+        dur = np.where(kinds == _MODEL_DUR, D_safe, amount / rho)
+        k3 = kinds[..., None]
+        d_rho = np.where(k3 == _RATE, 0.0, np.where(k3 == _MODEL_RATE, dR, (dA - rho[..., None] * dD)
+                                                     / D_safe[..., None]))
+        d_dur = np.where(k3 == _MODEL_DUR, dD, (dA - dur[..., None] * d_rho) / rho[..., None])
+    entered = dt >= 0
+    x = np.where(entered, dt, 0.0)
+    running = x < dur
+    m = np.where(running, x, dur)[..., None]  # (P', B, 1)
+    E = _expm1_over(L3, m)
+    small = np.abs(L3 * m) < 1e-6
+    lam_safe = np.where(small, 1.0, L3)
+    e_m = np.exp(L3 * m)
+    E_lam = np.where(small, m * m / 2 + L3 * m ** 3 / 6, (m * e_m - E) / lam_safe)
+    decay = np.exp(L3 * np.where(running, 0.0, x - dur)[..., None])  # 1 while it runs
+    since = np.where(running, 0.0, x - dur)[..., None, None]  # (P', B, 1, 1)
+    r = rho[..., None, None]
+    dx = -d_lag[..., None] if d_lag is not None else np.zeros((P, B, d, 1))
+    run4 = running[..., None, None]
+    # running: d(rho E(x)) = drho E + rho (E_lam dlam + e^(lam x) dx); after: rho e^(lam (x - T)) E(T) moves with rho,
+    # lambda (through the decay and E), x and T
+    d_m = np.where(run4, dx, d_dur[..., None])
+    d_since = np.where(run4, 0.0, dx - d_dur[..., None])
+    dc = (d_rho[..., None] * (decay * E)[:, :, None, :]
+          + r * decay[:, :, None, :] * (E_lam[:, :, None, :] * d_lam + e_m[:, :, None, :] * d_m
+                                        + E[:, :, None, :] * (since * d_lam + L3[:, :, None, :] * d_since)))
+    ent3 = entered[..., None]
+    contrib = np.where(ent3, rho[..., None] * decay * E, 0.0)
+    return contrib, np.where(ent3[..., None], dc, 0.0)
 
 
 def _rate_matrix(structure: LinearStructure, params: Mapping[str, FloatArray], shape: tuple[int, int]
