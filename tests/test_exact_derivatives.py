@@ -638,15 +638,18 @@ def test_superposition_leaves_an_equal_rate_chain_to_the_kernel(monkeypatch: pyt
 @pytest.mark.parametrize(("n_cmt", "seed", "inputs"), [(1, 1, "bolus"), (2, 2, "bolus"), (3, 3, "bolus"),
                                                        (2, 4, "bolus"), (2, 5, "gamma"), (2, 6, "gamma"),
                                                        (1, 7, "zero-order"), (2, 8, "zero-order"),
-                                                       (3, 9, "zero-order")])
+                                                       (3, 9, "zero-order"), (1, 10, "steady"), (2, 11, "steady"),
+                                                       (3, 12, "steady")])
 def test_closed_form_derivatives_of_bolus_designs_are_exact(n_cmt: int, seed: int, inputs: str) -> None:
     """:func:`predict_design_jacobian` on random histories (single doses and ADDL series, lags shorter and longer than
     the gaps, observations at dose times) of bolus doses absorbed first-order, or through a gamma-density (transit)
     input with fixed n and mtt (Martial 2021's), or mixed with zero-order inputs (a given RATE, a modelled rate R or
-    duration D, observed while they run and after): its predictions are :func:`predict_design`'s, and its
-    derivatives along random directions of every parameter (rate constants, volumes, F, lag, R, D, observation scale)
-    are Richardson's differences of :func:`predict_design`."""
-    gamma, zero_order = inputs == "gamma", inputs == "zero-order"
+    duration D, observed while they run and after), or with steady states (SS 1 and 2 of boluses and of inputs at a
+    given RATE or of a modelled duration, some longer than the interval, and constant infusions): its predictions are
+    :func:`predict_design`'s, and its derivatives along random directions of every parameter (rate constants,
+    volumes, F, lag, R, D, observation scale) are Richardson's differences of :func:`predict_design`."""
+    gamma, steady = inputs == "gamma", inputs == "steady"
+    zero_order = inputs == "zero-order" or steady
     import dataclasses as dc
 
     from cnidose.pk.structure import GammaInput, one_compartment, three_compartment, two_compartment
@@ -663,19 +666,23 @@ def test_closed_form_derivatives_of_bolus_designs_are_exact(n_cmt: int, seed: in
     rng = np.random.default_rng(seed)
     inds = []
     for i in range(40):
-        rows: list[tuple[float, int, float, float, int, float]] = []  # time, evid, amt, ii, addl, rate
+        rows: list[tuple[float, int, float, float, int, float, int]] = []  # time, evid, amt, ii, addl, rate, ss
         t = 0.0
         for _ in range(int(rng.integers(1, 4))):
             t += float(rng.choice([0.0, 2.0, 12.0, 24.0]))
             addl = int(rng.choice([0, 0, 2, 5]))
             rate = float(rng.choice([0.0, 4.0, -1.0, -2.0])) if zero_order else 0.0
-            rows.append((t, 1, float(rng.uniform(1, 10)), 12.0 if addl else 0.0, addl, rate))
+            ss = int(rng.choice([0, 1, 2])) if steady else 0
+            amt = float(rng.uniform(1, 10))
+            if steady and rng.random() < 0.15:  # a constant infusion at steady state
+                rate, ss, amt, addl = float(rng.uniform(0.2, 2.0)), 1, 0.0, 0
+            rows.append((t, 1, amt, 12.0 if (addl or ss) and amt > 0 else 0.0, addl, rate, ss))
             for dt in rng.choice([0.0, 0.5, 1.7, 6.0, 11.9, 30.0], size=int(rng.integers(1, 4))):
-                rows.append((t + float(dt), 0, 0.0, 0.0, 0, 0.0))
+                rows.append((t + float(dt), 0, 0.0, 0.0, 0, 0.0, 0))
         rows.sort(key=lambda r: (r[0], -r[1]))
         cols = {"ID": [float(i)] * len(rows), "TIME": [r[0] for r in rows], "EVID": [float(r[1]) for r in rows],
                 "AMT": [r[2] for r in rows], "II": [r[3] for r in rows], "ADDL": [float(r[4]) for r in rows],
-                "RATE": [r[5] for r in rows],
+                "RATE": [r[5] for r in rows], "SS": [float(r[6]) for r in rows],
                 # with a gamma input some levels are of its compartment, where the input itself arrives (the
                 # density's own term in the derivative by the lag cancels in every other compartment)
                 "CMT": [1.0 if r[1] or (gamma and k % 3 == 0) else 2.0 for k, r in enumerate(rows)]}
@@ -683,7 +690,9 @@ def test_closed_form_derivatives_of_bolus_designs_are_exact(n_cmt: int, seed: in
     design = compile_design(structure, inds)
     assert design_differentiable(design) and (gamma or np.any(design.pair_addl > 0))
     if zero_order:
-        assert set(np.unique(design.pair_kind).tolist()) == {0, 1, 2, 3}  # bolus, RATE, R, D
+        assert {0, 1, 2, 3} <= set(np.unique(design.pair_kind).tolist())  # bolus, RATE, R, D
+    if steady:
+        assert np.any(design.pair_ss == 1) and np.any(design.pair_kind == 4)  # and constant infusions
     N, d = len(inds), 3
     names = [*structure.rate_parameters, "F1", "ALAG1", "S2", *(("R1", "D1") if zero_order else ())]
     base = {p: rng.uniform(0.3, 3.0, size=(N, 1)) for p in structure.rate_parameters}

@@ -429,11 +429,10 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
 
 
 def design_differentiable(design: Design) -> bool:
-    """Whether :func:`predict_design_jacobian` takes this design: bolus doses (with ADDL), gamma-density inputs and
-    zero-order inputs (given RATE, modelled rate or duration), none at steady state."""
-    kinds = design.pair_kind
-    return bool(np.all(((kinds == _BOLUS) | (kinds == _GAMMA) | (kinds == _RATE) | (kinds == _MODEL_RATE)
-                        | (kinds == _MODEL_DUR)) & (design.pair_ss == 0)))
+    """Whether :func:`predict_design_jacobian` takes this design: every kind of input (bolus doses with ADDL,
+    zero-order inputs at a given RATE or of a modelled rate or duration, steady states of either, constant infusions,
+    gamma-density inputs) but a gamma-density input at steady state."""
+    return not bool(np.any((design.pair_kind == _GAMMA) & (design.pair_ss == 1)))
 
 
 def predict_design_jacobian(design: Design, structure: LinearStructure, params: Mapping[str, FloatArray],
@@ -506,18 +505,27 @@ def predict_design_jacobian(design: Design, structure: LinearStructure, params: 
         d_amount = Fc[1][pi, :, :, pc] * amt[..., None] if Fc is not None else None  # (P, B, d)
         d_lag = Lc[1][pi, :, :, pc] if Lc is not None else None  # (P, B, d)
         kinds = design.pair_kind
-        unit = (kinds == _BOLUS) | (kinds == _GAMMA)  # a response proportional to the amount
+        steady = (design.pair_ss == 1) | (kinds == _CONST_INF)
+        unit = ((kinds == _BOLUS) | (kinds == _GAMMA)) & ~steady  # a response proportional to the amount
         if unit.all():
             contrib, dcontrib = _unit_tangents(design, structure, params, tangents, np.arange(P), L3, lag, dt, amount,
                                                d_amount, d_lag, dlam[pi], (N, B), invalid_params)
         else:
             contrib, dcontrib = np.zeros((P, B, n)), np.zeros((P, B, d, n))
-            for q, fn in ((np.flatnonzero(unit), _unit_tangents), (np.flatnonzero(~unit), _zero_order_tangents)):
+            for q, fn in ((np.flatnonzero(unit), _unit_tangents),
+                          (np.flatnonzero(~unit & ~steady), _zero_order_tangents),
+                          (np.flatnonzero(steady), _steady_tangents)):
                 if q.size:
                     contrib[q], dcontrib[q] = fn(design, structure, params, tangents, q, L3[q], lag[q], dt[q],
                                                  amount[q], None if d_amount is None else d_amount[q],
                                                  None if d_lag is None else d_lag[q], dlam[pi[q]], (N, B),
                                                  invalid_params)
+        if steady.any():  # a mode that does not decay and weighs in: no steady state (predict_design's test)
+            sq = np.flatnonzero(steady)
+            no_ss = ((L3[sq] >= 0) & (np.abs(w[sq]) > 1e-12)).any(axis=-1)
+            const = kinds[sq] == _CONST_INF
+            no_ss &= ~const[:, None] | (design.pair_tobs[sq] >= design.pair_tdose[sq])[:, None]
+            bad = bad | _scatter_any(no_ss, pi[sq], N, B)
         vals = np.einsum("pbk,pbk->pb", w, contrib)
         dvals = np.einsum("pbjk,pbk->pbj", dw, contrib) + np.einsum("pbk,pbjk->pbj", w, dcontrib)
         first_pair = np.flatnonzero(np.concatenate([[True], design.pair_obs[1:] != design.pair_obs[:-1]]))
@@ -576,6 +584,149 @@ def _unit_tangents(design: Design, structure: LinearStructure, params: Mapping[s
     return amount[..., None] * response, dcontrib
 
 
+def _rate_duration_tangents(design: Design, structure: LinearStructure, params: Mapping[str, FloatArray],
+                            tangents: Mapping[str, FloatArray], q: IntArray, amount: FloatArray,
+                            d_amount: FloatArray | None, shape: tuple[int, int], invalid: NDArray[np.bool_]
+                            ) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
+    """Rate and duration (P', B) of zero-order pairs ``q``, and their derivatives (P', B, d): a given RATE (T = A /
+    RATE), a modelled rate R (T = A / R) or duration D (rho = A / D), A = F AMT. A modelled R or D that is not
+    positive marks the member ``invalid`` (in place)."""
+    P, B = amount.shape
+    d = next(iter(tangents.values())).shape[-1] if tangents else 0
+    kinds = design.pair_kind[q][:, None]
+    pi, pc = design.pair_ind[q], design.pair_cmt[q]
+
+    def modelled(prefix: str) -> tuple[FloatArray, FloatArray]:
+        key = [f"{prefix}{c + 1}" for c in range(structure.n)]
+        vals = np.stack([np.broadcast_to(params[k], shape) if k in params else np.zeros(shape) for k in key],
+                        axis=-1)[pi, :, pc]
+        tans = np.stack([np.broadcast_to(tangents[k], (*shape, d)) if k in tangents else np.zeros((*shape, d))
+                         for k in key], axis=-1)[pi, :, :, pc]
+        return vals, tans
+
+    dA = d_amount if d_amount is not None else np.zeros((P, B, d))
+    R, dR = modelled("R")
+    D, dD = modelled("D")
+    given = np.broadcast_to(design.pair_rate[q][:, None], (P, B))
+    bad_input = ((kinds == _MODEL_DUR) & ~(D > 0)) | ((kinds == _MODEL_RATE) & ~(R > 0))
+    if bad_input.any():
+        rows, cols = np.nonzero(bad_input)
+        invalid[pi[rows], cols] = True
+    with np.errstate(divide="ignore", invalid="ignore"):
+        R_safe = np.where(R > 0, R, 1.0)
+        D_safe = np.where(D > 0, D, 1.0)
+        rho = np.where(kinds == _RATE, given, np.where(kinds == _MODEL_RATE, R_safe, amount / D_safe))
+        dur = np.where(kinds == _MODEL_DUR, D_safe, amount / rho)
+        k3 = kinds[..., None]
+        d_rho = np.where(k3 == _RATE, 0.0, np.where(k3 == _MODEL_RATE, dR, (dA - rho[..., None] * dD)
+                                                     / D_safe[..., None]))
+        d_dur = np.where(k3 == _MODEL_DUR, dD, (dA - dur[..., None] * d_rho) / rho[..., None])
+    return rho, dur, d_rho, d_dur
+
+
+def _E_and_slope(L3: FloatArray, m: FloatArray) -> tuple[FloatArray, FloatArray]:
+    """E(lambda, m) = (e^(lambda m) - 1) / lambda and dE/dlambda = (m e^(lambda m) - E) / lambda (m^2/2 + lambda
+    m^3/6 near lambda m = 0), for ``m`` broadcasting against ``L3``."""
+    E = _expm1_over(L3, m)
+    small = np.abs(L3 * m) < 1e-6
+    lam_safe = np.where(small, 1.0, L3)
+    return E, np.where(small, m * m / 2 + L3 * m ** 3 / 6, (m * np.exp(L3 * m) - E) / lam_safe)
+
+
+def _steady_tangents(design: Design, structure: LinearStructure, params: Mapping[str, FloatArray],
+                     tangents: Mapping[str, FloatArray], q: IntArray, L3: FloatArray, lag: FloatArray, dt: FloatArray,
+                     amount: FloatArray, d_amount: FloatArray | None, d_lag: FloatArray | None, d_lam: FloatArray,
+                     shape: tuple[int, int], invalid: NDArray[np.bool_]) -> tuple[FloatArray, FloatArray]:
+    """Steady-state pairs ``q`` (the series of a regimen's earlier doses, SS 1/2; bolus or zero-order, not a gamma
+    input) and constant infusions at steady state, of :func:`predict_design_jacobian`: contributions (P', B, n) and
+    their derivatives (P', B, d, n), the same sums as :func:`predict_design`.
+
+    With den = 1 - e^(lambda ii) and the first earlier dose that has entered j0 (and, for an input, j1 the first
+    already complete; both piecewise constant): a bolus A e^(lambda d0) / den, d0 = x + j0 ii; an input rho
+    e^(lambda d1) E(lambda, T) / den, d1 = x + j1 ii - T, plus rho E(lambda, x + j ii) for the inputs j0 <= j < j1
+    still running; a constant infusion RATE e^(lambda x) / -lambda. d den / d lambda = -ii e^(lambda ii). A mode that
+    does not decay (lambda >= 0) and weighs in gives no steady state: :func:`predict_design_jacobian` marks the
+    member bad, as :func:`predict_design` does."""
+    P, B, n = L3.shape
+    d = d_lam.shape[2]
+    kinds = design.pair_kind[q]
+    contrib = np.zeros((P, B, n))
+    dcontrib = np.zeros((P, B, d, n))
+    dx = -d_lag if d_lag is not None else np.zeros((P, B, d))  # the time since entry moves against the lag
+    dA = d_amount if d_amount is not None else np.zeros((P, B, d))
+    geo_ok = L3 < 0
+    # constant infusions: c = RATE e^(lambda x) / -lambda (x from its record: no lag, no F)
+    cq = np.flatnonzero(kinds == _CONST_INF)
+    if cq.size:
+        x = np.broadcast_to((design.pair_tobs[q[cq]] - design.pair_tdose[q[cq]])[:, None], (cq.size, B))
+        Lc3 = L3[cq]
+        safe = np.where(Lc3 < 0, Lc3, -1.0)
+        c = np.where((x >= 0)[..., None], design.pair_rate[q[cq], None, None] * np.exp(Lc3 * x[..., None]) / -safe,
+                     0.0)
+        contrib[cq] = c
+        dcontrib[cq] = d_lam[cq] * (c * (x[..., None] - 1.0 / safe))[:, :, None, :]
+    sq = np.flatnonzero(kinds != _CONST_INF)
+    if sq.size == 0:
+        return contrib, dcontrib
+    L = L3[sq]
+    dl = d_lam[sq]
+    x = dt[sq]
+    ii = np.where(design.pair_ii[q[sq]] > 0, design.pair_ii[q[sq]], 1.0)[:, None]
+    ok = geo_ok[sq]
+    e_ii = np.exp(L * ii[..., None])
+    den = np.where(ok, -np.expm1(L * ii[..., None]), 1.0)
+    den_slope = np.where(ok, ii[..., None] * e_ii / den, 0.0)  # -d log(den) / d lambda
+    j0 = np.maximum(1.0, np.ceil(-x / ii))
+    is_bolus = kinds[sq] == _BOLUS
+    out = np.zeros((sq.size, B, n))
+    dout = np.zeros((sq.size, B, d, n))
+    bq = np.flatnonzero(is_bolus)
+    if bq.size:
+        d0 = (x[bq] + j0[bq] * ii[bq])[..., None]
+        A = amount[sq][bq]
+        c = A[..., None] * np.exp(L[bq] * d0) / den[bq]
+        out[bq] = c
+        dout[bq] = (c[:, :, None, :] * (dl[bq] * (d0 + den_slope[bq])[:, :, None, :]
+                                         + L[bq][:, :, None, :] * dx[sq][bq][..., None])
+                    + dA[sq][bq][..., None] * (c / A[..., None])[:, :, None, :])
+    iq = np.flatnonzero(~is_bolus)
+    if iq.size:
+        qq = q[sq[iq]]
+        rho, T, d_rho, d_T = _rate_duration_tangents(design, structure, params, tangents, qq, amount[sq][iq],
+                                                     None if d_amount is None else d_amount[sq][iq], shape, invalid)
+        Li, dli, xi, iii = L[iq], dl[iq], x[iq], ii[iq]
+        dxi = dx[sq][iq][..., None]  # (P'', B, d, 1)
+        j1 = np.maximum(j0[iq], np.ceil((T - xi) / iii))
+        d1 = (xi + j1 * iii - T)[..., None]
+        E_T, E_T_lam = _E_and_slope(Li, T[..., None])
+        r = rho[..., None]
+        decay = np.exp(Li * d1)
+        tail = r * decay * E_T / den[iq]
+        # d tail = tail (d1 + den_slope) dlambda + tail lambda (dx - dT) + r decay (E_lam dlambda + e^(lambda T) dT)
+        #          / den + tail drho / rho
+        dT4 = d_T[..., None]
+        dtail = (tail[:, :, None, :] * ((d1 + den_slope[iq])[:, :, None, :] * dli + Li[:, :, None, :] * (dxi - dT4))
+                 + ((r * decay / den[iq])[:, :, None, :]
+                    * (E_T_lam[:, :, None, :] * dli + np.exp(Li * T[..., None])[:, :, None, :] * dT4))
+                 + d_rho[..., None] * (decay * E_T / den[iq])[:, :, None, :])
+        n_partial = _loop_count(j1 - j0[iq])
+        for step in range(n_partial):
+            j = j0[iq] + step
+            mk = j < j1
+            m = np.where(mk, xi + j * iii, 0.0)[..., None]
+            E_m, E_m_lam = _E_and_slope(Li, m)
+            mk3 = mk[..., None]
+            tail = tail + np.where(mk3, r * E_m, 0.0)
+            dtail = dtail + np.where(mk3[..., None], d_rho[..., None] * E_m[:, :, None, :]
+                                     + r[..., None] * (E_m_lam[:, :, None, :] * dli
+                                                       + np.exp(Li * m)[:, :, None, :] * dxi), 0.0)
+        out[iq] = tail
+        dout[iq] = dtail
+    contrib[sq] = out
+    dcontrib[sq] = dout
+    return contrib, dcontrib
+
+
 def _zero_order_tangents(design: Design, structure: LinearStructure, params: Mapping[str, FloatArray],
                          tangents: Mapping[str, FloatArray], q: IntArray, L3: FloatArray, lag: FloatArray,
                          dt: FloatArray, amount: FloatArray, d_amount: FloatArray | None, d_lag: FloatArray | None,
@@ -590,43 +741,14 @@ def _zero_order_tangents(design: Design, structure: LinearStructure, params: Map
     amount A = F AMT and the modelled R or D (given RATE: T = A / RATE; R: T = A / R; D: rho = A / D)."""
     P, B = L3.shape[:2]
     d = d_lam.shape[2]
-    kinds = design.pair_kind[q][:, None]
-    pi, pc = design.pair_ind[q], design.pair_cmt[q]
-    zeros = np.zeros((P, B, d))
-
-    def modelled(prefix: str) -> tuple[FloatArray, FloatArray]:
-        key = [f"{prefix}{c + 1}" for c in range(structure.n)]
-        vals = np.stack([np.broadcast_to(params[k], shape) if k in params else np.zeros(shape) for k in key],
-                        axis=-1)[pi, :, pc]
-        tans = np.stack([np.broadcast_to(tangents[k], (*shape, d)) if k in tangents else np.zeros((*shape, d))
-                         for k in key], axis=-1)[pi, :, :, pc]
-        return vals, tans
-
-    dA = d_amount if d_amount is not None else zeros
-    R, dR = modelled("R")
-    D, dD = modelled("D")
-    given = np.broadcast_to(design.pair_rate[q][:, None], (P, B))
-    bad_input = ((kinds == _MODEL_DUR) & ~(D > 0)) | ((kinds == _MODEL_RATE) & ~(R > 0))
-    if bad_input.any():
-        invalid[pi[np.nonzero(bad_input)[0]], np.nonzero(bad_input)[1]] = True
-    with np.errstate(divide="ignore", invalid="ignore"):
-        R_safe = np.where(R > 0, R, 1.0)
-        D_safe = np.where(D > 0, D, 1.0)
-        rho = np.where(kinds == _RATE, given, np.where(kinds == _MODEL_RATE, R_safe, amount / D_safe))
-        dur = np.where(kinds == _MODEL_DUR, D_safe, amount / rho)
-        k3 = kinds[..., None]
-        d_rho = np.where(k3 == _RATE, 0.0, np.where(k3 == _MODEL_RATE, dR, (dA - rho[..., None] * dD)
-                                                     / D_safe[..., None]))
-        d_dur = np.where(k3 == _MODEL_DUR, dD, (dA - dur[..., None] * d_rho) / rho[..., None])
+    rho, dur, d_rho, d_dur = _rate_duration_tangents(design, structure, params, tangents, q, amount, d_amount, shape,
+                                                     invalid)
     entered = dt >= 0
     x = np.where(entered, dt, 0.0)
     running = x < dur
     m = np.where(running, x, dur)[..., None]  # (P', B, 1)
-    E = _expm1_over(L3, m)
-    small = np.abs(L3 * m) < 1e-6
-    lam_safe = np.where(small, 1.0, L3)
+    E, E_lam = _E_and_slope(L3, m)
     e_m = np.exp(L3 * m)
-    E_lam = np.where(small, m * m / 2 + L3 * m ** 3 / 6, (m * e_m - E) / lam_safe)
     decay = np.exp(L3 * np.where(running, 0.0, x - dur)[..., None])  # 1 while it runs
     since = np.where(running, 0.0, x - dur)[..., None, None]  # (P', B, 1, 1)
     r = rho[..., None, None]
