@@ -101,7 +101,7 @@ class Group:
     kernel: ModelKernel | None = None
     stack: Stack | None = None
     #: the superposition design takes exact derivatives (:func:`cnidose.pk.superposition.predict_design_jacobian`:
-    #: bolus doses, no observation transform); False: differences
+    #: every input but a gamma-density one at steady state, no observation transform); False: differences
     design_exact: bool = False
     obs_start: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
     # concatenated observations of the members
@@ -463,9 +463,9 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
         g._covs = {k: np.array([m.prep.covariates[k][0] if m.prep.covariates[k].size else np.nan  # type: ignore[union-attr]
                                 for m in fast_members]) for k in (fast_members[0].prep.covariates if
                                                                   fast_members[0].prep else {})}
-        # exact derivatives through the closed form where it has them (bolus doses; no transform of the levels,
-        # e.g. whole blood to plasma, whose derivative it does not carry)
-        # (and a gamma input's n and mtt free of random effects: no derivative of Kummer's function by them)
+        # exact derivatives through the closed form where it has them (design_differentiable), with no transform of
+        # the levels (e.g. whole blood to plasma, whose derivative it does not carry) and a gamma input's n and mtt
+        # free of random effects (no derivative of Kummer's function by them)
         gamma = model.structure.gamma
         moved = effect_dependencies(model)
         g.design_exact = compiled and design_differentiable(g.design) and all(

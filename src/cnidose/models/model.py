@@ -62,11 +62,6 @@ IntArray = NDArray[np.int64]
 EXPOSURE = "EXPOSURE"
 EXPOSED_PARAMETER = "CL"
 
-
-@functools.lru_cache(maxsize=4096)
-def _derivative(expr: Expression, name: str) -> Expression | None:
-    """The symbolic derivative of ``expr`` by ``name``, compiled once per expression."""
-    return derivative(expr, name)
 #: Reserved data column: 1 on a dose record given intravenously, 0 (or missing) for the model's default route.
 #: A dose with IV = 1 and no CMT enters the model's ``iv_dose`` compartment (``[structure] iv_dose``); a model
 #: without one refuses it (an intravenous dose read as oral would be absorbed, with oral bioavailability).
@@ -256,6 +251,12 @@ class Fitting:
     @property
     def plain(self) -> bool:
         return not self.log_scale and self.half_life is None and self.drift is None
+
+
+@functools.lru_cache(maxsize=4096)
+def _derivative(expr: Expression, name: str) -> Expression | None:
+    """The symbolic derivative of ``expr`` by ``name``, compiled once per expression."""
+    return derivative(expr, name)
 
 
 @dataclass(frozen=True, slots=True)

@@ -443,10 +443,13 @@ def predict_design_jacobian(design: Design, structure: LinearStructure, params: 
     design must be :func:`design_differentiable`. The derivatives go through the eigen-decomposition: with
     M = V⁻¹ dK V, dλ_k = M_kk and dV = V C, C_kl = M_kl / (λ_l − λ_k) (k ≠ l), dV⁻¹ = −C V⁻¹; a mode's weight
     w_k = V_ok V⁻¹_kc is the same for any scaling of V's columns, so C_kk = 0 serves. Each pair's response is
-    F·AMT·e^{λ(t − t_d − lag)} (times its ADDL series), or F·AMT times the gamma input's convolution
-    (:func:`cnidose.pk.solvers.gamma_so_far_slopes`; its n and mtt must not depend on the directions), so its
-    derivative by λ, F and the lag is closed-form (:func:`_bolus_response`). Exact up to the kinks where a dose
-    enters (a lag crossing an observation time): the one-sided derivative of the side the parameters are on.
+    closed-form in λ, the time since the dose entered, F·AMT and a modelled rate or duration, and so are its
+    derivatives: a bolus F·AMT·e^{λ(t − t_d − lag)} (times its ADDL series, :func:`_unit_tangents`); F·AMT times the
+    gamma input's convolution (:func:`cnidose.pk.solvers.gamma_so_far_slopes`; its n and mtt must not depend on the
+    directions); a zero-order input (:func:`_zero_order_tangents`); the steady-state series of a regimen's earlier
+    doses and a constant infusion (:func:`_steady_tangents`). Exact up to the kinks where an event crosses an
+    observation time (a lagged dose entering, an infusion ending): there the one-sided derivative of the side the
+    parameters are on.
 
     Returns (O, B) predictions, (O, B, d) derivatives and ``bad`` (N, B) as :func:`predict_design`.
     """
