@@ -17,6 +17,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError
 from cnidose.estimation.observations import ObservationData, observation_data_many
+from cnidose.models.expr import derivative
 from cnidose.models.kernel import ModelKernel, Plan, Stack, effect_dependencies, model_kernel
 from cnidose.models.model import Model, Prepared
 from cnidose.pk.events import Individual
@@ -101,7 +102,7 @@ class Group:
     kernel: ModelKernel | None = None
     stack: Stack | None = None
     #: the superposition design takes exact derivatives (:func:`cnidose.pk.superposition.predict_design_jacobian`:
-    #: every input but a gamma-density one at steady state, no observation transform); False: differences
+    #: every input but a gamma-density one at steady state); False: differences
     design_exact: bool = False
     obs_start: IntArray = field(default_factory=lambda: np.zeros(1, np.int64))
     # concatenated observations of the members
@@ -261,7 +262,8 @@ class Group:
             seeds[names[pos]] = seed
         params, tangents = model.evaluate_pk_tangents(
             covs, full[..., :n_eta], full[..., n_eta:] if model.iov is not None else None, (G, 1), seeds)
-        out, jac, bad = predict_design_jacobian(design, model.structure, params, tangents)
+        conc, jac, bad = predict_design_jacobian(design, model.structure, params, tangents)
+        out, jac = _transform_jacobian(model, design, params, tangents, covs, conc, jac)
         return out[:, 0], jac[:, 0, :], ~bad[:, 0]
 
     def _design_of(self, which: IntArray) -> Design:
@@ -313,6 +315,36 @@ def _transform(model: Model, design: Design, params: dict[str, FloatArray], covs
             out = conc.copy()
         out[mask] = np.broadcast_to(np.asarray(ob.transform(env), dtype=np.float64), conc[mask].shape)
     return out
+
+
+def _transform_jacobian(model: Model, design: Design, params: dict[str, FloatArray], tangents: dict[str, FloatArray],
+                        covs: dict[str, FloatArray], conc: FloatArray, jac: FloatArray
+                        ) -> tuple[FloatArray, FloatArray]:
+    """:func:`_transform` with the derivatives (O, B, d): dT = dT/dC dC + sum over the parameters u it reads of
+    dT/du du (symbolic derivatives, :func:`cnidose.models.expr.derivative`)."""
+    out, dout = _transform(model, design, params, covs, conc), jac
+    for ob in model.observations:
+        if ob.transform is None:
+            continue
+        mask = design.obs_cmt == ob.compartment - 1
+        if not mask.any():
+            continue
+        oi = design.obs_ind[mask]
+        env: dict[str, Any] = {n: p.value for n, p in model.parameters.items()}
+        env.update({n: v[oi] for n, v in covs.items()})
+        env.update({n: v[oi] for n, v in params.items()})
+        env["C"] = conc[mask]
+        shape = jac[mask].shape
+        d_c = derivative(ob.transform, "C")
+        total = np.zeros(shape) if d_c is None else np.asarray(d_c(env), dtype=np.float64)[..., None] * jac[mask]
+        for u in ob.transform.names:
+            d_u = derivative(ob.transform, u) if u in tangents else None
+            if d_u is not None:
+                total = total + np.asarray(d_u(env), dtype=np.float64)[..., None] * tangents[u][oi]
+        if dout is jac:
+            dout = jac.copy()
+        dout[mask] = np.broadcast_to(total, shape)
+    return out, dout
 
 
 def ranges(starts: IntArray, counts: IntArray) -> IntArray:
@@ -463,13 +495,12 @@ def build_groups(model: Model, individuals: Sequence[Individual], *, fast: bool 
         g._covs = {k: np.array([m.prep.covariates[k][0] if m.prep.covariates[k].size else np.nan  # type: ignore[union-attr]
                                 for m in fast_members]) for k in (fast_members[0].prep.covariates if
                                                                   fast_members[0].prep else {})}
-        # exact derivatives through the closed form where it has them (design_differentiable), with no transform of
-        # the levels (e.g. whole blood to plasma, whose derivative it does not carry) and a gamma input's n and mtt
-        # free of random effects (no derivative of Kummer's function by them)
+        # exact derivatives through the closed form where it has them (design_differentiable), with a gamma input's
+        # n and mtt free of random effects (no derivative of Kummer's function by them); an observation transform
+        # (whole blood from plasma) is differentiated symbolically (_transform_jacobian)
         gamma = model.structure.gamma
         moved = effect_dependencies(model)
-        g.design_exact = compiled and design_differentiable(g.design) and all(
-            ob.transform is None for ob in model.observations) and (
+        g.design_exact = compiled and design_differentiable(g.design) and (
             gamma is None or not (moved.get(gamma.n) or moved.get(gamma.mtt)))
     # the kernel predicts many individuals in one call: those it holds share a group per layout (number of
     # occasions), so that the optimiser works on all of them at once; the others are predicted by the engine,

@@ -27,6 +27,7 @@ Examples
 from __future__ import annotations
 
 import ast
+import functools
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -347,9 +348,11 @@ def _d(node: ast.expr, x: str) -> ast.expr:
     raise ExpressionError(f"cannot differentiate {ast.unparse(node)!r}")  # pragma: no cover (checked constructs)
 
 
+@functools.lru_cache(maxsize=4096)
 def derivative(expr: Expression, name: str) -> Expression | None:
     """The partial derivative of ``expr`` with respect to ``name``, as an expression of the same language, or None
-    where it is identically zero (``expr`` does not read ``name``, or only in conditions).
+    where it is identically zero (``expr`` does not read ``name``, or only in conditions). Made once per expression
+    and name (a fit asks for the same ones at every iteration).
 
     Conditions (``if``/``else``, ``min``/``max``, ``abs``) are differentiated branch by branch: the derivative is
     that of the branch the values select (one-sided at a kink, as forward-mode automatic differentiation).

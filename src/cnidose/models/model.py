@@ -20,7 +20,6 @@ Every result names the model (``id``, ``version``, ``content_hash``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -251,12 +250,6 @@ class Fitting:
     @property
     def plain(self) -> bool:
         return not self.log_scale and self.half_life is None and self.drift is None
-
-
-@functools.lru_cache(maxsize=4096)
-def _derivative(expr: Expression, name: str) -> Expression | None:
-    """The symbolic derivative of ``expr`` by ``name``, compiled once per expression."""
-    return derivative(expr, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,7 +566,7 @@ class Model:
                 t_u = tangents.get(u)
                 if t_u is None:
                     continue
-                d = _derivative(expr, u)
+                d = derivative(expr, u)
                 if d is None:
                     continue
                 part = np.asarray(d(env), dtype=np.float64)[..., None] * t_u
