@@ -8,7 +8,7 @@ first costs far less per individual.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from cnidose.errors import CnidoseError
 from cnidose.estimation.observations import ObservationData, observation_data_many
-from cnidose.models.expr import derivative
+from cnidose.models.expr import Expression, derivative
 from cnidose.models.kernel import ModelKernel, Plan, Stack, effect_dependencies, model_kernel
 from cnidose.models.model import Model, Prepared
 from cnidose.pk.events import Individual
@@ -297,9 +297,10 @@ class Group:
         return _transform(model, design, params, covs, conc)
 
 
-def _transform(model: Model, design: Design, params: dict[str, FloatArray], covs: dict[str, FloatArray],
-               conc: FloatArray) -> FloatArray:
-    out = conc
+def _transforms(model: Model, design: Design, params: dict[str, FloatArray], covs: dict[str, FloatArray],
+                conc: FloatArray) -> Iterator[tuple[Expression, NDArray[np.bool_], IntArray, dict[str, Any]]]:
+    """Each observation type with a transform that the design observes: the transform, its observations (mask), their
+    individuals, and the environment it reads (the model's parameters, the covariates, the PK parameters, C)."""
     for ob in model.observations:
         if ob.transform is None:
             continue
@@ -311,9 +312,16 @@ def _transform(model: Model, design: Design, params: dict[str, FloatArray], covs
         env.update({n: v[oi] for n, v in covs.items()})  # (O', 1)
         env.update({n: v[oi] for n, v in params.items()})  # (O', B)
         env["C"] = conc[mask]
+        yield ob.transform, mask, oi, env
+
+
+def _transform(model: Model, design: Design, params: dict[str, FloatArray], covs: dict[str, FloatArray],
+               conc: FloatArray) -> FloatArray:
+    out = conc
+    for transform, mask, _, env in _transforms(model, design, params, covs, conc):
         if out is conc:
             out = conc.copy()
-        out[mask] = np.broadcast_to(np.asarray(ob.transform(env), dtype=np.float64), conc[mask].shape)
+        out[mask] = np.broadcast_to(np.asarray(transform(env), dtype=np.float64), conc[mask].shape)
     return out
 
 
@@ -323,22 +331,12 @@ def _transform_jacobian(model: Model, design: Design, params: dict[str, FloatArr
     """:func:`_transform` with the derivatives (O, B, d): dT = dT/dC dC + sum over the parameters u it reads of
     dT/du du (symbolic derivatives, :func:`cnidose.models.expr.derivative`)."""
     out, dout = _transform(model, design, params, covs, conc), jac
-    for ob in model.observations:
-        if ob.transform is None:
-            continue
-        mask = design.obs_cmt == ob.compartment - 1
-        if not mask.any():
-            continue
-        oi = design.obs_ind[mask]
-        env: dict[str, Any] = {n: p.value for n, p in model.parameters.items()}
-        env.update({n: v[oi] for n, v in covs.items()})
-        env.update({n: v[oi] for n, v in params.items()})
-        env["C"] = conc[mask]
+    for transform, mask, oi, env in _transforms(model, design, params, covs, conc):
         shape = jac[mask].shape
-        d_c = derivative(ob.transform, "C")
+        d_c = derivative(transform, "C")
         total = np.zeros(shape) if d_c is None else np.asarray(d_c(env), dtype=np.float64)[..., None] * jac[mask]
-        for u in ob.transform.names:
-            d_u = derivative(ob.transform, u) if u in tangents else None
+        for u in transform.names:
+            d_u = derivative(transform, u) if u in tangents else None
             if d_u is not None:
                 total = total + np.asarray(d_u(env), dtype=np.float64)[..., None] * tangents[u][oi]
         if dout is jac:
