@@ -333,9 +333,9 @@ def test_library_models_exact_derivatives(model_id: str) -> None:
     np.testing.assert_allclose(J, richardson, rtol=1e-6, atol=1e-9 * np.max(np.abs(f)))
 
 
-def _assert_same_optima(model, inds, covariance: Callable[[int], bool] = lambda k: True) -> list:  # type: ignore[no-untyped-def, type-arg]
+def _assert_same_optima(model, inds, covariance: Callable[[int, Any], bool] = lambda k, fit: True) -> list:  # type: ignore[no-untyped-def, type-arg]
     """Fit ``inds`` with exact derivatives and with central differences: the same statuses and optima (to the
-    optimiser's tolerance), and the same covariance where ``covariance(k)``; returns the exact fits."""
+    optimiser's tolerance), and the same covariance where ``covariance(k, exact fit k)``; returns the exact fits."""
     exact = fit_map(model, inds)
     plain = fit_map(model, inds, derivatives="differences")
     for k, (a, b) in enumerate(zip(exact, plain, strict=True)):
@@ -343,7 +343,7 @@ def _assert_same_optima(model, inds, covariance: Callable[[int], bool] = lambda 
         assert a.status == b.status
         assert abs(a.ofv - b.ofv) < 1e-6
         np.testing.assert_allclose(a.eta, b.eta, atol=1e-4)
-        if covariance(k) and (a.covariance is not None or b.covariance is not None):
+        if covariance(k, a) and (a.covariance is not None or b.covariance is not None):
             assert a.covariance is not None and b.covariance is not None
             np.testing.assert_allclose(a.covariance, b.covariance, rtol=1e-4, atol=1e-8)
     return exact
@@ -781,15 +781,13 @@ def test_map_by_superposition_takes_exact_derivatives_and_reaches_the_same_optim
         inds = read_nonmem_csv(shared / f"data_to_fit{run}.csv").individuals()[:40]
         groups, _ = build_groups(model, inds)
         assert groups[0].fast and groups[0].exact
-        etas = [r.eta for r in fit_map(model, inds)]
-
-        def smooth(k: int, run: str = run, inds: list = inds, etas: list = etas) -> bool:  # type: ignore[type-arg]
+        def smooth(k: int, fit: Any, run: str = run, inds: list = inds) -> bool:  # type: ignore[type-arg]
             # an optimum may sit where the infusion ends at a sampling time (004, individual 1: D2 = 4 e^0.0953 =
             # 4.4 h, a level at 4.4 h): there the one-sided derivative and the differences' average of both sides
             # give different information matrices, and neither is the other's error
             if run != "004":
                 return True
-            ends = inds[k].time[inds[k].evid == 1][:, None] + 4.0 * np.exp(etas[k][2])
+            ends = inds[k].time[inds[k].evid == 1][:, None] + 4.0 * np.exp(fit.eta[2])
             return not np.any(np.abs(inds[k].time[inds[k].evid == 0][None, :] - ends) < 1e-3)
 
         _assert_same_optima(model, inds, smooth)

@@ -270,7 +270,8 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
     bad : ndarray of bool, shape (N, B)
         Members whose eigen-decomposition is ill-conditioned (or complex, or whose steady state does not
         exist); their predictions are not to be used (simulate them with the engine). Members whose
-        parameters are not finite or not valid (negative rate constants, F or lag) get NaN predictions.
+        parameters are not finite or not valid (negative rate constants, F or lag; a modelled rate or duration
+        that is not positive) get NaN predictions.
     """
     N = design.n_individuals
     first = next(iter(params.values()))
@@ -292,8 +293,7 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
     # without bioavailability or lag parameters (F 1, lag 0) the per-pair gathers below are skipped: the same numbers
     has_f, has_lag = given("F"), given("ALAG")
 
-    Fc, Lc, Rc, Dc, Sc = (per_cmt("F", ones), per_cmt("ALAG", zeros), per_cmt("R", zeros),
-                          per_cmt("D", zeros), per_cmt("S", ones))
+    Fc, Lc, Sc = per_cmt("F", ones), per_cmt("ALAG", zeros), per_cmt("S", ones)
     pi, pc, po = design.pair_ind, design.pair_cmt, design.obs_cmt[design.pair_obs]
     P = pi.size
     n_obs = design.obs_ind.size
@@ -329,33 +329,20 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
         if q.size:
             lag, dt, amount, qi = common(q)
             contrib[q] = amount[..., None] * _bolus_response(design, q, lam[qi], lag, dt)[0]
-    zero_order = (kind_all == _RATE) | (kind_all == _MODEL_RATE) | (kind_all == _MODEL_DUR)
-    if zero_order.any():
-        zq = np.flatnonzero(zero_order)
-        invalid = (((kind_all[zq] == _MODEL_DUR)[:, None] & ~(Dc[pi[zq], :, pc[zq]] > 0))
-                   | ((kind_all[zq] == _MODEL_RATE)[:, None] & ~(Rc[pi[zq], :, pc[zq]] > 0)))
-        bad = bad | _scatter_any(invalid, pi[zq], N, B)
-    # -- zero-order inputs (expanded ADDL), not steady state
-    q = sub(((kind_all == _RATE) | (kind_all == _MODEL_RATE) | (kind_all == _MODEL_DUR)) & ~ss_all)
-    if q.size:
-        lag, dt, amount, qi = common(q)
-        rho, dur = _rate_duration(kind_all[q], design.pair_rate[q], amount, Rc[qi, :, pc[q]], Dc[qi, :, pc[q]])
-        L3 = lam[qi]
-        m = dt >= 0
-        d_ = np.where(m, dt, 0.0)[..., None]
-        mp = np.minimum(d_, np.where(m, dur, 0.0)[..., None])
-        contrib[q] = np.where(m[..., None], rho[..., None] * np.exp(L3 * (d_ - mp)) * _expm1_over(L3, mp), 0.0)
-    # -- constant infusion at steady state, stopped at its record
-    q = sub(kind_all == _CONST_INF)
-    if q.size:
-        qi = pi[q]
-        L3 = lam[qi]
-        dt = np.broadcast_to((design.pair_tobs[q] - design.pair_tdose[q])[:, None], (q.size, B))
-        m = dt >= 0
-        safe = np.where(L3 < 0, L3, -1.0)
-        decay = np.exp(L3 * np.where(m, dt, 0.0)[..., None])
-        contrib[q] = np.where(m[..., None], design.pair_rate[q, None, None] * decay / -safe, 0.0)
-        bad |= _scatter_any(((L3 >= 0) & (np.abs(w[q]) > 1e-12)).any(-1) & m, qi, N, B)
+    # -- zero-order inputs (expanded ADDL), not steady state; then the steady states that are not gamma inputs (the
+    # series of a regimen's earlier doses, constant infusions): the responses predict_design_jacobian differentiates,
+    # here without directions (a modelled rate or duration that is not positive: NaN, an impossible parameter set)
+    no_dirs: dict[str, FloatArray] = {}
+    steady = (ss_all & (kind_all != _GAMMA)) | (kind_all == _CONST_INF)
+    zero_order = ((kind_all == _RATE) | (kind_all == _MODEL_RATE) | (kind_all == _MODEL_DUR)) & ~ss_all
+    for q, fn in ((sub(zero_order), _zero_order_tangents), (sub(steady), _steady_tangents)):
+        if q.size:
+            lag, dt, amount, qi = common(q)
+            contrib[q] = fn(design, structure, params, no_dirs, q, lam[qi], lag, dt, amount, None, None,
+                            np.zeros((q.size, B, 0, n)), (N, B), invalid_params)[0]
+    if steady.any():
+        q = sub(steady)
+        bad |= _no_steady_state(design, q, lam[pi[q]], w[q], (N, B))
     # -- gamma-density (transit) inputs, not steady state: each dose's input so far, decayed since it ended
     gamma_q = kind_all == _GAMMA
     if gamma_q.any():
@@ -386,31 +373,6 @@ def predict_design(design: Design, structure: LinearStructure, params: Mapping[s
                     total = total + np.where(running[..., None], gamma_so_far(L3, x, a3, b3, end3, full3), 0.0)
             contrib[q] = amount[..., None] * total
             bad |= _scatter_any(np.asarray((~geo_ok & (np.abs(w[q]) > 1e-12)).any(-1)), qi, N, B)
-    # -- steady-state series of the earlier doses: entries at dt + j*ii, j >= 1
-    q = sub(ss_all & ~gamma_q)
-    if q.size:
-        lag, dt, amount, qi = common(q)
-        L3 = lam[qi]
-        iiv = ii_all[q, None]
-        geo_ok = L3 < 0
-        denom = np.where(geo_ok, -np.expm1(L3 * iiv[..., None]), 1.0)  # 1 - e^(lam ii)
-        j0 = np.maximum(1.0, np.ceil(-dt / iiv))  # first earlier dose that has entered
-        is_bolus = (kind_all[q] == _BOLUS)[:, None]
-        d0 = (dt + j0 * iiv)[..., None]
-        part_bolus = amount[..., None] * np.exp(L3 * d0) / denom
-        rho, dur = _rate_duration(kind_all[q], design.pair_rate[q], amount, Rc[qi, :, pc[q]], Dc[qi, :, pc[q]])
-        j1 = np.maximum(j0, np.ceil((dur - dt) / iiv))  # first earlier infusion already complete
-        d1 = (dt + j1 * iiv - dur)[..., None]
-        part_inf = rho[..., None] * np.exp(L3 * d1) * _expm1_over(L3, dur[..., None]) / denom
-        n_partial = _loop_count(np.where(~is_bolus, j1 - j0, 0.0))
-        for step in range(n_partial):
-            j = j0 + step
-            mk = ~is_bolus & (j < j1)
-            dq = np.where(mk, dt + j * iiv, 0.0)[..., None]
-            part_inf = part_inf + np.where(mk[..., None], rho[..., None] * _expm1_over(L3, dq), 0.0)
-        contrib[q] = np.where(is_bolus[..., None], part_bolus, part_inf)
-        no_ss: NDArray[np.bool_] = np.asarray((~geo_ok & (np.abs(w[q]) > 1e-12)).any(-1))
-        bad |= _scatter_any(no_ss, qi, N, B)
     vals = np.einsum("pbk,pbk->pb", w, contrib)
     # the pairs are sorted by observation (compile_design, _subset): each observation's sum over its run of pairs
     po_all = design.pair_obs
@@ -484,14 +446,8 @@ def predict_design_jacobian(design: Design, structure: LinearStructure, params: 
     VC = V[:, :, None] @ C
     CVi = C @ Vinv[:, :, None]
 
-    def per_cmt(prefix: str, default: float) -> tuple[FloatArray, FloatArray] | None:
-        keys = [f"{prefix}{c + 1}" for c in range(n)]
-        if not any(k in params for k in keys):
-            return None
-        value = np.stack([params[k] if k in params else np.full((N, B), default) for k in keys], axis=-1)
-        return value, np.stack([tan(k) for k in keys], axis=-1)  # (N, B, n), (N, B, d, n)
-
-    Fc, Lc, Sc = per_cmt("F", 1.0), per_cmt("ALAG", 0.0), per_cmt("S", 1.0)
+    Fc, Lc, Sc = (_per_cmt_tangents(params, tangents, prefix, n, (N, B), d, default)
+                  for prefix, default in (("F", 1.0), ("ALAG", 0.0), ("S", 1.0)))
     pi, pc, po = design.pair_ind, design.pair_cmt, design.obs_cmt[design.pair_obs]
     n_obs = design.obs_ind.size
     pred = np.zeros((n_obs, B))
@@ -523,12 +479,9 @@ def predict_design_jacobian(design: Design, structure: LinearStructure, params: 
                                                  amount[q], None if d_amount is None else d_amount[q],
                                                  None if d_lag is None else d_lag[q], dlam[pi[q]], (N, B),
                                                  invalid_params)
-        if steady.any():  # a mode that does not decay and weighs in: no steady state (predict_design's test)
+        if steady.any():
             sq = np.flatnonzero(steady)
-            no_ss = ((L3[sq] >= 0) & (np.abs(w[sq]) > 1e-12)).any(axis=-1)
-            const = kinds[sq] == _CONST_INF
-            no_ss &= ~const[:, None] | (design.pair_tobs[sq] >= design.pair_tdose[sq])[:, None]
-            bad = bad | _scatter_any(no_ss, pi[sq], N, B)
+            bad = bad | _no_steady_state(design, sq, L3[sq], w[sq], (N, B))
         vals = np.einsum("pbk,pbk->pb", w, contrib)
         dvals = np.einsum("pbjk,pbk->pbj", dw, contrib) + np.einsum("pbk,pbjk->pbj", w, dcontrib)
         first_pair = np.flatnonzero(np.concatenate([[True], design.pair_obs[1:] != design.pair_obs[:-1]]))
@@ -600,31 +553,48 @@ def _rate_duration_tangents(design: Design, structure: LinearStructure, params: 
     pi, pc = design.pair_ind[q], design.pair_cmt[q]
 
     def modelled(prefix: str) -> tuple[FloatArray, FloatArray]:
-        key = [f"{prefix}{c + 1}" for c in range(structure.n)]
-        vals = np.stack([np.broadcast_to(params[k], shape) if k in params else np.zeros(shape) for k in key],
-                        axis=-1)[pi, :, pc]
-        tans = np.stack([np.broadcast_to(tangents[k], (*shape, d)) if k in tangents else np.zeros((*shape, d))
-                         for k in key], axis=-1)[pi, :, :, pc]
-        return vals, tans
+        got = _per_cmt_tangents(params, tangents, prefix, structure.n, shape, d, 0.0)
+        if got is None:
+            return np.zeros((P, B)), np.zeros((P, B, d))
+        return got[0][pi, :, pc], got[1][pi, :, :, pc]
 
     dA = d_amount if d_amount is not None else np.zeros((P, B, d))
     R, dR = modelled("R")
     D, dD = modelled("D")
-    given = np.broadcast_to(design.pair_rate[q][:, None], (P, B))
     bad_input = ((kinds == _MODEL_DUR) & ~(D > 0)) | ((kinds == _MODEL_RATE) & ~(R > 0))
     if bad_input.any():
         rows, cols = np.nonzero(bad_input)
         invalid[pi[rows], cols] = True
     with np.errstate(divide="ignore", invalid="ignore"):
-        R_safe = np.where(R > 0, R, 1.0)
-        D_safe = np.where(D > 0, D, 1.0)
-        rho = np.where(kinds == _RATE, given, np.where(kinds == _MODEL_RATE, R_safe, amount / D_safe))
-        dur = np.where(kinds == _MODEL_DUR, D_safe, amount / rho)
+        rho, dur = _rate_duration(design.pair_kind[q], design.pair_rate[q], amount, R, D)
         k3 = kinds[..., None]
         d_rho = np.where(k3 == _RATE, 0.0, np.where(k3 == _MODEL_RATE, dR, (dA - rho[..., None] * dD)
-                                                     / D_safe[..., None]))
+                                                     / np.where(D > 0, D, 1.0)[..., None]))
         d_dur = np.where(k3 == _MODEL_DUR, dD, (dA - dur[..., None] * d_rho) / rho[..., None])
     return rho, dur, d_rho, d_dur
+
+
+def _per_cmt_tangents(params: Mapping[str, FloatArray], tangents: Mapping[str, FloatArray], prefix: str, n: int,
+                      shape: tuple[int, int], d: int, default: float) -> tuple[FloatArray, FloatArray] | None:
+    """The per-compartment parameters ``<prefix>1`` .. ``<prefix>n`` (N, B, n), ``default`` where a compartment has
+    none, and their derivatives (N, B, d, n); None where the model has none of them."""
+    keys = [f"{prefix}{c + 1}" for c in range(n)]
+    if not any(k in params for k in keys):
+        return None
+    value = np.stack([np.broadcast_to(params[k], shape) if k in params else np.full(shape, default) for k in keys],
+                     axis=-1)
+    return value, np.stack([np.broadcast_to(tangents[k], (*shape, d)) if k in tangents else np.zeros((*shape, d))
+                            for k in keys], axis=-1)
+
+
+def _no_steady_state(design: Design, q: IntArray, L3: FloatArray, w: FloatArray, shape: tuple[int, int]
+                     ) -> NDArray[np.bool_]:
+    """Members (N, B) with a steady-state pair among ``q`` (SS series or constant infusion; a constant infusion once
+    it has started) whose eigen-modes include one that does not decay and weighs in: it has no steady state."""
+    no_ss = ((L3 >= 0) & (np.abs(w) > 1e-12)).any(axis=-1)
+    const = design.pair_kind[q] == _CONST_INF
+    no_ss &= ~const[:, None] | (design.pair_tobs[q] >= design.pair_tdose[q])[:, None]
+    return _scatter_any(no_ss, design.pair_ind[q], *shape)
 
 
 def _E_and_slope(L3: FloatArray, m: FloatArray) -> tuple[FloatArray, FloatArray]:
