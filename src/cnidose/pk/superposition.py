@@ -133,9 +133,8 @@ def compile_design(structure: LinearStructure, individuals: Sequence[Individual]
     # the next reset strictly after each record (EVID 3/4, or a dose with SS=1), else the end of its individual
     dose = (evid == 1) | (evid == 4)
     resets = np.flatnonzero((evid == 3) | (evid == 4) | (dose & (ss == 1)))
-    k = np.searchsorted(resets, np.arange(R), side="right")
-    next_reset = np.minimum(np.where(k < resets.size, resets[np.minimum(k, max(resets.size - 1, 0))], R)
-                            if resets.size else np.full(R, R, np.int64), first[ind_of + 1])
+    after = np.append(resets, R)[np.searchsorted(resets, np.arange(R), side="right")]  # R: none left
+    next_reset = np.minimum(after, first[ind_of + 1])
     # terms, in the order of their dose records: a constant steady-state infusion is one term; a bolus dose with
     # its ADDL doses one finite series (other inputs, a gamma input included: one term per dose); then, at SS 1/2,
     # the series of the regimen's earlier doses
